@@ -1,0 +1,204 @@
+"""Typed configuration for the embedding model, one small dataclass per concern.
+
+Each component receives only its own slice (the backbone `ModelConfig`, the head `PoolingConfig`,
+the parallel layout `ParallelConfig`). `validate()` checks fields and cross-field constraints and
+raises `ValueError` naming the setting (as its command-line flag where there is one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+MaskType = Literal["bidirectional", "causal"]
+AttentionBackend = Literal["auto", "te", "sdpa", "local"]
+PoolingType = Literal["latent", "mean", "eos", "self-attention"]
+
+POOLING_TYPES = ("latent", "mean", "eos", "self-attention")
+MASK_TYPES = ("bidirectional", "causal")
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
+
+
+@dataclass
+class ModelConfig:
+    """The decoder backbone (Mistral/Llama family: RoPE, RMSNorm, SwiGLU, GQA)."""
+
+    vocab_size: int = 32000
+    """Tokenizer vocabulary size (padded internally to a multiple of the TP size)."""
+    hidden_size: int = 4096
+    """Model width d."""
+    ffn_hidden_size: int = 14336
+    """SwiGLU inner width."""
+    num_layers: int = 32
+    """Decoder layers."""
+    num_attention_heads: int = 32
+    """Query heads."""
+    num_query_groups: int = 8
+    """Key/value heads (GQA); equal to num_attention_heads for plain multi-head attention."""
+    kv_channels: int | None = None
+    """Head width; None means hidden_size // num_attention_heads."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    mask_type: MaskType = "bidirectional"
+    """`bidirectional` (NV-Embed: causal mask removed) or `causal` (ablations)."""
+    attention_backend: AttentionBackend = "auto"
+    """`te` (Transformer Engine), `sdpa` (torch scaled_dot_product_attention), `local`
+    (megatron-core's reference attention) or `auto` (TE on CUDA when installed, else sdpa)."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP (`--hidden-dropout`)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (`--attention-dropout`)."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation (weights are normally loaded from a checkpoint)."""
+    bf16: bool = False
+    """Parameters and compute in bfloat16 (`--bf16`)."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recompute (`--recompute-granularity`)."""
+    recompute_num_layers: int = 1
+    """Layers per recompute chunk with full granularity."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class PoolingConfig:
+    """The pooling head that turns token states into one embedding per sequence."""
+
+    type: PoolingType = "latent"
+    """`latent` (NV-Embed), `mean`, `eos` (last token) or `self-attention` (paper's ablation)."""
+    num_latents: int = 512
+    """Latent array rows r (latent pooling)."""
+    num_heads: int = 8
+    """Attention heads of the head's attention (latent and self-attention pooling)."""
+    head_dim: int | None = None
+    """Width of each head; None means the model width (as NV-Embed: each head is d wide)."""
+    ff_mult: int = 4
+    """GEGLU feed-forward inner width as a multiple of d."""
+    layernorm_eps: float = 1e-5
+    """Epsilon of the head's LayerNorms."""
+    normalize: bool = True
+    """L2-normalise the output embedding."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout (data parallel is whatever is left of the world size)."""
+
+    tensor_model_parallel_size: int = 1
+    """`--tensor-model-parallel-size`."""
+    pipeline_model_parallel_size: int = 1
+    """`--pipeline-model-parallel-size`."""
+
+
+@dataclass
+class EmbeddingModelConfig:
+    """Everything that defines the embedding model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> EmbeddingModelConfig:
+        """Checks every field and cross-field constraint.
+
+        Returns:
+            self, for chaining.
+
+        Raises:
+            ValueError: naming the offending setting.
+        """
+        m, p, par = self.model, self.pooling, self.parallel
+        tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        for name, value in (
+            ("vocab_size", m.vocab_size),
+            ("hidden_size", m.hidden_size),
+            ("ffn_hidden_size", m.ffn_hidden_size),
+            ("num_layers", m.num_layers),
+            ("num_attention_heads", m.num_attention_heads),
+            ("num_query_groups", m.num_query_groups),
+            ("--tensor-model-parallel-size", tp),
+            ("--pipeline-model-parallel-size", pp),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if m.mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {m.mask_type!r}")
+        if m.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {m.attention_backend!r}"
+            )
+        if p.type not in POOLING_TYPES:
+            raise ValueError(f"pooling type must be one of {POOLING_TYPES}, got {p.type!r}")
+        if m.num_attention_heads % m.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads ({m.num_attention_heads}) must be divisible by "
+                f"num_query_groups ({m.num_query_groups})"
+            )
+        if m.num_attention_heads % tp:
+            raise ValueError(
+                f"num_attention_heads ({m.num_attention_heads}) must be divisible by "
+                f"--tensor-model-parallel-size ({tp})"
+            )
+        if m.num_query_groups % tp:
+            raise ValueError(
+                f"num_query_groups ({m.num_query_groups}) must be divisible by "
+                f"--tensor-model-parallel-size ({tp})"
+            )
+        if m.ffn_hidden_size % tp:
+            raise ValueError(
+                f"ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
+                f"--tensor-model-parallel-size ({tp})"
+            )
+        if m.num_layers % pp:
+            raise ValueError(
+                f"num_layers ({m.num_layers}) must be divisible by "
+                f"--pipeline-model-parallel-size ({pp})"
+            )
+        if p.type in ("latent", "self-attention"):
+            if p.num_heads < 1 or p.num_heads % tp:
+                raise ValueError(
+                    f"pooling num_heads ({p.num_heads}) must be >= 1 and divisible by "
+                    f"--tensor-model-parallel-size ({tp})"
+                )
+            if (p.ff_mult * m.hidden_size) % tp:
+                raise ValueError(
+                    f"pooling ff_mult x hidden_size ({p.ff_mult * m.hidden_size}) must be "
+                    f"divisible by --tensor-model-parallel-size ({tp})"
+                )
+        if p.type == "latent" and p.num_latents < 1:
+            raise ValueError(f"pooling num_latents must be >= 1, got {p.num_latents}")
+        for name, value in (
+            ("--hidden-dropout", m.hidden_dropout),
+            ("--attention-dropout", m.attention_dropout),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if m.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(
+                "--recompute-granularity must be 'full' or 'selective', "
+                f"got {m.recompute_granularity!r}"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EmbeddingModelConfig:
+        """Builds a config from `to_dict()` output; unknown keys raise ValueError naming them."""
+        sections = {"model": ModelConfig, "pooling": PoolingConfig, "parallel": ParallelConfig}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config section(s): {sorted(unknown)}")
+        kwargs = {}
+        for key, klass in sections.items():
+            values = dict(d.get(key, {}))
+            bad = set(values) - set(klass.__dataclass_fields__)
+            if bad:
+                raise ValueError(f"unknown key(s) in config section {key!r}: {sorted(bad)}")
+            kwargs[key] = klass(**values)
+        return cls(**kwargs)

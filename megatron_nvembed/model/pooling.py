@@ -1,0 +1,196 @@
+"""Pooling heads: token states [s, b, h] and a pool mask -> embeddings [b, d].
+
+* `AttentionPooling(kind="latent")` is NV-Embed's latent-attention head (nvembed-format.md):
+  Q from the token states, K/V from a trainable latent array, GEGLU feed-forward, both residuals,
+  masked mean, L2 normalisation. Heads are split over tensor-parallel ranks: `to_q`, `to_kv` and
+  the first feed-forward projection are column-parallel, `to_out` and the second projection
+  row-parallel. The latents' K/V do not depend on the input and are computed once per forward.
+* `AttentionPooling(kind="self")` is the paper's self-attention ablation: the same block with
+  K/V from the (padding-masked) token states instead of the latents.
+* `MeanPooling` and `EOSPooling` have no parameters.
+
+All heads pool with the pool mask (instruction tokens out) and attend with nothing but the
+padding mask; only `kind="self"` mixes tokens at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+from torch import nn
+
+from megatron_nvembed.config import PoolingConfig
+
+
+def masked_mean(hidden_bsh: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where `pool_mask` is 1.
+
+    Args:
+        hidden_bsh: [b, s, h].
+        pool_mask: [b, s], 1 for pooled tokens.
+
+    Returns:
+        [b, h]. A row with an empty pool mask gives zeros (not NaN).
+    """
+    m = pool_mask.to(hidden_bsh.dtype).unsqueeze(-1)  # [b, s, 1]
+    total = (hidden_bsh * m).sum(dim=1)  # [b, h]
+    count = m.sum(dim=1).clamp(min=1.0)  # [b, 1]
+    return total / count
+
+
+def _finish(emb: torch.Tensor, normalize: bool) -> torch.Tensor:
+    # Normalise in fp32: bf16 norms of 4096-wide vectors lose several digits.
+    if normalize:
+        return F.normalize(emb.float(), p=2, dim=-1).to(emb.dtype)
+    return emb
+
+
+class MeanPooling(nn.Module):
+    """Masked mean of the final token states."""
+
+    def __init__(self, cfg: PoolingConfig):
+        super().__init__()
+        self.normalize = cfg.normalize
+
+    def forward(self, hidden_sbh, attention_mask, pool_mask):  # noqa: ARG002 - same signature
+        return _finish(masked_mean(hidden_sbh.transpose(0, 1), pool_mask), self.normalize)
+
+
+class EOSPooling(nn.Module):
+    """State of the last real token (the EOS with right padding)."""
+
+    def __init__(self, cfg: PoolingConfig):
+        super().__init__()
+        self.normalize = cfg.normalize
+
+    def forward(self, hidden_sbh, attention_mask, pool_mask):  # noqa: ARG002
+        last = attention_mask.long().sum(dim=1) - 1  # [b]
+        batch = torch.arange(hidden_sbh.shape[1], device=hidden_sbh.device)
+        return _finish(hidden_sbh[last.clamp(min=0), batch], self.normalize)  # [b, h]
+
+
+class AttentionPooling(MegatronModule):
+    """Latent-attention (kind="latent") or self-attention (kind="self") pooling, TP-sharded.
+
+    Parameter layout per TP rank (H heads of width dh, inner = H * dh, d model width):
+    `to_kv` rows are [K rows of this rank's heads ; V rows of the same heads], and `ff_in` rows
+    are [value half ; gate half] of this rank's slice of the 4d hidden units. Conversions to
+    and from NV-Embed's layout live in `megatron_nvembed.conversion`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        cfg: PoolingConfig,
+        config: TransformerConfig,
+        tp_group: torch.distributed.ProcessGroup | None,
+        kind: str = "latent",
+    ):
+        super().__init__(config=config)
+        if kind not in ("latent", "self"):
+            raise ValueError(f"kind must be 'latent' or 'self', got {kind!r}")
+        tp = 1 if tp_group is None else tp_group.size()
+        self.kind = kind
+        self.normalize = cfg.normalize
+        self.head_dim = cfg.head_dim or hidden_size
+        inner = cfg.num_heads * self.head_dim
+        ff_inner = cfg.ff_mult * hidden_size
+        self.heads_per_partition = divide(cfg.num_heads, tp)
+        self.ff_per_partition = divide(ff_inner, tp)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        dtype = config.params_dtype
+        init = config.init_method
+        common = dict(config=config, init_method=init, tp_group=tp_group)
+
+        if kind == "latent":
+            self.latents = nn.Parameter(torch.empty(cfg.num_latents, hidden_size, dtype=dtype))
+            with torch.no_grad():
+                # NV-Embed initialises the latent array from a standard normal.
+                self.latents.normal_(0.0, 1.0)
+            self.norm_context = nn.LayerNorm(hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.norm = nn.LayerNorm(hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.to_q = tensor_parallel.ColumnParallelLinear(
+            hidden_size, inner, bias=False, gather_output=False, **common
+        )
+        self.to_kv = tensor_parallel.ColumnParallelLinear(
+            hidden_size, 2 * inner, bias=False, gather_output=False, **common
+        )
+        self.to_out = tensor_parallel.RowParallelLinear(
+            inner, hidden_size, bias=False, input_is_parallel=True, skip_bias_add=False, **common
+        )
+        self.ff_norm = nn.LayerNorm(hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.ff_in = tensor_parallel.ColumnParallelLinear(
+            hidden_size, 2 * ff_inner, bias=True, gather_output=False, **common
+        )
+        self.ff_out = tensor_parallel.RowParallelLinear(
+            ff_inner, hidden_size, bias=True, input_is_parallel=True, skip_bias_add=False, **common
+        )
+        self.to(device)
+        for p in self.parameters():
+            # Replicated over TP ranks (megatron-core marks its sharded weights itself).
+            if not hasattr(p, "tensor_model_parallel"):
+                tensor_parallel.set_tensor_model_parallel_attributes(p, False, -1, 1)
+                p.tensor_model_parallel = False
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        # [s, b, H_r*dh] -> [b, H_r, s, dh]
+        s, b, _ = x.shape
+        return x.view(s, b, self.heads_per_partition, self.head_dim).permute(1, 2, 0, 3)
+
+    def latent_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the latent array, [1, H_r, r, dh] each; input-independent (once per step)."""
+        ctx = self.norm_context(self.latents).unsqueeze(1)  # [r, 1, d]
+        kv, _ = self.to_kv(ctx)  # [r, 1, 2*H_r*dh]
+        k, v = kv.chunk(2, dim=-1)
+        return self._split_heads(k), self._split_heads(v)
+
+    def forward(
+        self, hidden_sbh: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Args: hidden_sbh [s, b, d]; attention_mask, pool_mask [b, s]. Returns [b, d]."""
+        s, b, d = hidden_sbh.shape
+        q, _ = self.to_q(self.norm(hidden_sbh))  # [s, b, H_r*dh]
+        q = self._split_heads(q)  # [b, H_r, s, dh]
+        if self.kind == "latent":
+            k, v = self.latent_kv()  # [1, H_r, r, dh]
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+            mask = None  # every token attends to every latent
+        else:
+            kv, _ = self.to_kv(self.norm(hidden_sbh))  # [s, b, 2*H_r*dh]
+            k, v = (self._split_heads(t) for t in kv.chunk(2, dim=-1))
+            mask = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s], True = attend
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, H_r, s, dh]
+        o = o.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, H_r*dh]
+        out, _ = self.to_out(o)  # [s, b, d], all-reduced over TP
+        x1 = hidden_sbh + out
+        ff, _ = self.ff_in(self.ff_norm(x1))  # [s, b, 2*ff_r]
+        a, g = ff.chunk(2, dim=-1)
+        ff_out, _ = self.ff_out(a * F.gelu(g))  # exact (erf) GELU
+        x2 = x1 + ff_out  # [s, b, d]
+        return _finish(masked_mean(x2.transpose(0, 1), pool_mask), self.normalize)
+
+
+def build_pooling(
+    hidden_size: int,
+    cfg: PoolingConfig,
+    config: TransformerConfig,
+    tp_group: torch.distributed.ProcessGroup | None,
+) -> nn.Module:
+    """The pooling head named by `cfg.type`.
+
+    Raises:
+        ValueError: unknown pooling type.
+    """
+    if cfg.type == "latent":
+        return AttentionPooling(hidden_size, cfg, config, tp_group, kind="latent")
+    if cfg.type == "self-attention":
+        return AttentionPooling(hidden_size, cfg, config, tp_group, kind="self")
+    if cfg.type == "mean":
+        return MeanPooling(cfg)
+    if cfg.type == "eos":
+        return EOSPooling(cfg)
+    raise ValueError(f"unknown pooling type {cfg.type!r}; choose latent, mean, eos, self-attention")

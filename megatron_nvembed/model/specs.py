@@ -1,0 +1,101 @@
+"""Layer specs for the embedding backbone: bidirectional (padding mask) or causal, per backend.
+
+`get_layer_spec(backend, mask_type)` is the one place that turns megatron-core's GPT layer spec
+into an embedding layer spec. It always builds a fresh spec (megatron-core's spec functions
+return new objects; we deep-copy anyway so no shared spec is ever mutated).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_nvembed.config import ModelConfig
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports and CUDA is available."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+def resolve_backend(cfg: ModelConfig) -> str:
+    """Picks the concrete attention backend for `cfg.attention_backend`.
+
+    `auto` is `te` on CUDA with Transformer Engine installed, else `sdpa`.
+
+    Raises:
+        ValueError: `te` asked for without CUDA or without Transformer Engine.
+    """
+    if cfg.attention_backend == "auto":
+        return "te" if te_available() else "sdpa"
+    if cfg.attention_backend == "te" and not te_available():
+        why = "CUDA is not available" if not torch.cuda.is_available() else "it does not import"
+        raise ValueError(
+            f"attention_backend='te' needs Transformer Engine on CUDA, but {why}; "
+            "install the `gpu` extra on a CUDA machine or use attention_backend='sdpa'"
+        )
+    return cfg.attention_backend
+
+
+def attn_mask_type_for(backend: str, mask_type: str) -> AttnMaskType:
+    """The megatron-core mask type that the attention module is built with."""
+    if mask_type == "bidirectional":
+        return AttnMaskType.padding
+    # TE builds the causal part itself from a padding mask; local/sdpa get the full mask.
+    return AttnMaskType.padding_causal if backend == "te" else AttnMaskType.causal
+
+
+def get_layer_spec(backend: str, mask_type: str) -> ModuleSpec:
+    """A Mistral/Llama decoder layer spec (RMSNorm, SwiGLU, GQA, RoPE) for embedding models.
+
+    Args:
+        backend: `te`, `sdpa` or `local` (use `resolve_backend` first).
+        mask_type: `bidirectional` (padding mask only: every token sees every real token) or
+            `causal` (ablations).
+
+    Returns:
+        A new `ModuleSpec` for `TransformerBlock`.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if backend == "te":
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    elif backend in ("sdpa", "local"):
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention
+    attn.params = dict(attn.params, attn_mask_type=attn_mask_type_for(backend, mask_type))
+    if backend == "sdpa":
+        from megatron_nvembed.model.attention import SDPAttention
+
+        attn.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor, backend: str, mask_type: str
+) -> torch.Tensor:
+    """Turns a [b, s] token mask (1 = real token) into megatron-core's boolean mask.
+
+    Returns:
+        bool tensor, True = masked out: [b, 1, 1, s] (padding only; TE also for causal, where the
+        causal part comes from the mask type) or [b, 1, s, s] (causal + padding, local/sdpa).
+    """
+    pad = ~attention_mask.bool()  # [b, s], True at padding
+    mask = pad[:, None, None, :]  # [b, 1, 1, s]
+    if mask_type == "causal" and backend != "te":
+        s = attention_mask.shape[1]
+        future = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).triu(1)
+        mask = mask | future[None, None]  # [b, 1, s, s]
+    return mask

@@ -1,0 +1,84 @@
+"""Process groups for training and inference, on GPU (NCCL) or CPU (gloo).
+
+This is the one place that reads megatron-core's `parallel_state`; model, pooling and loss code
+receive the groups they need as arguments.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_nvembed.cpu_support import cpu_mode, enable_cpu_support, model_parallel_seed
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Initialises the default process group from torchrun's environment (or as one process).
+
+    NCCL when CUDA is available, gloo otherwise. A no-op if a group already exists.
+    """
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "gloo" if cpu_mode() else "nccl"
+    if not cpu_mode():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234
+):
+    """Creates megatron-core's TP/PP/DP groups and seeds the model-parallel RNG.
+
+    Args:
+        tensor_model_parallel_size: ranks that split each layer (`--tensor-model-parallel-size`).
+        pipeline_model_parallel_size: stages that split the layer stack
+            (`--pipeline-model-parallel-size`).
+        seed: base seed; tensor-parallel ranks get distinct dropout streams derived from it.
+
+    Returns:
+        megatron-core `ProcessGroupCollection` with `tp`, `pp`, `dp`, ... groups.
+
+    Raises:
+        ValueError: when the world size is not divisible by TP x PP.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    init_distributed()
+    world = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by --tensor-model-parallel-size "
+            f"{tensor_model_parallel_size} x --pipeline-model-parallel-size "
+            f"{pipeline_model_parallel_size}"
+        )
+    if cpu_mode():
+        enable_cpu_support()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        # The default group is already gloo on CPU; extra gloo groups would only duplicate it.
+        create_gloo_process_groups=not cpu_mode(),
+    )
+    model_parallel_seed(seed, tp_rank=parallel_state.get_tensor_model_parallel_rank())
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def pipeline_stage_info() -> tuple[bool, bool]:
+    """(is first pipeline stage, is last pipeline stage) of this rank."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+    )
