@@ -52,3 +52,101 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None
         that rank's traceback.
     """
     mp.spawn(_worker, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def tiny_model_config(
+    pooling: str = "latent",
+    mask_type: str = "bidirectional",
+    tp: int = 1,
+    pp: int = 1,
+    backend: str = "sdpa",
+    num_layers: int = 2,
+    vocab_size: int = 101,
+):
+    """A tiny Mistral-shaped config (GQA 4 heads / 2 groups, width 64) for tests and the quickstart.
+
+    The vocabulary size is deliberately not a multiple of the TP size, to exercise vocab padding.
+    """
+    from megatron_nvembed.config import (
+        EmbeddingModelConfig,
+        ModelConfig,
+        ParallelConfig,
+        PoolingConfig,
+    )
+
+    return EmbeddingModelConfig(
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            ffn_hidden_size=96,
+            num_layers=num_layers,
+            num_attention_heads=4,
+            num_query_groups=2,
+            mask_type=mask_type,
+            attention_backend=backend,
+        ),
+        pooling=PoolingConfig(type=pooling, num_latents=16, num_heads=2, head_dim=32),
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+    )
+
+
+def random_padded_batch(
+    lengths: list[int],
+    instruction_lengths: list[int] | None = None,
+    vocab_size: int = 101,
+    seed: int = 0,
+    pad_to: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch of random token ids with NV-Embed's pool-mask convention.
+
+    Args:
+        lengths: real tokens per row (BOS included).
+        instruction_lengths: per row, `len(tokenizer.tokenize(instruction))`; the pool mask zeroes
+            the first that many positions (BOS and all but the last instruction token), exactly as
+            NV-Embed does. None: no instructions.
+        pad_to: total width (default: the longest row).
+
+    Returns:
+        `input_ids` [b, s] int64 (pad id 2 = EOS), `attention_mask` [b, s] int64,
+        `pool_mask` [b, s] int64.
+    """
+    g = torch.Generator().manual_seed(seed)
+    width = pad_to or max(lengths)
+    ids = torch.full((len(lengths), width), 2, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, vocab_size, (n,), generator=g)
+        ids[i, 0] = 1  # BOS
+        mask[i, :n] = 1
+    pool = mask.clone()
+    for i, n in enumerate(instruction_lengths or []):
+        pool[i, :n] = 0
+    return {"input_ids": ids, "attention_mask": mask, "pool_mask": pool}
+
+
+def randomized_reference(cfg, seed: int = 0):
+    """A `ReferenceEmbedder` whose every weight is random (not the near-identity default init),
+    so that parity tests exercise every parameter."""
+    from megatron_nvembed.reference import ReferenceEmbedder
+
+    torch.manual_seed(seed)
+    ref = ReferenceEmbedder(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in sorted(ref.named_parameters()):
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return ref.eval()
+
+
+def init_single_process_megatron(tp: int = 1, pp: int = 1, seed: int = 1234):
+    """Initialises a one-process gloo group and megatron-core's parallel state in this process."""
+    if not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    from megatron_nvembed.parallel import initialize_model_parallel
+
+    return initialize_model_parallel(tp, pp, seed=seed)

@@ -1,0 +1,337 @@
+"""Declarative map between transformers / NV-Embed state dicts and `NVEmbedModel` shards.
+
+One table names every parameter on both sides and the transform between them:
+
+| kind         | per TP rank r of t                                                         |
+|--------------|----------------------------------------------------------------------------|
+| `replicated` | the same tensor on every rank (norms, latents, row-parallel biases)        |
+| `column`     | rows r*n/t .. (r+1)*n/t (column-parallel weight or bias)                   |
+| `row`        | columns r*n/t .. (r+1)*n/t (row-parallel weight)                           |
+| `vocab`      | vocabulary rows, padded with zero rows to a multiple of t                  |
+| `qkv`        | q, k, v interleaved per query group ([q heads of group g ; k_g ; v_g]),    |
+|              | then groups split over ranks                                               |
+| `pair`       | two stacked halves split separately: [first_r ; second_r]                  |
+|              | (SwiGLU gate/up, the head's K/V, GEGLU value/gate)                         |
+
+HF-side names are those of transformers' `MistralModel` / `LlamaModel` (no `model.` prefix) for the
+backbone and NV-Embed's `latent_attention_model.*` for the head; prefixes are arguments so that
+`*ForCausalLM` (`model.`) and NV-Embed (`embedding_model.`) layouts use the same table. Pipeline
+stages hold layers `p*L/P .. (p+1)*L/P - 1` under local indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from megatron_nvembed.config import EmbeddingModelConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parameter: its megatron-side name, its HF-side name(s) and the transform kind."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str
+
+
+LAYER_RULES = (
+    Rule("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
+    Rule(
+        "self_attention.linear_qkv.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "qkv",
+    ),
+    Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "row"),
+    Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
+    Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "pair"),
+    Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "row"),
+)
+EMBEDDING_RULE = Rule("embedding.word_embeddings.weight", ("embed_tokens.weight",), "vocab")
+FINAL_NORM_RULE = Rule("decoder.final_layernorm.weight", ("norm.weight",), "replicated")
+
+_ATTN_BLOCK = "cross_attend_blocks.0."
+_FF_BLOCK = "cross_attend_blocks.1."
+HEAD_RULES = {
+    # NV-Embed's head; the self-attention ablation head uses the same names minus the latents.
+    "latents": Rule("pooling.latents", ("latents",), "replicated"),
+    "norm_context.weight": Rule(
+        "pooling.norm_context.weight", (_ATTN_BLOCK + "norm_context.weight",), "replicated"
+    ),
+    "norm_context.bias": Rule(
+        "pooling.norm_context.bias", (_ATTN_BLOCK + "norm_context.bias",), "replicated"
+    ),
+    "norm.weight": Rule("pooling.norm.weight", (_ATTN_BLOCK + "norm.weight",), "replicated"),
+    "norm.bias": Rule("pooling.norm.bias", (_ATTN_BLOCK + "norm.bias",), "replicated"),
+    "to_q": Rule("pooling.to_q.weight", (_ATTN_BLOCK + "fn.to_q.weight",), "column"),
+    "to_kv": Rule("pooling.to_kv.weight", (_ATTN_BLOCK + "fn.to_kv.weight",), "pair"),
+    "to_out": Rule("pooling.to_out.weight", (_ATTN_BLOCK + "fn.to_out.weight",), "row"),
+    "ff_norm.weight": Rule("pooling.ff_norm.weight", (_FF_BLOCK + "norm.weight",), "replicated"),
+    "ff_norm.bias": Rule("pooling.ff_norm.bias", (_FF_BLOCK + "norm.bias",), "replicated"),
+    "ff_in.weight": Rule("pooling.ff_in.weight", (_FF_BLOCK + "fn.net.0.weight",), "pair"),
+    "ff_in.bias": Rule("pooling.ff_in.bias", (_FF_BLOCK + "fn.net.0.bias",), "pair"),
+    "ff_out.weight": Rule("pooling.ff_out.weight", (_FF_BLOCK + "fn.net.2.weight",), "row"),
+    "ff_out.bias": Rule("pooling.ff_out.bias", (_FF_BLOCK + "fn.net.2.bias",), "replicated"),
+}
+
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
+TE_RENAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms (full tensors <-> one TP rank's shard)
+# ---------------------------------------------------------------------------------------------
+
+
+def interleave_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int
+) -> torch.Tensor:
+    """[q; k; v] rows -> megatron-core's per-query-group layout [q_g heads ; k_g ; v_g] for g."""
+    h = q.shape[1:]
+    dh = q.shape[0] // num_heads
+    qg = q.reshape(num_groups, (num_heads // num_groups) * dh, *h)
+    kg = k.reshape(num_groups, dh, *h)
+    vg = v.reshape(num_groups, dh, *h)
+    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *h)
+
+
+def split_qkv(
+    qkv: torch.Tensor, num_heads: int, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `interleave_qkv`."""
+    h = qkv.shape[1:]
+    per_group = qkv.shape[0] // num_groups
+    heads_per_group = num_heads // num_groups
+    dh = per_group // (heads_per_group + 2)
+    g = qkv.reshape(num_groups, per_group, *h)
+    q, k, v = torch.split(g, [heads_per_group * dh, dh, dh], dim=1)
+    return q.reshape(-1, *h), k.reshape(-1, *h), v.reshape(-1, *h)
+
+
+def shard(kind: str, tensors: list[torch.Tensor], rank: int, size: int, **kw) -> torch.Tensor:
+    """The TP shard of rank `rank` of `size` for a rule of `kind` (full tensors in HF order)."""
+    if kind == "replicated":
+        return tensors[0]
+    if kind == "column":
+        return tensors[0].chunk(size, dim=0)[rank]
+    if kind == "row":
+        return tensors[0].chunk(size, dim=1)[rank]
+    if kind == "vocab":
+        full = tensors[0]
+        rows = -(-full.shape[0] // size) * size
+        if rows != full.shape[0]:
+            pad = full.new_zeros(rows - full.shape[0], *full.shape[1:])
+            full = torch.cat([full, pad], dim=0)
+        return full.chunk(size, dim=0)[rank]
+    if kind == "qkv":
+        qkv = interleave_qkv(*tensors, kw["num_heads"], kw["num_groups"])
+        return qkv.chunk(size, dim=0)[rank]
+    if kind == "pair":
+        if len(tensors) == 1:  # one stacked tensor [first ; second]
+            tensors = list(tensors[0].chunk(2, dim=0))
+        first, second = tensors
+        return torch.cat([first.chunk(size, dim=0)[rank], second.chunk(size, dim=0)[rank]], dim=0)
+    raise ValueError(f"unknown transform kind {kind!r}")
+
+
+def unshard(kind: str, shards: list[torch.Tensor], n_hf: int, **kw) -> list[torch.Tensor]:
+    """Full HF tensors (as many as the rule names) from all TP shards, in rank order."""
+    if kind == "replicated":
+        return [shards[0]]
+    if kind == "column":
+        return [torch.cat(shards, dim=0)]
+    if kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if kind == "vocab":
+        return [torch.cat(shards, dim=0)[: kw["vocab_size"]]]
+    if kind == "qkv":
+        return list(split_qkv(torch.cat(shards, dim=0), kw["num_heads"], kw["num_groups"]))
+    if kind == "pair":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        first = torch.cat([h[0] for h in halves], dim=0)
+        second = torch.cat([h[1] for h in halves], dim=0)
+        return [first, second] if n_hf == 2 else [torch.cat([first, second], dim=0)]
+    raise ValueError(f"unknown transform kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model maps
+# ---------------------------------------------------------------------------------------------
+
+
+def head_rules(cfg: EmbeddingModelConfig) -> list[Rule]:
+    """Rules of the pooling head (none for parameter-free pooling)."""
+    if cfg.pooling.type == "latent":
+        return list(HEAD_RULES.values())
+    if cfg.pooling.type == "self-attention":
+        return [r for k, r in HEAD_RULES.items() if k not in ("latents",) and "context" not in k]
+    return []
+
+
+def stage_rules(
+    cfg: EmbeddingModelConfig, pp_rank: int, te_names: bool = False
+) -> list[tuple[str, tuple[str, ...], str]]:
+    """(megatron name, HF names without prefixes, kind) for every parameter of one PP stage.
+
+    HF backbone names are returned with a leading `b:` and head names with `h:`, so callers can
+    prefix them (`model.`, `embedding_model.`, `latent_attention_model.`).
+    """
+    m = cfg.model
+    pp = cfg.parallel.pipeline_model_parallel_size
+    per_stage = m.num_layers // pp
+    out = []
+    if pp_rank == 0:
+        out.append((EMBEDDING_RULE.megatron, tuple("b:" + n for n in EMBEDDING_RULE.hf), "vocab"))
+    for local in range(per_stage):
+        glob = pp_rank * per_stage + local
+        for rule in LAYER_RULES:
+            name = TE_RENAMES.get(rule.megatron, rule.megatron) if te_names else rule.megatron
+            hf = tuple(f"b:layers.{glob}.{n}" for n in rule.hf)
+            out.append((f"decoder.layers.{local}.{name}", hf, rule.kind))
+    if pp_rank == pp - 1:
+        out.append((FINAL_NORM_RULE.megatron, tuple("b:" + n for n in FINAL_NORM_RULE.hf), "replicated"))
+        for rule in head_rules(cfg):
+            out.append((rule.megatron, tuple("h:" + n for n in rule.hf), rule.kind))
+    return out
+
+
+def _hf_key(tagged: str, backbone_prefix: str, head_prefix: str) -> str:
+    tag, name = tagged.split(":", 1)
+    return (backbone_prefix if tag == "b" else head_prefix) + name
+
+
+def _transform_kwargs(cfg: EmbeddingModelConfig) -> dict:
+    m = cfg.model
+    return dict(
+        num_heads=m.num_attention_heads, num_groups=m.num_query_groups, vocab_size=m.vocab_size
+    )
+
+
+def hf_to_megatron(
+    hf_state: Mapping[str, torch.Tensor],
+    cfg: EmbeddingModelConfig,
+    tp_rank: int,
+    pp_rank: int,
+    *,
+    backbone_prefix: str = "",
+    head_prefix: str = "latent_attention_model.",
+    te_names: bool = False,
+    include_head: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The state dict of one (TP rank, PP stage) shard of `NVEmbedModel` from HF tensors.
+
+    Args:
+        hf_state: HF-named tensors (any mapping with `__getitem__`, e.g. a lazy safetensors view).
+        cfg: model config; its parallel section gives the TP and PP sizes.
+        tp_rank, pp_rank: the shard to build.
+        backbone_prefix: `""` (MistralModel), `"model."` (*ForCausalLM), `"embedding_model."`
+            (NV-Embed).
+        head_prefix: prefix of the pooling head's keys.
+        te_names: produce Transformer Engine parameter names (fused norms).
+        include_head: map the pooling head too (False when the source has none).
+
+    Returns:
+        megatron-side name -> tensor (contiguous clones, safe to load).
+
+    Raises:
+        KeyError: naming the missing HF key.
+        ValueError: naming a key whose shape does not match the config.
+    """
+    tp = cfg.parallel.tensor_model_parallel_size
+    kw = _transform_kwargs(cfg)
+    out = {}
+    for mname, hf_names, kind in stage_rules(cfg, pp_rank, te_names):
+        if not include_head and mname.startswith("pooling."):
+            continue
+        keys = [_hf_key(n, backbone_prefix, head_prefix) for n in hf_names]
+        tensors = []
+        for key in keys:
+            if key not in hf_state:
+                raise KeyError(f"missing key {key!r} in the source state dict")
+            tensors.append(hf_state[key])
+        out[mname] = shard(kind, tensors, tp_rank, tp, **kw).contiguous().clone()
+    return out
+
+
+def megatron_to_hf(
+    shards: list[list[Mapping[str, torch.Tensor]]],
+    cfg: EmbeddingModelConfig,
+    *,
+    backbone_prefix: str = "",
+    head_prefix: str = "latent_attention_model.",
+    te_names: bool = False,
+) -> dict[str, torch.Tensor]:
+    """HF-named full tensors from every shard, `shards[pp_rank][tp_rank]` = that state dict.
+
+    Raises:
+        ValueError: when the number of shards does not match the config's TP x PP.
+        KeyError: naming a parameter missing from a shard.
+    """
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if len(shards) != pp or any(len(s) != tp for s in shards):
+        raise ValueError(f"expected {pp} pipeline stages x {tp} tensor-parallel shards")
+    kw = _transform_kwargs(cfg)
+    out = {}
+    for p in range(pp):
+        for mname, hf_names, kind in stage_rules(cfg, p, te_names):
+            parts = []
+            for r in range(tp):
+                if mname not in shards[p][r]:
+                    raise KeyError(f"missing {mname!r} in shard (pp={p}, tp={r})")
+                parts.append(shards[p][r][mname])
+            full = unshard(kind, parts, len(hf_names), **kw)
+            for tagged, tensor in zip(hf_names, full):
+                out[_hf_key(tagged, backbone_prefix, head_prefix)] = tensor.contiguous().clone()
+    return out
+
+
+def uses_te_names(model: torch.nn.Module) -> bool:
+    """True when `model` has Transformer Engine parameter names (fused norms)."""
+    return any(n.endswith("linear_qkv.layer_norm_weight") for n, _ in model.named_parameters())
+
+
+def load_hf_into_model(
+    model: torch.nn.Module,
+    hf_state: Mapping[str, torch.Tensor],
+    cfg: EmbeddingModelConfig,
+    tp_rank: int,
+    pp_rank: int,
+    **prefixes,
+) -> None:
+    """Copies HF tensors into this rank's model stage, checking every name and shape.
+
+    Raises:
+        KeyError / ValueError: naming the missing, unexpected or mis-shaped parameter.
+    """
+    include_head = prefixes.pop("include_head", True)
+    mapped = hf_to_megatron(
+        hf_state, cfg, tp_rank, pp_rank, te_names=uses_te_names(model),
+        include_head=include_head, **prefixes,
+    )
+    params = dict(model.named_parameters())
+    for name, tensor in mapped.items():
+        if name not in params:
+            raise KeyError(f"model has no parameter {name!r}")
+        if params[name].shape != tensor.shape:
+            raise ValueError(
+                f"shape mismatch for {name!r}: model {tuple(params[name].shape)}, "
+                f"checkpoint gives {tuple(tensor.shape)}"
+            )
+    missing = [n for n in params if n not in mapped and (include_head or not n.startswith("pooling."))]
+    if missing:
+        raise KeyError(f"no source tensor for model parameter(s): {missing}")
+    with torch.no_grad():
+        for name, tensor in mapped.items():
+            params[name].copy_(tensor)
+
+
+def model_to_hf_shard(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's parameters (megatron names), detached, for `megatron_to_hf`."""
+    return {n: p.detach() for n, p in model.named_parameters()}
