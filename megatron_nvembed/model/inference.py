@@ -53,7 +53,8 @@ def embed_microbatches(
                     seq_length=first["input_ids"].shape[1],
                     micro_batch_size=first["input_ids"].shape[0],
                     forward_only=True,
-                    pg_collection=pg_collection,
+                    # The schedule takes its groups from parallel_state unless given a p2p
+                    # communicator too; the model was built from those same groups.
                 )
     finally:
         model.train(was_training)

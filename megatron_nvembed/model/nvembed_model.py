@@ -48,6 +48,10 @@ class NVEmbedModel(MegatronModule):
         post_process: bool = True,
     ):
         super().__init__(config=config)
+        from megatron.core.enums import ModelType
+
+        # megatron-core's pipeline schedules read this attribute.
+        self.model_type = ModelType.encoder_or_decoder
         self.model_config = model_config
         m = model_config.model
         self.backend = resolve_backend(m)
