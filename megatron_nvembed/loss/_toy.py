@@ -1,0 +1,55 @@
+"""A tiny trainable text encoder and synthetic contrastive batches, for loss tests and docs.
+
+Pure torch (no megatron-core), float64, so that equivalence tests can use tight tolerances.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ToyEncoder(nn.Module):
+    """Embedding bag + dropout + linear + L2 norm; ids [m, s] with mask -> [m, d]."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, dim: int = 8, dropout: float = 0.0):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, dtype=torch.float64)
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(width, dim, dtype=torch.float64)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(torch.float64).unsqueeze(-1)
+        h = (self.drop(self.emb(ids)) * m).sum(1) / m.sum(1).clamp(min=1)
+        return F.normalize(self.proj(h), dim=-1)
+
+
+def toy_batch(b: int, n: int, seed: int, vocab: int = 50, s: int = 6) -> dict[str, torch.Tensor]:
+    """b queries, each with n candidates (positive + n-1 negatives, some absent)."""
+    g = torch.Generator().manual_seed(seed)
+    q_ids = torch.randint(0, vocab, (b, s), generator=g)
+    c_ids = torch.randint(0, vocab, (b, n, s), generator=g)
+    c_mask = torch.ones(b, n, dtype=torch.bool)
+    c_mask[::3, -1] = False  # ragged hard-negative counts
+    return {
+        "q_ids": q_ids,
+        "q_tok": torch.ones(b, s, dtype=torch.long),
+        "c_ids": c_ids,
+        "c_tok": torch.ones(b, n, s, dtype=torch.long),
+        "candidate_mask": c_mask,
+        "in_batch": torch.ones(b, dtype=torch.bool),
+    }
+
+
+def encode(model: ToyEncoder, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries [b, d], candidates [b, n, d]) of a toy batch."""
+    b, n, s = batch["c_ids"].shape
+    q = model(batch["q_ids"], batch["q_tok"])
+    c = model(batch["c_ids"].reshape(b * n, s), batch["c_tok"].reshape(b * n, s))
+    return q, c.view(b, n, -1)
+
+
+def slice_batch(batch: dict, start: int, end: int) -> dict:
+    """Rows start..end of every tensor in a toy batch."""
+    return {k: v[start:end] for k, v in batch.items()}
