@@ -41,12 +41,14 @@ def build_tokenizer(texts: list[str]):
     vocab.update({w: i + 3 for i, w in enumerate(words)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="</s>", padding_side="right",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        padding_side="right",
     )
 
 
@@ -55,13 +57,18 @@ def tokenize(tokenizer, texts: list[str], instruction: str = "") -> dict[str, to
     mask zeroing the first len(tokenize(instruction)) positions."""
     batch = tokenizer(
         [instruction + t + tokenizer.eos_token for t in texts],
-        padding=True, return_tensors="pt", add_special_tokens=True,
+        padding=True,
+        return_tensors="pt",
+        add_special_tokens=True,
     )
     pool = batch["attention_mask"].clone()
     if instruction:
         pool[:, : len(tokenizer.tokenize(instruction))] = 0
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "pool_mask": pool}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "pool_mask": pool,
+    }
 
 
 def _worker(rank: int, world_size: int, out_dir: str, tok_dir: str) -> None:
@@ -79,8 +86,9 @@ def _worker(rank: int, world_size: int, out_dir: str, tok_dir: str) -> None:
     # tensor-parallel model through the same map the checkpoint importer uses.
     ref = randomized_reference(cfg, seed=0)
     model = build_model(cfg, pg)
-    hm.load_hf_into_model(model, ref.hf_state_dict(), cfg, rank, 0,
-                          backbone_prefix="embedding_model.")
+    hm.load_hf_into_model(
+        model, ref.hf_state_dict(), cfg, rank, 0, backbone_prefix="embedding_model."
+    )
     model.eval()
     q = tokenize(tokenizer, QUERIES, INSTRUCTION)
     p = tokenize(tokenizer, PASSAGES)
@@ -102,8 +110,10 @@ def _worker(rank: int, world_size: int, out_dir: str, tok_dir: str) -> None:
         "max_abs_diff_vs_reference": diff,
         "seconds": seconds,
     }
-    print(f"embedded {len(QUERIES)} queries + {len(PASSAGES)} passages at TP={world_size} "
-          f"in {seconds:.2f}s; max |diff| vs single-device reference = {diff:.2e}")
+    print(
+        f"embedded {len(QUERIES)} queries + {len(PASSAGES)} passages at TP={world_size} "
+        f"in {seconds:.2f}s; max |diff| vs single-device reference = {diff:.2e}"
+    )
     print("query x passage cosine scores (untrained tiny model):")
     for text, row in zip(QUERIES, scores):
         print(f"  {text[:36]:<36} " + " ".join(f"{s:+.3f}" for s in row))

@@ -195,7 +195,9 @@ def stage_rules(
             hf = tuple(f"b:layers.{glob}.{n}" for n in rule.hf)
             out.append((f"decoder.layers.{local}.{name}", hf, rule.kind))
     if pp_rank == pp - 1:
-        out.append((FINAL_NORM_RULE.megatron, tuple("b:" + n for n in FINAL_NORM_RULE.hf), "replicated"))
+        out.append(
+            (FINAL_NORM_RULE.megatron, tuple("b:" + n for n in FINAL_NORM_RULE.hf), "replicated")
+        )
         for rule in head_rules(cfg):
             out.append((rule.megatron, tuple("h:" + n for n in rule.hf), rule.kind))
     return out
@@ -312,8 +314,13 @@ def load_hf_into_model(
     """
     include_head = prefixes.pop("include_head", True)
     mapped = hf_to_megatron(
-        hf_state, cfg, tp_rank, pp_rank, te_names=uses_te_names(model),
-        include_head=include_head, **prefixes,
+        hf_state,
+        cfg,
+        tp_rank,
+        pp_rank,
+        te_names=uses_te_names(model),
+        include_head=include_head,
+        **prefixes,
     )
     params = dict(model.named_parameters())
     for name, tensor in mapped.items():
@@ -324,7 +331,9 @@ def load_hf_into_model(
                 f"shape mismatch for {name!r}: model {tuple(params[name].shape)}, "
                 f"checkpoint gives {tuple(tensor.shape)}"
             )
-    missing = [n for n in params if n not in mapped and (include_head or not n.startswith("pooling."))]
+    missing = [
+        n for n in params if n not in mapped and (include_head or not n.startswith("pooling."))
+    ]
     if missing:
         raise KeyError(f"no source tensor for model parameter(s): {missing}")
     with torch.no_grad():

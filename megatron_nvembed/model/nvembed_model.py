@@ -95,9 +95,7 @@ class NVEmbedModel(MegatronModule):
             input_tensor = input_tensor[0] if input_tensor else None
         self.decoder.set_input_tensor(input_tensor)
 
-    def encode_hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def encode_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Backbone only (this stage's layers).
 
         Args:

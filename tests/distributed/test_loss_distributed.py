@@ -32,8 +32,13 @@ def _loss(q, c, batch, group):
     from megatron_nvembed.loss import contrastive_loss
 
     return contrastive_loss(
-        q, c, batch["candidate_mask"], temperature=T, in_batch=batch["in_batch"],
-        mask_identical_positives=False, group=group,
+        q,
+        c,
+        batch["candidate_mask"],
+        temperature=T,
+        in_batch=batch["in_batch"],
+        mask_identical_positives=False,
+        group=group,
     )[0]
 
 

@@ -25,7 +25,11 @@ def _check_tp2(rank, world_size):
     from megatron_nvembed.conversion import hf_mapping as hm
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
-    from megatron_nvembed.testing import random_padded_batch, randomized_reference, tiny_model_config
+    from megatron_nvembed.testing import (
+        random_padded_batch,
+        randomized_reference,
+        tiny_model_config,
+    )
 
     pg = initialize_model_parallel(2, 1, seed=7)
     batch = random_padded_batch([13, 6, 9, 2], instruction_lengths=[5, 0, 3, 0], pad_to=16)
@@ -63,7 +67,11 @@ def _check_pp2(rank, world_size):
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.inference import embed_microbatches
     from megatron_nvembed.parallel import initialize_model_parallel
-    from megatron_nvembed.testing import random_padded_batch, randomized_reference, tiny_model_config
+    from megatron_nvembed.testing import (
+        random_padded_batch,
+        randomized_reference,
+        tiny_model_config,
+    )
 
     pg = initialize_model_parallel(1, 2, seed=7)
     microbatches = [
@@ -90,7 +98,9 @@ def _check_pp2(rank, world_size):
 
         stages = [None, None]
         dist.all_gather_object(stages, hm.model_to_hf_shard(model))
-        back = hm.megatron_to_hf([[stages[0]], [stages[1]]], cfg, backbone_prefix="embedding_model.")
+        back = hm.megatron_to_hf(
+            [[stages[0]], [stages[1]]], cfg, backbone_prefix="embedding_model."
+        )
         assert set(back) == set(src)
         for k in src:
             assert torch.equal(back[k], src[k]), f"{pooling}: round trip changed {k}"

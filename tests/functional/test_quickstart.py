@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quickstart_writes_summary(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())

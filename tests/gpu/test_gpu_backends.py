@@ -46,8 +46,7 @@ def _compare(pg, backend, pooling, mask_type, dtype):
     hm.load_hf_into_model(model, ref.hf_state_dict(), cfg, 0, 0, backbone_prefix="embedding_model.")
     model = model.to(dtype).eval()
     batch = {
-        k: v.cuda()
-        for k, v in random_padded_batch([12, 5, 9, 3], [4, 0, 6, 0], pad_to=16).items()
+        k: v.cuda() for k, v in random_padded_batch([12, 5, 9, 3], [4, 0, 6, 0], pad_to=16).items()
     }
     with torch.no_grad():
         want = ref(**batch)

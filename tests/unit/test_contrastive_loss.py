@@ -29,7 +29,9 @@ T = 0.05
 
 def _unit(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+    return torch.nn.functional.normalize(
+        torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1
+    )
 
 
 def _nll(pos, others):
@@ -63,7 +65,9 @@ def test_mixed_datasets_honour_their_own_switch():
         own = [float(q[i] @ c[i, j]) for j in range(2)]
         others = []
         if in_batch[i]:
-            others = [float(q[i] @ c[k, j]) for k in range(3) if k != i and in_batch[k] for j in range(2)]
+            others = [
+                float(q[i] @ c[k, j]) for k in range(3) if k != i and in_batch[k] for j in range(2)
+            ]
         want.append(_nll(own[0], own[1:] + others))
     assert abs(loss.item() - sum(want) / 3) <= 1e-12
     # query 0 and 2: 2 own + 2 from the other in-batch query; query 1: its own 2 only

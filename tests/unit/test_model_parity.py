@@ -37,9 +37,7 @@ def _pair(cfg, pg):
 
     ref = randomized_reference(cfg)
     model = build_model(cfg, pg)
-    hm.load_hf_into_model(
-        model, ref.hf_state_dict(), cfg, 0, 0, backbone_prefix="embedding_model."
-    )
+    hm.load_hf_into_model(model, ref.hf_state_dict(), cfg, 0, 0, backbone_prefix="embedding_model.")
     return ref, model.eval()
 
 
@@ -123,7 +121,9 @@ def test_instruction_tokens_are_out_of_pooling_only(pg):
 def test_hf_model_hf_round_trip_bit_exact(pg):
     cfg = tiny_model_config()
     ref, model = _pair(cfg, pg)
-    back = hm.megatron_to_hf([[hm.model_to_hf_shard(model)]], cfg, backbone_prefix="embedding_model.")
+    back = hm.megatron_to_hf(
+        [[hm.model_to_hf_shard(model)]], cfg, backbone_prefix="embedding_model."
+    )
     src = ref.hf_state_dict()
     assert set(back) == set(src)
     assert all(torch.equal(back[k], src[k]) for k in src)
@@ -145,9 +145,15 @@ def test_latent_kv_is_input_independent(pg):
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(num_attention_heads=6, num_query_groups=3), "num_query_groups.*tensor-model-parallel-size"),
+        (
+            dict(num_attention_heads=6, num_query_groups=3),
+            "num_query_groups.*tensor-model-parallel-size",
+        ),
         (dict(num_layers=3), "num_layers.*pipeline-model-parallel-size"),
-        (dict(num_attention_heads=5, num_query_groups=5), "num_attention_heads.*tensor-model-parallel-size"),
+        (
+            dict(num_attention_heads=5, num_query_groups=5),
+            "num_attention_heads.*tensor-model-parallel-size",
+        ),
         (dict(mask_type="sliding"), "mask_type"),
         (dict(attention_backend="flash"), "attention_backend"),
     ],

@@ -106,7 +106,10 @@ def test_qkv_layout_is_per_query_group():
     assert qkv.flatten().tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
     # TP=2: each rank holds whole query groups.
     assert hm.shard("qkv", [q, k, v], 1, 2, num_heads=4, num_groups=2).flatten().tolist() == [
-        12, 13, 21, 31,
+        12,
+        13,
+        21,
+        31,
     ]
 
 
