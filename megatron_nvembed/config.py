@@ -19,6 +19,21 @@ MASK_TYPES = ("bidirectional", "causal")
 ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
 
 
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Rows allocated for the token embedding.
+
+    Padded to a multiple of 128 (as Megatron-LM's `--make-vocab-size-divisible-by` default), so
+    the global shape is the same at every TP size that divides it and checkpoints reshard; a TP
+    size that does not divide it pads further (such checkpoints reshard only to compatible sizes).
+    Extra rows are zero and never indexed; exports strip them.
+    """
+    rows = -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    return rows if rows % tp == 0 else -(-rows // (VOCAB_PAD_MULTIPLE * tp)) * VOCAB_PAD_MULTIPLE * tp
+
+
 @dataclass
 class ModelConfig:
     """The decoder backbone (Mistral/Llama family: RoPE, RMSNorm, SwiGLU, GQA)."""

@@ -7,7 +7,7 @@ One table names every parameter on both sides and the transform between them:
 | `replicated` | the same tensor on every rank (norms, latents, row-parallel biases)        |
 | `column`     | rows r*n/t .. (r+1)*n/t (column-parallel weight or bias)                   |
 | `row`        | columns r*n/t .. (r+1)*n/t (row-parallel weight)                           |
-| `vocab`      | vocabulary rows, padded with zero rows to a multiple of t                  |
+| `vocab`      | vocabulary rows, zero-padded (`config.padded_vocab_size`), split over t    |
 | `qkv`        | q, k, v interleaved per query group ([q heads of group g ; k_g ; v_g]),    |
 |              | then groups split over ranks                                               |
 | `pair`       | two stacked halves split separately: [first_r ; second_r]                  |
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_nvembed.config import EmbeddingModelConfig
+from megatron_nvembed.config import EmbeddingModelConfig, padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def shard(kind: str, tensors: list[torch.Tensor], rank: int, size: int, **kw) ->
         return tensors[0].chunk(size, dim=1)[rank]
     if kind == "vocab":
         full = tensors[0]
-        rows = -(-full.shape[0] // size) * size
+        rows = padded_vocab_size(full.shape[0], size)
         if rows != full.shape[0]:
             pad = full.new_zeros(rows - full.shape[0], *full.shape[1:])
             full = torch.cat([full, pad], dim=0)

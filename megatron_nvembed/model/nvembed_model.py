@@ -18,14 +18,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_nvembed.config import EmbeddingModelConfig
+from megatron_nvembed.config import EmbeddingModelConfig, padded_vocab_size
 from megatron_nvembed.model.pooling import build_pooling
 from megatron_nvembed.model.specs import build_attention_mask, get_layer_spec, resolve_backend
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Vocabulary rows allocated: the next multiple of the TP size (extra rows are never used)."""
-    return -(-vocab_size // tp) * tp
 
 
 class NVEmbedModel(MegatronModule):

@@ -136,6 +136,18 @@ class AttentionPooling(MegatronModule):
                 tensor_parallel.set_tensor_model_parallel_attributes(p, False, -1, 1)
                 p.tensor_model_parallel = False
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Distributed-checkpoint layout: the [first ; second] per-rank halves of `to_kv` and
+        `ff_in` are saved as two separately sharded tensors (as megatron-core does for SwiGLU's
+        `linear_fc1`), so checkpoints reshard to any TP size."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        for key in (f"{prefix}to_kv.weight", f"{prefix}ff_in.weight", f"{prefix}ff_in.bias"):
+            sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton)
+        return sd
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # [s, b, H_r*dh] -> [b, H_r, s, dh]
         s, b, _ = x.shape

@@ -1,0 +1,85 @@
+"""Configuration of NV-Embed-format models exported by megatron_nvembed.
+
+Self-contained (depends on transformers only): it is copied next to exported weights and loaded
+with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+from transformers.models.mistral.configuration_mistral import MistralConfig
+
+
+class LatentAttentionConfig(PretrainedConfig):
+    """Sizes of the latent-attention pooling head (every size written explicitly)."""
+
+    model_type = "latent_attention"
+
+    def __init__(
+        self,
+        num_latents_value: int = 512,
+        num_cross_heads: int = 8,
+        cross_dim_head: int = 4096,
+        hidden_dim: int = 4096,
+        latent_dim: int = 4096,
+        output_normalize: bool = True,
+        ff_mult: int = 4,
+        layernorm_eps: float = 1e-5,
+        pooling_type: str = "latent",
+        **kwargs,
+    ):
+        self.num_latents_value = num_latents_value
+        self.num_cross_heads = num_cross_heads
+        self.cross_dim_head = cross_dim_head
+        self.hidden_dim = hidden_dim
+        self.latent_dim = latent_dim
+        self.output_normalize = output_normalize
+        self.ff_mult = ff_mult
+        self.layernorm_eps = layernorm_eps
+        # "latent" (NV-Embed) or "self-attention" (the paper's ablation head).
+        self.pooling_type = pooling_type
+        super().__init__(**kwargs)
+
+
+class BidirectionalMistralConfig(MistralConfig):
+    """A Mistral config whose model runs with a padding-only (bidirectional) mask."""
+
+    model_type = "bidir_mistral"
+
+
+class NVEmbedConfig(PretrainedConfig):
+    """Top-level config: a bidirectional Mistral backbone plus the latent-attention head."""
+
+    model_type = "nvembed"
+    is_composition = False
+
+    def __init__(
+        self,
+        latent_attention_config: dict | LatentAttentionConfig | None = None,
+        text_config: dict | MistralConfig | None = None,
+        padding_side: str = "right",
+        add_pad_token: bool = True,
+        is_mask_instruction: bool = True,
+        add_eos: bool = True,
+        mask_type: str = "b",
+        **kwargs,
+    ):
+        if isinstance(latent_attention_config, dict):
+            latent_attention_config = LatentAttentionConfig(**latent_attention_config)
+        self.latent_attention_config = latent_attention_config or LatentAttentionConfig()
+        if isinstance(text_config, dict):
+            text_config = BidirectionalMistralConfig(**text_config)
+        self.text_config = text_config or BidirectionalMistralConfig()
+        self.padding_side = padding_side
+        self.add_pad_token = add_pad_token
+        self.is_mask_instruction = is_mask_instruction
+        self.add_eos = add_eos
+        self.mask_type = mask_type
+        kwargs.setdefault("hidden_size", self.text_config.hidden_size)
+        super().__init__(**kwargs)
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["latent_attention_config"] = self.latent_attention_config.to_dict()
+        out["text_config"] = self.text_config.to_dict()
+        return out
