@@ -31,27 +31,6 @@ PASSAGES = [
 INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
 
 
-def build_tokenizer(texts: list[str]):
-    """A whitespace word-level tokenizer that adds BOS like Mistral's (pad = EOS)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for t in texts for w in t.replace("\n", " ").split()} | {":"})
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({w: i + 3 for i, w in enumerate(words)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-        padding_side="right",
-    )
-
-
 def tokenize(tokenizer, texts: list[str], instruction: str = "") -> dict[str, torch.Tensor]:
     """NV-Embed's convention: instruction + text + EOS, BOS added, right padding, and the pool
     mask zeroing the first len(tokenize(instruction)) positions."""
@@ -131,10 +110,10 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2, help="gloo processes (= TP size)")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    from megatron_nvembed.testing import run_distributed
+    from megatron_nvembed.testing import build_word_tokenizer, run_distributed
 
     with tempfile.TemporaryDirectory() as tok_dir:
-        build_tokenizer(QUERIES + PASSAGES + [INSTRUCTION]).save_pretrained(tok_dir)
+        build_word_tokenizer(QUERIES + PASSAGES + [INSTRUCTION]).save_pretrained(tok_dir)
         run_distributed(_worker, args.nproc, args.out_dir, tok_dir)
     print(f"wrote {os.path.join(args.out_dir, 'summary.json')}")
 

@@ -140,9 +140,20 @@ def load_checkpoint(
     mine: EmbeddingModelConfig = model.model_config
     for section in ("model", "pooling"):
         a, b = getattr(saved, section).__dict__, getattr(mine, section).__dict__
-        for key in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
-                    "num_attention_heads", "num_query_groups", "kv_channels", "type",
-                    "num_latents", "num_heads", "head_dim", "ff_mult"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_query_groups",
+            "kv_channels",
+            "type",
+            "num_latents",
+            "num_heads",
+            "head_dim",
+            "ff_mult",
+        ):
             if key in a and a[key] != b[key]:
                 raise ValueError(
                     f"{iteration_dir(root, it) / CONFIG_FILE}: {section}.{key} is {a[key]!r} "

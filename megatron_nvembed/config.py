@@ -31,7 +31,9 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     Extra rows are zero and never indexed; exports strip them.
     """
     rows = -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
-    return rows if rows % tp == 0 else -(-rows // (VOCAB_PAD_MULTIPLE * tp)) * VOCAB_PAD_MULTIPLE * tp
+    return (
+        rows if rows % tp == 0 else -(-rows // (VOCAB_PAD_MULTIPLE * tp)) * VOCAB_PAD_MULTIPLE * tp
+    )
 
 
 @dataclass

@@ -23,7 +23,12 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            raise ValueError("MASTER_PORT is not set; launch multi-process runs with torchrun")
+        from megatron_nvembed.testing import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     backend = "gloo" if cpu_mode() else "nccl"

@@ -143,10 +143,31 @@ def randomized_reference(cfg, seed: int = 0):
 
 def init_single_process_megatron(tp: int = 1, pp: int = 1, seed: int = 1234):
     """Initialises a one-process gloo group and megatron-core's parallel state in this process."""
-    if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
     from megatron_nvembed.parallel import initialize_model_parallel
 
     return initialize_model_parallel(tp, pp, seed=seed)
+
+
+def build_word_tokenizer(texts: list[str]):
+    """A whitespace word-level `PreTrainedTokenizerFast` over `texts`, adding BOS like Mistral's.
+
+    Special tokens: `<unk>` 0, `<s>` 1 (BOS), `</s>` 2 (EOS, also the pad token); right padding.
+    Saveable with `save_pretrained` and reloadable offline with `AutoTokenizer`.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.replace("\n", " ").split()} | {":"})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({w: i + 3 for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        padding_side="right",
+    )

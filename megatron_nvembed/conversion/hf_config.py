@@ -32,7 +32,11 @@ def model_config_from_hf(text: dict, where: str) -> ModelConfig:
             num_attention_heads=heads,
             num_query_groups=text.get("num_key_value_heads") or heads,
             kv_channels=text.get("head_dim") or hidden // heads,
-            rotary_base=float(text.get("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rotary_base=float(
+                text.get(
+                    "rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+                )
+            ),
             norm_epsilon=text.get("rms_norm_eps", 1e-5),
         )
     except KeyError as err:

@@ -129,12 +129,30 @@ class AttentionPooling(MegatronModule):
         self.ff_out = tensor_parallel.RowParallelLinear(
             ff_inner, hidden_size, bias=True, input_is_parallel=True, skip_bias_add=False, **common
         )
+        self._init_pair_layouts(config, tp_group)
         self.to(device)
         for p in self.parameters():
             # Replicated over TP ranks (megatron-core marks its sharded weights itself).
             if not hasattr(p, "tensor_model_parallel"):
                 tensor_parallel.set_tensor_model_parallel_attributes(p, False, -1, 1)
                 p.tensor_model_parallel = False
+
+    @torch.no_grad()
+    def _init_pair_layouts(self, config: TransformerConfig, tp_group) -> None:
+        """Re-initialises `to_kv` and `ff_in` from one full weight cut in the [first_r ; second_r]
+        layout, so a fresh head is the same function at every TP size (megatron-core's CPU
+        initialisation cuts the full weight into contiguous rows, which for these two layouts
+        would depend on the TP size)."""
+        from megatron_nvembed.conversion.hf_mapping import shard
+
+        tp = 1 if tp_group is None else tp_group.size()
+        rank = 0 if tp_group is None else tp_group.rank()
+        for layer in (self.to_kv, self.ff_in):
+            full = torch.empty(
+                layer.weight.shape[0] * tp, layer.weight.shape[1], dtype=layer.weight.dtype
+            )
+            config.init_method(full)
+            layer.weight.copy_(shard("pair", [full], rank, tp))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Distributed-checkpoint layout: the [first ; second] per-rank halves of `to_kv` and

@@ -66,7 +66,9 @@ class PreNorm(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, 2 * mult * dim), GEGLU(), nn.Linear(mult * dim, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim, 2 * mult * dim), GEGLU(), nn.Linear(mult * dim, dim)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -130,7 +132,9 @@ class NVEmbedModel(PreTrainedModel):
     def __init__(self, config: NVEmbedConfig):
         super().__init__(config)
         text = config.text_config
-        text._attn_implementation = "eager" if text._attn_implementation is None else text._attn_implementation
+        text._attn_implementation = (
+            "eager" if text._attn_implementation is None else text._attn_implementation
+        )
         self.embedding_model = MistralModel(text)
         self.latent_attention_model = LatentAttentionModel(config.latent_attention_config)
         self.tokenizer = None
@@ -159,7 +163,10 @@ class NVEmbedModel(PreTrainedModel):
         tok = self.tokenizer
         batch = tok(
             [instruction + t + tok.eos_token for t in texts],
-            padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         pool = batch["attention_mask"].clone()
         if instruction and self.config.is_mask_instruction:

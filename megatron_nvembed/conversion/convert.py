@@ -1,0 +1,320 @@
+"""import-hf / export-hf: transformers or NV-Embed checkpoints <-> megatron_nvembed checkpoints.
+
+Both directions write into a temporary sibling directory and rename it into place at the end, so
+a failed conversion never leaves a half-written output. Weights are read with safetensors (or
+`torch.load(weights_only=True)` for `.bin` files): loading never unpickles code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+HF_FILES_DIR = Path(__file__).parent / "hf_files"
+
+
+class LazyHFState(Mapping):
+    """Read-only mapping over a transformers checkpoint directory, one tensor at a time.
+
+    Supports `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, and
+    `pytorch_model.bin` (loaded with `weights_only=True`). Only the tensors asked for are read, so
+    mapping a 7B model holds one tensor of the source at a time.
+    """
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.dir = Path(hf_dir)
+        self._where: dict[str, Path] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"{index}: not a safetensors index ({err})") from err
+            for key, fname in weight_map.items():
+                self._where[key] = self.dir / fname
+            for f in set(self._where.values()):
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: shard named in {index} is missing")
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self._where = {k: single for k in f.keys()}
+        elif (self.dir / "pytorch_model.bin").is_file():
+            self._bin = torch.load(
+                self.dir / "pytorch_model.bin", map_location="cpu", weights_only=True
+            )
+        else:
+            raise FileNotFoundError(
+                f"{self.dir}: no model.safetensors, model.safetensors.index.json or "
+                "pytorch_model.bin"
+            )
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._bin is not None:
+            return self._bin[key]
+        from safetensors import safe_open
+
+        if key not in self._where:
+            raise KeyError(key)
+        with safe_open(str(self._where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bin if self._bin is not None else self._where)
+
+    def __len__(self) -> int:
+        return len(self._bin if self._bin is not None else self._where)
+
+
+def _backbone_prefix(state: Mapping, hf_dir: Path, default: str) -> str:
+    for prefix in (default, "", "model.", "embedding_model."):
+        if f"{prefix}embed_tokens.weight" in state:
+            return prefix
+    raise KeyError(f"{hf_dir}: no embed_tokens.weight under any known prefix")
+
+
+def _import_worker(
+    rank: int,
+    world: int,
+    hf_dir: str,
+    tmp_dir: str,
+    cfg_dict: dict,
+    has_head: bool,
+    prefix: str,
+    seed: int,
+) -> None:
+    from megatron_nvembed.checkpoint import save_checkpoint
+    from megatron_nvembed.conversion.hf_mapping import load_hf_into_model
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.parallel import initialize_model_parallel
+
+    cfg = EmbeddingModelConfig.from_dict(cfg_dict)
+    par = cfg.parallel
+    pg = initialize_model_parallel(
+        par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=seed
+    )
+    model = build_model(cfg, pg)
+    state = LazyHFState(hf_dir)
+    load_hf_into_model(
+        model,
+        state,
+        cfg,
+        pg.tp.rank(),
+        pg.pp.rank(),
+        backbone_prefix=prefix,
+        include_head=has_head,
+    )
+    save_checkpoint(model, cfg, tmp_dir, iteration=0)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> int:
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            n += 1
+    return n
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def import_hf(
+    hf_dir: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    pooling: str | None = None,
+    mask_type: str | None = None,
+    seed: int = 1234,
+) -> EmbeddingModelConfig:
+    """Converts a transformers Mistral/Llama or NV-Embed checkpoint into a sharded checkpoint.
+
+    A source without a pooling head (plain decoder) gets the head's seeded initialisation.
+    Runs TP x PP gloo processes on this machine (conversion is CPU work).
+
+    Raises:
+        FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault.
+    """
+    from megatron_nvembed.conversion.hf_config import config_from_hf_dir
+    from megatron_nvembed.testing import run_distributed
+
+    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    cfg, has_head, prefix = config_from_hf_dir(hf_dir)
+    state = LazyHFState(hf_dir)  # validates files before any process starts
+    prefix = _backbone_prefix(state, hf_dir, prefix)
+    if not any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{hf_dir}: no tokenizer (tokenizer.json or tokenizer.model)")
+    if pooling is not None:
+        if has_head and pooling != cfg.pooling.type:
+            raise ValueError(
+                f"--pooling {pooling}: the source already has a {cfg.pooling.type!r} head"
+            )
+        cfg.pooling.type = pooling
+    if mask_type is not None:
+        cfg.model.mask_type = mask_type
+    cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
+    cfg.validate()
+    tmp = save_dir.with_name(save_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    try:
+        run_distributed(
+            _import_worker,
+            tensor_model_parallel_size * pipeline_model_parallel_size,
+            str(hf_dir),
+            str(tmp),
+            cfg.to_dict(),
+            has_head,
+            prefix,
+            seed,
+        )
+        _copy_tokenizer(hf_dir, tmp / "tokenizer")
+        _replace_dir(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("imported %s -> %s in %.1fs", hf_dir, save_dir, time.perf_counter() - start)
+    return cfg
+
+
+def _write_safetensors_shards(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def nvembed_config_json(cfg: EmbeddingModelConfig, name_or_path: str, dtype: str) -> dict:
+    """The exported top-level config.json (NV-Embed format, sizes explicit)."""
+    from megatron_nvembed.conversion.hf_config import (
+        latent_attention_config_dict,
+        text_config_dict,
+    )
+
+    return {
+        "architectures": ["NVEmbedModel"],
+        "model_type": "nvembed",
+        "auto_map": {
+            "AutoConfig": "configuration_nvembed.NVEmbedConfig",
+            "AutoModel": "modeling_nvembed.NVEmbedModel",
+        },
+        "padding_side": "right",
+        "add_eos": True,
+        "add_pad_token": True,
+        "is_mask_instruction": True,
+        "mask_type": "b" if cfg.model.mask_type == "bidirectional" else "c",
+        "hidden_size": cfg.model.hidden_size,
+        "latent_attention_config": latent_attention_config_dict(cfg),
+        "text_config": text_config_dict(cfg, name_or_path),
+        "torch_dtype": dtype,
+    }
+
+
+def export_hf(
+    load_dir: str | os.PathLike,
+    hf_dir: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Writes a checkpoint in NV-Embed's HF format (weights, config, model files, tokenizer).
+
+    Must run in one process with megatron-core's parallel state at TP = PP = 1 (the CLI does
+    this); the checkpoint is resharded on load, so any saved layout works.
+
+    Raises:
+        ValueError: unknown dtype or a non-latent pooling head (NV-Embed's format has only the
+            latent and self-attention heads).
+    """
+    from megatron_nvembed.checkpoint import TOKENIZER_DIR, load_checkpoint, read_config
+    from megatron_nvembed.conversion.hf_mapping import megatron_to_hf, model_to_hf_shard
+    from megatron_nvembed.model.build import build_model
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    load_dir, hf_dir = Path(load_dir), Path(hf_dir)
+    cfg = read_config(load_dir)
+    if cfg.pooling.type not in ("latent", "self-attention"):
+        raise ValueError(
+            f"{load_dir}: pooling {cfg.pooling.type!r} has no NV-Embed HF format "
+            "(export supports latent and self-attention heads)"
+        )
+    cfg.parallel = ParallelConfig(1, 1)
+    model = build_model(cfg)
+    load_checkpoint(model, load_dir)
+    state = megatron_to_hf([[model_to_hf_shard(model)]], cfg, backbone_prefix="embedding_model.")
+    state = {k: v.to(dtypes[dtype]).contiguous() for k, v in state.items()}
+    tmp = hf_dir.with_name(hf_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _write_safetensors_shards(state, tmp, max_shard_bytes)
+        final = str(hf_dir.resolve())
+        config = nvembed_config_json(cfg, final, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in ("configuration_nvembed.py", "modeling_nvembed.py"):
+            shutil.copy2(HF_FILES_DIR / name, tmp / name)
+        if _copy_tokenizer(load_dir / TOKENIZER_DIR, tmp) == 0:
+            raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
+        _replace_dir(tmp, hf_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return hf_dir

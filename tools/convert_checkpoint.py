@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Convert checkpoints between transformers / NV-Embed format and megatron_nvembed.
+
+  import-hf  --hf-dir SRC --save DST [--tensor-model-parallel-size N]
+             [--pipeline-model-parallel-size M] [--pooling latent|mean|eos|self-attention]
+             [--mask-type bidirectional|causal]
+  export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32]
+
+import-hf reads Mistral/Llama (`*ForCausalLM` or bare `*Model`) and NV-Embed checkpoints and
+writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine).
+export-hf writes NV-Embed's HF format, loadable offline with
+`AutoModel.from_pretrained(DST, trust_remote_code=True)`; any saved TP/PP layout is resharded.
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="transformers / NV-Embed -> megatron_nvembed")
+    imp.add_argument("--hf-dir", required=True)
+    imp.add_argument("--save", required=True)
+    imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    imp.add_argument("--pooling", choices=["latent", "mean", "eos", "self-attention"])
+    imp.add_argument("--mask-type", choices=["bidirectional", "causal"])
+    imp.add_argument("--seed", type=int, default=1234, help="initialisation of a new pooling head")
+    exp = sub.add_parser("export-hf", help="megatron_nvembed -> NV-Embed HF format")
+    exp.add_argument("--load", required=True)
+    exp.add_argument("--hf-dir", required=True)
+    exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+
+    from megatron_nvembed.logging_utils import setup_logging
+
+    setup_logging()
+    try:
+        if args.command == "import-hf":
+            from megatron_nvembed.conversion.convert import import_hf
+
+            cfg = import_hf(
+                args.hf_dir,
+                args.save,
+                tensor_model_parallel_size=args.tensor_model_parallel_size,
+                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                pooling=args.pooling,
+                mask_type=args.mask_type,
+                seed=args.seed,
+            )
+            print(
+                f"wrote {args.save} (TP={args.tensor_model_parallel_size}, "
+                f"PP={args.pipeline_model_parallel_size}, pooling={cfg.pooling.type})"
+            )
+        else:
+            from megatron_nvembed.conversion.convert import export_hf
+            from megatron_nvembed.parallel import initialize_model_parallel
+
+            initialize_model_parallel(1, 1)
+            export_hf(args.load, args.hf_dir, dtype=args.dtype)
+            print(f"wrote {args.hf_dir}")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
