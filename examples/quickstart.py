@@ -31,29 +31,11 @@ PASSAGES = [
 INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
 
 
-def tokenize(tokenizer, texts: list[str], instruction: str = "") -> dict[str, torch.Tensor]:
-    """NV-Embed's convention: instruction + text + EOS, BOS added, right padding, and the pool
-    mask zeroing the first len(tokenize(instruction)) positions."""
-    batch = tokenizer(
-        [instruction + t + tokenizer.eos_token for t in texts],
-        padding=True,
-        return_tensors="pt",
-        add_special_tokens=True,
-    )
-    pool = batch["attention_mask"].clone()
-    if instruction:
-        pool[:, : len(tokenizer.tokenize(instruction))] = 0
-    return {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "pool_mask": pool,
-    }
-
-
 def _worker(rank: int, world_size: int, out_dir: str, tok_dir: str) -> None:
     from transformers import AutoTokenizer
 
     from megatron_nvembed.conversion import hf_mapping as hm
+    from megatron_nvembed.data.tokenization import tokenize_for_embedding
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.testing import randomized_reference, tiny_model_config
@@ -69,8 +51,8 @@ def _worker(rank: int, world_size: int, out_dir: str, tok_dir: str) -> None:
         model, ref.hf_state_dict(), cfg, rank, 0, backbone_prefix="embedding_model."
     )
     model.eval()
-    q = tokenize(tokenizer, QUERIES, INSTRUCTION)
-    p = tokenize(tokenizer, PASSAGES)
+    q, _ = tokenize_for_embedding(tokenizer, QUERIES, INSTRUCTION)
+    p, _ = tokenize_for_embedding(tokenizer, PASSAGES)
     start = time.perf_counter()
     with torch.no_grad():
         q_emb, p_emb = model(**q), model(**p)

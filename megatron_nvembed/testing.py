@@ -171,3 +171,33 @@ def build_word_tokenizer(texts: list[str]):
         pad_token="</s>",
         padding_side="right",
     )
+
+
+def save_tiny_hf_decoder(out_dir, tokenizer, kind: str = "mistral", seed: int = 0):
+    """Saves a tiny random `MistralForCausalLM` (kind="mistral") or bare `LlamaModel`
+    (kind="llama") with `tokenizer` into `out_dir`, as transformers would publish it."""
+    from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
+    if kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif kind == "llama":
+        model = LlamaModel(LlamaConfig(**common))
+    else:
+        raise ValueError(f"kind must be 'mistral' or 'llama', got {kind!r}")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -19,7 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_nvembed.testing import build_word_tokenizer, init_single_process_megatron
+from megatron_nvembed.testing import (
+    build_word_tokenizer,
+    init_single_process_megatron,
+    save_tiny_hf_decoder,
+)
 
 TEXTS = ["how do plants make food", "paris is the capital of france", "the sky is blue"]
 INSTRUCTION = "Instruct: Given a question, retrieve passages that answer it\nQuery: "
@@ -31,30 +35,7 @@ def tokenizer():
 
 
 def _tiny_decoder(tmp_path, tokenizer, kind):
-    from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=False,
-    )
-    if kind == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
-    else:
-        model = LlamaModel(LlamaConfig(**common))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    out = tmp_path / kind
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_hf_decoder(tmp_path / kind, tokenizer, kind)
 
 
 def _read_weights(d):
