@@ -31,6 +31,17 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 HF_FILES_DIR = Path(__file__).parent / "hf_files"
+HF_MODEL_FILES = (
+    "configuration_nvembed.py",
+    "modeling_nvembed.py",
+    "sentence_transformers_nvembed.py",
+)
+# sentence-transformers prompts: `encode(texts, prompt_name="query")` adds the NV-Embed
+# instruction (paper Table 7's retrieval wording); documents get none.
+ST_PROMPTS = {
+    "query": "Instruct: Given a question, retrieve passages that answer the question\nQuery: ",
+    "document": "",
+}
 
 
 class LazyHFState(Mapping):
@@ -239,6 +250,24 @@ def _write_safetensors_shards(state: dict[str, torch.Tensor], out: Path, max_byt
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _write_sentence_transformers_files(out: Path, max_seq_length: int = 512) -> None:
+    """modules.json and configs so `SentenceTransformer(out, trust_remote_code=True)` loads."""
+    modules = [
+        {
+            "idx": 0,
+            "name": "0",
+            "path": "",
+            "type": "sentence_transformers_nvembed.NVEmbedSentenceTransformer",
+        }
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    st_config = {"prompts": ST_PROMPTS, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    (out / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
+    (out / "nvembed_sentence_transformers_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length}, indent=2)
+    )
+
+
 def nvembed_config_json(cfg: EmbeddingModelConfig, name_or_path: str, dtype: str) -> dict:
     """The exported top-level config.json (NV-Embed format, sizes explicit)."""
     from megatron_nvembed.conversion.hf_config import (
@@ -309,8 +338,9 @@ def export_hf(
         final = str(hf_dir.resolve())
         config = nvembed_config_json(cfg, final, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in ("configuration_nvembed.py", "modeling_nvembed.py"):
+        for name in HF_MODEL_FILES:
             shutil.copy2(HF_FILES_DIR / name, tmp / name)
+        _write_sentence_transformers_files(tmp)
         if _copy_tokenizer(load_dir / TOKENIZER_DIR, tmp) == 0:
             raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
         _replace_dir(tmp, hf_dir)

@@ -5,7 +5,8 @@ Proves:
   and an NV-Embed-format source;
 - import at TP=2 then export equals import at TP=1 then export, bit for bit (resharding);
 - the exported directory loads offline with `AutoModel.from_pretrained(trust_remote_code=True)`
-  and its `encode(texts, instruction=...)` equals the plain transformers reference (fp32, 1e-5);
+  and its `encode(texts, instruction=...)` equals the plain transformers reference (fp32, 1e-5),
+  and so does `SentenceTransformer(..., trust_remote_code=True).encode(texts, prompt=...)`;
 - bad input (unknown architecture, missing shard, missing tokenizer) raises an error naming the
   file, and a failed conversion leaves no output directory.
 
@@ -105,6 +106,26 @@ def test_round_trips_resharding_and_hf_loading(tmp_path, tokenizer):
         want = ref(batch["input_ids"], batch["attention_mask"], pool)
     assert got.shape == (3, 64)
     assert (got - want).abs().max().item() <= 1e-5
+
+    # A sharded export (index + several safetensors files) loads and encodes the same.
+    from megatron_nvembed.conversion.convert import export_hf
+
+    sharded = export_hf(
+        tmp_path / "m_tp2_ckpt", tmp_path / "sharded_hf", dtype="float32", max_shard_bytes=200_000
+    )
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = AutoModel.from_pretrained(sharded, trust_remote_code=True).eval()
+    assert (reloaded.encode(TEXTS, instruction=INSTRUCTION) - want).abs().max().item() <= 1e-5
+
+    # ... and through sentence-transformers, the instruction given as the prompt.
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out_tp2), trust_remote_code=True, device="cpu")
+    st_emb = st.encode(TEXTS, prompt=INSTRUCTION, convert_to_tensor=True)
+    assert (st_emb - want).abs().max().item() <= 1e-5
+    st_docs = st.encode(TEXTS, prompt_name="document", convert_to_tensor=True)
+    assert (st_docs - hf_model.encode(TEXTS)).abs().max().item() <= 1e-5
 
 
 @pytest.mark.functional

@@ -156,7 +156,11 @@ class NVEmbedModel(PreTrainedModel):
     def prepare_kwargs_from_batch(self, texts, instruction: str = "", max_length: int = 512):
         """Tokenises like NV-Embed: instruction + text + EOS, BOS, right padding, pool mask."""
         if self.tokenizer is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.config.text_config._name_or_path)
+            # The tokenizer sits next to this (already trusted) model code; its directory's
+            # config.json names that code, so the same trust is passed on.
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.config.text_config._name_or_path, trust_remote_code=True
+            )
             self.tokenizer.padding_side = "right"
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
