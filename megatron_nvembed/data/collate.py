@@ -1,0 +1,102 @@
+"""From sampled slots to the tensors the model and the contrastive loss take.
+
+Candidates are laid out [b, 1 + K]: position 0 is the sampled positive, then up to K sampled hard
+negatives. An absent negative (the record had fewer than K) is an empty text (BOS + EOS, two
+tokens) whose `candidate_mask` entry is False: shapes stay fixed for every micro-batch (as GradCache
+and pipeline schedules want) at the cost of a two-token row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_nvembed.data.blending import Slot
+from megatron_nvembed.data.records import Record
+from megatron_nvembed.data.templates import query_instruction
+from megatron_nvembed.data.tokenization import tokenize_for_embedding
+
+
+@dataclass
+class EmbeddingBatch:
+    """One micro-batch of b queries with 1 + K candidates each."""
+
+    query: dict[str, torch.Tensor]
+    """input_ids / attention_mask / pool_mask, [b, s_q]."""
+    candidates: dict[str, torch.Tensor]
+    """input_ids / attention_mask / pool_mask, [b * (1 + K), s_c]."""
+    candidate_mask: torch.Tensor
+    """[b, 1 + K] bool: False for absent hard negatives."""
+    candidate_ids: torch.Tensor
+    """[b, 1 + K] int64 hashes of the candidates' token ids (false-negative masking)."""
+    in_batch: torch.Tensor
+    """[b] bool: this query may be scored against other queries' candidates."""
+    dataset_index: torch.Tensor
+    """[b] int64."""
+    truncated: int
+    """Texts cut at the maximum length."""
+
+    def to(self, device) -> EmbeddingBatch:
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return EmbeddingBatch(
+            move(self.query),
+            move(self.candidates),
+            self.candidate_mask.to(device),
+            self.candidate_ids.to(device),
+            self.in_batch.to(device),
+            self.dataset_index.to(device),
+            self.truncated,
+        )
+
+
+def collate(
+    slots: Sequence[Slot],
+    datasets: Sequence[Sequence[Record]],
+    tokenizer,
+    *,
+    num_negatives: int = 7,
+    max_length: int = 512,
+    dataset_in_batch: Sequence[bool] | None = None,
+    stage_in_batch: bool = True,
+    pool_mask_convention: str = "nvembed",
+) -> EmbeddingBatch:
+    """Tokenises a micro-batch of slots (see `BlendedSampler`).
+
+    Args:
+        slots: the micro-batch's slots.
+        datasets: the records of each dataset, indexed by `Slot.dataset` / `Slot.index`.
+        tokenizer: a tokenizer that adds BOS (pad = EOS).
+        num_negatives: K.
+        max_length: token limit per text.
+        dataset_in_batch: per dataset, whether its queries use in-batch negatives (default all).
+        stage_in_batch: the stage switch (stage 2 turns in-batch negatives off).
+        pool_mask_convention: see `tokenize_for_embedding`.
+    """
+    from megatron_nvembed.loss.contrastive import sequence_hash
+
+    recs = [datasets[s.dataset][s.index] for s in slots]
+    queries = [r.query for r in recs]
+    instructions = [query_instruction(r.task, r.instruction) for r in recs]
+    q, cut_q = tokenize_for_embedding(
+        tokenizer, queries, instructions, max_length=max_length, convention=pool_mask_convention
+    )
+    texts, present = [], []
+    for slot, rec in zip(slots, recs):
+        row = [rec.pos[slot.positive]] + [rec.neg[i] for i in slot.negatives]
+        pad = num_negatives + 1 - len(row)
+        texts += row + [""] * pad
+        present.append([True] * len(row) + [False] * pad)
+    c, cut_c = tokenize_for_embedding(tokenizer, texts, None, max_length=max_length)
+    b, n = len(slots), num_negatives + 1
+    flags = dataset_in_batch or [True] * (max(s.dataset for s in slots) + 1)
+    return EmbeddingBatch(
+        query=q,
+        candidates=c,
+        candidate_mask=torch.tensor(present, dtype=torch.bool),
+        candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, n),
+        in_batch=torch.tensor([stage_in_batch and flags[s.dataset] for s in slots]),
+        dataset_index=torch.tensor([s.dataset for s in slots]),
+        truncated=cut_q + cut_c,
+    )
