@@ -43,7 +43,8 @@ class ReadStats:
     """The first few skipped lines' messages."""
 
 
-def _check(obj, where: str, require_positive: bool) -> Record:
+def record_from_dict(obj, where: str, require_positive: bool = True) -> Record:
+    """Validates one decoded record; errors name `where` (file:line) and the key."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object")
     for key in ("query", "task"):
@@ -128,7 +129,7 @@ def iter_records(
         rows = _iter_jsonl_lines(path, skip_bad_records, stats)
     for n, obj in rows:
         try:
-            rec = _check(obj, f"{path}:{n}", require_positive)
+            rec = record_from_dict(obj, f"{path}:{n}", require_positive)
         except ValueError as err:
             if not skip_bad_records:
                 raise
