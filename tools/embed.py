@@ -10,7 +10,6 @@ batches; data-parallel ranks (N / T) split the batches.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,19 +20,14 @@ import torch
 
 def read_inputs(path: str) -> tuple[list[str], list[str]]:
     """Texts and instructions of a JSONL file; errors name the file and line."""
+    from megatron_nvembed.data.records import iter_jsonl_lines
+
     texts, instructions = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg})") from err
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f'{path}:{lineno}: expected an object with a string "text"')
-            texts.append(rec["text"])
-            instructions.append(rec.get("instruction") or "")
+    for lineno, rec in iter_jsonl_lines(path):
+        if not isinstance(rec.get("text"), str):
+            raise ValueError(f'{path}:{lineno}: expected an object with a string "text"')
+        texts.append(rec["text"])
+        instructions.append(rec.get("instruction") or "")
     return texts, instructions
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from megatron_nvembed.data.records import ReadStats, Record, record_from_dict, iter_records
+from megatron_nvembed.data.records import ReadStats, Record, iter_records, record_from_dict
 
 
 def parse_data_paths(args: list[str]) -> list[tuple[float, str]]:
@@ -54,7 +54,9 @@ def load_records(
         import datasets  # lazily: only for `save_to_disk` folders
 
         ds = datasets.load_from_disk(str(path))
-        return [record_from_dict(dict(row), f"{path}: row {i + 1}", True) for i, row in enumerate(ds)]
+        return [
+            record_from_dict(dict(row), f"{path}: row {i + 1}", True) for i, row in enumerate(ds)
+        ]
     files = (
         sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
         if path.is_dir()

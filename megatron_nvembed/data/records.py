@@ -63,9 +63,11 @@ def record_from_dict(obj, where: str, require_positive: bool = True) -> Record:
     return Record(obj["query"], list(pos), list(neg), obj["task"], instruction, extra)
 
 
-def _iter_jsonl_lines(
-    path: str | os.PathLike, skip_bad_records: bool, stats: ReadStats
+def iter_jsonl_lines(
+    path: str | os.PathLike, skip_bad_records: bool = False, stats: ReadStats | None = None
 ) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) of each non-blank line; errors as `iter_jsonl`."""
+    stats = stats if stats is not None else ReadStats()
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -91,7 +93,7 @@ def iter_jsonl(
     """JSON objects of a JSONL file; a malformed line is a ValueError naming file and line
     (or, with `skip_bad_records`, skipped and counted in `stats`). Blank lines are ignored."""
     stats = stats if stats is not None else ReadStats()
-    for _, obj in _iter_jsonl_lines(path, skip_bad_records, stats):
+    for _, obj in iter_jsonl_lines(path, skip_bad_records, stats):
         stats.read += 1
         yield obj
 
@@ -126,7 +128,7 @@ def iter_records(
     if path.suffix == ".parquet":
         rows = _iter_parquet(path)
     else:
-        rows = _iter_jsonl_lines(path, skip_bad_records, stats)
+        rows = iter_jsonl_lines(path, skip_bad_records, stats)
     for n, obj in rows:
         try:
             rec = record_from_dict(obj, f"{path}:{n}", require_positive)
