@@ -23,10 +23,21 @@ import sys
 from pathlib import Path
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL, CSV or Parquet file, or of a `datasets` save_to_disk folder."""
+def read_rows(path: str, split: str = "train") -> list[dict]:
+    """Rows of a JSONL, CSV or Parquet file, a `datasets` save_to_disk folder, or (when no such
+    path exists) a `datasets` name loaded with `load_dataset(name, split=split)` — which needs
+    the dataset hub or its local cache."""
     p = Path(path)
     if not p.exists():
+        if "/" in path and not path.startswith((".", "/")):
+            import datasets
+
+            try:
+                return [dict(r) for r in datasets.load_dataset(path, split=split)]
+            except Exception as err:  # noqa: BLE001 - report any loader failure with the name
+                raise FileNotFoundError(
+                    f"--input {path}: no such file, and the datasets loader failed: {err}"
+                ) from err
         raise FileNotFoundError(f"--input {path} does not exist")
     if p.is_dir():
         import datasets
@@ -60,6 +71,7 @@ def main(argv=None) -> int:
     common.add_argument("--input", required=True)
     common.add_argument("--output", required=True)
     common.add_argument("--summary-json")
+    common.add_argument("--split", default="train", help="split of a datasets name")
     gen = argparse.ArgumentParser(add_help=False)
     gen.add_argument("--task", required=True)
     gen.add_argument("--num-negatives", type=int, default=7)
@@ -99,7 +111,7 @@ def main(argv=None) -> int:
     from megatron_nvembed.data.records import write_jsonl_atomic
 
     try:
-        rows = read_rows(args.input)
+        rows = read_rows(args.input, args.split)
         summary = {"input_rows": len(rows)}
         if args.command == "classification":
             texts = column(rows, args.text_column, args.input, "--text-column")

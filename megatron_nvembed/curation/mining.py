@@ -7,7 +7,8 @@ With several positives the lowest positive score is the reference (the stricter 
 
 The corpus is embedded once, in shards saved next to the output (`OUT.cache/`), and searched
 shard by shard, so it never has to fit in memory; queries are processed in chunks appended to
-`OUT.partial` with a state file, so an interrupted run resumes where it stopped.
+`OUT.partial` with a state file, so an interrupted run resumes where it stopped. Corpus lines
+may carry an "id"; when all do, each output record also gets "neg_ids".
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ class Encoder:
 
     def __init__(self, model, batch_size: int = 64):
         self.model, self.batch_size = model, batch_size
+
+    def count_truncated(self, texts: list[str], instruction: str | None = None) -> int:
+        """How many texts exceed the teacher's maximum sequence length (it truncates them)."""
+        limit = getattr(self.model, "max_seq_length", None)
+        tok = getattr(self.model, "tokenizer", None)
+        if not limit or tok is None:
+            return 0
+        prefix = instruction or ""
+        lengths = tok([prefix + t for t in texts], add_special_tokens=True)["input_ids"]
+        return sum(len(ids) > limit for ids in lengths)
 
     def encode(self, texts: list[str], instruction: str | None = None) -> np.ndarray:
         emb = self.model.encode(
@@ -83,6 +94,8 @@ class MiningSummary:
     seconds: float = 0.0
     corpus_texts: int = 0
     skipped_records: int = 0
+    truncated_texts: int = 0
+    """Corpus texts, queries and positives longer than the teacher's maximum length."""
     """Malformed input lines skipped (only with skip_bad_records)."""
 
 
@@ -90,13 +103,15 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_corpus(path: str) -> list[str]:
-    texts = []
+def _load_corpus(path: str) -> tuple[list[str], list | None]:
+    """Texts of the corpus, and their ids when every line carries one."""
+    texts, ids = [], []
     for lineno, obj in iter_jsonl_lines(path):
         if not isinstance(obj.get("text"), str):
             raise ValueError(f'{path}:{lineno}: expected an object with a string "text"')
         texts.append(obj["text"])
-    return texts
+        ids.append(obj.get("id"))
+    return texts, (ids if all(i is not None for i in ids) else None)
 
 
 def mine_hard_negatives(
@@ -134,7 +149,7 @@ def mine_hard_negatives(
     cache = out.with_suffix(out.suffix + ".cache")
     read = ReadStats()
     records = list(iter_records(input_path, skip_bad_records=skip_bad_records, stats=read))
-    corpus = _load_corpus(corpus_path)
+    corpus, corpus_ids = _load_corpus(corpus_path)
     fp = _fingerprint(
         input_path,
         os.path.getsize(input_path),
@@ -159,6 +174,7 @@ def mine_hard_negatives(
     if done == 0:
         partial.write_text("")
         shutil.rmtree(cache, ignore_errors=True)
+        summary.truncated_texts = encoder.count_truncated(corpus)
     cache.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -197,12 +213,16 @@ def mine_hard_negatives(
             order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
             best_s = np.take_along_axis(best_s, order, axis=1)
             best_i = np.take_along_axis(best_i, order, axis=1)
+        summary.truncated_texts += sum(
+            encoder.count_truncated([r.query], i) + encoder.count_truncated(r.pos)
+            for r, i in zip(chunk, instr)
+        )
         lines = []
         for row, rec in enumerate(chunk):
             pos_emb = encoder.encode(rec.pos)
             pos_score = float((pos_emb @ q[row]).min())
             positives = set(rec.pos)
-            negs = []
+            negs, neg_ids = [], []
             for score, idx in zip(best_s[row], best_i[row]):
                 text = corpus[idx]
                 if text in positives:
@@ -213,6 +233,8 @@ def mine_hard_negatives(
                     continue
                 if text not in negs:
                     negs.append(text)
+                    if corpus_ids is not None:
+                        neg_ids.append(corpus_ids[idx])
                 if len(negs) == num_negatives:
                     break
             if len(negs) < num_negatives:
@@ -220,6 +242,8 @@ def mine_hard_negatives(
                 if len(summary.short_examples) < 5:
                     summary.short_examples.append(rec.query)
             rec.neg = negs
+            if corpus_ids is not None:
+                rec.extra["neg_ids"] = neg_ids
             lines.append(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
         with open(partial, "a", encoding="utf-8") as fh:
             fh.writelines(lines)

@@ -135,6 +135,17 @@ def test_shards_and_resume_give_the_same_output(tmp_path, teacher):
     assert not (tmp_path / "resumed.jsonl.partial").exists()
 
 
+def test_corpus_ids_are_kept(tmp_path, teacher):
+    corpus = _write(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"text": t, "id": f"d{i}"}) + "\n" for i, t in enumerate(corpus))
+    )
+    _mine(tmp_path, teacher, "ids.jsonl")
+    for line in (tmp_path / "ids.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["neg_ids"] == [f"d{corpus.index(t)}" for t in rec["neg"]]
+
+
 def test_bad_corpus_line_is_named(tmp_path, teacher):
     _write(tmp_path)
     (tmp_path / "corpus.jsonl").write_text('{"text": "fine"}\n{"txt": "no text"}\n')

@@ -115,7 +115,11 @@ def test_prepare_data_cli(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["records"] == 3
-    assert [json.loads(line)["pos"] for line in out.read_text().splitlines()] == [["1"], ["0"], ["1"]]
+    assert [json.loads(line)["pos"] for line in out.read_text().splitlines()] == [
+        ["1"],
+        ["0"],
+        ["1"],
+    ]
     bad = subprocess.run(
         cmd[:-2] + ["--text-column", "body", "--task", "X"], capture_output=True, text=True
     )
