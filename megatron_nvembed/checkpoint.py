@@ -95,6 +95,13 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_nvembed.model.lora import has_lora
+
+    if has_lora(model):
+        raise ValueError(
+            "saving a model with unmerged LoRA adapters is not supported yet; call "
+            "megatron_nvembed.model.lora.merge_lora(model) first"
+        )
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
