@@ -122,7 +122,7 @@ def apply_lora(
             p.requires_grad_(False)
     tp_group = model.pg_collection.tp
     added = []
-    for i, layer in enumerate(model.decoder.layers):
+    for layer in model.decoder.layers:
         offset = layer.layer_number - 1  # global index: the same draw at every PP split
         for owner, names in (
             (layer.self_attention, ("linear_qkv", "linear_proj")),
@@ -138,7 +138,6 @@ def apply_lora(
                 )
                 setattr(owner, n, wrapped)
                 added += [wrapped.lora_A, wrapped.lora_B]
-        del i
     return added
 
 

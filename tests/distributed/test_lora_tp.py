@@ -43,7 +43,7 @@ def _check(rank, world_size):
     loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRAParallelLinear)}
     assert len(loras) == 4 * cfg.model.num_layers
     with torch.no_grad():
-        for i, (name, m) in enumerate(sorted(loras.items())):
+        for i, (_name, m) in enumerate(sorted(loras.items())):
             own = rank if m.parallel == "column" else 0  # replicated B must agree across ranks
             g = torch.Generator().manual_seed(100 * i + own)
             m.lora_B.copy_(0.2 * torch.randn(m.lora_B.shape, generator=g))
