@@ -26,7 +26,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if "MASTER_PORT" not in os.environ:
         if os.environ.get("WORLD_SIZE", "1") != "1":
             raise ValueError("MASTER_PORT is not set; launch multi-process runs with torchrun")
-        from megatron_nvembed.testing import free_port
+        from megatron_nvembed.launch import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")

@@ -1,57 +1,11 @@
-"""Helpers for multi-process tests on CPU (gloo).
-
-`run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises a gloo
-process group in each (rank, world size, a free localhost port), calls `fn(rank, world_size,
-*args)` and re-raises the first failure in the parent. `fn` must be a module-level function so
-that it can be pickled by `torch.multiprocessing.spawn`.
-"""
+"""Helpers for tests, examples and the quickstart: tiny configs, tokenizers, checkpoints and
+references built locally (no hub), plus `run_distributed` (see `megatron_nvembed.launch`)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-from collections.abc import Callable
-from typing import Any
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    os.environ["RANK"] = str(rank)
-    os.environ["LOCAL_RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(world_size)
-    # Two cores are shared by all ranks; more threads per rank only adds contention.
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        # Importing megatron-core costs ~10 s; only clean it up where the test used it.
-        if "megatron.core.parallel_state" in sys.modules:
-            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Runs `fn(rank, world_size, *args)` in `world_size` gloo processes on this machine.
-
-    Raises:
-        torch.multiprocessing.ProcessRaisedException: when any rank raises; the message holds
-        that rank's traceback.
-    """
-    mp.spawn(_worker, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+from megatron_nvembed.launch import free_port, run_distributed  # noqa: F401 - re-exported
 
 
 def tiny_model_config(

@@ -182,7 +182,7 @@ def import_hf(
         FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault.
     """
     from megatron_nvembed.conversion.hf_config import config_from_hf_dir
-    from megatron_nvembed.testing import run_distributed
+    from megatron_nvembed.launch import run_distributed
 
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     cfg, has_head, prefix = config_from_hf_dir(hf_dir)
