@@ -1,4 +1,4 @@
-"""A tiny trainable text encoder and synthetic contrastive batches, for loss tests and docs.
+"""A tiny trainable text encoder and synthetic contrastive batches, for the loss tests.
 
 Pure torch (no megatron-core), float64, so that equivalence tests can use tight tolerances.
 """
@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_nvembed.loss.contrastive import sequence_hash
+
 
 class ToyEncoder(nn.Module):
-    """Embedding bag + dropout + linear + L2 norm; ids [m, s] with mask -> [m, d]."""
+    """Token embedding + dropout + masked mean + linear + L2 norm: ids [m, s], mask -> [m, d]."""
 
     def __init__(self, vocab: int = 50, width: int = 16, dim: int = 8, dropout: float = 0.0):
         super().__init__()
@@ -20,29 +22,42 @@ class ToyEncoder(nn.Module):
         self.proj = nn.Linear(width, dim, dtype=torch.float64)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.to(torch.float64).unsqueeze(-1)
-        h = (self.drop(self.emb(ids)) * m).sum(1) / m.sum(1).clamp(min=1)
-        return F.normalize(self.proj(h), dim=-1)
+        m = mask.to(torch.float64).unsqueeze(-1)  # [m, s, 1]
+        h = (self.drop(self.emb(ids)) * m).sum(1) / m.sum(1).clamp(min=1)  # [m, width]
+        return F.normalize(self.proj(h), dim=-1)  # [m, d]
 
 
 def toy_batch(b: int, n: int, seed: int, vocab: int = 50, s: int = 6) -> dict[str, torch.Tensor]:
-    """b queries, each with n candidates (positive + n-1 negatives, some absent)."""
+    """b queries with n candidates each (positive + n-1 negatives, every third row one short).
+
+    Query b-1's positive repeats query 1's (so identical-positive masking has work to do across a
+    rank boundary when the batch is split in halves), and query 2's dataset has in-batch
+    negatives off.
+    """
     g = torch.Generator().manual_seed(seed)
     q_ids = torch.randint(0, vocab, (b, s), generator=g)
     c_ids = torch.randint(0, vocab, (b, n, s), generator=g)
+    c_ids[b - 1, 0] = c_ids[1, 0]
+    c_tok = torch.ones(b, n, s, dtype=torch.long)
+    c_tok[:, :, -1] = torch.randint(0, 2, (b, n), generator=g)  # some padded rows
+    c_tok[b - 1, 0] = c_tok[1, 0]
     c_mask = torch.ones(b, n, dtype=torch.bool)
     c_mask[::3, -1] = False  # ragged hard-negative counts
+    in_batch = torch.ones(b, dtype=torch.bool)
+    in_batch[2] = False
+    hashes = sequence_hash(c_ids.reshape(b * n, s), c_tok.reshape(b * n, s)).view(b, n)
     return {
         "q_ids": q_ids,
         "q_tok": torch.ones(b, s, dtype=torch.long),
         "c_ids": c_ids,
-        "c_tok": torch.ones(b, n, s, dtype=torch.long),
+        "c_tok": c_tok,
         "candidate_mask": c_mask,
-        "in_batch": torch.ones(b, dtype=torch.bool),
+        "in_batch": in_batch,
+        "candidate_ids": hashes,
     }
 
 
-def encode(model: ToyEncoder, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(queries [b, d], candidates [b, n, d]) of a toy batch."""
     b, n, s = batch["c_ids"].shape
     q = model(batch["q_ids"], batch["q_tok"])

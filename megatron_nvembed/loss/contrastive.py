@@ -1,38 +1,59 @@
 """InfoNCE over each query's own candidates plus optional in-batch candidates from every DP rank.
 
 Inputs per rank (b local queries, n = 1 + max hard negatives, d embedding width):
-- `query` [b, d] and `candidates` [b, n, d], L2-normalised; `candidates[:, 0]` is the positive.
+- `query` [b, d] and `candidates` [b, n, d], L2-normalised by the pooling head, so a dot product
+  is a cosine score; `candidates[:, 0]` is the positive.
 - `candidate_mask` [b, n] bool: False for absent hard negatives (ragged counts).
-- `in_batch` [b] bool: this query's dataset (and stage) allows in-batch negatives.
-- `candidate_ids` [b, n] int64: hashes of each candidate's token ids (false-negative rule).
+- `in_batch` [b] bool: this query's dataset switch AND the stage switch.
+- `candidate_ids` [b, n] int64: `sequence_hash` of each candidate's token ids.
 
-Visibility rule. A query always scores its own valid candidates. A query with `in_batch` True
-also scores every valid candidate of every *other* query in the global batch (gathered over the
-data-parallel group) whose `in_batch` is also True, except candidates whose token ids equal its
-own positive's (`mask_identical_positives`). A query with `in_batch` False sees only its own.
-With `false_negative_margin = m`, any negative whose cosine score exceeds `m x` the query's
-positive score is dropped too.
+Visibility rule. Query i always scores its own present candidates. If `in_batch[i]` is True (and
+in-batch negatives are on for the call), it also scores every present candidate -- positive and
+hard negatives -- of every *other* query j in the global batch (all ranks of the data-parallel
+group) with `in_batch[j]` True. Excluded from those in-batch candidates: any whose hash equals
+query i's own positive's (`mask_identical_positives`). With `false_negative_margin = m`, any
+negative (own or in-batch) whose score exceeds `m x` query i's positive score is excluded too.
+A query with `in_batch` False sees only its own candidates, even inside a blended batch.
 
-Reduction. Each rank returns the mean loss over its local queries. The gather's backward sums
-the gradient every rank's loss sends to each embedding, and DDP averages parameter gradients over
-the DP ranks, so with equal local batch sizes the parameter gradient is exactly that of the mean
-loss over the global batch computed in one process (the DP=2 vs DP=1 test checks this).
+Loss of query i: `logsumexp_{c in C_i}(s_ic / T) - s_ip / T` with s = cosine score, T the
+temperature. Scores are computed in float32 (or float64 if the inputs are float64): with T = 0.02
+a bf16 score would be off by up to ~0.2 in the logit.
+
+Reduction and data parallelism. When candidates are gathered over a group of W ranks holding B
+queries in all, each rank returns `(W / B) x sum of its local query losses`. The gather's
+backward sums the gradient every rank's loss sends to each embedding, and DDP averages parameter
+gradients over the W ranks, so the averaged gradient is exactly the gradient of the mean loss over
+the B queries computed in one process, also when ranks hold different numbers of queries. With
+equal local sizes `W / B = 1 / b`: the returned value is the plain local mean. Without a gather
+(in-batch off, or no group) the rank returns its local mean; DDP's average is then the global
+mean when local sizes are equal (the data sampler guarantees this). Either way, the DP-average of
+the returned values is the global-batch mean loss, which is what the training log reports.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_nvembed.loss.gather import all_gather_no_grad, all_gather_with_grad
+from megatron_nvembed.logging_utils import get_logger, log_rank0
+from megatron_nvembed.loss.gather import (
+    _AllGatherWithGrad,
+    _gather_sizes,
+    _padded_all_gather,
+    group_size,
+)
 
-# Masked logits are set to a large finite negative value rather than -inf, so that a row whose
-# negatives are all masked still has a finite logsumexp (its loss is then exactly 0).
-_MASKED = -1e9
+logger = get_logger(__name__)
+
+# Excluded logits are filled with a large *finite* negative number after the temperature division:
+# exp() of it underflows to exactly 0, its gradient is exactly 0, and a row whose candidates are
+# all excluded but the positive still has a finite logsumexp (loss 0), where -inf could give NaN.
+_EXCLUDED = -1e9
 
 
 @dataclass
@@ -40,36 +61,126 @@ class ContrastiveLossConfig:
     """Settings of the contrastive loss."""
 
     temperature: float = 0.02
-    """Softmax temperature (`--temperature`)."""
+    """Softmax temperature T: logits are cosine scores / T (`--temperature`)."""
     in_batch_negatives: bool = True
-    """Stage switch: score other queries' candidates (stage 1) or not (stage 2). Each dataset's
-    own switch (the `in_batch` input) is combined with it."""
+    """Stage switch: score other queries' candidates (stage 1) or only one's own (stage 2). Each
+    dataset's own switch (the per-query `in_batch` input) is ANDed with it."""
     false_negative_margin: float | None = None
-    """Drop negatives whose score exceeds this fraction of the positive's score (None: off)."""
+    """Exclude negatives scoring above this fraction of the query's positive score (None: off)."""
     mask_identical_positives: bool = True
-    """Drop in-batch candidates whose token ids equal the query's own positive."""
+    """Exclude in-batch candidates whose token ids equal the query's own positive's."""
 
     def validate(self) -> ContrastiveLossConfig:
-        """Raises ValueError naming the field."""
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        """Checks every field; returns self.
+
+        Raises:
+            ValueError: naming the offending field.
+        """
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ValueError(f"temperature (--temperature) must be > 0, got {self.temperature!r}")
         m = self.false_negative_margin
-        if m is not None and not 0.0 < m <= 1.0:
-            raise ValueError(f"false_negative_margin must be in (0, 1], got {m}")
+        if m is not None and not (isinstance(m, (int, float)) and 0.0 < m <= 1.0):
+            raise ValueError(f"false_negative_margin must be None or in (0, 1], got {m!r}")
+        for name in ("in_batch_negatives", "mask_identical_positives"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         return self
 
 
 @dataclass
 class ContrastiveStats:
-    """What one loss call scored; feeds the training log."""
+    """What one or more loss calls scored; feeds the per-iteration training log."""
 
+    local_queries: int
+    """Queries scored on this rank (summed over merged calls)."""
     candidates_per_query_mean: float
+    """Candidates (positive included) each query's softmax ran over, mean over local queries."""
     candidates_per_query_min: int
     candidates_per_query_max: int
-    gathered_queries: int
-    """Queries in the gathered batch (this rank's x DP ranks, or just this rank's)."""
+    pool_queries: int
+    """Queries whose candidates formed the in-batch pool of one call (all DP ranks); 0 when no
+    in-batch candidates were gathered."""
+    dp_size: int
+    """Ranks in the group the pool was gathered over (1: this rank only)."""
+    gathered_embeddings: int
+    """Candidate embeddings received by the gather (pool_queries x n, summed over calls)."""
     gather_bytes: int
+    """Bytes the gathers returned on this rank (embeddings + masks/ids), summed over calls."""
     gather_seconds: float
+    """Wall time spent in the gathers, summed over calls."""
+    calls: int = 1
+    """Loss calls merged into this record (micro-batches without GradCache; 1 with it)."""
+
+    @staticmethod
+    def merge(stats: Sequence[ContrastiveStats]) -> ContrastiveStats:
+        """Combines the stats of several calls (e.g. one per micro-batch) into one record."""
+        if not stats:
+            raise ValueError("ContrastiveStats.merge needs at least one record")
+        q = sum(s.local_queries for s in stats)
+        mean = sum(s.candidates_per_query_mean * s.local_queries for s in stats) / max(q, 1)
+        return ContrastiveStats(
+            local_queries=q,
+            candidates_per_query_mean=mean,
+            candidates_per_query_min=min(s.candidates_per_query_min for s in stats),
+            candidates_per_query_max=max(s.candidates_per_query_max for s in stats),
+            pool_queries=max(s.pool_queries for s in stats),
+            dp_size=max(s.dp_size for s in stats),
+            gathered_embeddings=sum(s.gathered_embeddings for s in stats),
+            gather_bytes=sum(s.gather_bytes for s in stats),
+            gather_seconds=sum(s.gather_seconds for s in stats),
+            calls=sum(s.calls for s in stats),
+        )
+
+    def summary(self, global_batch_size: int | None = None) -> str:
+        """One log line; states whether the in-batch pool spans the whole global batch.
+
+        Args:
+            global_batch_size: queries per optimizer step over all DP ranks (`--global-batch-size`).
+        """
+        parts = [
+            f"candidates/query mean {self.candidates_per_query_mean:.1f} "
+            f"min {self.candidates_per_query_min} max {self.candidates_per_query_max}"
+        ]
+        if self.pool_queries == 0:
+            parts.append("in-batch negatives off")
+        else:
+            pool = f"in-batch pool {self.pool_queries} queries over {self.dp_size} DP rank(s)"
+            if global_batch_size is not None and self.pool_queries < global_batch_size:
+                pool += (
+                    f": one micro-batch per rank x {self.dp_size} DP rank(s), not the whole "
+                    f"global batch of {global_batch_size} (GradCache off)"
+                )
+            elif global_batch_size is not None:
+                pool += f" = the whole global batch of {global_batch_size}"
+            parts.append(pool)
+            parts.append(
+                f"gather {self.gathered_embeddings} embeddings, "
+                f"{self.gather_bytes / 2**20:.2f} MiB, {self.gather_seconds * 1e3:.1f} ms"
+                f" in {self.calls} call(s)"
+            )
+        return " | ".join(parts)
+
+
+def _check_inputs(query, candidates, candidate_mask, in_batch, candidate_ids) -> None:
+    if candidates.dim() != 3:
+        raise ValueError(f"candidates must be [b, n, d], got shape {tuple(candidates.shape)}")
+    b, n, d = candidates.shape
+    if query.shape != (b, d):
+        raise ValueError(f"query must be [b, d] = {(b, d)}, got {tuple(query.shape)}")
+    if candidate_mask.shape != (b, n):
+        raise ValueError(
+            f"candidate_mask must be [b, n] = {(b, n)}, got {tuple(candidate_mask.shape)}"
+        )
+    if in_batch is not None and in_batch.shape != (b,):
+        raise ValueError(f"in_batch must be [b] = {(b,)}, got {tuple(in_batch.shape)}")
+    if candidate_ids is not None and candidate_ids.shape != (b, n):
+        raise ValueError(
+            f"candidate_ids must be [b, n] = {(b, n)}, got {tuple(candidate_ids.shape)}"
+        )
+    if not query.is_floating_point() or not candidates.is_floating_point():
+        raise ValueError("query and candidates must be floating-point embeddings")
+    if b and not bool(candidate_mask[:, 0].all()):
+        raise ValueError("every query needs its positive: candidate_mask[:, 0] must be all True")
 
 
 def contrastive_loss(
@@ -85,84 +196,116 @@ def contrastive_loss(
     mask_identical_positives: bool = True,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, ContrastiveStats]:
-    """Mean InfoNCE loss over this rank's queries (see the module docstring for the rules).
+    """InfoNCE loss of this rank's queries (rules and reduction: see the module docstring).
 
     Args:
-        query: [b, d]. candidates: [b, n, d], position 0 the positive.
-        candidate_mask: [b, n] bool, True for present candidates (position 0 must be True).
-        temperature: logits are cosine scores / temperature.
-        in_batch: [b] bool per-query switch (default all True).
-        candidate_ids: [b, n] int64 token-id hashes (needed for `mask_identical_positives`).
-        use_in_batch: stage switch; False skips the gather entirely. Must be equal on all ranks
-            of `group` (it decides whether the collective runs).
-        false_negative_margin: see ContrastiveLossConfig.
-        mask_identical_positives: see ContrastiveLossConfig.
-        group: data-parallel group for in-batch candidates; None = this process only.
+        query: [b, d] query embeddings.
+        candidates: [b, n, d] candidate embeddings, position 0 the positive.
+        candidate_mask: [b, n] bool, True for present candidates (column 0 must be all True).
+        temperature: T > 0; logits are cosine scores / T.
+        in_batch: [b] bool per-query switch (default: all True).
+        candidate_ids: [b, n] int64 token-id hashes (`sequence_hash`); required when in-batch
+            candidates are scored with `mask_identical_positives`.
+        use_in_batch: stage switch; False scores own candidates only and skips the gather. Must be
+            equal on every rank of `group` (it decides whether collectives run).
+        false_negative_margin: None, or m in (0, 1]: exclude negatives scoring above m x positive.
+        mask_identical_positives: exclude in-batch candidates identical to the query's positive.
+        group: the data-parallel group to gather candidates over (None: this process only). Every
+            rank of the group must call with the same `n`, `d` and dtype.
 
     Returns:
-        (loss scalar, ContrastiveStats).
+        (loss scalar in the compute dtype (float32 or float64), ContrastiveStats).
 
     Raises:
-        ValueError: on inconsistent shapes or a query without its positive.
+        ValueError: on inconsistent shapes, a missing positive, a bad temperature or margin, or
+            identical-positive masking requested without `candidate_ids`.
     """
-    b, n, d = candidates.shape
-    if query.shape != (b, d) or candidate_mask.shape != (b, n):
+    _check_inputs(query, candidates, candidate_mask, in_batch, candidate_ids)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if false_negative_margin is not None and not 0.0 < false_negative_margin <= 1.0:
+        raise ValueError(f"false_negative_margin must be in (0, 1], got {false_negative_margin}")
+    if use_in_batch and mask_identical_positives and candidate_ids is None:
         raise ValueError(
-            f"shapes disagree: query {tuple(query.shape)}, candidates {tuple(candidates.shape)}, "
-            f"candidate_mask {tuple(candidate_mask.shape)}"
+            "mask_identical_positives needs candidate_ids (sequence_hash of the candidates' "
+            "token ids); pass them or set mask_identical_positives=False"
         )
+    b, n, d = candidates.shape
+    device = query.device
     candidate_mask = candidate_mask.bool()
-    if not bool(candidate_mask[:, 0].all()):
-        raise ValueError("every query needs its positive: candidate_mask[:, 0] must be True")
-    if in_batch is None:
-        in_batch = torch.ones(b, dtype=torch.bool, device=query.device)
-    in_batch = in_batch.bool()
+    in_batch = (
+        torch.ones(b, dtype=torch.bool, device=device) if in_batch is None else in_batch.bool()
+    )
+    compute = torch.promote_types(query.dtype, torch.float32)
 
-    own = torch.einsum("bd,bnd->bn", query, candidates)  # [b, n] cosine scores
-    pos = own[:, :1].detach()  # [b, 1]
-    own_keep = candidate_mask.clone()
+    q = query.to(compute)  # [b, d]
+    own = torch.einsum("bd,bnd->bn", q, candidates.to(compute))  # [b, n] cosine scores
+    pos = own[:, :1].detach()  # [b, 1]; the margin rule is a selection, not a gradient path
+    own_keep = candidate_mask.clone()  # [b, n]
     if false_negative_margin is not None:
         own_keep[:, 1:] &= own[:, 1:].detach() <= false_negative_margin * pos
-    logits = [own]
-    kept = [own_keep]
+    logits, keeps = [own], [own_keep]
 
-    gathered_queries, gather_bytes, gather_seconds = b, 0, 0.0
+    world = group_size(group) if use_in_batch else 1
+    pool_queries, gathered, gather_bytes, gather_seconds = 0, 0, 0, 0.0
+    total_queries = b
     if use_in_batch:
         start = time.perf_counter()
-        flat = candidates.reshape(b * n, d)
-        all_c, offset = all_gather_with_grad(flat, group)  # [B*n, d]
-        all_mask = all_gather_no_grad(candidate_mask, group)  # [B, n]
-        all_inb = all_gather_no_grad(in_batch, group)  # [B]
-        if candidate_ids is not None:
-            all_ids = all_gather_no_grad(candidate_ids.long(), group)  # [B, n]
-        gather_seconds = time.perf_counter() - start
-        gather_bytes = all_c.numel() * all_c.element_size()
-        big_b = all_mask.shape[0]
-        gathered_queries = big_b
-        cross = query @ all_c.T  # [b, B*n]
-        keep = (all_mask & all_inb[:, None]).reshape(1, big_b * n).expand(b, -1).clone()
-        keep &= in_batch[:, None]
-        own_rows = torch.arange(b, device=query.device) + offset // n  # global index of query i
-        owner = torch.arange(big_b, device=query.device).repeat_interleave(n)  # [B*n]
-        keep &= owner[None, :] != own_rows[:, None]  # own candidates are already scored
-        if mask_identical_positives:
-            if candidate_ids is None:
-                raise ValueError("mask_identical_positives needs candidate_ids")
-            keep &= all_ids.reshape(1, -1) != candidate_ids[:, :1].long()
-        if false_negative_margin is not None:
-            keep &= cross.detach() <= false_negative_margin * pos
-        logits.append(cross)
-        kept.append(keep)
+        ids = candidate_ids if candidate_ids is not None else torch.zeros_like(candidate_mask)
+        # Masks, switches and hashes travel together as one int64 tensor: one collective.
+        meta = torch.cat(
+            [candidate_mask.long(), in_batch.long()[:, None], ids.long()], dim=1
+        )  # [b, 2n + 1]
+        flat = candidates.reshape(b * n, d)  # [b*n, d]
+        if world > 1:
+            rank = dist.get_rank(group)  # rank within the DP group orders the concatenation
+            sizes = _gather_sizes(b, group, device)  # queries per rank
+            all_meta = _padded_all_gather(meta, group, sizes)  # [B, 2n + 1]
+            all_c = _AllGatherWithGrad.apply(flat, group, [s * n for s in sizes], rank)  # [B*n, d]
+            first = sum(sizes[:rank])  # global index of this rank's first query
+            if device.type == "cuda":  # time the transfer, not just its launch
+                torch.cuda.synchronize(device)
+            gather_seconds = time.perf_counter() - start
+            gather_bytes = (
+                all_c.numel() * all_c.element_size() + all_meta.numel() * all_meta.element_size()
+            )
+        else:
+            all_meta, all_c, first = meta, flat, 0
+        big_b = all_meta.shape[0]
+        total_queries, pool_queries, gathered = big_b, big_b, big_b * n
+        all_mask = all_meta[:, :n].bool()  # [B, n]
+        all_inb = all_meta[:, n].bool()  # [B]
+        all_ids = all_meta[:, n + 1 :]  # [B, n]
 
-    scores = torch.cat(logits, dim=1) / temperature  # [b, n (+ B*n)]
-    scores = scores.masked_fill(~torch.cat(kept, dim=1), _MASKED)
-    loss = (torch.logsumexp(scores, dim=1) - scores[:, 0]).mean()
-    counts = torch.cat(kept, dim=1).sum(dim=1)  # candidates each query was scored against
+        cross = q @ all_c.to(compute).T  # [b, B*n]
+        keep = (all_mask & all_inb[:, None]).reshape(1, big_b * n) & in_batch[:, None]  # [b, B*n]
+        # [B*n]: the global query each gathered column belongs to
+        owner = torch.arange(big_b, device=device).repeat_interleave(n)
+        mine = torch.arange(b, device=device) + first  # [b] global index of each local query
+        keep = keep & (owner[None, :] != mine[:, None])  # own candidates are scored above
+        if mask_identical_positives:
+            keep = keep & (all_ids.reshape(1, big_b * n) != candidate_ids[:, :1].long())
+        if false_negative_margin is not None:
+            keep = keep & (cross.detach() <= false_negative_margin * pos)
+        logits.append(cross)
+        keeps.append(keep)
+
+    keep_all = torch.cat(keeps, dim=1)  # [b, n (+ B*n)]
+    scores = (torch.cat(logits, dim=1) / temperature).masked_fill(~keep_all, _EXCLUDED)
+    per_query = torch.logsumexp(scores, dim=1) - scores[:, 0]  # [b]
+    if world > 1:
+        loss = per_query.sum() * (world / max(total_queries, 1))
+    else:
+        loss = per_query.sum() / max(b, 1)
+    counts = keep_all.sum(dim=1)  # [b] candidates each query was scored against
     stats = ContrastiveStats(
-        candidates_per_query_mean=float(counts.float().mean()),
-        candidates_per_query_min=int(counts.min()),
-        candidates_per_query_max=int(counts.max()),
-        gathered_queries=gathered_queries,
+        local_queries=b,
+        candidates_per_query_mean=float(counts.float().mean()) if b else 0.0,
+        candidates_per_query_min=int(counts.min()) if b else 0,
+        candidates_per_query_max=int(counts.max()) if b else 0,
+        pool_queries=pool_queries,
+        dp_size=world,
+        gathered_embeddings=gathered if world > 1 else 0,
         gather_bytes=gather_bytes,
         gather_seconds=gather_seconds,
     )
@@ -175,18 +318,42 @@ class ContrastiveLoss(nn.Module):
     Args:
         config: ContrastiveLossConfig (validated here).
         group: the data-parallel process group (never the world group once TP or PP > 1).
+        global_batch_size: queries per optimizer step over all DP ranks; when given, the first
+            call logs (rank 0) whether the in-batch pool spans the whole global batch.
     """
 
-    def __init__(self, config: ContrastiveLossConfig, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: ContrastiveLossConfig,
+        group: dist.ProcessGroup | None = None,
+        global_batch_size: int | None = None,
+    ):
         super().__init__()
         self.config = config.validate()
         self.group = group
+        self.global_batch_size = global_batch_size
         self.last_stats: ContrastiveStats | None = None
+        self._pending: list[ContrastiveStats] = []
+        self._announced = False
 
-    def forward(self, query, candidates, candidate_mask, in_batch=None, candidate_ids=None):
-        """Returns the loss; the stats of the call are kept in `last_stats`."""
+    def forward(
+        self,
+        query: torch.Tensor,
+        candidates: torch.Tensor,
+        candidate_mask: torch.Tensor,
+        in_batch: torch.Tensor | None = None,
+        candidate_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of this rank's queries (shapes as in `contrastive_loss`).
+
+        The call's stats are kept in `last_stats` and accumulated until `pop_stats()`.
+
+        Raises:
+            ValueError: see `contrastive_loss`; in particular when `mask_identical_positives` is
+                on, in-batch negatives are on, and `candidate_ids` is missing.
+        """
         c = self.config
-        loss, self.last_stats = contrastive_loss(
+        loss, stats = contrastive_loss(
             query,
             candidates,
             candidate_mask,
@@ -195,22 +362,59 @@ class ContrastiveLoss(nn.Module):
             candidate_ids=candidate_ids,
             use_in_batch=c.in_batch_negatives,
             false_negative_margin=c.false_negative_margin,
-            mask_identical_positives=c.mask_identical_positives and candidate_ids is not None,
+            mask_identical_positives=c.mask_identical_positives,
             group=self.group,
         )
+        self.last_stats = stats
+        self._pending.append(stats)
+        if not self._announced:
+            self._announced = True
+            log_rank0(logger, "contrastive loss: %s", stats.summary(self.global_batch_size))
         return loss
+
+    def pop_stats(self) -> ContrastiveStats | None:
+        """Merged stats of every call since the last pop (one logged iteration); None if none."""
+        if not self._pending:
+            return None
+        merged = ContrastiveStats.merge(self._pending)
+        self._pending = []
+        return merged
 
 
 def sequence_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Deterministic int64 hash of each row's real token ids (same on every process).
+    """Deterministic int64 hash of each row's real tokens, equal on every process and device.
 
-    Args: input_ids, attention_mask [m, s]. Returns [m] int64. A polynomial rolling hash with
-    wrap-around int64 arithmetic; equal token sequences always hash equal.
+    Padding (attention_mask 0) is ignored wherever it sits, so the same text padded to different
+    widths hashes equal. Integer arithmetic only (wrapping int64), no Python `hash()`, so the
+    value does not depend on PYTHONHASHSEED.
+
+    Args:
+        input_ids: [m, s] token ids.
+        attention_mask: [m, s], 1 for real tokens.
+
+    Returns:
+        [m] int64. Equal token sequences hash equal; different ones collide with probability
+        about 2^-64 per pair (a collision only hides one in-batch negative).
     """
-    ids = input_ids.long() * attention_mask.long()
-    powers = torch.ones(ids.shape[1], dtype=torch.long)
-    base = 1_000_003
-    for i in range(1, ids.shape[1]):
-        powers[i] = powers[i - 1] * base  # wraps around in int64, deterministically
-    length = attention_mask.long().sum(dim=1)
-    return (ids * powers.to(ids.device)).sum(dim=1) * 31 + length
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids and attention_mask must both be [m, s], got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    real = attention_mask.bool()
+    # Position of each real token among the real tokens of its row (padding may sit anywhere).
+    pos = torch.cumsum(real.long(), dim=1) - 1  # [m, s]
+    x = _mix64(input_ids.long() * 0x9E3779B1 + pos * 0x85EBCA77 + 1)  # [m, s] per-token words
+    x = torch.where(real, x, torch.zeros_like(x))
+    length = real.long().sum(dim=1)  # [m]
+    # A sum of position-keyed mixed words is order-sensitive (the position is inside the mix).
+    return _mix64(x.sum(dim=1) ^ length)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """A SplitMix64-style finaliser on wrapping int64 (arithmetic shifts masked to logical)."""
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    x = x * -7723592293110705685  # 0x94D049BB133111EB as signed int64
+    x = x ^ ((x >> 29) & 0x7FFFFFFFF)
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as signed int64
+    return x ^ ((x >> 32) & 0xFFFFFFFF)
