@@ -2,8 +2,10 @@
 
 Candidates are laid out [b, 1 + K]: position 0 is the sampled positive, then up to K sampled hard
 negatives. An absent negative (the record had fewer than K) is an empty text (BOS + EOS, two
-tokens) whose `candidate_mask` entry is False: shapes stay fixed for every micro-batch (as GradCache
-and pipeline schedules want) at the cost of a two-token row.
+tokens, then padding) whose `candidate_mask` entry is False: the candidate tensors always have
+b * (1 + K) rows (as GradCache and pipeline schedules want fixed shapes) at the cost of a short
+row. Candidate ids are `megatron_nvembed.loss.sequence_hash` of each row's token ids, so equal
+texts (a positive that is also another query's positive) get equal ids.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def collate(
     dataset_in_batch: Sequence[bool] | None = None,
     stage_in_batch: bool = True,
     pool_mask_convention: str = "nvembed",
+    pad_to_multiple_of: int | None = 8,
 ) -> EmbeddingBatch:
     """Tokenises a micro-batch of slots (see `BlendedSampler`).
 
@@ -73,30 +76,52 @@ def collate(
         dataset_in_batch: per dataset, whether its queries use in-batch negatives (default all).
         stage_in_batch: the stage switch (stage 2 turns in-batch negatives off).
         pool_mask_convention: see `tokenize_for_embedding`.
+        pad_to_multiple_of: see `tokenize_for_embedding`.
+
+    Returns:
+        An `EmbeddingBatch` (shapes on its fields).
+
+    Raises:
+        ValueError: an empty micro-batch, or a slot whose dataset has no `dataset_in_batch` flag.
     """
     from megatron_nvembed.loss.contrastive import sequence_hash
 
+    if not slots:
+        raise ValueError("collate: empty micro-batch")
+    if dataset_in_batch is not None and max(s.dataset for s in slots) >= len(dataset_in_batch):
+        raise ValueError(f"dataset_in_batch has {len(dataset_in_batch)} flags; a slot needs more")
     recs = [datasets[s.dataset][s.index] for s in slots]
     queries = [r.query for r in recs]
     instructions = [query_instruction(r.task, r.instruction) for r in recs]
     q, cut_q = tokenize_for_embedding(
-        tokenizer, queries, instructions, max_length=max_length, convention=pool_mask_convention
+        tokenizer,
+        queries,
+        instructions,
+        max_length=max_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+        convention=pool_mask_convention,
     )
     texts, present = [], []
     for slot, rec in zip(slots, recs):
-        row = [rec.pos[slot.positive]] + [rec.neg[i] for i in slot.negatives]
+        row = [rec.pos[slot.positive]] + [rec.neg[i] for i in slot.negatives[:num_negatives]]
         pad = num_negatives + 1 - len(row)
         texts += row + [""] * pad
         present.append([True] * len(row) + [False] * pad)
-    c, cut_c = tokenize_for_embedding(tokenizer, texts, None, max_length=max_length)
+    c, cut_c = tokenize_for_embedding(
+        tokenizer, texts, None, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
+    )
     b, n = len(slots), num_negatives + 1
-    flags = dataset_in_batch or [True] * (max(s.dataset for s in slots) + 1)
+    flags = (
+        dataset_in_batch
+        if dataset_in_batch is not None
+        else [True] * (1 + max(s.dataset for s in slots))
+    )
     return EmbeddingBatch(
         query=q,
         candidates=c,
         candidate_mask=torch.tensor(present, dtype=torch.bool),
         candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, n),
-        in_batch=torch.tensor([stage_in_batch and flags[s.dataset] for s in slots]),
-        dataset_index=torch.tensor([s.dataset for s in slots]),
+        in_batch=torch.tensor([stage_in_batch and bool(flags[s.dataset]) for s in slots]),
+        dataset_index=torch.tensor([s.dataset for s in slots], dtype=torch.long),
         truncated=cut_q + cut_c,
     )

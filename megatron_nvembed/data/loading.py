@@ -1,19 +1,48 @@
-"""Datasets from `--train-data`: local JSONL / Parquet files, folders of them, or `datasets`
-folders saved with `save_to_disk`; weights as in Megatron's `--data-path`."""
+"""Datasets from `--train-data`: local JSONL / Parquet files, folders of them, `datasets` folders
+saved with `save_to_disk`, or `datasets` names; weights as in Megatron's `--data-path`.
+
+Every record is validated once when a dataset is opened (errors name the file and line), and
+only what the sampler needs is kept in memory: per record its number of positives and negatives
+and where to find it (a byte offset for JSONL, a row for Arrow-backed data). Records are read
+again on demand, so a rank holds a few bytes per record, not the texts.
+
+A dataset's `in_batch_negatives` flag comes from, in order: the `in_batch_negatives` argument
+(a training config), the sidecar file `<path>.meta.json` (`{"in_batch_negatives": false}`), the
+records' own `in_batch_negatives` key (all records of a dataset must agree), else True. A sidecar
+that contradicts the records is an error.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megatron_nvembed.data.records import ReadStats, Record, iter_records, record_from_dict
+import numpy as np
+
+from megatron_nvembed.data.records import ReadStats, Record, record_from_dict
+from megatron_nvembed.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+SIDECAR_SUFFIX = ".meta.json"
+SIDECAR_KEYS = ("in_batch_negatives", "name")
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
 
 def parse_data_paths(args: list[str]) -> list[tuple[float, str]]:
     """`["a.jsonl", "b.jsonl"]` (equal weights) or `["0.3", "a.jsonl", "0.7", "b.jsonl"]`.
 
+    Returns:
+        (weight, path) pairs; weights as given (the sampler normalises them).
+
     Raises:
-        ValueError: naming `--train-data` on an odd weight/path list or a bad weight.
+        ValueError: naming `--train-data` on an empty list, an odd weight/path list, a bad or
+            negative weight, or weights that sum to zero.
     """
     if not args:
         raise ValueError("--train-data: no dataset given")
@@ -27,58 +56,378 @@ def parse_data_paths(args: list[str]) -> list[tuple[float, str]]:
 
     if not is_number(args[0]):
         if any(is_number(a) and not os.path.exists(a) for a in args):
-            raise ValueError("--train-data: mix of weights and paths; give weight/path pairs")
+            raise ValueError(
+                f"--train-data: {args} mixes weights and paths; give either paths only or "
+                "weight/path pairs"
+            )
         return [(1.0, a) for a in args]
     if len(args) % 2:
         raise ValueError(f"--train-data: expected weight/path pairs, got {len(args)} items")
     pairs = []
     for w, p in zip(args[::2], args[1::2]):
-        if not is_number(w) or float(w) < 0:
-            raise ValueError(f"--train-data: bad weight {w!r} for {p!r}")
+        if not is_number(w) or not float(w) >= 0 or float(w) == float("inf"):
+            raise ValueError(f"--train-data: bad weight {w!r} for {p!r} (need a number >= 0)")
         pairs.append((float(w), p))
+    if sum(w for w, _ in pairs) <= 0:
+        raise ValueError("--train-data: the weights sum to zero")
     return pairs
+
+
+class RecordSource(Sequence):
+    """Random access to one dataset's validated records.
+
+    Attributes:
+        name: a display name (the sidecar's `name`, else the path).
+        num_positives, num_negatives: [n] int32, per record.
+        in_batch_negatives: the dataset's flag (see the module docstring).
+        stats: counts of the validating read (read, skipped).
+    """
+
+    name: str
+    num_positives: np.ndarray
+    num_negatives: np.ndarray
+    in_batch_negatives: bool
+    stats: ReadStats
+
+    def __len__(self) -> int:
+        return len(self.num_positives)
+
+    def counts(self, index: int) -> tuple[int, int]:
+        """(number of positives, number of negatives) of record `index`, without reading it."""
+        return int(self.num_positives[index]), int(self.num_negatives[index])
+
+    def _get(self, index: int) -> Record:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Record:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.name}: record {index} of {len(self)}")
+        return self._get(index % len(self))
+
+    def __iter__(self) -> Iterator[Record]:
+        return (self[i] for i in range(len(self)))
+
+
+class _JsonlSource(RecordSource):
+    """Records of JSONL files, found again by byte offset."""
+
+    def __init__(self, files: list[Path], offsets: list[np.ndarray], lines: list[np.ndarray]):
+        self.files = files
+        self.offsets = offsets  # per file [n_f] int64 byte offsets
+        self.lines = lines  # per file [n_f] int64 1-based line numbers (for error messages)
+        self.ends = np.cumsum([len(o) for o in offsets])  # [n_files]
+        self._handles: dict[int, object] = {}
+
+    def _get(self, index: int) -> Record:
+        f = int(np.searchsorted(self.ends, index, side="right"))
+        local = index - (int(self.ends[f - 1]) if f else 0)
+        fh = self._handles.get(f)
+        if fh is None:
+            fh = self._handles[f] = open(self.files[f], "rb")  # noqa: SIM115 (kept open)
+        fh.seek(int(self.offsets[f][local]))
+        where = f"{self.files[f]}:{int(self.lines[f][local])}"
+        try:
+            obj = json.loads(fh.readline())
+        except ValueError as err:  # the file changed after it was indexed
+            raise ValueError(f"{where}: malformed record on re-read ({err})") from err
+        return record_from_dict(obj, where, require_positive=True)
+
+    def __getstate__(self) -> dict:  # open files do not travel to worker processes
+        return {k: v for k, v in self.__dict__.items() if k != "_handles"} | {"_handles": {}}
+
+    def __del__(self):
+        for fh in getattr(self, "_handles", {}).values():
+            fh.close()
+
+
+class _RowsSource(RecordSource):
+    """Records of Arrow-backed rows (Parquet via pyarrow, or a `datasets.Dataset`)."""
+
+    def __init__(self, get_row, rows: np.ndarray, where: str):
+        self._get_row = get_row  # row number -> dict
+        self.rows = rows  # [n] int64: the valid rows
+        self.where = where
+
+    def _get(self, index: int) -> Record:
+        row = int(self.rows[index])
+        return record_from_dict(self._get_row(row), f"{self.where}: row {row + 1}", True)
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, silence in CI logs (the summary line still comes).
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B" if desc.endswith("bytes") else "rec",
+        unit_scale=True,
+        disable=None,
+        leave=False,
+    )
+
+
+class _Validator:
+    """Collects counts and the in-batch flags while records are validated."""
+
+    def __init__(self, dataset: str, skip_bad_records: bool, stats: ReadStats):
+        self.dataset, self.skip, self.stats = dataset, skip_bad_records, stats
+        self.n_pos: list[int] = []
+        self.n_neg: list[int] = []
+        self.flag: bool | None = None
+        self.flag_where = ""
+
+    def add(self, obj, where: str) -> bool:
+        try:
+            rec = record_from_dict(obj, where, require_positive=True)
+            flag = rec.extra.get("in_batch_negatives")
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"{where}: key 'in_batch_negatives' must be true or false")
+        except ValueError as err:
+            if not self.skip:
+                raise
+            self.stats.skipped += 1
+            if len(self.stats.errors) < 5:
+                self.stats.errors.append(str(err))
+            return False
+        if flag is not None:
+            if self.flag is None:
+                self.flag, self.flag_where = flag, where
+            elif flag != self.flag:
+                raise ValueError(
+                    f"{where}: in_batch_negatives={flag} but {self.flag_where} has {self.flag}; "
+                    f"all records of dataset {self.dataset} must agree (or use a sidecar "
+                    f"{SIDECAR_SUFFIX})"
+                )
+        self.stats.read += 1
+        self.n_pos.append(len(rec.pos))
+        self.n_neg.append(len(rec.neg))
+        return True
+
+
+def _index_jsonl(files: list[Path], v: _Validator) -> _JsonlSource:
+    all_offsets, all_lines = [], []
+    total = sum(f.stat().st_size for f in files)
+    with _progress(total, f"indexing {v.dataset} bytes") as bar:
+        for path in files:
+            offsets, lines = [], []
+            with open(path, "rb") as fh:
+                offset, lineno = 0, 0
+                for raw in fh:
+                    lineno += 1
+                    here, offset = offset, offset + len(raw)
+                    bar.update(len(raw))
+                    if not raw.strip():
+                        continue
+                    try:
+                        obj = json.loads(raw)
+                    except ValueError as err:
+                        obj = err
+                    where = f"{path}:{lineno}"
+                    if isinstance(obj, ValueError):
+                        msg = f"{where}: malformed record ({obj})"
+                        if not v.skip:
+                            raise ValueError(msg) from obj
+                        v.stats.skipped += 1
+                        if len(v.stats.errors) < 5:
+                            v.stats.errors.append(msg)
+                        continue
+                    if v.add(obj, where):
+                        offsets.append(here)
+                        lines.append(lineno)
+            all_offsets.append(np.asarray(offsets, dtype=np.int64))
+            all_lines.append(np.asarray(lines, dtype=np.int64))
+    return _JsonlSource(files, all_offsets, all_lines)
+
+
+def _index_rows(get_row, batches, n_rows: int, where: str, v: _Validator) -> _RowsSource:
+    """`batches` yields lists of row dicts in order; rows are validated and the good ones kept."""
+    keep, row = [], 0
+    with _progress(n_rows, f"indexing {v.dataset}") as bar:
+        for batch in batches:
+            for obj in batch:
+                if v.add(obj, f"{where}: row {row + 1}"):
+                    keep.append(row)
+                row += 1
+            bar.update(len(batch))
+    return _RowsSource(get_row, np.asarray(keep, dtype=np.int64), where)
+
+
+def _parquet_source(files: list[Path], v: _Validator) -> _RowsSource:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(
+            f"{files[0]}: reading Parquet needs pyarrow (pip install pyarrow)"
+        ) from err
+    # memory-mapped: rows are materialised one at a time when the sampler asks for them
+    table = pa.concat_tables([pq.read_table(f, memory_map=True) for f in files])
+    where = str(files[0]) if len(files) == 1 else f"{files[0].parent} (Parquet files)"
+    batches = (b.to_pylist() for b in table.to_batches(max_chunksize=4096))
+    return _index_rows(
+        lambda r: table.slice(r, 1).to_pylist()[0], batches, table.num_rows, where, v
+    )
+
+
+def _datasets_source(ds, where: str, v: _Validator) -> _RowsSource:
+    def batches():
+        for start in range(0, len(ds), 4096):
+            cols = ds[start : start + 4096]
+            keys = list(cols)
+            yield [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))]
+
+    return _index_rows(lambda r: dict(ds[r]), batches(), len(ds), where, v)
+
+
+def _read_sidecar(path: Path) -> dict:
+    side = Path(str(path).rstrip("/\\") + SIDECAR_SUFFIX)
+    if not side.exists():
+        return {}
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{side}: malformed JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{side}: expected a JSON object")
+    for key, value in meta.items():
+        if key not in SIDECAR_KEYS:
+            raise ValueError(f"{side}: unknown key {key!r} (known: {', '.join(SIDECAR_KEYS)})")
+        want = bool if key == "in_batch_negatives" else str
+        if not isinstance(value, want):
+            raise ValueError(f"{side}: key {key!r} must be a {want.__name__}")
+    meta["_file"] = str(side)
+    return meta
+
+
+def load_dataset_spec(
+    spec: str,
+    *,
+    skip_bad_records: bool = False,
+    in_batch_negatives: bool | None = None,
+    split: str = "train",
+) -> RecordSource:
+    """Opens one `--train-data` dataset and validates every record.
+
+    Args:
+        spec: a `.jsonl`/`.json`/`.parquet` file; a folder of such files (all of one kind, read in
+            name order); a folder saved by `datasets.Dataset.save_to_disk`; or, when no such path
+            exists and `spec` looks like `name` or `owner/name`, a `datasets` name for
+            `datasets.load_dataset(spec, split=split)` (needs the hub or its cache).
+        skip_bad_records: skip (and count in `.stats`) malformed records and records without a
+            positive instead of raising.
+        in_batch_negatives: overrides the sidecar's and the records' flag.
+        split: the split of a `datasets` name.
+
+    Returns:
+        A `RecordSource` (a Sequence of `Record`).
+
+    Raises:
+        FileNotFoundError: naming `--train-data` and the spec when nothing can be found.
+        ValueError: naming file:line (or row) of a bad record, a sidecar's bad key, records that
+            disagree on `in_batch_negatives`, or a dataset with no records.
+        ImportError: `datasets` / `pyarrow` missing for a source that needs them.
+    """
+    start = time.perf_counter()
+    path = Path(spec)
+    meta = _read_sidecar(path) if path.exists() else {}
+    name = meta.get("name", spec)
+    stats = ReadStats()
+    v = _Validator(name, skip_bad_records, stats)
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json")):
+        import datasets  # lazily: only `save_to_disk` folders and names need it
+
+        source = _datasets_source(datasets.load_from_disk(str(path)), str(path), v)
+    elif path.exists():
+        files = (
+            sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RECORD_SUFFIXES)
+            if path.is_dir()
+            else [path]
+        )
+        if not files:
+            raise FileNotFoundError(f"--train-data: no .jsonl or .parquet files in {spec}")
+        kinds = {f.suffix == ".parquet" for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"--train-data: {spec} mixes Parquet and JSONL files; split them")
+        source = _parquet_source(files, v) if kinds.pop() else _index_jsonl(files, v)
+    elif path.suffix in RECORD_SUFFIXES or not _DATASET_NAME.match(spec):
+        # a file path, or nothing a `datasets` name could be: do not ask the hub
+        raise FileNotFoundError(f"--train-data: {spec} does not exist")
+    else:
+        try:
+            import datasets
+        except ImportError as err:
+            raise FileNotFoundError(
+                f"--train-data: {spec} does not exist (and `datasets` is not installed to load "
+                "it as a dataset name)"
+            ) from err
+        try:
+            ds = datasets.load_dataset(spec, split=split)
+        except Exception as err:  # the hub client raises many kinds; keep the cause attached
+            raise FileNotFoundError(
+                f"--train-data: {spec} is no local path and `datasets.load_dataset({spec!r}, "
+                f"split={split!r})` failed: {type(err).__name__}: {err}"
+            ) from err
+        source = _datasets_source(ds, f"{spec}[{split}]", v)
+    if len(v.n_pos) == 0:
+        raise ValueError(f"--train-data: {spec} holds no usable records ({stats.skipped} skipped)")
+    source.name = name
+    source.stats = stats
+    source.num_positives = np.asarray(v.n_pos, dtype=np.int32)
+    source.num_negatives = np.asarray(v.n_neg, dtype=np.int32)
+    flag = v.flag
+    if "in_batch_negatives" in meta:
+        if flag is not None and flag != meta["in_batch_negatives"]:
+            raise ValueError(
+                f"{meta['_file']}: in_batch_negatives={meta['in_batch_negatives']} contradicts "
+                f"the records ({v.flag_where} has {flag})"
+            )
+        flag = meta["in_batch_negatives"]
+    if in_batch_negatives is not None:
+        if flag is not None and flag != in_batch_negatives:
+            logger.info(
+                f"{name}: in_batch_negatives={in_batch_negatives} set by the config "
+                f"overrides the data's {flag}"
+            )
+        flag = in_batch_negatives
+    source.in_batch_negatives = True if flag is None else flag
+    took = time.perf_counter() - start
+    logger.info(
+        f"{name}: {stats.read} records ({stats.skipped} skipped), "
+        f"in_batch_negatives={source.in_batch_negatives}, indexed in {took:.1f} s "
+        f"({stats.read / max(took, 1e-9):.0f} records/s)"
+    )
+    for msg in stats.errors:
+        logger.warning(f"skipped: {msg}")
+    return source
 
 
 def load_records(
     spec: str, *, skip_bad_records: bool = False, stats: ReadStats | None = None
 ) -> list[Record]:
-    """All records of a file, a folder of `.jsonl`/`.parquet` files, or a `datasets` folder.
+    """All records of a dataset spec (see `load_dataset_spec`) as a list, for small data and
+    tools; training uses `load_dataset_spec`, which keeps the texts on disk.
 
     Raises:
-        FileNotFoundError: naming the path; ValueError: naming file:line of a bad record.
+        As `load_dataset_spec`.
     """
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--train-data: {spec} does not exist")
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
-        import datasets  # lazily: only for `save_to_disk` folders
-
-        ds = datasets.load_from_disk(str(path))
-        return [
-            record_from_dict(dict(row), f"{path}: row {i + 1}", True) for i, row in enumerate(ds)
-        ]
-    files = (
-        sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
-        if path.is_dir()
-        else [path]
-    )
-    if not files:
-        raise FileNotFoundError(f"--train-data: no .jsonl or .parquet files in {spec}")
-    out: list[Record] = []
-    for f in files:
-        out.extend(iter_records(f, skip_bad_records=skip_bad_records, stats=stats))
-    if not out:
-        raise ValueError(f"--train-data: {spec} holds no records")
-    return out
+    source = load_dataset_spec(spec, skip_bad_records=skip_bad_records)
+    if stats is not None:
+        stats.read += source.stats.read
+        stats.skipped += source.stats.skipped
+        stats.errors.extend(source.stats.errors)
+    return list(source)
 
 
-def in_batch_flag(records: list[Record]) -> bool:
-    """A dataset's `in_batch_negatives` flag: from its records' field (default True).
+def in_batch_flag(records: Sequence[Record]) -> bool:
+    """A list of records' `in_batch_negatives` flag: their common field value, default True.
 
     Raises:
-        ValueError: when records of one dataset disagree.
+        ValueError: when the records disagree.
     """
-    flags = {bool(r.extra.get("in_batch_negatives", True)) for r in records}
+    flags = {
+        bool(r.extra["in_batch_negatives"]) for r in records if "in_batch_negatives" in r.extra
+    }
     if len(flags) > 1:
         raise ValueError("records of one dataset disagree on in_batch_negatives")
-    return flags.pop()
+    return flags.pop() if flags else True

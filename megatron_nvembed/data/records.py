@@ -50,7 +50,8 @@ def record_from_dict(obj, where: str, require_positive: bool = True) -> Record:
     for key in ("query", "task"):
         if not isinstance(obj.get(key), str):
             raise ValueError(f"{where}: key {key!r} must be a string")
-    pos, neg = obj.get("pos", []), obj.get("neg", [])
+    # a null "neg" (Parquet / pandas write missing lists as null) means no hard negatives yet
+    pos, neg = obj.get("pos", []), obj.get("neg") or []
     for key, value in (("pos", pos), ("neg", neg)):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"{where}: key {key!r} must be a list of strings")

@@ -1,8 +1,9 @@
 """Task definitions (paper Tables 6 and 7) and NV-Embed's query instruction template.
 
 Queries get `"Instruct: {task_definition}\\nQuery: "`; documents never get an instruction.
-Task names are matched ignoring case and punctuation ("TREC-COVID" == "TRECCOVID"), and every
-STS evaluation task uses Table 7's shared "STS" instruction.
+Task names are matched ignoring case and punctuation ("TREC-COVID" == "TRECCOVID"), the JSON's
+`aliases` add the tables' own spellings ("Natural Question", "NQ"), and every STS evaluation task
+uses Table 7's shared "STS" instruction.
 """
 
 from __future__ import annotations
@@ -23,14 +24,22 @@ def _norm(name: str) -> str:
 
 @functools.cache
 def _tables() -> dict[str, dict[str, str]]:
-    data = json.loads(_FILE.read_text())
+    data = json.loads(_FILE.read_text(encoding="utf-8"))
     return {split: {_norm(k): v for k, v in data[split].items()} for split in SPLITS}
+
+
+@functools.cache
+def _aliases() -> dict[str, str]:
+    data = json.loads(_FILE.read_text(encoding="utf-8"))
+    return {_norm(k): _norm(v) for k, v in data["aliases"].items()}
 
 
 @functools.cache
 def task_names(split: str = "train") -> tuple[str, ...]:
     """Task names of Table 6 (`train`) or Table 7 (`eval`)."""
-    return tuple(json.loads(_FILE.read_text())[split])
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return tuple(json.loads(_FILE.read_text(encoding="utf-8"))[split])
 
 
 def get_task_definition(task: str, split: str = "train") -> str:
@@ -43,8 +52,14 @@ def get_task_definition(task: str, split: str = "train") -> str:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     table = _tables()[split]
     key = _norm(task)
-    if key in table:
-        return table[key]
+    # two alias hops: "Natural Question" -> NaturalQuestions (Table 6) -> NQ (Table 7's MTEB name)
+    for _ in range(3):
+        if key in table:
+            return table[key]
+        if key not in _aliases():
+            break
+        key = _aliases()[key]
+    key = _norm(task)
     if split == "eval" and (key.startswith("sts") or key in ("sickr", "biosses")):
         return table["sts"]
     close = difflib.get_close_matches(task, task_names(split), n=3, cutoff=0.5)

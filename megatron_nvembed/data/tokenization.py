@@ -5,11 +5,16 @@ See shared/reference/nvembed-format.md: `pool_mask = attention_mask`, then the f
 `len(tokenizer.tokenize(instruction))` positions are zeroed; that count excludes BOS, so BOS and
 all but the last instruction token are masked. `convention="exact"` masks BOS and every
 instruction token instead.
+
+Truncation keeps the first `max_length` tokens (BOS included), as the released model's
+`truncation=True` does: a truncated text loses its EOS. Truncated texts are counted.
 """
 
 from __future__ import annotations
 
 import torch
+
+POOL_MASK_CONVENTIONS = ("nvembed", "exact")
 
 
 def tokenize_for_embedding(
@@ -26,42 +31,62 @@ def tokenize_for_embedding(
     Args:
         tokenizer: a transformers tokenizer that adds BOS (pad token defaults to EOS).
         texts: the texts.
-        instructions: one instruction for all, one per text, or None (documents).
+        instructions: one instruction for all, one per text, or None (documents). An instruction
+            is the complete prefix, e.g. `"Instruct: ...\\nQuery: "` (see `templates`).
         max_length: truncation length in tokens (BOS and EOS included).
-        pad_to_multiple_of: pad the batch to its longest row rounded up to this (None: exact).
+        pad_to_multiple_of: pad the batch to its longest row rounded up to this, capped at
+            `max_length` (None: to the longest row exactly).
         convention: `"nvembed"` (default, NV-Embed's off-by-one) or `"exact"`.
 
     Returns:
-        ({"input_ids", "attention_mask", "pool_mask"} each [b, s] int64, number of truncated texts).
+        ({"input_ids", "attention_mask", "pool_mask"}, each [b, s] int64 with s = the longest row
+        rounded up as above; number of texts cut at `max_length`).
 
     Raises:
-        ValueError: unknown convention, or a count of instructions that does not match the texts.
+        ValueError: unknown convention, bad lengths, or a count of instructions that does not
+            match the texts.
     """
-    if convention not in ("nvembed", "exact"):
-        raise ValueError(f"pool-mask convention must be 'nvembed' or 'exact', got {convention!r}")
+    if convention not in POOL_MASK_CONVENTIONS:
+        raise ValueError(
+            f"pool-mask convention must be one of {POOL_MASK_CONVENTIONS}, got {convention!r}"
+        )
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (BOS and EOS), got {max_length}")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
+    if not texts:
+        raise ValueError("tokenize_for_embedding: no texts")
     if instructions is None or isinstance(instructions, str):
         instructions = [instructions or ""] * len(texts)
     if len(instructions) != len(texts):
         raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
     eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; NV-Embed appends one to every text")
     full = [ins + t + eos for ins, t in zip(instructions, texts)]
-    lengths = [len(ids) for ids in tokenizer(full, add_special_tokens=True)["input_ids"]]
-    truncated = sum(n > max_length for n in lengths)
+    # One pass without truncation: the lengths give the truncation count, and cutting the id list
+    # at max_length equals the tokenizer's own truncation for a single sequence whose only
+    # special token is the leading BOS.
+    rows = tokenizer(full, add_special_tokens=True)["input_ids"]
+    truncated = sum(len(r) > max_length for r in rows)
+    rows = [r[:max_length] for r in rows]
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    batch = tokenizer(full, truncation=True, max_length=max_length, add_special_tokens=True)
-    width = max(len(ids) for ids in batch["input_ids"])
+    width = max(len(r) for r in rows)
     if pad_to_multiple_of:
-        width = min(-(-width // pad_to_multiple_of) * pad_to_multiple_of, max(width, max_length))
-    ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(texts), width, dtype=torch.long)
-    for i, row in enumerate(batch["input_ids"]):
-        ids[i, : len(row)] = torch.tensor(row)
+        width = min(-(-width // pad_to_multiple_of) * pad_to_multiple_of, max_length)
+    ids = torch.full((len(texts), width), pad_id, dtype=torch.long)  # [b, s]
+    mask = torch.zeros(len(texts), width, dtype=torch.long)  # [b, s]
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
-    pool = mask.clone()
+    pool = mask.clone()  # [b, s]
+    extra = 1 if convention == "exact" else 0  # "exact" also removes the last instruction token
+    n_tokens: dict[str, int] = {}  # a micro-batch usually shares a few instructions
     for i, ins in enumerate(instructions):
         if ins:
-            n = len(tokenizer.tokenize(ins))
-            pool[i, : n + (1 if convention == "exact" else 0)] = 0
+            if ins not in n_tokens:
+                n_tokens[ins] = len(tokenizer.tokenize(ins))
+            pool[i, : n_tokens[ins] + extra] = 0
     return {"input_ids": ids, "attention_mask": mask, "pool_mask": pool}, truncated
