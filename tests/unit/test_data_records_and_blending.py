@@ -3,9 +3,12 @@
 - records: JSONL and Parquet read back; a malformed line and a record without a positive are
   errors naming file:line; `skip_bad_records` skips and counts them; writes are atomic;
 - templates: Table 6/7 definitions, the "Instruct: ...\\nQuery: " template, close-name hints;
-- blending: proportions within 4 standard errors of the weights over 300 batches; identical
-  global batches at DP sizes 1, 2 and 4 (rank slices concatenate to the DP=1 batch); exact resume
-  from a state_dict; hard negatives drawn without replacement, fewer when fewer exist.
+- blending: proportions within 4 standard errors of the weights over 300 batches (both
+  compositions); with "systematic", every batch gives dataset k floor or ceil of w_k * G slots;
+  a zero weight is never drawn; identical global batches at DP sizes 1, 2 and 4 (rank slices
+  concatenate to the DP=1 batch); each pass over a dataset reads every record once, reshuffled
+  per pass; exact resume from a state_dict, also at another DP size; a state from other settings
+  is refused naming the setting; hard negatives drawn without replacement, fewer when fewer exist.
 
 Run alone: pytest tests/unit/test_data_records_and_blending.py
 """
@@ -76,9 +79,31 @@ def test_templates():
     assert query_instruction("anything", "Do Y") == "Instruct: Do Y\nQuery: "
     with pytest.raises(ValueError, match="did you mean.*HotpotQA"):
         get_task_definition("HotpotQ")
+    # the tables' own spellings and MTEB names reach the same rows
+    nq = "Given a question, retrieve Wikipedia passages that answer the question"
+    for name in ("Natural Question", "NQ", "NaturalQuestions"):
+        assert get_task_definition(name) == nq and get_task_definition(name, "eval") == nq
+    assert get_task_definition("SQUAD") == get_task_definition("SQuAD")
+    assert get_task_definition("SICK-R", "eval") == "Retrieve semantically similar text."
+    with pytest.raises(ValueError, match="split"):
+        get_task_definition("SQuAD", "test")
 
 
-def _sampler(dp_rank=0, dp_size=1, G=24, weights=(0.5, 0.3, 0.2), seed=3):
+def test_task_tables_transcribed_in_full():
+    # Table 6 lists 30 task rows once "PAQ, MSMARCO" and "STS12, STS22, STSBenchmark" are split
+    # and NLI has its two instructions (26 printed rows); Table 7 has 46 rows (STS* once).
+    from megatron_nvembed.data.templates import task_names
+
+    assert len(task_names("train")) == 30 and len(task_names("eval")) == 46
+    assert get_task_definition("TwitterURLCorpus", "eval") == (
+        "Retrieve tweets that are semantically similar to the given tweet"
+    )
+    assert get_task_definition("EmotionClassification").endswith("sadness, and surprise")
+
+
+def _sampler(
+    dp_rank=0, dp_size=1, G=24, weights=(0.5, 0.3, 0.2), seed=3, composition="systematic", mbs=2
+):
     sizes = [50, 30, 7]
     negs = [lambda i: (1, 10), lambda i: (2, 3), lambda i: (1, 0)]
     return BlendedSampler(
@@ -86,23 +111,47 @@ def _sampler(dp_rank=0, dp_size=1, G=24, weights=(0.5, 0.3, 0.2), seed=3):
         list(weights),
         negs,
         G,
-        2,
+        mbs,
         num_negatives=7,
         dp_rank=dp_rank,
         dp_size=dp_size,
         seed=seed,
+        composition=composition,
     )
 
 
-def test_blending_proportions_within_sampling_error():
-    s, counts, n = _sampler(), [0, 0, 0], 300
+@pytest.mark.parametrize("composition", ["systematic", "multinomial"])
+def test_blending_proportions_within_sampling_error(composition):
+    # multinomial: count_k ~ Binomial(n G, w_k), so 4 standard errors bound a false failure at
+    # ~6e-5; systematic sampling has less variance than that, so the same bound holds.
+    s, counts, n = _sampler(composition=composition), [0, 0, 0], 300
     for _ in range(n):
+        per_batch = [0, 0, 0]
         for slot in s.global_batch():
             counts[slot.dataset] += 1
+            per_batch[slot.dataset] += 1
+        if composition == "systematic":  # every single batch is within one slot of its quota
+            for k, w in enumerate((0.5, 0.3, 0.2)):
+                assert math.floor(w * 24) <= per_batch[k] <= math.ceil(w * 24), per_batch
     total = n * 24
     for k, w in enumerate((0.5, 0.3, 0.2)):
         se = math.sqrt(w * (1 - w) / total)
         assert abs(counts[k] / total - w) <= 4 * se, (k, counts)
+
+
+def test_zero_weight_is_never_drawn_and_seeds_differ():
+    for composition in ("systematic", "multinomial"):
+        s = _sampler(weights=(0.6, 0.0, 0.4), composition=composition)
+        assert all(slot.dataset != 1 for _ in range(50) for slot in s.global_batch())
+    assert _sampler(seed=1).global_batch() != _sampler(seed=2).global_batch()
+
+
+def test_each_pass_reads_every_record_once_reshuffled():
+    s = _sampler(weights=(0.0, 0.0, 1.0), G=7, mbs=7)  # dataset 2 has 7 records: one pass per batch
+    passes = [[slot.index for slot in s.global_batch()] for _ in range(4)]
+    for p in passes:
+        assert sorted(p) == list(range(7))
+    assert len({tuple(p) for p in passes}) > 1  # reshuffled per pass (4 equal orders: 1/5040^3)
 
 
 def test_same_batches_whatever_the_number_of_ranks():
@@ -123,7 +172,27 @@ def test_exact_resume():
         first.global_batch()
     resumed = _sampler()
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.position == 5
     assert [resumed.global_batch() for _ in range(7)] == batches[5:]
+    # a checkpoint of a DP=1 run resumes on 2 ranks with another micro-batch size
+    ranks = [_sampler(r, 2, mbs=3) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(first.state_dict())
+    for t in range(5, 12):
+        joined = [slot for r in ranks for mb in r.next_micro_batches() for slot in mb]
+        assert joined == batches[t]
+
+
+def test_resume_refuses_other_settings():
+    state = _sampler().state_dict()
+    for kwargs, flag in [
+        (dict(G=48), "--global-batch-size"),
+        (dict(seed=4), "data seed"),
+        (dict(weights=(0.4, 0.4, 0.2)), "--train-data weights"),
+        (dict(composition="multinomial"), "composition"),
+    ]:
+        with pytest.raises(ValueError, match=flag):
+            _sampler(**kwargs).load_state_dict(state)
 
 
 def test_negatives_and_positives_are_sampled_within_bounds():
@@ -139,3 +208,11 @@ def test_negatives_and_positives_are_sampled_within_bounds():
 def test_batch_size_errors_name_the_flag():
     with pytest.raises(ValueError, match="--global-batch-size"):
         BlendedSampler([5], [1.0], [lambda i: (1, 1)], 10, 4, dp_size=2)
+    with pytest.raises(ValueError, match="--train-data: need one weight per dataset"):
+        BlendedSampler([5, 5], [1.0], [lambda i: (1, 1)] * 2, 8, 4)
+    with pytest.raises(ValueError, match="--train-data: weights"):
+        BlendedSampler([5], [0.0], [lambda i: (1, 1)], 8, 4)
+    with pytest.raises(ValueError, match="data-parallel rank 2"):
+        BlendedSampler([5], [1.0], [lambda i: (1, 1)], 8, 4, dp_rank=2, dp_size=2)
+    with pytest.raises(ValueError, match="composition"):
+        BlendedSampler([5], [1.0], [lambda i: (1, 1)], 8, 4, composition="quota")
