@@ -213,10 +213,13 @@ def _index_jsonl(files: list[Path], v: _Validator) -> _JsonlSource:
             offsets, lines = [], []
             with open(path, "rb") as fh:
                 offset, lineno = 0, 0
+                shown = 0
                 for raw in fh:
                     lineno += 1
                     here, offset = offset, offset + len(raw)
-                    bar.update(len(raw))
+                    if offset - shown >= 1 << 20:  # per MiB: a bar update per line costs more
+                        bar.update(offset - shown)
+                        shown = offset
                     if not raw.strip():
                         continue
                     try:
@@ -235,6 +238,7 @@ def _index_jsonl(files: list[Path], v: _Validator) -> _JsonlSource:
                     if v.add(obj, where):
                         offsets.append(here)
                         lines.append(lineno)
+                bar.update(offset - shown)
             all_offsets.append(np.asarray(offsets, dtype=np.int64))
             all_lines.append(np.asarray(lines, dtype=np.int64))
     return _JsonlSource(files, all_offsets, all_lines)
