@@ -1,0 +1,828 @@
+"""Training-step benchmark: NVEmbedModel (megatron-core, this project) against a typical
+transformers + peft implementation of the same model, at NV-Embed's batch shape.
+
+    python bench/train_step.py --preset tiny --output bench/results/cpu-tiny.json
+    python bench/train_step.py --preset mistral-7b-width --layers 4 --device cuda --output r.json
+
+One step = forward of B queries and B x (1 + K) passages, latent-attention pooling, InfoNCE loss
+(own + in-batch candidates), backward, AdamW step, on a frozen base with LoRA adapters and a
+trainable pooling head. Each implementation runs in its own subprocess (its own peak memory, no
+shared allocator or megatron-core global state), on the same seeded batches, after the same
+warm-up; reported numbers are medians over the timed steps. What is counted: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # bench/flops.py
+sys.path.insert(1, str(BENCH_DIR.parent))  # megatron_nvembed without an install
+
+from flops import FlopShape, model_step_flops, train_step_flops  # noqa: E402
+
+# ----------------------------------------------------------------------------- configuration
+
+PRESETS = {
+    # A small Mistral-shaped model that keeps NV-Embed's structure (GQA 4:1, SwiGLU 3x, latent
+    # head with K/V from a latent array, GEGLU 4x) and runs a step in seconds on 2 CPU cores.
+    "tiny": dict(
+        model=dict(
+            vocab_size=32000,
+            hidden_size=256,
+            ffn_hidden_size=768,
+            num_layers=4,
+            num_attention_heads=8,
+            num_query_groups=2,
+        ),
+        pooling=dict(num_latents=64, num_heads=4, head_dim=64, ff_mult=4),
+        batch_size=4,
+        weights="shared",
+    ),
+    # Mistral-7B's width (NV-Embed-v1's backbone) and NV-Embed's head (512 latents, 8 heads of
+    # width 4096); --layers N cuts the depth to fit a device or a time budget.
+    "mistral-7b-width": dict(
+        model=dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            ffn_hidden_size=14336,
+            num_layers=32,
+            num_attention_heads=32,
+            num_query_groups=8,
+        ),
+        pooling=dict(num_latents=512, num_heads=8, head_dim=4096, ff_mult=4),
+        batch_size=2,
+        weights="independent",
+    ),
+}
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring, first match wins.
+GPU_PEAK_BF16_TFLOPS = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+    ("A6000", 155.0),
+    ("4090", 165.0),
+]
+
+LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BOS, EOS = 1, 2
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs; written by the parent as JSON."""
+
+    preset: str
+    model: dict
+    pooling: dict
+    device: str
+    dtype: str
+    batch_size: int
+    negatives: int
+    query_len: tuple[int, int]
+    passage_len: tuple[int, int]
+    instruction_len: tuple[int, int]
+    max_length: int
+    bucket_size: int
+    pad_multiple: int
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lr: float
+    temperature: float
+    warmup: int
+    steps: int
+    seed: int
+    threads: int
+    weights: str
+    weights_file: str | None = None
+    profile_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's depth")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: cuda when available, else cpu",
+    )
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="queries per step B (default: tiny 4, mistral-7b-width 2); each has "
+        "1 positive + --negatives hard negatives",
+    )
+    p.add_argument("--negatives", type=int, default=7, help="hard negatives per query (paper: 7)")
+    p.add_argument(
+        "--length-scale",
+        type=float,
+        default=1.0,
+        help="multiply the paper's length ranges (queries 20-60, passages 80-400)",
+    )
+    p.add_argument("--max-length", type=int, default=512, help="token cap per text")
+    p.add_argument(
+        "--bucket-size",
+        type=int,
+        default=8,
+        help="ours: sequences per length bucket (queries and passages bucketed "
+        "separately); 0 = one bucket per kind (dynamic padding only)",
+    )
+    p.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=8,
+        help="ours: bucket width rounded up to this (as the project's collator)",
+    )
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="NV-Embed: 0.1")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--weights",
+        choices=["shared", "independent"],
+        default=None,
+        help="shared: both start from one saved HF-layout state dict (copied into "
+        "ours via conversion/hf_mapping) and their embeddings are compared; "
+        "independent: each initialises its own (same shapes and seed). "
+        "Default: tiny shared, mistral-7b-width independent",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: table for known GPUs; none on CPU)",
+    )
+    p.add_argument("--only", choices=["ours", "baseline"], default=None)
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="also profile one extra step per implementation (torch.profiler); "
+        "tables written to DIR",
+    )
+    p.add_argument("--output", required=True, help="RESULT.json")
+    p.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def make_plan(args) -> Plan:
+    import torch
+
+    preset = PRESETS[args.preset]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    if device == "cpu" and torch.cuda.is_available():
+        # megatron_nvembed places models on CUDA whenever it exists (cpu_support.cpu_mode).
+        raise SystemExit("--device cpu on a CUDA machine: run with CUDA_VISIBLE_DEVICES=''")
+    model = dict(preset["model"])
+    if args.layers is not None:
+        if args.layers < 1:
+            raise SystemExit(f"--layers must be >= 1, got {args.layers}")
+        model["num_layers"] = args.layers
+    scale = args.length_scale
+    if scale <= 0:
+        raise SystemExit(f"--length-scale must be > 0, got {scale}")
+
+    def rng(lo, hi):
+        return (max(4, round(lo * scale)), max(4, round(hi * scale)))
+
+    for name in ("steps", "warmup", "negatives", "lora_rank"):
+        if getattr(args, name) < (1 if name in ("steps", "lora_rank") else 0):
+            raise SystemExit(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    return Plan(
+        preset=args.preset,
+        model=model,
+        pooling=dict(preset["pooling"]),
+        device=device,
+        dtype="bfloat16" if device == "cuda" else "float32",
+        batch_size=args.batch_size or preset["batch_size"],
+        negatives=args.negatives,
+        query_len=rng(20, 60),
+        passage_len=rng(80, 400),
+        instruction_len=rng(8, 16),
+        max_length=args.max_length,
+        bucket_size=args.bucket_size,
+        pad_multiple=args.pad_multiple,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lr=args.lr,
+        temperature=args.temperature,
+        warmup=args.warmup,
+        steps=args.steps,
+        seed=args.seed,
+        threads=args.threads or os.cpu_count() or 1,
+        weights=args.weights or preset["weights"],
+        profile_dir=args.profile,
+    )
+
+
+def embedding_config(plan: Plan):
+    from megatron_nvembed.config import (
+        EmbeddingModelConfig,
+        ModelConfig,
+        ParallelConfig,
+        PoolingConfig,
+    )
+
+    return EmbeddingModelConfig(
+        model=ModelConfig(
+            **plan.model,
+            mask_type="bidirectional",
+            attention_backend="sdpa",
+            bf16=plan.dtype == "bfloat16",
+        ),
+        pooling=PoolingConfig(type="latent", **plan.pooling),
+        parallel=ParallelConfig(),
+    ).validate()
+
+
+def flop_shape(plan: Plan) -> FlopShape:
+    m, p = plan.model, plan.pooling
+    return FlopShape(
+        hidden=m["hidden_size"],
+        ffn=m["ffn_hidden_size"],
+        layers=m["num_layers"],
+        heads=m["num_attention_heads"],
+        groups=m["num_query_groups"],
+        head_dim=m.get("kv_channels") or m["hidden_size"] // m["num_attention_heads"],
+        lora_rank=plan.lora_rank,
+        pool_latents=p["num_latents"],
+        pool_heads=p["num_heads"],
+        pool_head_dim=p["head_dim"] or m["hidden_size"],
+        pool_ff_mult=p["ff_mult"],
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Seq:
+    ids: list[int]
+    instruction: int  # leading positions out of pooling (0 for passages)
+
+
+def make_batch(plan: Plan, index: int) -> tuple[list[Seq], list[Seq]]:
+    """B queries and B x (1 + K) passages with seeded random lengths and tokens.
+
+    Queries: BOS + instruction + query + EOS, total length uniform in `query_len`, the first
+    `instruction` positions (BOS included) out of pooling; passages: BOS + text + EOS, length
+    uniform in `passage_len`; everything capped at `max_length` (a capped text loses its EOS).
+    """
+    import random
+
+    r = random.Random(plan.seed * 1_000_003 + index)
+    vocab = plan.model["vocab_size"]
+
+    def seq(lo, hi, instr=(0, 0)):
+        n = min(r.randint(lo, hi), plan.max_length)
+        ids = [BOS] + [r.randrange(3, vocab) for _ in range(n - 2)] + [EOS]
+        return Seq(ids[: plan.max_length], min(r.randint(*instr), n - 1) if instr[1] else 0)
+
+    queries = [seq(*plan.query_len, plan.instruction_len) for _ in range(plan.batch_size)]
+    passages = [seq(*plan.passage_len) for _ in range(plan.batch_size * (1 + plan.negatives))]
+    return queries, passages
+
+
+def pad(seqs: list[Seq], width: int):
+    """Right-padded [rows, width] input_ids / attention_mask / pool_mask (pad id = EOS)."""
+    import torch
+
+    ids = torch.full((len(seqs), width), EOS, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        mask[i, : len(s.ids)] = 1
+    pool = mask.clone()
+    for i, s in enumerate(seqs):
+        pool[i, : s.instruction] = 0
+    return ids, mask, pool
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+def bucketize(seqs: list[Seq], bucket_size: int, multiple: int, cap: int):
+    """Sorts by length, cuts into buckets of `bucket_size` rows, pads each to its own longest row
+    (rounded up to `multiple`, capped at `cap`). Returns ([(ids, mask, pool)], inverse order)."""
+    import torch
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+    size = bucket_size if bucket_size > 0 else len(seqs)
+    buckets = []
+    for start in range(0, len(order), size):
+        members = [seqs[i] for i in order[start : start + size]]
+        width = min(round_up(max(len(s.ids) for s in members), multiple), cap)
+        buckets.append(pad(members, width))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return buckets, inverse
+
+
+@dataclass
+class Prepared:
+    """One step's device tensors for one implementation."""
+
+    query_calls: list  # [(ids, mask, pool)]
+    passage_calls: list
+    query_inverse: object  # LongTensor or None (no reordering)
+    passage_inverse: object
+    candidate_ids: object  # [B, 1 + K] int64
+    real_tokens: int
+    padded_tokens: int
+    sequences: int
+    calls: list  # [(rows, width)]
+    lengths: list  # real lengths of every sequence
+
+
+def prepare(plan: Plan, impl: str, batch, device) -> Prepared:
+
+    from megatron_nvembed.loss import sequence_hash
+
+    queries, passages = batch
+    if impl == "ours":
+        qc, qinv = bucketize(queries, plan.bucket_size, plan.pad_multiple, plan.max_length)
+        pc, pinv = bucketize(passages, plan.bucket_size, plan.pad_multiple, plan.max_length)
+    else:  # typical HF trainer: queries and passages each padded to their longest row
+        qc = [pad(queries, max(len(s.ids) for s in queries))]
+        pc = [pad(passages, max(len(s.ids) for s in passages))]
+        qinv = pinv = None
+    ids, mask, _ = pad(passages, max(len(s.ids) for s in passages))
+    cand = sequence_hash(ids, mask).view(plan.batch_size, 1 + plan.negatives)
+    move = lambda calls: [tuple(t.to(device) for t in c) for c in calls]  # noqa: E731
+    calls = [tuple(c[0].shape) for c in qc + pc]
+    return Prepared(
+        query_calls=move(qc),
+        passage_calls=move(pc),
+        query_inverse=None if qinv is None else qinv.to(device),
+        passage_inverse=None if pinv is None else pinv.to(device),
+        candidate_ids=cand.to(device),
+        real_tokens=sum(len(s.ids) for s in queries + passages),
+        padded_tokens=sum(r * w for r, w in calls),
+        sequences=len(queries) + len(passages),
+        calls=calls,
+        lengths=[len(s.ids) for s in queries + passages],
+    )
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def hf_reference(plan: Plan, cfg, device, dtype):
+    """transformers MistralModel (SDPA, padding-only 4-D mask) + the plain-torch latent head."""
+    import torch
+
+    from megatron_nvembed.reference import ReferenceEmbedder
+
+    torch.manual_seed(plan.seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            ref = ReferenceEmbedder(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    ref.embedding_model.set_attn_implementation("sdpa")
+    return ref
+
+
+def build_baseline(plan: Plan, cfg, device, dtype):
+    """Returns (embed(calls, inverse) -> [rows, d], trainable params, module)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    ref = hf_reference(plan, cfg, device, dtype)
+    if plan.weights_file:
+        state = torch.load(plan.weights_file, map_location=device)
+        missing, unexpected = ref.load_state_dict(
+            {k: v.to(dtype) for k, v in state.items()}, strict=False
+        )
+        if unexpected or any(not k.endswith("inv_freq") for k in missing):
+            raise RuntimeError(f"weights file mismatch: {missing} {unexpected}")
+    ref.embedding_model = get_peft_model(
+        ref.embedding_model,
+        LoraConfig(
+            r=plan.lora_rank,
+            lora_alpha=plan.lora_alpha,
+            lora_dropout=plan.lora_dropout,
+            target_modules=LORA_TARGETS_HF,
+            bias="none",
+        ),
+        autocast_adapter_dtype=False,  # adapters in the base dtype, as ours
+    )
+    for p in ref.latent_attention_model.parameters():
+        p.requires_grad_(True)
+
+    def embed(calls, inverse):
+        ((ids, mask, pool),) = calls
+        return ref(ids, mask, pool)
+
+    return embed, [p for p in ref.parameters() if p.requires_grad], ref
+
+
+def build_ours(plan: Plan, cfg, device, dtype):
+    """Returns (embed(calls, inverse) -> [rows, d], trainable params, module)."""
+    import torch
+
+    from megatron_nvembed.conversion.hf_mapping import load_hf_into_model
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.model.lora import apply_lora
+    from megatron_nvembed.testing import init_single_process_megatron
+
+    pg = init_single_process_megatron(seed=plan.seed)
+    model = build_model(cfg, pg, params_dtype=dtype)
+    if plan.weights_file:
+        state = torch.load(plan.weights_file, map_location="cpu")
+        load_hf_into_model(model, state, cfg, 0, 0, backbone_prefix="embedding_model.")
+        del state
+    apply_lora(model, plan.lora_rank, plan.lora_alpha, plan.lora_dropout, seed=plan.seed)
+
+    def embed(calls, inverse):
+        outs = [model(ids, mask, pool) for ids, mask, pool in calls]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out if inverse is None else out[inverse]
+
+    return embed, [p for p in model.parameters() if p.requires_grad], model
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class RSSSampler:
+    """Peak resident set size while running (Linux /proc/self/statm, sampled every ~2 ms)."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self.start = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self):
+        self.start = self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def run_worker(plan: Plan, impl: str, out_path: str) -> None:
+    import resource
+
+    import torch
+
+    from megatron_nvembed.loss import ContrastiveLoss, ContrastiveLossConfig, contrastive_loss
+
+    torch.set_num_threads(plan.threads)
+    device = torch.device(plan.device)
+    dtype = getattr(torch, plan.dtype)
+    cuda = device.type == "cuda"
+    cfg = embedding_config(plan)
+    t0 = time.perf_counter()
+    builder = build_ours if impl == "ours" else build_baseline
+    embed, params, module = builder(plan, cfg, device, dtype)
+    build_s = time.perf_counter() - t0
+    n_cand = 1 + plan.negatives
+    b = plan.batch_size
+    cand_mask = torch.ones(b, n_cand, dtype=torch.bool, device=device)
+    in_batch = torch.ones(b, dtype=torch.bool, device=device)
+    if impl == "ours":
+        loss_mod = ContrastiveLoss(
+            ContrastiveLossConfig(temperature=plan.temperature, in_batch_negatives=True),
+            group=module.pg_collection.dp,
+        )
+
+        def loss_fn(q, c, ids):
+            return loss_mod(q, c, cand_mask, in_batch, ids)
+    else:
+
+        def loss_fn(q, c, ids):
+            return contrastive_loss(
+                q,
+                c,
+                cand_mask,
+                temperature=plan.temperature,
+                in_batch=in_batch,
+                candidate_ids=ids,
+            )[0]
+
+    batches = [
+        prepare(plan, impl, make_batch(plan, i), device) for i in range(plan.warmup + plan.steps)
+    ]
+    opt = torch.optim.AdamW(params, lr=plan.lr, fused=cuda or None)
+
+    # Embeddings of the first batch before any update (eval: no dropout), for the parity check.
+    module.eval()
+    with torch.no_grad():
+        first = batches[0]
+        parity = {
+            "query": embed(first.query_calls, first.query_inverse).float().cpu(),
+            "passage": embed(first.passage_calls, first.passage_inverse).float().cpu(),
+        }
+    torch.save(parity, out_path + ".emb.pt")
+    module.train()
+
+    def step(p: Prepared) -> float:
+        opt.zero_grad(set_to_none=True)
+        q = embed(p.query_calls, p.query_inverse)
+        c = embed(p.passage_calls, p.passage_inverse).view(b, n_cand, -1)
+        loss = loss_fn(q, c, p.candidate_ids)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    import gc
+
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_before = torch.cuda.memory_allocated(device)
+    times, losses = [], []
+    with RSSSampler() as rss:
+        for i, p in enumerate(batches):
+            sync()
+            start = time.perf_counter()
+            loss = step(p)
+            sync()
+            elapsed = time.perf_counter() - start
+            losses.append(float(loss))
+            if i >= plan.warmup:
+                times.append(elapsed)
+    if plan.profile_dir:
+        profile_step(plan, impl, step, batches[plan.warmup], sync)
+
+    timed = batches[plan.warmup :]
+    shape = flop_shape(plan)
+    per_step = []
+    for p, t in zip(timed, times):
+        executed = train_step_flops(shape, p.calls, b, n_cand)
+        useful = model_step_flops(shape, p.lengths, b, n_cand)
+        per_step.append(
+            dict(
+                seconds=t,
+                real_tokens=p.real_tokens,
+                padded_tokens=p.padded_tokens,
+                sequences=p.sequences,
+                forward_calls=len(p.calls),
+                model_flops=useful.total,
+                executed_flops=executed.total,
+            )
+        )
+
+    def med(key):
+        return statistics.median(s[key] / s["seconds"] for s in per_step)
+
+    result = dict(
+        implementation=impl,
+        step_seconds_median=statistics.median(times),
+        step_seconds=times,
+        tokens_per_s=med("real_tokens"),
+        padded_tokens_per_s=med("padded_tokens"),
+        sequences_per_s=med("sequences"),
+        model_tflops_per_s=med("model_flops") / 1e12,
+        executed_tflops_per_s=med("executed_flops") / 1e12,
+        padding_fraction=1
+        - sum(s["real_tokens"] for s in per_step) / sum(s["padded_tokens"] for s in per_step),
+        forward_calls_per_step=statistics.median(s["forward_calls"] for s in per_step),
+        trainable_parameters=sum(p.numel() for p in params),
+        total_parameters=sum(p.numel() for p in module.parameters()),
+        losses=losses,
+        build_seconds=build_s,
+        steps=per_step,
+    )
+    if cuda:
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["memory_before_steps_bytes"] = mem_before
+        result["memory_method"] = (
+            "torch.cuda.max_memory_allocated over warm-up + timed steps (weights, gradients, "
+            "optimizer state and activations)"
+        )
+    else:
+        result["peak_memory_bytes"] = rss.peak - rss.start
+        result["rss_before_steps_bytes"] = rss.start
+        result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["memory_method"] = (
+            "peak resident set size sampled from /proc/self/statm every 2 ms during warm-up + "
+            "timed steps, minus the RSS just before them (activations, gradients, optimizer "
+            "state; weights excluded); max_rss_bytes = getrusage ru_maxrss of the worker"
+        )
+    Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+def profile_step(plan: Plan, impl: str, step, batch: Prepared, sync) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if plan.device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step(batch)
+        sync()
+    sort = "cuda_time_total" if plan.device == "cuda" else "self_cpu_time_total"
+    out = Path(plan.profile_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{impl}.txt").write_text(
+        prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    )
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = dict(
+        cpu_model=cpu,
+        cpu_cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        device=device,
+        device_name=cpu if device == "cpu" else torch.cuda.get_device_name(0),
+    )
+    for pkg in ("transformers", "peft", "megatron.core"):
+        try:
+            info[pkg] = __import__(pkg, fromlist=["__version__"]).__version__
+        except Exception:  # noqa: BLE001 - versions are informational
+            info[pkg] = None
+    if device == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def device_peak_tflops(device_name: str, device: str, override: float | None):
+    if override is not None:
+        return override, "--peak-tflops"
+    if device == "cuda":
+        for key, peak in GPU_PEAK_BF16_TFLOPS:
+            if key in device_name:
+                return peak, f"table: {key} dense bf16"
+    return None, None
+
+
+def write_shared_weights(plan: Plan, path: str) -> None:
+    import torch
+
+    ref = hf_reference(plan, embedding_config(plan), "cpu", torch.float32)
+    torch.save(ref.hf_state_dict(), path)
+
+
+def parity(tmp: Path) -> float | None:
+    import torch
+
+    files = [tmp / f"{impl}.json.emb.pt" for impl in ("ours", "baseline")]
+    if not all(f.exists() for f in files):
+        return None
+    a, b = (torch.load(f) for f in files)
+    return max(float((a[k] - b[k]).abs().max()) for k in ("query", "passage"))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        plan = Plan(**json.loads(Path(args.plan).read_text()))
+        run_worker(plan, args.worker, args.worker_out)
+        return 0
+    plan = make_plan(args)
+    impls = [args.only] if args.only else ["ours", "baseline"]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="nvembed-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        if plan.weights == "shared":
+            plan.weights_file = str(tmp / "weights.pt")
+            write_shared_weights(plan, plan.weights_file)
+        plan_file = tmp / "plan.json"
+        plan_file.write_text(json.dumps(asdict(plan)))
+        for impl in impls:
+            out = tmp / f"{impl}.json"
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--output",
+                args.output,
+                "--worker",
+                impl,
+                "--plan",
+                str(plan_file),
+                "--worker-out",
+                str(out),
+            ]
+            print(f"[bench] running {impl} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0:
+                raise SystemExit(f"{impl} worker failed with exit code {proc.returncode}")
+            results[impl] = json.loads(out.read_text())
+        parity_diff = parity(tmp) if plan.weights == "shared" else None
+
+    machine = machine_info(plan.device)
+    peak, peak_source = device_peak_tflops(machine["device_name"], plan.device, args.peak_tflops)
+    for r in results.values():
+        r["mfu"] = None if peak is None else r["model_tflops_per_s"] / peak
+    speedup = None
+    if "ours" in results and "baseline" in results:
+        speedup = results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+    config = asdict(plan)
+    config.pop("weights_file")
+    config.update(
+        flop_shape=flop_shape(plan).to_dict(),
+        peak_tflops=peak,
+        peak_tflops_source=peak_source,
+        parity_max_abs_diff=parity_diff,
+        lora_targets_ours=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+        lora_targets_baseline=LORA_TARGETS_HF,
+        command=" ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+    )
+    report = dict(
+        ours=results.get("ours"),
+        baseline=results.get("baseline"),
+        speedup=speedup,
+        machine=machine,
+        config=config,
+    )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    print(summary_line(report))
+    return 0
+
+
+def summary_line(report: dict) -> str:
+    """One markdown table row: preset, device, ours/baseline tokens/s, speedup, TFLOP/s, MFU."""
+    c, m = report["config"], report["machine"]
+
+    def cell(r, key, fmt):
+        return "n/a" if r is None or r.get(key) is None else format(r[key], fmt)
+
+    o, b = report["ours"], report["baseline"]
+    speed = "n/a" if report["speedup"] is None else f"{report['speedup']:.2f}x"
+    return (
+        f"| {c['preset']} L={c['model']['num_layers']} B={c['batch_size']} | "
+        f"{m['device_name']} | {cell(o, 'tokens_per_s', ',.0f')} | "
+        f"{cell(b, 'tokens_per_s', ',.0f')} | {speed} | "
+        f"{cell(o, 'model_tflops_per_s', '.3f')} / {cell(b, 'model_tflops_per_s', '.3f')} | "
+        f"{cell(o, 'mfu', '.1%')} / {cell(b, 'mfu', '.1%')} |"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

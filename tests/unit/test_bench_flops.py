@@ -1,0 +1,127 @@
+"""bench/flops.py against a hand count (exact integers) and against torch's FLOP counter on a
+plain-torch frozen-base + LoRA stack (exact integers: autograd really skips the weight gradients
+of frozen linears and layer 0's input gradient)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_flops", Path(__file__).resolve().parents[2] / "bench" / "flops.py"
+)
+flops = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = flops  # dataclasses look their module up
+_spec.loader.exec_module(flops)
+
+SHAPE = flops.FlopShape(
+    hidden=8,
+    ffn=12,
+    layers=2,
+    heads=2,
+    groups=1,
+    head_dim=4,
+    lora_rank=2,
+    pool_latents=3,
+    pool_heads=1,
+    pool_head_dim=8,
+    pool_ff_mult=2,
+)
+
+
+def test_hand_count_tiny_config():
+    # One call of 2 rows x width 5 (t = 10 token positions); 1 query with 2 candidates in the loss.
+    # Per layer, forward, frozen bases (2 t in out): qkv 8->16: 2560, proj 8->8: 1280,
+    # fc1 8->24: 3840, fc2 12->8: 1920  => 9600.
+    # LoRA r=2 (A: in->2, B: 2->out): qkv 320 + 640, proj 320 + 320, fc1 320 + 960,
+    # fc2 480 + 320 => 3680.
+    # Attention: 4 * rows * w^2 * dh * heads = 4 * 2 * 25 * 4 * 2 = 1600.
+    layer_fwd = 9600 + 3680 + 1600
+    # Backward, layer 1: bases' input gradients 9600, LoRA 2 x 3680, attention 2 x 1600.
+    layer1_bwd = 9600 + 2 * 3680 + 2 * 1600
+    # Layer 0: no input gradient for QKV (base 2560, adapter A 320).
+    layer0_bwd = (9600 - 2560) + (2 * 3680 - 320) + 2 * 1600
+    # Head (d 8, inner 1 x 8, ff 16): to_q 1280, scores + context 2 x (2 * 10 * 8 * 3) = 960,
+    # to_out 1280, GEGLU in 8->32: 5120, out 16->8: 2560 => 11200; backward 2x.
+    head_fwd = 1280 + 960 + 1280 + 5120 + 2560
+    # Latent K/V: 2 * 3 latents * 8 * 16 = 768, once.  Loss: own 2*1*8*2 = 32, pool 32.
+    kv_fwd, loss_fwd = 768, 64
+    want_fwd = 2 * layer_fwd + head_fwd + kv_fwd + loss_fwd
+    want_bwd = layer0_bwd + layer1_bwd + 2 * head_fwd + 2 * kv_fwd + 2 * loss_fwd
+    got = flops.train_step_flops(SHAPE, [(2, 5)], queries=1, candidates_per_query=2)
+    assert (got.forward, got.backward) == (want_fwd, want_bwd) == (41792, 61504)
+    assert got.total == 103296
+
+
+def test_calls_add_up_and_model_count_uses_real_lengths():
+    shape = SHAPE
+    one = flops.train_step_flops(shape, [(1, 3)], 1, 2, latent_kv_calls=0)
+    two = flops.train_step_flops(shape, [(1, 5)], 1, 2, latent_kv_calls=0)
+    loss = flops.loss_flops(shape, 1, 2)
+    kv = flops.latent_kv_flops(shape)
+    model = flops.model_step_flops(shape, [3, 5], 1, 2)
+    assert model == one + two + kv + flops.FlopCount(-loss.forward, -loss.backward)
+    # Padding costs: the same rows padded to the longer width cost more.
+    padded = flops.train_step_flops(shape, [(2, 5)], 1, 2, latent_kv_calls=1)
+    assert padded.total > model.total
+    # Each extra forward call projects the latents again.
+    split = flops.train_step_flops(shape, [(1, 3), (1, 5)], 1, 2)
+    assert split.total - model.total == kv.total
+
+
+def _counted_decoder_flops(shape, rows, width, seed=0):
+    """Forward + backward of a plain-torch decoder (frozen linears + LoRA, bidirectional
+    attention written as matmuls) under torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(seed)
+    d, r = shape.hidden, shape.lora_rank
+
+    def frozen(i, o):
+        return torch.randn(o, i, generator=g)
+
+    def lora(i, o):
+        return (
+            torch.randn(r, i, generator=g).requires_grad_(),
+            torch.randn(o, r, generator=g).requires_grad_(),
+        )
+
+    layers = []
+    for _ in range(shape.layers):
+        layer = {}
+        for name, fan_in, fan_out in flops.decoder_linears(shape):
+            layer[name] = (frozen(fan_in, fan_out), *lora(fan_in, fan_out))
+        layers.append(layer)
+
+    def lin(x, w):
+        base, a, b = w
+        return F.linear(x, base) + F.linear(F.linear(x, a), b)
+
+    x = torch.randn(rows, width, d, generator=g)  # frozen embedding output: no grad
+    with FlopCounterMode(display=False) as counter:
+        h = x
+        for layer in layers:
+            qkv = lin(h, layer["qkv"])
+            nq, nk = shape.heads * shape.head_dim, shape.groups * shape.head_dim
+            q, k, v = qkv.split([nq, nk, nk], dim=-1)
+            q = q.view(rows, width, shape.heads, shape.head_dim).transpose(1, 2)
+            rep = shape.heads // shape.groups
+            k = k.view(rows, width, shape.groups, shape.head_dim).transpose(1, 2)
+            v = v.view(rows, width, shape.groups, shape.head_dim).transpose(1, 2)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            p = (q @ k.transpose(-1, -2)).softmax(-1)
+            o = (p @ v).transpose(1, 2).reshape(rows, width, nq)
+            h = h + lin(o, layer["proj"])
+            gate, up = lin(h, layer["fc1"]).chunk(2, dim=-1)
+            h = h + lin(F.silu(gate) * up, layer["fc2"])
+        h.sum().backward()
+    return counter.get_total_flops()
+
+
+def test_decoder_count_matches_torch_flop_counter():
+    for rank in (1, 2):
+        shape = flops.FlopShape(**{**SHAPE.to_dict(), "lora_rank": rank})
+        want = flops.decoder_flops(shape, rows=3, width=7).total
+        assert _counted_decoder_flops(shape, rows=3, width=7) == want
