@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,21 +75,52 @@ def _barrier() -> None:
         dist.barrier()
 
 
+LORA_FILE = "lora.json"
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def read_lora(root: str | os.PathLike, iteration: int | None = None) -> dict | None:
+    """The LoRA settings saved with a checkpoint ({"rank", "alpha", "dropout"}), or None when the
+    checkpoint holds no adapters."""
+    it = latest_iteration(root) if iteration is None else iteration
+    path = iteration_dir(root, it) / LORA_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+        return {
+            "rank": int(value["rank"]),
+            "alpha": float(value["alpha"]),
+            "dropout": float(value.get("dropout", 0.0)),
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     cfg: EmbeddingModelConfig,
     root: str | os.PathLike,
     iteration: int = 0,
     extra_state: dict | None = None,
+    *,
+    optimizer=None,
+    lora: dict | None = None,
+    write_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Saves this rank's model stage (all ranks call it) as iteration `iteration` under `root`.
 
     Args:
-        model: this rank's `NVEmbedModel` stage.
+        model: this rank's `NVEmbedModel` stage (LoRA adapters, if applied, are saved with it).
         cfg: the model config (written next to the shards).
         root: checkpoint directory.
         iteration: iteration number of this save.
-        extra_state: more sharded state (optimizer, scheduler, ...) merged into the save.
+        extra_state: more sharded state merged into the save.
+        optimizer: a megatron-core optimizer whose state is saved reshardably
+            (`fully_reshardable`: loadable at any TP/PP/DP).
+        lora: {"rank", "alpha", "dropout"} when the model carries adapters (required then).
+        write_files: called on every rank with the temporary iteration folder before it is
+            renamed (per-rank RNG states, training state...).
 
     Returns:
         The final iteration directory.
@@ -97,10 +129,10 @@ def save_checkpoint(
 
     from megatron_nvembed.model.lora import has_lora
 
-    if has_lora(model):
+    if has_lora(model) and lora is None:
         raise ValueError(
-            "saving a model with unmerged LoRA adapters is not supported yet; call "
-            "megatron_nvembed.model.lora.merge_lora(model) first"
+            "the model carries LoRA adapters: pass lora={rank, alpha, dropout} to save them, "
+            "or merge them first (megatron_nvembed.model.lora.merge_lora)"
         )
     root = Path(root)
     final = iteration_dir(root, iteration)
@@ -111,14 +143,22 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # leftovers of an interrupted save
         tmp.mkdir()
     _barrier()
-    state = model.sharded_state_dict()
-    if extra_state:
-        state.update(extra_state)
     with cuda_allocations_on_cpu():
+        state = model.sharded_state_dict()
+        if optimizer is not None:
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model.sharded_state_dict(), is_loading=False, metadata=OPTIMIZER_SHARDING
+            )
+        if extra_state:
+            state.update(extra_state)
         dist_checkpointing.save(state, str(tmp))
+    if write_files is not None:
+        write_files(tmp)
     _barrier()
     if _rank() == 0:
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        if has_lora(model):
+            (tmp / LORA_FILE).write_text(json.dumps(lora, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -130,9 +170,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    model: torch.nn.Module, root: str | os.PathLike, iteration: int | None = None
+    model: torch.nn.Module,
+    root: str | os.PathLike,
+    iteration: int | None = None,
+    *,
+    optimizer=None,
+    merge_adapters: bool = True,
 ) -> int:
     """Loads the model stage from `root` (any saved TP/PP layout; all ranks call it).
+
+    A checkpoint with LoRA adapters loads into a model that has adapters of the same rank; into
+    a plain model (export, embedding, a next stage's initial weights) the adapters are applied,
+    loaded and merged into the base weights when `merge_adapters` (the default).
+
+    Args:
+        optimizer: also restore this megatron-core optimizer's state (any saved TP/PP/DP).
 
     Returns:
         The iteration loaded.
@@ -166,10 +218,38 @@ def load_checkpoint(
                     f"{iteration_dir(root, it) / CONFIG_FILE}: {section}.{key} is {a[key]!r} "
                     f"in the checkpoint but {b[key]!r} in the model being loaded"
                 )
+    from megatron_nvembed.model.lora import apply_lora, has_lora, merge_lora
+
+    lora = read_lora(root, it)
+    merge_after = False
+    if lora is not None and not has_lora(model):
+        if not merge_adapters:
+            raise ValueError(
+                f"{iteration_dir(root, it) / LORA_FILE}: the checkpoint holds LoRA adapters "
+                f"(rank {lora['rank']}) but the model being loaded has none"
+            )
+        apply_lora(model, lora["rank"], lora["alpha"], 0.0)
+        merge_after = True
+    elif lora is None and has_lora(model):
+        raise ValueError(
+            f"{iteration_dir(root, it)}: no LoRA adapters in the checkpoint, but the model has "
+            "them; load base weights before apply_lora (--pretrained-checkpoint)"
+        )
     with cuda_allocations_on_cpu():
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(iteration_dir(root, it)))
+        request = model.sharded_state_dict()
+        if optimizer is not None:
+            request["optimizer"] = optimizer.sharded_state_dict(
+                model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_SHARDING
+            )
+        state = dist_checkpointing.load(request, str(iteration_dir(root, it)))
+        if optimizer is not None:
+            optimizer.load_state_dict(state.pop("optimizer"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"checkpoint {root}: missing {missing}, unexpected {unexpected}")
+    if merge_after:
+        merge_lora(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
     return it

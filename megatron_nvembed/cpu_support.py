@@ -44,6 +44,13 @@ class _CudaDeviceToCpu(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core's optimizers check `param.type() == "torch.cuda.FloatTensor"`;
+            # answer as a CUDA tensor of the same dtype would.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if func is torch.Tensor.cuda:
+            return args[0]  # `tensor.cuda()` before a collective: stay on the CPU
         device = kwargs.get("device")
         if device is not None:
             dev = torch.device(device) if not isinstance(device, torch.device) else device

@@ -72,8 +72,9 @@ def initialize_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        # The default group is already gloo on CPU; extra gloo groups would only duplicate it.
-        create_gloo_process_groups=not cpu_mode(),
+        # The distributed optimizer asks for gloo copies of the DP groups (for checkpointing
+        # its state); on CPU they duplicate the default gloo groups, which is harmless.
+        create_gloo_process_groups=True,
     )
     model_parallel_seed(seed, tp_rank=parallel_state.get_tensor_model_parallel_rank())
     return ProcessGroupCollection.use_mpu_process_groups()

@@ -155,3 +155,106 @@ def save_tiny_hf_decoder(out_dir, tokenizer, kind: str = "mistral", seed: int = 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def write_synthetic_retrieval(
+    out_dir,
+    num_topics: int = 16,
+    train_per_topic: int = 24,
+    eval_queries_per_topic: int = 2,
+    eval_docs_per_topic: int = 2,
+    num_negatives: int = 3,
+    seed: int = 0,
+) -> dict:
+    """Writes a learnable synthetic retrieval task, its held-out BEIR split and a tokenizer.
+
+    Each topic has its own query words and its own, disjoint, document words, plus filler words
+    shared by all topics: a query and its relevant documents share no word, so an untrained
+    model ranks near chance and a trained one has to learn the topic association.
+
+    Files: `train.jsonl` (stage-1 records with an instruction and hard negatives from other
+    topics), `train_pairs.jsonl` (stage-2 style: same task, no in-batch negatives),
+    `eval/{corpus,queries}.jsonl` + `eval/qrels/test.tsv`, `tokenizer/`.
+
+    Returns:
+        {"train": path, "train_pairs": path, "eval": path, "tokenizer": path, "instruction": str}
+    """
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    (out / "eval" / "qrels").mkdir(parents=True, exist_ok=True)
+    qwords = [[f"q{t}x{j}" for j in range(6)] for t in range(num_topics)]
+    dwords = [[f"d{t}y{j}" for j in range(8)] for t in range(num_topics)]
+    filler = [f"w{j}" for j in range(30)]
+    instruction = "Given a question retrieve passages that answer it"
+
+    def query(t):
+        words = rng.sample(qwords[t], 3) + rng.sample(filler, 2)
+        rng.shuffle(words)
+        return " ".join(words)
+
+    def doc(t):
+        words = rng.sample(dwords[t], 4) + rng.sample(filler, 4)
+        rng.shuffle(words)
+        return " ".join(words)
+
+    def write_jsonl(path, rows):
+        tmp = Path(str(path) + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        tmp.replace(path)
+
+    train, pairs = [], []
+    for t in range(num_topics):
+        for _ in range(train_per_topic):
+            others = rng.sample([u for u in range(num_topics) if u != t], num_negatives)
+            train.append(
+                {
+                    "query": query(t),
+                    "pos": [doc(t)],
+                    "neg": [doc(u) for u in others],
+                    "task": "SyntheticQA",
+                    "instruction": instruction,
+                }
+            )
+            pairs.append(
+                {
+                    "query": query(t),
+                    "pos": [doc(t)],
+                    "neg": [doc(others[0])],
+                    "task": "SyntheticQA",
+                    "instruction": instruction,
+                    "in_batch_negatives": False,
+                }
+            )
+    rng.shuffle(train)
+    rng.shuffle(pairs)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "train_pairs.jsonl", pairs)
+    corpus, queries, qrels = [], [], []
+    for t in range(num_topics):
+        for j in range(eval_docs_per_topic):
+            corpus.append({"_id": f"d{t}-{j}", "text": doc(t)})
+        for j in range(eval_queries_per_topic):
+            queries.append({"_id": f"q{t}-{j}", "text": query(t)})
+            qrels += [(f"q{t}-{j}", f"d{t}-{k}") for k in range(eval_docs_per_topic)]
+    write_jsonl(out / "eval" / "corpus.jsonl", corpus)
+    write_jsonl(out / "eval" / "queries.jsonl", queries)
+    with open(out / "eval" / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q, d in qrels:
+            f.write(f"{q}\t{d}\t1\n")
+    texts = [instruction, "Instruct: Query:"] + [" ".join(w) for w in qwords + dwords] + filler
+    tok = build_word_tokenizer(texts)
+    tok.save_pretrained(str(out / "tokenizer"))
+    return {
+        "train": str(out / "train.jsonl"),
+        "train_pairs": str(out / "train_pairs.jsonl"),
+        "eval": str(out / "eval"),
+        "tokenizer": str(out / "tokenizer"),
+        "instruction": instruction,
+    }

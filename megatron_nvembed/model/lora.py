@@ -38,6 +38,7 @@ class LoRAParallelLinear(nn.Module):
         rank, alpha, dropout: LoRA r, alpha, and dropout on the adapter input.
         tp_group: the tensor-parallel group of `base`.
         generator: source of A's initialisation (same seed on every TP rank).
+        gated: `base` is the fc1 of a gated (SwiGLU) MLP, whose rows checkpoints reorder.
     """
 
     def __init__(
@@ -49,11 +50,14 @@ class LoRAParallelLinear(nn.Module):
         dropout: float,
         tp_group,
         generator: torch.Generator,
+        gated: bool = False,
     ):
         super().__init__()
         if parallel not in ("column", "row"):
             raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
         self.base, self.parallel, self.tp_group = base, parallel, tp_group
+        # A gated MLP's fc1 holds [gate; up] rows per TP rank; checkpoints reorder them.
+        self.gated = bool(gated)
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
         tp, tp_rank = tp_group.size(), tp_group.rank()
@@ -85,6 +89,38 @@ class LoRAParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
         return out + self.delta(x), bias
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Checkpoint entries: the base layer under its usual checkpoint keys (so a LoRA model
+        reads and writes the same base tensors as a plain one) and the adapters, TP-sharded like
+        the base (B along rows for column layers, A along columns for row layers).
+
+        The module-side keys are `prefix + "base.weight"`, `prefix + "lora_A"`, ... (this
+        module's own state_dict names); the checkpoint keys are `prefix + "weight"`, ...
+        """
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        base_sd = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        out = {}
+        for key, value in base_sd.items():
+            if self.gated and key == prefix + "weight":
+                value = apply_swiglu_sharded_factory(value, sharded_offsets, singleton)
+            out[prefix + "base." + key[len(prefix) :]] = value
+        axis = {"lora_B": 0} if self.parallel == "column" else {"lora_A": 1}
+        adapters = make_sharded_tensors_for_checkpoint(
+            {"lora_A": self.lora_A, "lora_B": self.lora_B},
+            prefix,
+            axis,
+            sharded_offsets,
+            tp_group=self.tp_group,
+        )
+        if self.gated:  # B's rows are [gate shard; up shard] per rank, like the base weight
+            key = prefix + "lora_B"
+            adapters[key] = apply_swiglu_sharded_factory(adapters[key], sharded_offsets, singleton)
+        out.update(adapters)
+        return out
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
@@ -133,8 +169,9 @@ def apply_lora(
                     seed + 1000 * offset + 10 * j + (n in ROW_TARGETS)
                 )
                 kind = "column" if n in COLUMN_TARGETS else "row"
+                gated = n == "linear_fc1" and model.config.gated_linear_unit
                 wrapped = LoRAParallelLinear(
-                    getattr(owner, n), kind, rank, alpha, dropout, tp_group, g
+                    getattr(owner, n), kind, rank, alpha, dropout, tp_group, g, gated=gated
                 )
                 setattr(owner, n, wrapped)
                 added += [wrapped.lora_A, wrapped.lora_B]

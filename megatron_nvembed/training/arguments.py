@@ -1,0 +1,164 @@
+"""Command line of the training entry point: `--recipe NAME` plus Megatron-LM's flag names.
+
+Every flag defaults to "not given"; the recipe supplies the value unless the flag is given, so
+`--recipe nvembed_mistral_7b_stage1 --lr 1e-5` changes exactly the learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_nvembed.training.config import TrainingConfig
+from megatron_nvembed.training.recipes import RECIPES, get_recipe
+
+# flag -> TrainingConfig attribute path ("model.model.hidden_dropout"), type
+_FLAGS: list[tuple[str, str, type, str]] = [
+    (
+        "--tensor-model-parallel-size",
+        "model.parallel.tensor_model_parallel_size",
+        int,
+        "ranks splitting each layer",
+    ),
+    (
+        "--pipeline-model-parallel-size",
+        "model.parallel.pipeline_model_parallel_size",
+        int,
+        "pipeline stages",
+    ),
+    ("--micro-batch-size", "micro_batch_size", int, "queries per micro-batch per DP rank"),
+    ("--global-batch-size", "global_batch_size", int, "queries per optimizer step, all ranks"),
+    ("--train-iters", "train_iters", int, "optimizer steps"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--min-lr", "min_lr", float, "learning rate at the end of the decay"),
+    ("--lr-warmup-iters", "lr_warmup_iters", int, "linear warm-up steps"),
+    ("--lr-decay-iters", "lr_decay_iters", int, "decay steps (default --train-iters)"),
+    ("--lr-decay-style", "lr_decay_style", str, "linear, cosine or constant"),
+    ("--weight-decay", "weight_decay", float, "Adam(W) weight decay"),
+    ("--adam-beta1", "adam_beta1", float, None),
+    ("--adam-beta2", "adam_beta2", float, None),
+    ("--adam-eps", "adam_eps", float, None),
+    ("--clip-grad", "clip_grad", float, "gradient-norm clipping (0: off)"),
+    ("--seed", "seed", int, "seed of initialisation, data order and dropout"),
+    ("--hidden-dropout", "model.model.hidden_dropout", float, None),
+    ("--attention-dropout", "model.model.attention_dropout", float, None),
+    (
+        "--recompute-granularity",
+        "model.model.recompute_granularity",
+        str,
+        "activation recompute: full or selective",
+    ),
+    ("--recompute-num-layers", "model.model.recompute_num_layers", int, None),
+    ("--attention-backend", "model.model.attention_backend", str, "auto, te, sdpa or local"),
+    ("--save", "save", str, "checkpoint directory to write"),
+    ("--load", "load", str, "checkpoint directory to resume from (if it holds one)"),
+    ("--save-interval", "save_interval", int, "iterations between checkpoints"),
+    ("--log-interval", "log_interval", int, "iterations between log lines"),
+    ("--log-json", "log_json", str, "append one JSON object per logged iteration to this file"),
+    ("--stage", "stage", int, "1 (in-batch + hard negatives) or 2 (in-batch off)"),
+    ("--lora-rank", "lora.rank", int, "LoRA rank (0: full fine-tuning)"),
+    ("--lora-alpha", "lora.alpha", float, None),
+    ("--lora-dropout", "lora.dropout", float, None),
+    ("--temperature", "temperature", float, "softmax temperature of the contrastive loss"),
+    (
+        "--false-negative-margin",
+        "false_negative_margin",
+        float,
+        "exclude negatives scoring above this fraction of the positive's score",
+    ),
+    (
+        "--pretrained-checkpoint",
+        "pretrained_checkpoint",
+        str,
+        "initial weights (import-hf output or a stage-1 save); optimizer state not loaded",
+    ),
+    ("--tokenizer", "tokenizer", str, "tokenizer directory (default: the checkpoint's)"),
+    ("--num-negatives", "num_negatives", int, "hard negatives per query"),
+    ("--seq-length", "seq_length", int, "token limit per text"),
+    (
+        "--max-nonfinite-steps",
+        "max_nonfinite_steps",
+        int,
+        "non-finite losses in a row before aborting (each skips its step)",
+    ),
+    ("--eval-interval", "eval_interval", int, "iterations between validations"),
+    ("--eval-instruction", "eval_instruction", str, "query instruction for --eval-data"),
+    ("--eval-batch-size", "eval_batch_size", int, None),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_nvembed.py",
+        description="Contrastive training of NV-Embed-style embedding models on Megatron-core.",
+    )
+    parser.add_argument(
+        "--recipe",
+        default="tiny",
+        help=f"one of {sorted(RECIPES)} (or a name without _stageN plus --stage)",
+    )
+    for flag, _, kind, help_text in _FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--train-data",
+        nargs="+",
+        default=None,
+        help="paths, or weight/path pairs: 0.3 a.jsonl 0.7 b.jsonl",
+    )
+    parser.add_argument("--eval-data", nargs="+", default=None, help="BEIR-format folders")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        default=None,
+        help="bfloat16 parameters and compute (GPU; CPU runs stay float32)",
+    )
+    parser.add_argument(
+        "--fp32", dest="bf16", action="store_false", help="float32 even if the recipe says bf16"
+    )
+    parser.add_argument(
+        "--grad-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-batch negatives over the whole global batch (GradCache)",
+    )
+    parser.add_argument(
+        "--use-distributed-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shard optimizer state over DP ranks",
+    )
+    parser.add_argument("--skip-bad-records", action="store_true", default=None)
+    return parser
+
+
+def _set(cfg, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    obj = cfg
+    for name in parents:
+        obj = getattr(obj, name)
+    setattr(obj, leaf, value)
+
+
+def parse_args(argv=None) -> TrainingConfig:
+    """Flags -> validated TrainingConfig (recipe values unless a flag is given).
+
+    Raises:
+        SystemExit (argparse) / ValueError naming the flag.
+    """
+    args = build_parser().parse_args(argv)
+    cfg = get_recipe(args.recipe, args.stage)
+    values = vars(args)
+    for flag, path, _, _ in _FLAGS:
+        value = values[flag.lstrip("-").replace("-", "_")]
+        if value is not None:
+            _set(cfg, path, value)
+    for name, path in (
+        ("train_data", "train_data"),
+        ("eval_data", "eval_data"),
+        ("bf16", "model.model.bf16"),
+        ("grad_cache", "grad_cache"),
+        ("use_distributed_optimizer", "use_distributed_optimizer"),
+        ("skip_bad_records", "skip_bad_records"),
+    ):
+        if values[name] is not None:
+            _set(cfg, path, values[name])
+    return cfg.validate()

@@ -1,0 +1,138 @@
+"""Training checkpoints: model (+ LoRA adapters) and optimizer through megatron-core's
+distributed checkpointing (reshardable to any TP/PP/DP), plus what exact resumption needs:
+
+```
+iter_XXXXXXX/
+  (model + optimizer shards, nvembed_config.json, lora.json)   see megatron_nvembed/checkpoint.py
+  train_state.json      iteration, scheduler, data position, skipped steps, layout, run settings
+  rng/rank_XXXXX.pt     each rank's CPU / CUDA / tensor-parallel generator states
+```
+The RNG files are restored when the layout (TP, PP, DP) is unchanged; after a layout change
+each rank re-seeds from (seed, iteration) and the log says so (dropout masks then differ from
+an uninterrupted run, nothing else does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_nvembed.checkpoint import (
+    TOKENIZER_DIR,
+    is_checkpoint_dir,
+    iteration_dir,
+    latest_iteration,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_nvembed.logging_utils import get_logger, log_rank0
+from megatron_nvembed.loss.grad_cache import capture_rng_state, restore_rng_state
+
+logger = get_logger(__name__)
+TRAIN_STATE = "train_state.json"
+
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / "rng" / f"rank_{rank:05d}.pt"
+
+
+def save_training_checkpoint(
+    root,
+    iteration,
+    model,
+    model_cfg,
+    optimizer,
+    scheduler,
+    data,
+    state: dict,
+    lora: dict | None,
+    tokenizer=None,
+) -> Path:
+    """Saves everything a resume needs (all ranks call it). Written to a temporary folder and
+    renamed; the tracker file moves last, so an interrupted save is never what `--load` picks."""
+    rank = dist.get_rank()
+    rng = capture_rng_state()
+
+    def write_files(tmp: Path) -> None:
+        path = _rng_file(tmp, rank)
+        path.parent.mkdir(exist_ok=True)
+        torch.save({"cpu": rng.cpu, "cuda": rng.cuda, "tracker": rng.tracker}, path)
+        if rank == 0:
+            body = dict(state)
+            body["iteration"] = iteration
+            body["scheduler"] = scheduler.state_dict()
+            body["data"] = data.state_dict()
+            (tmp / TRAIN_STATE).write_text(json.dumps(body, indent=2))
+            if tokenizer is not None and not (Path(root) / TOKENIZER_DIR).exists():
+                tok_tmp = Path(root) / (TOKENIZER_DIR + ".tmp")
+                tokenizer.save_pretrained(str(tok_tmp))
+                os.replace(tok_tmp, Path(root) / TOKENIZER_DIR)
+
+    return save_checkpoint(
+        model,
+        model_cfg,
+        root,
+        iteration,
+        optimizer=optimizer,
+        lora=lora,
+        write_files=write_files,
+    )
+
+
+def read_train_state(root) -> dict:
+    """`train_state.json` of the latest checkpoint under `root`."""
+    path = iteration_dir(root, latest_iteration(root)) / TRAIN_STATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not a training checkpoint (no train_state.json); use it as "
+            "--pretrained-checkpoint to start a new run from its weights"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def load_training_checkpoint(root, model, optimizer, scheduler, data, layout: dict, seed: int):
+    """Restores model, optimizer, scheduler, data position and (same layout) RNG states.
+
+    Returns:
+        The saved train_state dict (iteration, skipped steps, ...).
+    """
+    state = read_train_state(root)
+    it = load_checkpoint(model, root, optimizer=optimizer, merge_adapters=False)
+    if it != state["iteration"]:
+        raise ValueError(
+            f"{root}: tracker says iteration {it}, train_state.json {state['iteration']}"
+        )
+    scheduler.load_state_dict(state["scheduler"])
+    data.load_state_dict(state["data"])
+    rng_path = _rng_file(iteration_dir(root, it), dist.get_rank())
+    if state.get("layout") == layout and rng_path.is_file():
+        saved = torch.load(rng_path, weights_only=False)
+        from megatron_nvembed.loss.grad_cache import RngSnapshot
+
+        restore_rng_state(RngSnapshot(saved["cpu"], saved["cuda"], saved["tracker"]))
+        log_rank0(logger, "resumed at iteration %d with every rank's RNG state", it)
+    else:
+        from megatron_nvembed.cpu_support import model_parallel_seed
+
+        tp_rank = model.pg_collection.tp.rank()
+        model_parallel_seed(seed + 7919 * it, tp_rank=tp_rank)
+        log_rank0(
+            logger,
+            "resumed at iteration %d with a different layout (saved %s, now %s): generators "
+            "re-seeded from (seed, iteration); dropout masks differ from an uninterrupted run",
+            it,
+            state.get("layout"),
+            layout,
+        )
+    return state
+
+
+def has_training_checkpoint(root) -> bool:
+    return root is not None and is_checkpoint_dir(root)

@@ -1,0 +1,150 @@
+"""`TrainingConfig`: every setting of a training run, filled by a recipe and then by flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from megatron_nvembed.config import EmbeddingModelConfig
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on `linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2` (rank 0: full fine-tuning)."""
+
+    rank: int = 16
+    """`--lora-rank` (0: every parameter trains)."""
+    alpha: float = 32.0
+    """`--lora-alpha`: the adapter output is scaled by alpha / rank."""
+    dropout: float = 0.1
+    """`--lora-dropout`: dropout on the adapter input."""
+
+
+@dataclass
+class TrainingConfig:
+    """A training run. Recipes (`training/recipes.py`) return one; flags override fields."""
+
+    recipe: str = "custom"
+    stage: int = 1
+    """1: retrieval data with in-batch + hard negatives; 2: blended tasks, in-batch off."""
+    model: EmbeddingModelConfig = field(default_factory=EmbeddingModelConfig)
+    """Used as is when training from scratch; with `--pretrained-checkpoint` / `--load` the
+    architecture comes from the checkpoint and only the run-time fields (parallel layout,
+    dropouts, bf16, recompute, attention backend) come from here."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    # data
+    train_data: list[str] = field(default_factory=list)
+    """`--train-data`: paths, or weight/path pairs as Megatron's `--data-path`."""
+    tokenizer: str | None = None
+    """`--tokenizer`: a tokenizer directory (default: the checkpoint's `tokenizer/`)."""
+    num_negatives: int = 7
+    """`--num-negatives`: hard negatives per query (K)."""
+    seq_length: int = 512
+    """`--seq-length`: token limit per text (right padding)."""
+    skip_bad_records: bool = False
+
+    # batch and schedule
+    micro_batch_size: int = 4
+    global_batch_size: int = 128
+    train_iters: int = 20000
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 500
+    lr_decay_iters: int | None = None
+    """Default: `train_iters`."""
+    lr_decay_style: str = "linear"
+    weight_decay: float = 0.03
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    use_distributed_optimizer: bool = True
+
+    # loss
+    temperature: float = 0.02
+    false_negative_margin: float | None = None
+    grad_cache: bool = True
+    """In-batch negatives over the whole global batch (GradCache); off: one micro-batch per DP
+    rank (the log says so)."""
+
+    # checkpoints and logs
+    pretrained_checkpoint: str | None = None
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    log_interval: int = 10
+    log_json: str | None = None
+    max_nonfinite_steps: int = 10
+    """Consecutive non-finite losses tolerated (each skips its step) before the run aborts."""
+
+    # evaluation during training
+    eval_interval: int | None = None
+    eval_data: list[str] = field(default_factory=list)
+    """BEIR-format folders (corpus.jsonl, queries.jsonl, qrels/test.tsv) for in-training
+    validation."""
+    eval_instruction: str | None = None
+    eval_batch_size: int = 32
+
+    @property
+    def in_batch_negatives(self) -> bool:
+        return self.stage == 1
+
+    def validate(self) -> TrainingConfig:
+        """Checks fields that do not need the process groups; raises ValueError naming the flag."""
+        if self.stage not in (1, 2):
+            raise ValueError(f"--stage must be 1 or 2, got {self.stage}")
+        positive = {
+            "--micro-batch-size": self.micro_batch_size,
+            "--global-batch-size": self.global_batch_size,
+            "--train-iters": self.train_iters,
+            "--seq-length": self.seq_length,
+            "--log-interval": self.log_interval,
+            "--max-nonfinite-steps": self.max_nonfinite_steps,
+        }
+        for flag, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        for flag, value in (
+            ("--save-interval", self.save_interval),
+            ("--eval-interval", self.eval_interval),
+            ("--lr-decay-iters", self.lr_decay_iters),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.num_negatives < 0:
+            raise ValueError(f"--num-negatives must be >= 0, got {self.num_negatives}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}), --lr > 0")
+        if self.lr_warmup_iters < 0:
+            raise ValueError(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        if self.lr_decay_style not in ("linear", "cosine", "constant"):
+            raise ValueError(
+                f"--lr-decay-style must be linear, cosine or constant, got {self.lr_decay_style!r}"
+            )
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
+        if self.lora.rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0, got {self.lora.rank}")
+        if self.lora.rank > 0 and not self.lora.alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora.alpha}")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora.dropout}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not self.train_data:
+            raise ValueError("--train-data is required (paths, or weight/path pairs)")
+        if self.eval_interval is not None and not self.eval_data:
+            raise ValueError("--eval-interval needs --eval-data (BEIR-format folders)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"--global-batch-size ({self.global_batch_size}) must be a multiple of "
+                f"--micro-batch-size ({self.micro_batch_size})"
+            )
+        self.model.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,146 @@
+"""Training recipes: functions returning a `TrainingConfig`; flags override any field.
+
+`nvembed_mistral_7b_stage1` / `nvembed_mistral_7b_stage2` carry the NV-Embed paper's Table 5
+settings: global batch 128 queries, 7 hard negatives, Adam with weight decay 0.03, 500 linear
+warm-up steps then linear decay, LoRA rank 16 / alpha 32 / dropout 0.1, latent pooling with 512
+latents and 8 heads, bf16, texts cut at 512 tokens, right padding; stage 1 lr 2e-5 for 20k steps
+with in-batch negatives, stage 2 lr 1.5e-5 for 18k steps without them. Stage 2 starts from the
+stage-1 weights (`--pretrained-checkpoint STAGE1_SAVE`: adapters are merged into the base, new
+adapters are trained) with a different `--train-data` blend.
+
+`tiny` / `tiny_stage2` run on a laptop CPU in seconds (the quickstart and the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from megatron_nvembed.config import EmbeddingModelConfig, ModelConfig, PoolingConfig
+from megatron_nvembed.training.config import LoRAConfig, TrainingConfig
+
+
+def _mistral_7b() -> EmbeddingModelConfig:
+    return EmbeddingModelConfig(
+        model=ModelConfig(
+            vocab_size=32000,
+            hidden_size=4096,
+            ffn_hidden_size=14336,
+            num_layers=32,
+            num_attention_heads=32,
+            num_query_groups=8,
+            rotary_base=10000.0,
+            norm_epsilon=1e-5,
+            mask_type="bidirectional",
+            bf16=True,
+        ),
+        pooling=PoolingConfig(type="latent", num_latents=512, num_heads=8, head_dim=None),
+    )
+
+
+def nvembed_mistral_7b_stage1() -> TrainingConfig:
+    """NV-Embed stage 1 (Table 5): retrieval data, in-batch + 7 mined hard negatives."""
+    return TrainingConfig(
+        recipe="nvembed_mistral_7b_stage1",
+        stage=1,
+        model=_mistral_7b(),
+        lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.1),
+        num_negatives=7,
+        seq_length=512,
+        micro_batch_size=4,
+        global_batch_size=128,
+        train_iters=20000,
+        lr=2e-5,
+        min_lr=0.0,
+        lr_warmup_iters=500,
+        lr_decay_style="linear",
+        weight_decay=0.03,
+        clip_grad=1.0,
+        temperature=0.02,
+        grad_cache=True,
+        save_interval=1000,
+        log_interval=10,
+    )
+
+
+def nvembed_mistral_7b_stage2() -> TrainingConfig:
+    """NV-Embed stage 2 (Table 5): retrieval + classification + clustering + STS blend, no
+    in-batch negatives, from the stage-1 weights."""
+    cfg = nvembed_mistral_7b_stage1()
+    cfg.recipe = "nvembed_mistral_7b_stage2"
+    cfg.stage = 2
+    cfg.train_iters = 18000
+    cfg.lr = 1.5e-5
+    return cfg
+
+
+def tiny() -> TrainingConfig:
+    """A 2-layer width-64 model trained from scratch in full fine-tuning (CPU, seconds)."""
+    return TrainingConfig(
+        recipe="tiny",
+        stage=1,
+        model=EmbeddingModelConfig(
+            model=ModelConfig(
+                vocab_size=256,
+                hidden_size=64,
+                ffn_hidden_size=128,
+                num_layers=2,
+                num_attention_heads=4,
+                num_query_groups=2,
+                attention_backend="auto",
+            ),
+            pooling=PoolingConfig(type="latent", num_latents=16, num_heads=2, head_dim=32),
+        ),
+        lora=LoRAConfig(rank=0, alpha=16.0, dropout=0.0),
+        num_negatives=3,
+        seq_length=64,
+        micro_batch_size=4,
+        global_batch_size=16,
+        train_iters=40,
+        lr=2e-3,
+        min_lr=2e-4,
+        lr_warmup_iters=4,
+        weight_decay=0.01,
+        clip_grad=1.0,
+        temperature=0.05,
+        grad_cache=True,
+        log_interval=5,
+    )
+
+
+def tiny_stage2() -> TrainingConfig:
+    """Stage 2 of the tiny recipe: LoRA (rank 8) on the stage-1 weights, in-batch negatives off."""
+    cfg = tiny()
+    cfg.recipe = "tiny_stage2"
+    cfg.stage = 2
+    cfg.lora = LoRAConfig(rank=8, alpha=16.0, dropout=0.0)
+    cfg.train_iters = 20
+    cfg.lr = 5e-4
+    cfg.min_lr = 5e-5
+    cfg.lr_warmup_iters = 2
+    return cfg
+
+
+RECIPES: dict[str, Callable[[], TrainingConfig]] = {
+    "nvembed_mistral_7b_stage1": nvembed_mistral_7b_stage1,
+    "nvembed_mistral_7b_stage2": nvembed_mistral_7b_stage2,
+    "tiny": tiny,
+    "tiny_stage1": tiny,
+    "tiny_stage2": tiny_stage2,
+}
+
+
+def get_recipe(name: str, stage: int | None = None) -> TrainingConfig:
+    """The recipe `name`; `name` without a stage suffix plus `stage` picks `{name}_stage{stage}`.
+
+    Raises:
+        ValueError: unknown name, or a stage that contradicts the recipe's.
+    """
+    key = name
+    if stage is not None and f"{name}_stage{stage}" in RECIPES:
+        key = f"{name}_stage{stage}"
+    if key not in RECIPES:
+        raise ValueError(f"--recipe {name!r} is unknown; choose one of {sorted(RECIPES)}")
+    cfg = RECIPES[key]()
+    if stage is not None and stage != cfg.stage:
+        raise ValueError(f"--recipe {name} is a stage-{cfg.stage} recipe but --stage is {stage}")
+    return cfg

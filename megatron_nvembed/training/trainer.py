@@ -1,0 +1,722 @@
+"""The training loop: megatron-core DDP + (distributed) optimizer + pipeline schedules, the
+contrastive loss over the data-parallel group, GradCache, LoRA, checkpoints and logs.
+
+One iteration = one global batch = one optimizer step:
+
+- GradCache on (`grad_cache=True`, the recipes' default): phase 1 embeds every micro-batch of
+  this rank through megatron-core's forward-only schedule (no activations kept, RNG recorded);
+  the last pipeline stage computes the loss over the whole global batch (candidates gathered over
+  the DP group) and its gradient with respect to every embedding; phase 2 replays each
+  micro-batch through the training schedule with `surrogate_loss`, which delivers exactly those
+  gradients. In-batch negatives span the whole global batch.
+- GradCache off: each micro-batch's loss is computed on its own inside the training schedule;
+  in-batch negatives span one micro-batch per rank x the DP ranks (the log says so).
+
+With pipeline parallelism a micro-batch travels as one tensor: queries and candidates are padded
+to a common width and stacked (rows [b queries; b x (1 + K) candidates]). Without it, queries and
+candidates run as two forwards at their own widths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_nvembed.cpu_support import cpu_mode, cuda_allocations_on_cpu
+from megatron_nvembed.data.collate import EmbeddingBatch
+from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.loss import (
+    ContrastiveLoss,
+    ContrastiveLossConfig,
+    RngReplay,
+    embedding_gradients,
+    surrogate_loss,
+)
+from megatron_nvembed.training.config import TrainingConfig
+
+logger = get_logger(__name__)
+
+# Dense bf16 peak of known accelerators (TFLOP/s), for the MFU estimate.
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+    "GH200": 989.0,
+}
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite losses: each skips its step; too many in a row abort."""
+
+    def __init__(self, max_in_row: int):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.skipped = 0
+
+    def update(self, finite: bool, iteration: int) -> bool:
+        """Returns True when the step may be applied.
+
+        Raises:
+            RuntimeError: after `max_in_row` non-finite losses in a row.
+        """
+        if finite:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.skipped += 1
+        logger.warning(
+            "iteration %d: non-finite loss, optimizer step skipped (%d in a row, limit %d; "
+            "--max-nonfinite-steps)",
+            iteration,
+            self.in_row,
+            self.max_in_row,
+        )
+        if self.in_row >= self.max_in_row:
+            raise RuntimeError(
+                f"iteration {iteration}: {self.in_row} non-finite losses in a row "
+                f"(--max-nonfinite-steps {self.max_in_row}); aborting. Lower --lr, check the "
+                "data, or resume from the last checkpoint."
+            )
+        return False
+
+
+class _SigtermFlag:
+    """Set by SIGTERM (cluster preemption); the loop saves and exits at the end of the step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns (on every rank)."""
+
+    iteration: int
+    losses: dict[int, float] = field(default_factory=dict)
+    """Global-batch mean loss of every iteration run in this call."""
+    skipped: int = 0
+    exit_reason: str = "done"
+    """"done", "sigterm"."""
+    evals: dict[int, dict] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def _resolve_model_config(cfg: TrainingConfig):
+    """Architecture from the checkpoint (resume or pretrained) or the recipe; run-time fields
+    (layout, dropout, bf16, recompute, backend) from the training config."""
+    from megatron_nvembed.checkpoint import read_config
+    from megatron_nvembed.training.checkpointing import has_training_checkpoint
+
+    source = cfg.load if has_training_checkpoint(cfg.load) else cfg.pretrained_checkpoint
+    mine = cfg.model
+    if source is None:
+        model_cfg = mine
+    else:
+        model_cfg = read_config(source)
+        for key in (
+            "hidden_dropout",
+            "attention_dropout",
+            "bf16",
+            "recompute_granularity",
+            "recompute_num_layers",
+            "attention_backend",
+        ):
+            setattr(model_cfg.model, key, getattr(mine.model, key))
+        model_cfg.parallel = mine.parallel
+    if model_cfg.model.bf16 and cpu_mode():
+        logger.warning("--bf16 on a machine without CUDA: training in float32 on the CPU")
+        model_cfg.model.bf16 = False
+    return model_cfg.validate(), source
+
+
+def _load_tokenizer(cfg: TrainingConfig, source: str | None):
+    from transformers import AutoTokenizer
+
+    from megatron_nvembed.checkpoint import TOKENIZER_DIR
+
+    path = cfg.tokenizer or (str(Path(source) / TOKENIZER_DIR) if source else None)
+    if path is None:
+        raise ValueError(
+            "no tokenizer: pass --tokenizer DIR, or --pretrained-checkpoint from import-hf "
+            "(which stores one)"
+        )
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: tokenizer directory not found (--tokenizer)")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _build_optimizer(cfg: TrainingConfig, model, model_cfg):
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    bf16 = model_cfg.model.bf16
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    with cuda_allocations_on_cpu():
+        ddp = DistributedDataParallel(model.config, ddp_cfg, model)
+        optimizer = get_megatron_optimizer(opt_cfg, [ddp])
+    _patch_torch_adam_step_state(optimizer)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=cfg.lr_decay_iters or cfg.train_iters,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=cfg.train_iters,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+    )
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss if bf16 else None
+    return ddp, optimizer, scheduler
+
+
+def _patch_torch_adam_step_state(optimizer) -> None:
+    """Work-around (megatron-core 0.16.1, torch Adam fallback without TE/Apex): loading a
+    `fully_reshardable` distributed-optimizer state copies every key of the live Adam state,
+    including torch's per-parameter "step", which the saved shards do not carry (the step is
+    restored from the param groups). Feed the live step back so the copy is a no-op for it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def setter(model_param, tensors, opt=opt, original=original):
+            group, order = opt.model_param_group_index_map[model_param]
+            live = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+            if "step" in live and "step" not in tensors:
+                tensors = dict(tensors, step=live["step"])
+            original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = setter
+
+
+# ---------------------------------------------------------------------------------------------
+# one iteration
+
+
+def _stacked(mb: EmbeddingBatch) -> dict[str, torch.Tensor]:
+    """Queries and candidates as one right-padded batch [b + b*(1+K), s] (pipeline transport)."""
+    q, c = mb.query, mb.candidates
+    width = max(q["input_ids"].shape[1], c["input_ids"].shape[1])
+    out = {}
+    for key in ("input_ids", "attention_mask", "pool_mask"):
+        pad_value = q["input_ids"][0, -1].item() if key == "input_ids" else 0
+        parts = []
+        for part in (q[key], c[key]):
+            extra = width - part.shape[1]
+            if extra:
+                part = torch.nn.functional.pad(part, (0, extra), value=pad_value)
+            parts.append(part)
+        out[key] = torch.cat(parts)
+    return out
+
+
+class _Step:
+    """Runs one global batch through the schedules (see the module docstring)."""
+
+    def __init__(self, cfg: TrainingConfig, ddp, loss_fn: ContrastiveLoss, pg, device):
+        from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+
+        self.cfg, self.ddp, self.loss_fn, self.pg, self.device = cfg, ddp, loss_fn, pg, device
+        self.pp = pg.pp.size()
+        self.last_stage = pg.pp.rank() == self.pp - 1
+        self.schedule = get_forward_backward_func()
+
+    def _forward(self, model, mb: EmbeddingBatch) -> torch.Tensor:
+        if self.pp == 1:
+            q = model(**mb.query)
+            c = model(**mb.candidates)
+            return torch.cat([q, c])
+        return model(**_stacked(mb))
+
+    def _split(self, out: torch.Tensor, mb: EmbeddingBatch):
+        b, n = mb.candidate_mask.shape
+        return out[:b], out[b:].reshape(b, n, -1)
+
+    def _run(self, step_fn, micro_batches, forward_only):
+        width = max(
+            max(mb.query["input_ids"].shape[1], mb.candidates["input_ids"].shape[1])
+            for mb in micro_batches
+        )
+        rows = micro_batches[0].candidate_mask.numel() + micro_batches[0].in_batch.numel()
+        with cuda_allocations_on_cpu():
+            return self.schedule(
+                forward_step_func=step_fn,
+                data_iterator=iter(list(enumerate(micro_batches))),
+                model=[self.ddp],
+                num_microbatches=len(micro_batches),
+                seq_length=width,
+                micro_batch_size=rows,
+                forward_only=forward_only,
+            )
+
+    def direct(self, micro_batches: list[EmbeddingBatch]) -> torch.Tensor | None:
+        """Loss per micro-batch inside the training schedule; returns this rank's mean loss."""
+
+        def loss_func(mb, out):
+            q, c = self._split(out, mb)
+            loss = self.loss_fn(q, c, mb.candidate_mask, mb.in_batch, mb.candidate_ids)
+            return loss, {"loss": loss.detach()}
+
+        def step_fn(it, model):
+            _, mb = next(it)
+            return self._forward(model, mb), partial(loss_func, mb)
+
+        outs = self._run(step_fn, micro_batches, forward_only=False)
+        if not self.last_stage:
+            return None
+        return torch.stack([o["loss"] for o in outs]).mean()
+
+    def grad_cache(self, micro_batches: list[EmbeddingBatch]) -> torch.Tensor | None:
+        """GradCache over this rank's micro-batches; returns this rank's loss."""
+        rng = RngReplay()
+        m = len(micro_batches)
+
+        def embed_fn(it, model):
+            i, mb = next(it)
+            rng.record(i)
+            return self._forward(model, mb), None
+
+        with torch.no_grad():
+            outs = self._run(embed_fn, micro_batches, forward_only=True)
+        rng.end_recording()
+        grads: list[torch.Tensor] = []
+        loss = None
+        if self.last_stage:
+            queries, cands = zip(*(self._split(o, mb) for o, mb in zip(outs, micro_batches)))
+            mask = torch.cat([mb.candidate_mask for mb in micro_batches])
+            in_batch = torch.cat([mb.in_batch for mb in micro_batches])
+            ids = torch.cat([mb.candidate_ids for mb in micro_batches])
+            loss, gq, gc = embedding_gradients(
+                lambda q, c: self.loss_fn(q, c, mask, in_batch, ids), queries, cands
+            )
+            grads = [torch.cat([a, b.reshape(-1, b.shape[-1])]) for a, b in zip(gq, gc)]
+
+        def replay_fn(it, model):
+            i, mb = next(it)
+            rng.replay(i)
+            out = self._forward(model, mb)
+            return out, lambda o: (surrogate_loss([o], [grads[i]], scale=m), {})
+
+        self._run(replay_fn, micro_batches, forward_only=False)
+        rng.finish()
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _model_flops_per_token(model_cfg, lora_rank: int, seq: float) -> float:
+    """Training FLOPs per token (frozen base with LoRA: forward + activation gradients of the
+    frozen weights; full cost when every weight trains), attention scores included."""
+    m = model_cfg.model
+    h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers
+    qkv = h * (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
+    per_layer = qkv + m.num_attention_heads * m.head_dim * h + 3 * h * f
+    linear = 2 * per_layer * layers
+    attention = 4 * seq * m.num_attention_heads * m.head_dim * layers  # QK^T and AV, forward
+    base = (3 if lora_rank == 0 else 2) * linear + 3 * attention
+    lora = 0.0
+    if lora_rank:
+        q_out = m.num_attention_heads * m.head_dim
+        per_layer_adapters = lora_rank * (
+            (h + qkv) + (q_out + h) + (h + 2 * f) + (f + h)
+        )  # A [r, in] + B [out, r] of qkv, proj, fc1, fc2
+        lora = 6 * per_layer_adapters * layers  # forward 2 + backward 4 FLOPs per weight
+    return base + lora
+
+
+def train(cfg: TrainingConfig) -> TrainResult:
+    """Runs (or resumes) training as configured; every rank calls it.
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings or inputs, naming the flag or file.
+        RuntimeError: too many non-finite losses in a row.
+    """
+    from megatron_nvembed.checkpoint import read_lora
+    from megatron_nvembed.data.pipeline import build_train_data
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.model.lora import apply_lora
+    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.training import checkpointing as ckpt
+
+    cfg.validate()
+    model_cfg, source = _resolve_model_config(cfg)
+    par = model_cfg.parallel
+    pg = initialize_model_parallel(
+        par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed
+    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp, dp_rank = pg.dp.size(), pg.dp.rank()
+    reporter = rank == world - 1  # last stage, last DP rank: logs (like Megatron's print_rank_last)
+    device = (
+        torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
+    )
+    tokenizer = _load_tokenizer(cfg, source)
+    if source is None and model_cfg.model.vocab_size != len(tokenizer):
+        # From scratch: the embedding table is sized by the tokenizer.
+        model_cfg.model.vocab_size = len(tokenizer)
+
+    model = build_model(model_cfg, pg)
+    resuming = ckpt.has_training_checkpoint(cfg.load)
+    if not resuming and cfg.pretrained_checkpoint:
+        from megatron_nvembed.checkpoint import load_checkpoint
+
+        load_checkpoint(model, cfg.pretrained_checkpoint)  # merges stage-1 adapters if any
+        if rank == 0:
+            logger.info("initial weights from %s", cfg.pretrained_checkpoint)
+    lora = None
+    if cfg.lora.rank > 0:
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, seed=cfg.seed)
+        lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    ddp, optimizer, scheduler = _build_optimizer(cfg, model, model_cfg)
+
+    data = build_train_data(
+        cfg.train_data,
+        tokenizer,
+        skip_bad_records=cfg.skip_bad_records,
+        global_batch_size=cfg.global_batch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        num_negatives=cfg.num_negatives,
+        max_length=cfg.seq_length,
+        dp_rank=dp_rank,
+        dp_size=dp,
+        seed=cfg.seed,
+        stage_in_batch=cfg.in_batch_negatives,
+    )
+    loss_fn = ContrastiveLoss(
+        ContrastiveLossConfig(
+            temperature=cfg.temperature,
+            in_batch_negatives=cfg.in_batch_negatives,
+            false_negative_margin=cfg.false_negative_margin,
+        ),
+        group=pg.dp,
+        global_batch_size=cfg.global_batch_size,
+    )
+    layout = {
+        "tp": par.tensor_model_parallel_size,
+        "pp": par.pipeline_model_parallel_size,
+        "dp": dp,
+    }
+    iteration, guard = 0, NonFiniteGuard(cfg.max_nonfinite_steps)
+    if resuming:
+        saved_lora = read_lora(cfg.load)
+        if (saved_lora or {}).get("rank") != (lora or {}).get("rank"):
+            raise ValueError(
+                f"--load {cfg.load}: the checkpoint's LoRA settings ({saved_lora}) differ from "
+                f"--lora-rank {cfg.lora.rank}"
+            )
+        state = ckpt.load_training_checkpoint(
+            cfg.load, model, optimizer, scheduler, data, layout, cfg.seed
+        )
+        iteration, guard.skipped = state["iteration"], state.get("skipped", 0)
+    elif cfg.load and rank == 0:
+        logger.info("--load %s holds no checkpoint yet: starting at iteration 0", cfg.load)
+
+    step = _Step(cfg, ddp, loss_fn, pg, device)
+    if rank == 0:
+        logger.info(
+            "training %s stage %d: TP=%d PP=%d DP=%d, %d/%d parameters trainable (%s), global "
+            "batch %d = %d micro-batch(es) of %d per DP rank, GradCache %s, in-batch negatives %s",
+            cfg.recipe,
+            cfg.stage,
+            layout["tp"],
+            layout["pp"],
+            dp,
+            trainable,
+            total,
+            f"LoRA r={cfg.lora.rank}" if lora else "full fine-tuning",
+            cfg.global_batch_size,
+            cfg.global_batch_size // (cfg.micro_batch_size * dp),
+            cfg.micro_batch_size,
+            "on" if cfg.grad_cache else "off",
+            "on" if cfg.in_batch_negatives else "off",
+        )
+    result = TrainResult(iteration=iteration, skipped=guard.skipped)
+    sigterm = _SigtermFlag()
+    log_file = None
+    if reporter and cfg.log_json:
+        Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(cfg.log_json, "a", encoding="utf-8")
+    peak_tflops = _peak_tflops(device)
+    window = {"time": 0.0, "tokens": 0, "padded": 0, "sequences": 0, "iters": 0}
+    evaluator = _build_evaluator(cfg, tokenizer, model, pg) if cfg.eval_interval else None
+
+    saved_at = [None]
+
+    def save(it):
+        saved_at[0] = it
+        ckpt.save_training_checkpoint(
+            cfg.save,
+            it,
+            model,
+            model_cfg,
+            optimizer,
+            scheduler,
+            data,
+            {
+                "skipped": guard.skipped,
+                "layout": layout,
+                "recipe": cfg.recipe,
+                "stage": cfg.stage,
+                "config": cfg.to_dict(),
+            },
+            lora,
+            tokenizer,
+        )
+        if rank == 0:
+            logger.info("saved checkpoint %s at iteration %d", cfg.save, it)
+
+    try:
+        model.train()
+        while iteration < cfg.train_iters:
+            start = time.perf_counter()
+            micro_batches = [mb.to(device) for mb in data.next_global_batch()]
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            if cfg.grad_cache:
+                local_loss = step.grad_cache(micro_batches)
+            else:
+                local_loss = step.direct(micro_batches)
+            # Global-batch mean loss and token counts, agreed on by every rank.
+            contributes = step.last_stage and pg.tp.rank() == 0
+            real = sum(
+                int(mb.query["attention_mask"].sum() + mb.candidates["attention_mask"].sum())
+                for mb in micro_batches
+            )
+            padded = sum(
+                mb.query["input_ids"].numel() + mb.candidates["input_ids"].numel()
+                for mb in micro_batches
+            )
+            seqs = sum(mb.candidate_mask.numel() + mb.in_batch.numel() for mb in micro_batches)
+            vec = torch.tensor(
+                [
+                    float(local_loss) if contributes else 0.0,
+                    float(real) * contributes,
+                    float(padded) * contributes,
+                    float(seqs) * contributes,
+                ],
+                dtype=torch.float64,
+                device=device,
+            )
+            if contributes and not math.isfinite(float(local_loss)):
+                vec[0] = float("nan")
+            dist.all_reduce(vec)
+            loss_value = float(vec[0]) / dp
+            iteration += 1
+            grad_norm = None
+            if guard.update(math.isfinite(loss_value), iteration):
+                with cuda_allocations_on_cpu():
+                    _, grad_norm, _ = optimizer.step()
+                scheduler.step(increment=1)
+            else:
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+            elapsed = time.perf_counter() - start
+            result.losses[iteration] = loss_value
+            result.iteration, result.skipped = iteration, guard.skipped
+            window["time"] += elapsed
+            window["tokens"] += int(vec[1])
+            window["padded"] += int(vec[2])
+            window["sequences"] += int(vec[3])
+            window["iters"] += 1
+            stats = loss_fn.pop_stats()
+            if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
+                record = _log_record(
+                    iteration,
+                    loss_value,
+                    optimizer,
+                    grad_norm,
+                    window,
+                    stats,
+                    cfg,
+                    model_cfg,
+                    lora,
+                    device,
+                    peak_tflops,
+                    guard.skipped,
+                )
+                if reporter:
+                    logger.info(_log_line(record, stats, cfg))
+                    if log_file is not None:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                window = {k: 0 for k in window}
+            if evaluator is not None and iteration % cfg.eval_interval == 0:
+                metrics = evaluator(iteration)
+                result.evals[iteration] = metrics
+                if reporter and log_file is not None:
+                    log_file.write(json.dumps({"iteration": iteration, "eval": metrics}) + "\n")
+                    log_file.flush()
+            stop = torch.tensor([1.0 if sigterm.raised else 0.0], device=device)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item() > 0:
+                if rank == 0:
+                    logger.warning(
+                        "SIGTERM received: saving at iteration %d and exiting", iteration
+                    )
+                if cfg.save:
+                    save(iteration)
+                result.exit_reason = "sigterm"
+                return result
+            if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+                save(iteration)
+        if cfg.save and saved_at[0] != iteration:
+            save(iteration)
+        if rank == 0:
+            logger.info(data.summary())
+        return result
+    finally:
+        sigterm.restore()
+        if log_file is not None:
+            log_file.close()
+
+
+def _peak_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def _log_record(
+    iteration,
+    loss,
+    optimizer,
+    grad_norm,
+    window,
+    stats,
+    cfg,
+    model_cfg,
+    lora,
+    device,
+    peak_tflops,
+    skipped,
+) -> dict:
+    secs = max(window["time"], 1e-9)
+    tokens_per_s = window["tokens"] / secs
+    seq = window["padded"] / max(window["sequences"], 1)
+    tflops = (
+        _model_flops_per_token(model_cfg, cfg.lora.rank if lora else 0, seq)
+        * (window["padded"] / secs)
+        / 1e12
+    )
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        import resource
+
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    lr = optimizer.param_groups[0]["lr"]
+    return {
+        "iteration": iteration,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens_per_s": tokens_per_s,
+        "padded_tokens_per_s": window["padded"] / secs,
+        "sequences_per_s": window["sequences"] / secs,
+        "iteration_time_s": secs / max(window["iters"], 1),
+        "tflops": tflops,
+        "mfu": None if peak_tflops is None else tflops / peak_tflops,
+        "peak_memory_gib": peak_mem,
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        "candidates_per_query": None if stats is None else stats.candidates_per_query_mean,
+        "candidates_per_query_min": None if stats is None else stats.candidates_per_query_min,
+        "in_batch_pool_queries": None if stats is None else stats.pool_queries,
+        "gather_seconds": None if stats is None else stats.gather_seconds,
+        "gather_bytes": None if stats is None else stats.gather_bytes,
+        "skipped_iterations": skipped,
+    }
+
+
+def _log_line(record, stats, cfg) -> str:
+    gn = record["grad_norm"]
+    mfu = record["mfu"]
+    parts = [
+        f"iteration {record['iteration']:>6d}/{cfg.train_iters}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.3e}",
+        f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
+        f"{record['tokens_per_s']:.0f} tokens/s ({record['padded_tokens_per_s']:.0f} padded)",
+        f"{record['sequences_per_s']:.1f} seq/s",
+        f"{record['iteration_time_s'] * 1e3:.0f} ms/it",
+        f"MFU {mfu:.1%}" if mfu is not None else f"{record['tflops']:.3f} TFLOP/s",
+        f"peak mem {record['peak_memory_gib']:.2f} GiB",
+    ]
+    if stats is not None:
+        parts.append(stats.summary(cfg.global_batch_size))
+    if record["skipped_iterations"]:
+        parts.append(f"skipped {record['skipped_iterations']}")
+    return " | ".join(parts)
+
+
+def _build_evaluator(cfg: TrainingConfig, tokenizer, model, pg):
+    """In-training validation on BEIR-format folders: nDCG@10, recall@k (rank 0 logs)."""
+    from megatron_nvembed.training.validation import Validator
+
+    return Validator(cfg, tokenizer, model, pg)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,85 @@
+"""In-training validation: every `--eval-interval` iterations, retrieval metrics on held-out
+BEIR-format folders (`--eval-data`), queries with `--eval-instruction`, documents without.
+
+Every rank embeds the whole (small) validation set with the training model in eval mode (no
+dropout, so the training RNG streams are untouched and resumption stays exact); pipeline stages
+run megatron-core's forward-only schedule. The last rank computes the metrics and shares them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_nvembed.data.tokenization import tokenize_for_embedding
+from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics
+from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.model.inference import embed_microbatches
+
+logger = get_logger(__name__)
+
+
+class Validator:
+    """Callable `(iteration) -> {folder name: metrics}` (same dict on every rank)."""
+
+    def __init__(self, cfg, tokenizer, model, pg):
+        from pathlib import Path
+
+        self.cfg, self.tokenizer, self.model, self.pg = cfg, tokenizer, model, pg
+        self.sets = {Path(p).name: load_beir(p) for p in cfg.eval_data}
+        self.instruction = cfg.eval_instruction or ""
+        self.device = next(model.parameters()).device
+
+    def _encode(self, texts: list[str], instruction: str) -> np.ndarray | None:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-grouped batches
+        batches = []
+        for start in range(0, len(order), self.cfg.eval_batch_size):
+            idx = order[start : start + self.cfg.eval_batch_size]
+            enc, _ = tokenize_for_embedding(
+                self.tokenizer,
+                [texts[i] for i in idx],
+                [instruction] * len(idx) if instruction else None,
+                max_length=self.cfg.seq_length,
+            )
+            batches.append({k: v.to(self.device) for k, v in enc.items()})
+        outs = embed_microbatches(self.model, batches, self.pg)
+        if outs is None:
+            return None
+        emb = torch.cat(outs).float().cpu().numpy()
+        result = np.empty_like(emb)
+        result[np.array(order)] = emb
+        return result
+
+    def __call__(self, iteration: int) -> dict:
+        start = time.perf_counter()
+        metrics = {}
+        for name, data in self.sets.items():
+            q = self._encode(data.queries, self.instruction)
+            d = self._encode(data.corpus, "")
+            if q is not None:
+                m = retrieval_metrics(
+                    q @ d.T, data.query_ids, data.corpus_ids, data.qrels, ks=(1, 10, 100)
+                )
+                metrics[name] = {
+                    k: m[k] for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10")
+                }
+        box = [metrics]
+        dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+        metrics = box[0]
+        if dist.get_rank() == dist.get_world_size() - 1:
+            for name, m in metrics.items():
+                logger.info(
+                    "validation iteration %d | %s | nDCG@10 %.4f | recall@10 %.4f | "
+                    "recall@100 %.4f | MRR@10 %.4f | %.1f s",
+                    iteration,
+                    name,
+                    m["ndcg_at_10"],
+                    m["recall_at_10"],
+                    m["recall_at_100"],
+                    m["mrr_at_10"],
+                    time.perf_counter() - start,
+                )
+        return metrics
