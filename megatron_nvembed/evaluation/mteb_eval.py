@@ -107,8 +107,9 @@ def leaf_tasks(tasks: Iterable) -> list:
     return out
 
 
-def _as_tensor(x) -> torch.Tensor:
-    return x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, np.float32))
+def _unit_rows(x) -> torch.Tensor:
+    t = x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, np.float32))
+    return torch.nn.functional.normalize(torch.atleast_2d(t), dim=-1)
 
 
 class MtebEncoder:
@@ -156,14 +157,13 @@ class MtebEncoder:
         return emb / np.maximum(norms, 1e-12)
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
-        a = torch.nn.functional.normalize(_as_tensor(embeddings1), dim=-1)
-        b = torch.nn.functional.normalize(_as_tensor(embeddings2), dim=-1)
-        return a @ b.T
+        """Cosine similarities [n1, n2] (a 1-D input counts as one row)."""
+        a, b = _unit_rows(embeddings1), _unit_rows(embeddings2)
+        return a @ b.transpose(0, 1)
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
-        a = torch.nn.functional.normalize(_as_tensor(embeddings1), dim=-1)
-        b = torch.nn.functional.normalize(_as_tensor(embeddings2), dim=-1)
-        return (a * b).sum(-1)
+        """Cosine similarity of each pair of rows [n]."""
+        return (_unit_rows(embeddings1) * _unit_rows(embeddings2)).sum(-1)
 
 
 def model_meta(name: str, revision: str, embed_dim: int, max_tokens: int):
