@@ -5,7 +5,8 @@ A tiny Mistral is imported (TP=1 checkpoint) and exported (fp32 NV-Embed HF dire
   nDCG@10 / recall@10 of the BEIR folder and of MockRetrievalTask equal `beir.retrieval_metrics`
   on embeddings computed independently here (the exported model's `encode`, one text at a time,
   queries with the instruction, documents without) within 1e-5 (mteb rounds to 5 decimals);
-  summary.md lists every category; mteb's result files exist; no temporary file is left.
+  summary.md lists every category; mteb's result files exist; no temporary file is left;
+  --resume reads them back without encoding.
 - HF directory, one process, and checkpoint under torchrun at DP=2: the same scores (1e-5).
 - errors: a BEIR folder without qrels/test.tsv, a model path that is neither format, an unknown
   task, a task outside Table 7 without --instruction: exit 2 naming the path / flag / task.
@@ -201,6 +202,14 @@ def test_checkpoint_hf_and_torchrun(setup, capsys):
         saved = json.loads((results / f"{name}.json").read_text())
         assert saved["task_name"] == name
     assert not list(out.rglob("*.tmp"))
+    # --resume reads the finished tasks back from OUT/results instead of encoding again
+    argv = ["--model", str(tmp / "ckpt"), "--tasks", "MockRetrievalTask", *common]
+    assert evaluate_mteb.main([*argv, "--output", str(out), "--resume"]) == 0
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["encoding"]["texts"] == 0 and set(resumed["tasks"]) == set(want) - {
+        "no_instruction"
+    }
+    _check_retrieval(resumed, want)
     capsys.readouterr()
 
     # the exported HF directory, one process
