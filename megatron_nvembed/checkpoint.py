@@ -244,6 +244,8 @@ def load_checkpoint(
         state = dist_checkpointing.load(request, str(iteration_dir(root, it)))
         if optimizer is not None:
             optimizer.load_state_dict(state.pop("optimizer"))
+        # Common (non-sharded) state of everything saved comes back too: keep what was asked.
+        state = {k: v for k, v in state.items() if k in request}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

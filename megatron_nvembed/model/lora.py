@@ -115,6 +115,7 @@ class LoRAParallelLinear(nn.Module):
             axis,
             sharded_offsets,
             tp_group=self.tp_group,
+            dp_cp_group=_dp_cp_group(metadata),
         )
         if self.gated:  # B's rows are [gate shard; up shard] per rank, like the base weight
             key = prefix + "lora_B"
@@ -127,6 +128,17 @@ class LoRAParallelLinear(nn.Module):
         """Folds s * B A into the base weight shard and returns the base layer."""
         self.base.weight.add_(self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype))
         return self.base
+
+
+def _dp_cp_group(metadata):
+    """The data(+context)-parallel group replica ids are computed over (megatron-core passes it
+    in the sharded-state-dict metadata; older callers do not)."""
+    group = (metadata or {}).get("dp_cp_group")
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group
 
 
 def apply_lora(

@@ -47,6 +47,8 @@ class NVEmbedModel(MegatronModule):
 
         # megatron-core's pipeline schedules read this attribute.
         self.model_type = ModelType.encoder_or_decoder
+        # ... and megatron-core's gradient finalisation this one (no output layer to tie).
+        self.share_embeddings_and_output_weights = False
         self.model_config = model_config
         m = model_config.model
         self.backend = resolve_backend(m)

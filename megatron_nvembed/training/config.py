@@ -118,6 +118,12 @@ class TrainingConfig:
             raise ValueError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}), --lr > 0")
         if self.lr_warmup_iters < 0:
             raise ValueError(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        decay = self.lr_decay_iters or self.train_iters
+        if self.lr_warmup_iters >= decay:
+            raise ValueError(
+                f"--lr-warmup-iters ({self.lr_warmup_iters}) must be below the decay length "
+                f"(--lr-decay-iters, default --train-iters: {decay})"
+            )
         if self.lr_decay_style not in ("linear", "cosine", "constant"):
             raise ValueError(
                 f"--lr-decay-style must be linear, cosine or constant, got {self.lr_decay_style!r}"

@@ -245,6 +245,37 @@ def _patch_torch_adam_step_state(optimizer) -> None:
         opt._set_main_param_and_optimizer_states = setter
 
 
+def unshare_adam_steps(optimizer) -> None:
+    """Work-around (same fallback): megatron-core restores torch Adam's per-parameter "step" as
+    one tensor object shared by every parameter; torch's multi-tensor Adam increments each
+    parameter's step in place, so the shared counter would advance once per parameter per
+    iteration and the bias correction after a resume would differ from an uninterrupted run."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def init_empty_adam_state(optimizer) -> None:
+    """Work-around (same fallback): a distributed optimizer whose torch Adam has never stepped
+    has no per-parameter state, and megatron-core's `state_dict()` (needed to request a
+    checkpoint load) asserts on the missing "step". Give every parameter zero state first;
+    the load then overwrites all of it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p]["step"] = torch.tensor(0.0)
+                    inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
 # ---------------------------------------------------------------------------------------------
 # one iteration
 
@@ -382,6 +413,30 @@ def _model_flops_per_token(model_cfg, lora_rank: int, seq: float) -> float:
     return base + lora
 
 
+def build_training_model(cfg: TrainingConfig, model_cfg, pg, resuming: bool):
+    """This rank's model stage as training starts: built, initial weights from
+    `--pretrained-checkpoint` unless resuming (a checkpoint with LoRA adapters, e.g. stage 1, is
+    merged into the base first), then new adapters when `--lora-rank` > 0.
+
+    Returns:
+        (model, lora settings dict or None)
+    """
+    from megatron_nvembed.checkpoint import load_checkpoint
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.model.lora import apply_lora
+
+    model = build_model(model_cfg, pg)
+    if not resuming and cfg.pretrained_checkpoint:
+        load_checkpoint(model, cfg.pretrained_checkpoint)
+        if dist.get_rank() == 0:
+            logger.info("initial weights from %s", cfg.pretrained_checkpoint)
+    lora = None
+    if cfg.lora.rank > 0:
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, seed=cfg.seed)
+        lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
+    return model, lora
+
+
 def train(cfg: TrainingConfig) -> TrainResult:
     """Runs (or resumes) training as configured; every rank calls it.
 
@@ -391,8 +446,6 @@ def train(cfg: TrainingConfig) -> TrainResult:
     """
     from megatron_nvembed.checkpoint import read_lora
     from megatron_nvembed.data.pipeline import build_train_data
-    from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.model.lora import apply_lora
     from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.training import checkpointing as ckpt
 
@@ -413,18 +466,8 @@ def train(cfg: TrainingConfig) -> TrainResult:
         # From scratch: the embedding table is sized by the tokenizer.
         model_cfg.model.vocab_size = len(tokenizer)
 
-    model = build_model(model_cfg, pg)
     resuming = ckpt.has_training_checkpoint(cfg.load)
-    if not resuming and cfg.pretrained_checkpoint:
-        from megatron_nvembed.checkpoint import load_checkpoint
-
-        load_checkpoint(model, cfg.pretrained_checkpoint)  # merges stage-1 adapters if any
-        if rank == 0:
-            logger.info("initial weights from %s", cfg.pretrained_checkpoint)
-    lora = None
-    if cfg.lora.rank > 0:
-        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, seed=cfg.seed)
-        lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
+    model, lora = build_training_model(cfg, model_cfg, pg, resuming)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     ddp, optimizer, scheduler = _build_optimizer(cfg, model, model_cfg)
@@ -464,9 +507,11 @@ def train(cfg: TrainingConfig) -> TrainResult:
                 f"--load {cfg.load}: the checkpoint's LoRA settings ({saved_lora}) differ from "
                 f"--lora-rank {cfg.lora.rank}"
             )
+        init_empty_adam_state(optimizer)
         state = ckpt.load_training_checkpoint(
             cfg.load, model, optimizer, scheduler, data, layout, cfg.seed
         )
+        unshare_adam_steps(optimizer)
         iteration, guard.skipped = state["iteration"], state.get("skipped", 0)
     elif cfg.load and rank == 0:
         logger.info("--load %s holds no checkpoint yet: starting at iteration 0", cfg.load)

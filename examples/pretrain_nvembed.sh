@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Launches examples/pretrain_nvembed.py under torchrun; every argument is forwarded to it.
+#
+# One machine (all local GPUs; 2 gloo processes on a machine without GPUs):
+#   bash examples/pretrain_nvembed.sh --recipe tiny --train-data data/train.jsonl --tokenizer tok/
+# Several machines: run the same command on each with
+#   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0 host> MASTER_PORT=6000 GPUS_PER_NODE=8
+# (SLURM: examples/pretrain_nvembed.slurm sets these from the allocation.)
+#
+# Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
+# GPUS_PER_NODE or NPROC_PER_NODE (local GPU count, or 2 without GPUs), TORCHRUN (torchrun).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+if [[ -n "${GPUS_PER_NODE:-}" ]]; then
+  NPROC="$GPUS_PER_NODE"
+elif [[ -n "${NPROC_PER_NODE:-}" ]]; then
+  NPROC="$NPROC_PER_NODE"
+else
+  NPROC="$(python3 -c 'import torch; print(torch.cuda.device_count() or 2)')"
+fi
+for name in NNODES NODE_RANK MASTER_PORT NPROC; do
+  if ! [[ "${!name}" =~ ^[0-9]+$ ]]; then
+    echo "error: $name must be a non-negative integer, got '${!name}'" >&2
+    exit 2
+  fi
+done
+
+# gloo on CPU: one thread per process, the cores are shared.
+if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+
+echo "launching $NNODES node(s) x $NPROC process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT" >&2
+exec ${TORCHRUN:-torchrun} \
+  --nnodes "$NNODES" \
+  --node_rank "$NODE_RANK" \
+  --nproc_per_node "$NPROC" \
+  --master_addr "$MASTER_ADDR" \
+  --master_port "$MASTER_PORT" \
+  "$HERE/pretrain_nvembed.py" "$@"

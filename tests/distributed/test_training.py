@@ -1,0 +1,317 @@
+"""Training loop on CPU under gloo: exact resume, resharded resume, stage hand-off, LoRA keeps the
+base frozen, non-finite steps, interrupted saves.
+
+Each test starts one group of processes and calls `train()` several times inside it (importing
+megatron-core dominates the cost of a process).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_nvembed.testing import run_distributed, write_synthetic_retrieval
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_synthetic_retrieval(
+        tmp_path_factory.mktemp("syn"), num_topics=8, train_per_topic=12
+    )
+
+
+def _cfg(data, **overrides):
+    from megatron_nvembed.training.recipes import get_recipe
+
+    cfg = get_recipe("tiny")
+    cfg.train_data = [data["train"]]
+    cfg.tokenizer = data["tokenizer"]
+    cfg.global_batch_size = 8
+    cfg.micro_batch_size = 2
+    cfg.train_iters = 6
+    cfg.lr_warmup_iters = 1
+    cfg.log_interval = 1
+    for key, value in overrides.items():
+        obj = cfg
+        *parents, leaf = key.split(".")
+        for name in parents:
+            obj = getattr(obj, name)
+        setattr(obj, leaf, value)
+    return cfg
+
+
+def _set_tracker(root: Path, iteration: int) -> None:
+    (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def _load_state(root):
+    """{name: tensor} of a checkpoint loaded at TP = PP = 1 (adapters kept unmerged)."""
+    from megatron_nvembed.checkpoint import load_checkpoint, read_config, read_lora
+    from megatron_nvembed.config import ParallelConfig
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.model.lora import apply_lora
+
+    cfg = read_config(root)
+    cfg.parallel = ParallelConfig(1, 1)
+    model = build_model(cfg)
+    lora = read_lora(root)
+    if lora is not None:
+        apply_lora(model, lora["rank"], lora["alpha"], 0.0)
+    load_checkpoint(model, root, merge_adapters=False)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "extra_state" not in k}
+
+
+def _resume_worker(rank, world, data, tmp):
+    from megatron_nvembed.training.trainer import train
+
+    tmp = Path(tmp)
+    # Initial weights: a short from-scratch run (full fine-tuning).
+    base = train(_cfg(data, train_iters=2, save=str(tmp / "base")))
+    assert base.iteration == 2
+    lora_cfg = dict(
+        pretrained_checkpoint=str(tmp / "base"),
+        **{
+            "lora.rank": 4,
+            "lora.alpha": 8.0,
+            "lora.dropout": 0.1,
+            "model.model.hidden_dropout": 0.1,
+        },
+    )
+    straight = train(_cfg(data, save=str(tmp / "straight"), save_interval=3, **lora_cfg))
+    # Resume from the iteration-3 checkpoint of a copy of the run.
+    if rank == 0:
+        shutil.copytree(tmp / "straight", tmp / "resumed")
+        shutil.rmtree(tmp / "resumed" / "iter_0000006")
+        _set_tracker(tmp / "resumed", 3)
+    torch.distributed.barrier()
+    resumed = train(
+        _cfg(
+            data, save=str(tmp / "resumed"), load=str(tmp / "resumed"), save_interval=3, **lora_cfg
+        )
+    )
+    base_state = _load_state(tmp / "base")  # collective: every rank loads
+    final_state = _load_state(tmp / "straight")
+    if rank == 0:
+        (tmp / "losses.json").write_text(
+            json.dumps(
+                {
+                    "straight": straight.losses,
+                    "resumed": resumed.losses,
+                }
+            )
+        )
+        frozen_same, head_changed, lora_nonzero = True, False, False
+        for name, value in final_state.items():
+            if name.startswith("pooling."):
+                head_changed |= not torch.equal(value, base_state[name])
+            elif ".lora_B" in name:
+                lora_nonzero |= bool(value.abs().sum() > 0)
+            elif ".lora_A" not in name:
+                key = name.replace(".base.", ".")
+                frozen_same &= torch.equal(value, base_state[key])
+        (tmp / "lora.json").write_text(
+            json.dumps(
+                {
+                    "frozen_same": frozen_same,
+                    "head_changed": head_changed,
+                    "lora_nonzero": lora_nonzero,
+                }
+            )
+        )
+
+
+def test_resume_at_n_logs_the_same_losses_and_lora_keeps_the_base_frozen(synthetic, tmp_path):
+    """DP=2, LoRA with dropout, GradCache: a 6-iteration run resumed at 3 logs the same losses
+    for iterations 4-6 (model, optimizer, scheduler, RNG, data position restored; exact up to
+    1e-6 relative, observed bit-identical), and after training only the adapters and the pooling
+    head differ from the initial weights (the frozen base is bit-identical)."""
+    run_distributed(_resume_worker, 2, synthetic, str(tmp_path))
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    straight = {int(k): v for k, v in losses["straight"].items()}
+    resumed = {int(k): v for k, v in losses["resumed"].items()}
+    assert sorted(resumed) == [4, 5, 6]
+    for it in (4, 5, 6):
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-6, abs=0)
+    flags = json.loads((tmp_path / "lora.json").read_text())
+    assert flags == {"frozen_same": True, "head_changed": True, "lora_nonzero": True}
+
+
+def _reshard_worker(rank, world, data, tmp, layout):
+    from megatron_nvembed.training.trainer import train
+
+    tmp = Path(tmp)
+    tp, pp = layout
+    if layout == (1, 1):
+        # Straight DP=2 run saving at 3 and 6, then its iteration-3 checkpoint is kept.
+        straight = train(_cfg(data, save=str(tmp / "dp2"), save_interval=3))
+        if rank == 0:
+            (tmp / "straight.json").write_text(json.dumps(straight.losses))
+            shutil.rmtree(tmp / "dp2" / "iter_0000006")
+            _set_tracker(tmp / "dp2", 3)
+        return
+    target = tmp / f"tp{tp}pp{pp}"
+    if rank == 0:
+        shutil.copytree(tmp / "dp2", target)
+    torch.distributed.barrier()
+    resumed = train(
+        _cfg(
+            data,
+            save=str(target),
+            load=str(target),
+            save_interval=3,
+            **{
+                "model.parallel.tensor_model_parallel_size": tp,
+                "model.parallel.pipeline_model_parallel_size": pp,
+            },
+        )
+    )
+    if rank == 0:
+        (tmp / f"resumed_tp{tp}pp{pp}.json").write_text(json.dumps(resumed.losses))
+
+
+def test_resume_at_another_tp_pp_dp_layout(synthetic, tmp_path):
+    """A checkpoint saved at DP=2 (distributed optimizer) resumes at TP=2 x DP=1 and at PP=2 x
+    DP=1: model and optimizer state reshard, the data position carries over, and (no dropout)
+    the losses of iterations 4-6 match the straight DP=2 run within 1e-4 relative (reduction
+    order differs between layouts)."""
+    run_distributed(_reshard_worker, 2, synthetic, str(tmp_path), (1, 1))
+    straight = {int(k): v for k, v in json.loads((tmp_path / "straight.json").read_text()).items()}
+    for tp, pp in ((2, 1), (1, 2)):
+        run_distributed(_reshard_worker, 2, synthetic, str(tmp_path), (tp, pp))
+        got = json.loads((tmp_path / f"resumed_tp{tp}pp{pp}.json").read_text())
+        got = {int(k): v for k, v in got.items()}
+        assert sorted(got) == [4, 5, 6]
+        for it in (4, 5, 6):
+            assert got[it] == pytest.approx(straight[it], rel=1e-4), (tp, pp, it)
+
+
+def _handoff_worker(rank, world, data, tmp):
+    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.training.recipes import get_recipe
+    from megatron_nvembed.training.trainer import _resolve_model_config, build_training_model, train
+
+    tmp = Path(tmp)
+    stage1 = _cfg(data, save=str(tmp / "stage1"), **{"lora.rank": 4, "lora.alpha": 8.0})
+    train(stage1)
+    stage2 = get_recipe("tiny", 2)
+    stage2.train_data = [data["train_pairs"]]
+    stage2.pretrained_checkpoint = str(tmp / "stage1")
+    stage2.global_batch_size, stage2.micro_batch_size = 8, 2
+    stage2.train_iters, stage2.lr_warmup_iters, stage2.log_interval = 3, 1, 1
+    stage2.save = str(tmp / "stage2")
+    stage2.log_json = str(tmp / "stage2.jsonl")
+    # The stage-2 model as training starts == the stage-1 result with its adapters merged.
+    model_cfg, _ = _resolve_model_config(stage2)
+    pg = initialize_model_parallel(1, 1, seed=stage2.seed)
+    fresh, lora = build_training_model(stage2, model_cfg, pg, resuming=False)
+    merged = build_model(read_config(tmp / "stage1"), pg)
+    load_checkpoint(merged, tmp / "stage1")
+    ids = torch.randint(3, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    fresh.eval()
+    merged.eval()
+    with torch.no_grad():
+        diff = float((fresh(ids, mask) - merged(ids, mask)).abs().max())
+    result = train(stage2)
+    if rank == 0:
+        (tmp / "handoff.json").write_text(
+            json.dumps(
+                {
+                    "diff": diff,
+                    "lora": lora,
+                    "iteration": result.iteration,
+                }
+            )
+        )
+
+
+def test_stage1_to_stage2_handoff(synthetic, tmp_path):
+    """Stage 2 starts from the stage-1 weights with the stage-1 adapters merged (embeddings equal
+    within 1e-6), trains new adapters, and scores each query against its own 1 + K candidates
+    only (in-batch negatives off: candidates per query == 1 + K in the log)."""
+    run_distributed(_handoff_worker, 2, synthetic, str(tmp_path))
+    out = json.loads((tmp_path / "handoff.json").read_text())
+    assert out["diff"] < 1e-6
+    assert out["lora"]["rank"] == 8 and out["iteration"] == 3
+    records = [json.loads(line) for line in (tmp_path / "stage2.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    # train_pairs records carry one hard negative: K = 3 slots, 1 present -> 2 candidates.
+    assert all(r["candidates_per_query"] == 2.0 for r in records)
+    assert all(r["in_batch_pool_queries"] == 0 for r in records)
+
+
+def _guard_worker(rank, world, data, tmp):
+    from megatron_nvembed.loss import contrastive
+    from megatron_nvembed.training import checkpointing
+    from megatron_nvembed.training.trainer import train
+
+    tmp = Path(tmp)
+    original = contrastive.ContrastiveLoss.forward
+    calls = {"n": 0}
+
+    def nan_on_some_calls(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] in (2, 3) else loss
+
+    contrastive.ContrastiveLoss.forward = nan_on_some_calls
+    try:
+        result = train(_cfg(data, train_iters=5, save=str(tmp / "guard")))
+    finally:
+        contrastive.ContrastiveLoss.forward = original
+    out = {"skipped": result.skipped, "losses": result.losses}
+    # Too many in a row: abort with an error naming the flag.
+    contrastive.ContrastiveLoss.forward = lambda self, *a, **k: (
+        original(self, *a, **k) * float("nan")
+    )
+    try:
+        train(_cfg(data, train_iters=5, max_nonfinite_steps=2))
+        out["abort"] = None
+    except RuntimeError as err:
+        out["abort"] = str(err)
+    finally:
+        contrastive.ContrastiveLoss.forward = original
+    # A save that fails midway is never what --load picks.
+    real_save = checkpointing.save_checkpoint
+
+    def failing_save(*args, write_files=None, **kwargs):
+        def broken(tmp_dir):
+            raise OSError("disk full (simulated)")
+
+        return real_save(*args, write_files=broken, **kwargs)
+
+    checkpointing.save_checkpoint = failing_save
+    try:
+        train(_cfg(data, train_iters=6, save=str(tmp / "guard"), load=str(tmp / "guard")))
+        out["save_error"] = None
+    except OSError as err:
+        out["save_error"] = str(err)
+    finally:
+        checkpointing.save_checkpoint = real_save
+    out["tracker"] = (tmp / "guard" / "latest_checkpointed_iteration.txt").read_text()
+    resumed = train(_cfg(data, train_iters=6, save=str(tmp / "guard"), load=str(tmp / "guard")))
+    out["resumed_from"] = min(resumed.losses)
+    (tmp / "guard.json").write_text(json.dumps(out))
+
+
+def test_nonfinite_steps_are_skipped_then_abort_and_interrupted_save_is_not_loaded(
+    synthetic, tmp_path
+):
+    """Non-finite losses skip their steps (counted, NaN logged) and N in a row abort with an
+    error naming --max-nonfinite-steps; a save that fails midway leaves the tracker on the
+    previous checkpoint, which is what the next run resumes from."""
+    run_distributed(_guard_worker, 1, synthetic, str(tmp_path))
+    out = json.loads((tmp_path / "guard.json").read_text())
+    assert out["skipped"] == 2
+    losses = {int(k): v for k, v in out["losses"].items()}
+    assert [k for k, v in losses.items() if v != v] == [2, 3]
+    assert "--max-nonfinite-steps 2" in out["abort"]
+    assert "simulated" in out["save_error"]
+    assert out["tracker"] == "5"
+    assert out["resumed_from"] == 6
