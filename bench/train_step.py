@@ -48,6 +48,8 @@ PRESETS = {
         ),
         pooling=dict(num_latents=64, num_heads=4, head_dim=64, ff_mult=4),
         batch_size=4,
+        length_scale=0.5,
+        warmup=1,
         weights="shared",
     ),
     # Mistral-7B's width (NV-Embed-v1's backbone) and NV-Embed's head (512 latents, 8 heads of
@@ -63,6 +65,8 @@ PRESETS = {
         ),
         pooling=dict(num_latents=512, num_heads=8, head_dim=4096, ff_mult=4),
         batch_size=2,
+        length_scale=1.0,
+        warmup=2,
         weights="independent",
     ),
 }
@@ -111,6 +115,8 @@ class Plan:
     temperature: float
     warmup: int
     steps: int
+    repeats: int
+    length_scale: float
     seed: int
     threads: int
     weights: str
@@ -129,8 +135,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="default: cuda when available, else cpu",
     )
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (median reported)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default: tiny 1, else 2)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds, run interleaved (ours, baseline, ours, ...), each in a fresh process with "
+        "its own warm-up; medians over the timed steps of all rounds (evens out a shared "
+        "machine's changing load)",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
@@ -142,8 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--length-scale",
         type=float,
-        default=1.0,
-        help="multiply the paper's length ranges (queries 20-60, passages 80-400)",
+        default=None,
+        help="multiply the paper's length ranges (queries 20-60, passages 80-400); "
+        "default: tiny 0.5, mistral-7b-width 1",
     )
     p.add_argument("--max-length", type=int, default=512, help="token cap per text")
     p.add_argument(
@@ -183,6 +200,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--only", choices=["ours", "baseline"], default=None)
     p.add_argument(
+        "--paired",
+        action="store_true",
+        help="run both implementations in one process, alternating step by step on the same "
+        "batches, so both see the same machine load (for shared machines; CPU memory is then "
+        "not measured)",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
@@ -190,7 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "tables written to DIR",
     )
     p.add_argument("--output", required=True, help="RESULT.json")
-    p.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "baseline", "paired"], help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -211,16 +235,24 @@ def make_plan(args) -> Plan:
         if args.layers < 1:
             raise SystemExit(f"--layers must be >= 1, got {args.layers}")
         model["num_layers"] = args.layers
-    scale = args.length_scale
+    scale = args.length_scale if args.length_scale is not None else preset["length_scale"]
+    warmup = args.warmup if args.warmup is not None else preset["warmup"]
     if scale <= 0:
         raise SystemExit(f"--length-scale must be > 0, got {scale}")
 
     def rng(lo, hi):
         return (max(4, round(lo * scale)), max(4, round(hi * scale)))
 
-    for name in ("steps", "warmup", "negatives", "lora_rank"):
-        if getattr(args, name) < (1 if name in ("steps", "lora_rank") else 0):
-            raise SystemExit(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    for name, value, least in (
+        ("steps", args.steps, 1),
+        ("warmup", warmup, 0),
+        ("repeats", args.repeats, 1),
+        ("negatives", args.negatives, 0),
+        ("lora-rank", args.lora_rank, 1),
+        ("batch-size", args.batch_size or 1, 1),
+    ):
+        if value < least:
+            raise SystemExit(f"--{name} must be >= {least}, got {value}")
     return Plan(
         preset=args.preset,
         model=model,
@@ -240,8 +272,10 @@ def make_plan(args) -> Plan:
         lora_dropout=args.lora_dropout,
         lr=args.lr,
         temperature=args.temperature,
-        warmup=args.warmup,
+        warmup=warmup,
         steps=args.steps,
+        repeats=args.repeats,
+        length_scale=scale,
         seed=args.seed,
         threads=args.threads or os.cpu_count() or 1,
         weights=args.weights or preset["weights"],
@@ -510,151 +544,205 @@ class RSSSampler:
         self.peak = max(self.peak, self.current())
 
 
+class Runner:
+    """One implementation, ready to step: model, optimizer, loss and its prepared batches."""
+
+    def __init__(self, plan: Plan, impl: str, device, dtype):
+        import torch
+
+        from megatron_nvembed.loss import ContrastiveLoss, ContrastiveLossConfig, contrastive_loss
+
+        self.impl, self.device = impl, device
+        self.cuda = device.type == "cuda"
+        cfg = embedding_config(plan)
+        t0 = time.perf_counter()
+        builder = build_ours if impl == "ours" else build_baseline
+        self.embed, self.params, self.module = builder(plan, cfg, device, dtype)
+        self.build_seconds = time.perf_counter() - t0
+        self.b, self.n = plan.batch_size, 1 + plan.negatives
+        cand_mask = torch.ones(self.b, self.n, dtype=torch.bool, device=device)
+        in_batch = torch.ones(self.b, dtype=torch.bool, device=device)
+        if impl == "ours":
+            loss_mod = ContrastiveLoss(
+                ContrastiveLossConfig(temperature=plan.temperature, in_batch_negatives=True),
+                group=self.module.pg_collection.dp,
+            )
+            self.loss_fn = lambda q, c, ids: loss_mod(q, c, cand_mask, in_batch, ids)
+        else:
+            self.loss_fn = lambda q, c, ids: contrastive_loss(
+                q, c, cand_mask, temperature=plan.temperature, in_batch=in_batch, candidate_ids=ids
+            )[0]
+        self.batches = [
+            prepare(plan, impl, make_batch(plan, i), device)
+            for i in range(plan.warmup + plan.steps)
+        ]
+        self.opt = torch.optim.AdamW(self.params, lr=plan.lr, fused=self.cuda or None)
+
+    def first_batch_embeddings(self) -> dict:
+        """Embeddings of batch 0 before any update, in eval mode (no dropout): parity check."""
+        import torch
+
+        self.module.eval()
+        with torch.no_grad():
+            p = self.batches[0]
+            out = {
+                "query": self.embed(p.query_calls, p.query_inverse).float().cpu(),
+                "passage": self.embed(p.passage_calls, p.passage_inverse).float().cpu(),
+            }
+        self.module.train()
+        return out
+
+    def step(self, p: Prepared):
+        self.opt.zero_grad(set_to_none=True)
+        q = self.embed(p.query_calls, p.query_inverse)
+        c = self.embed(p.passage_calls, p.passage_inverse).view(self.b, self.n, -1)
+        loss = self.loss_fn(q, c, p.candidate_ids)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+
 def run_worker(plan: Plan, impl: str, out_path: str) -> None:
+    """impl "ours" / "baseline": one implementation in this process; "paired": both, alternating
+    step by step on the same batches (same machine load for both; no CPU memory figure)."""
+    import gc
     import resource
 
     import torch
 
-    from megatron_nvembed.loss import ContrastiveLoss, ContrastiveLossConfig, contrastive_loss
-
     torch.set_num_threads(plan.threads)
     device = torch.device(plan.device)
     dtype = getattr(torch, plan.dtype)
-    cuda = device.type == "cuda"
-    cfg = embedding_config(plan)
-    t0 = time.perf_counter()
-    builder = build_ours if impl == "ours" else build_baseline
-    embed, params, module = builder(plan, cfg, device, dtype)
-    build_s = time.perf_counter() - t0
-    n_cand = 1 + plan.negatives
-    b = plan.batch_size
-    cand_mask = torch.ones(b, n_cand, dtype=torch.bool, device=device)
-    in_batch = torch.ones(b, dtype=torch.bool, device=device)
-    if impl == "ours":
-        loss_mod = ContrastiveLoss(
-            ContrastiveLossConfig(temperature=plan.temperature, in_batch_negatives=True),
-            group=module.pg_collection.dp,
-        )
-
-        def loss_fn(q, c, ids):
-            return loss_mod(q, c, cand_mask, in_batch, ids)
-    else:
-
-        def loss_fn(q, c, ids):
-            return contrastive_loss(
-                q,
-                c,
-                cand_mask,
-                temperature=plan.temperature,
-                in_batch=in_batch,
-                candidate_ids=ids,
-            )[0]
-
-    batches = [
-        prepare(plan, impl, make_batch(plan, i), device) for i in range(plan.warmup + plan.steps)
-    ]
-    opt = torch.optim.AdamW(params, lr=plan.lr, fused=cuda or None)
-
-    # Embeddings of the first batch before any update (eval: no dropout), for the parity check.
-    module.eval()
-    with torch.no_grad():
-        first = batches[0]
-        parity = {
-            "query": embed(first.query_calls, first.query_inverse).float().cpu(),
-            "passage": embed(first.passage_calls, first.passage_inverse).float().cpu(),
-        }
-    torch.save(parity, out_path + ".emb.pt")
-    module.train()
-
-    def step(p: Prepared) -> float:
-        opt.zero_grad(set_to_none=True)
-        q = embed(p.query_calls, p.query_inverse)
-        c = embed(p.passage_calls, p.passage_inverse).view(b, n_cand, -1)
-        loss = loss_fn(q, c, p.candidate_ids)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    import gc
-
+    impls = ["ours", "baseline"] if impl == "paired" else [impl]
+    runners = {i: Runner(plan, i, device, dtype) for i in impls}
+    for i, r in runners.items():
+        torch.save(r.first_batch_embeddings(), f"{out_path}.{i}.emb.pt")
+    shape = flop_shape(plan)
+    records = {i: [] for i in impls}
+    losses = {i: [] for i in impls}
+    transient = {i: 0 for i in impls}
     gc.collect()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         mem_before = torch.cuda.memory_allocated(device)
-    times, losses = [], []
     with RSSSampler() as rss:
-        for i, p in enumerate(batches):
-            sync()
-            start = time.perf_counter()
-            loss = step(p)
-            sync()
-            elapsed = time.perf_counter() - start
-            losses.append(float(loss))
-            if i >= plan.warmup:
-                times.append(elapsed)
+        for k in range(plan.warmup + plan.steps):
+            order = impls if k % 2 == 0 else impls[::-1]  # paired: alternate who goes first
+            for i in order:
+                r = runners[i]
+                p = r.batches[k]
+                if device.type == "cuda" and len(impls) > 1:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                r.sync()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                loss = r.step(p)
+                r.sync()
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                if device.type == "cuda" and len(impls) > 1:
+                    peak = torch.cuda.max_memory_allocated(device) - base
+                    transient[i] = max(transient[i], peak)
+                losses[i].append(float(loss))
+                if k < plan.warmup:
+                    continue
+                records[i].append(
+                    dict(
+                        seconds=elapsed,
+                        cpu_seconds=cpu,
+                        real_tokens=p.real_tokens,
+                        padded_tokens=p.padded_tokens,
+                        sequences=p.sequences,
+                        forward_calls=len(p.calls),
+                        model_flops=model_step_flops(shape, p.lengths, r.b, r.n).total,
+                        executed_flops=train_step_flops(shape, p.calls, r.b, r.n).total,
+                    )
+                )
     if plan.profile_dir:
-        profile_step(plan, impl, step, batches[plan.warmup], sync)
+        for i, r in runners.items():
+            profile_step(plan, i, r.step, r.batches[plan.warmup], r.sync)
 
-    timed = batches[plan.warmup :]
-    shape = flop_shape(plan)
-    per_step = []
-    for p, t in zip(timed, times):
-        executed = train_step_flops(shape, p.calls, b, n_cand)
-        useful = model_step_flops(shape, p.lengths, b, n_cand)
-        per_step.append(
-            dict(
-                seconds=t,
-                real_tokens=p.real_tokens,
-                padded_tokens=p.padded_tokens,
-                sequences=p.sequences,
-                forward_calls=len(p.calls),
-                model_flops=useful.total,
-                executed_flops=executed.total,
-            )
+    results = {}
+    for i, r in runners.items():
+        res = dict(
+            steps=records[i],
+            losses=losses[i],
+            build_seconds=r.build_seconds,
+            trainable_parameters=sum(p.numel() for p in r.params),
+            total_parameters=sum(p.numel() for p in r.module.parameters()),
         )
+        if len(impls) > 1:
+            # Both models live in this process: only the CUDA per-step increase is attributable.
+            res["peak_memory_bytes"] = transient[i] if device.type == "cuda" else None
+        elif device.type == "cuda":
+            res["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+            res["memory_before_steps_bytes"] = mem_before
+        else:
+            res["peak_memory_bytes"] = rss.peak - rss.start
+            res["rss_before_steps_bytes"] = rss.start
+            res["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        results[i] = res
+    Path(out_path).write_text(json.dumps(results, indent=2))
 
-    def med(key):
-        return statistics.median(s[key] / s["seconds"] for s in per_step)
 
-    result = dict(
+MEMORY_METHOD = {
+    "paired-cuda": "per step, torch.cuda.max_memory_allocated minus the memory allocated just "
+    "before it (activations, gradients, optimizer-step temporaries; weights and optimizer "
+    "state excluded), max over steps (--paired: both models share the process)",
+    "paired-cpu": "not measured with --paired (both models share the process); run without it",
+    "cuda": "torch.cuda.max_memory_allocated over warm-up + timed steps (weights, gradients, "
+    "optimizer state and activations); max over rounds",
+    "cpu": "peak resident set size sampled from /proc/self/statm every 2 ms during warm-up + "
+    "timed steps, minus the RSS just before them (activations, gradients, optimizer state; "
+    "weights excluded); max over rounds. max_rss_bytes: getrusage ru_maxrss of the worker "
+    "process (everything, weights and imports included)",
+}
+
+
+def summarize(impl: str, rounds: list[dict], memory_method: str) -> dict:
+    """Medians over the timed steps of every round (rates are per step, then the median)."""
+    steps = [s for r in rounds for s in r["steps"]]
+
+    def med(key, time_key="seconds"):
+        return statistics.median(s[key] / s[time_key] for s in steps)
+
+    out = dict(
         implementation=impl,
-        step_seconds_median=statistics.median(times),
-        step_seconds=times,
+        step_seconds_median=statistics.median(s["seconds"] for s in steps),
         tokens_per_s=med("real_tokens"),
         padded_tokens_per_s=med("padded_tokens"),
         sequences_per_s=med("sequences"),
         model_tflops_per_s=med("model_flops") / 1e12,
         executed_tflops_per_s=med("executed_flops") / 1e12,
+        step_cpu_seconds_median=statistics.median(s["cpu_seconds"] for s in steps),
+        tokens_per_cpu_s=med("real_tokens", "cpu_seconds"),
+        real_tokens_per_step=statistics.mean(s["real_tokens"] for s in steps),
+        padded_tokens_per_step=statistics.mean(s["padded_tokens"] for s in steps),
         padding_fraction=1
-        - sum(s["real_tokens"] for s in per_step) / sum(s["padded_tokens"] for s in per_step),
-        forward_calls_per_step=statistics.median(s["forward_calls"] for s in per_step),
-        trainable_parameters=sum(p.numel() for p in params),
-        total_parameters=sum(p.numel() for p in module.parameters()),
-        losses=losses,
-        build_seconds=build_s,
-        steps=per_step,
+        - sum(s["real_tokens"] for s in steps) / sum(s["padded_tokens"] for s in steps),
+        forward_calls_per_step=statistics.median(s["forward_calls"] for s in steps),
+        model_flops_per_step=statistics.mean(s["model_flops"] for s in steps),
+        executed_flops_per_step=statistics.mean(s["executed_flops"] for s in steps),
+        peak_memory_bytes=None
+        if rounds[0]["peak_memory_bytes"] is None
+        else max(r["peak_memory_bytes"] for r in rounds),
+        memory_method=MEMORY_METHOD[memory_method],
+        trainable_parameters=rounds[0]["trainable_parameters"],
+        total_parameters=rounds[0]["total_parameters"],
+        build_seconds=statistics.median(r["build_seconds"] for r in rounds),
+        timed_steps=len(steps),
+        step_seconds=[[s["seconds"] for s in r["steps"]] for r in rounds],
+        step_cpu_seconds=[[s["cpu_seconds"] for s in r["steps"]] for r in rounds],
+        losses=[r["losses"] for r in rounds],
     )
-    if cuda:
-        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["memory_before_steps_bytes"] = mem_before
-        result["memory_method"] = (
-            "torch.cuda.max_memory_allocated over warm-up + timed steps (weights, gradients, "
-            "optimizer state and activations)"
-        )
-    else:
-        result["peak_memory_bytes"] = rss.peak - rss.start
-        result["rss_before_steps_bytes"] = rss.start
-        result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        result["memory_method"] = (
-            "peak resident set size sampled from /proc/self/statm every 2 ms during warm-up + "
-            "timed steps, minus the RSS just before them (activations, gradients, optimizer "
-            "state; weights excluded); max_rss_bytes = getrusage ru_maxrss of the worker"
-        )
-    Path(out_path).write_text(json.dumps(result, indent=2))
+    if "max_rss_bytes" in rounds[0]:
+        out["max_rss_bytes"] = max(r["max_rss_bytes"] for r in rounds)
+    return out
 
 
 def profile_step(plan: Plan, impl: str, step, batch: Prepared, sync) -> None:
@@ -725,10 +813,11 @@ def write_shared_weights(plan: Plan, path: str) -> None:
     torch.save(ref.hf_state_dict(), path)
 
 
-def parity(tmp: Path) -> float | None:
+def parity(tmp: Path, worker_out: dict) -> float | None:
+    """Max |ours - baseline| over the first batch's embeddings (shared weights, before updates)."""
     import torch
 
-    files = [tmp / f"{impl}.json.emb.pt" for impl in ("ours", "baseline")]
+    files = [Path(f"{worker_out[impl]}.{impl}.emb.pt") for impl in ("ours", "baseline")]
     if not all(f.exists() for f in files):
         return None
     a, b = (torch.load(f) for f in files)
@@ -742,8 +831,13 @@ def main(argv=None) -> int:
         run_worker(plan, args.worker, args.worker_out)
         return 0
     plan = make_plan(args)
+    if args.paired and args.only:
+        raise SystemExit("--paired runs both implementations; drop --only")
     impls = [args.only] if args.only else ["ours", "baseline"]
-    results = {}
+    workers = ["paired"] if args.paired else impls
+    rounds = {impl: [] for impl in impls}
+    first_out = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="nvembed-bench-") as tmpdir:
         tmp = Path(tmpdir)
         if plan.weights == "shared":
@@ -751,37 +845,52 @@ def main(argv=None) -> int:
             write_shared_weights(plan, plan.weights_file)
         plan_file = tmp / "plan.json"
         plan_file.write_text(json.dumps(asdict(plan)))
-        for impl in impls:
-            out = tmp / f"{impl}.json"
-            cmd = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--output",
-                args.output,
-                "--worker",
-                impl,
-                "--plan",
-                str(plan_file),
-                "--worker-out",
-                str(out),
-            ]
-            print(f"[bench] running {impl} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd)
-            if proc.returncode != 0:
-                raise SystemExit(f"{impl} worker failed with exit code {proc.returncode}")
-            results[impl] = json.loads(out.read_text())
-        parity_diff = parity(tmp) if plan.weights == "shared" else None
+        for r in range(plan.repeats):
+            for worker in workers:
+                out = tmp / f"{worker}-{r}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--output", args.output]
+                cmd += ["--worker", worker, "--plan", str(plan_file), "--worker-out", str(out)]
+                print(
+                    f"[bench] round {r + 1}/{plan.repeats}: {worker}", file=sys.stderr, flush=True
+                )
+                proc = subprocess.run(cmd)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{worker} worker failed with exit code {proc.returncode}")
+                for impl, res in json.loads(out.read_text()).items():
+                    rounds[impl].append(res)
+                    first_out.setdefault(impl, str(out))
+        both = plan.weights == "shared" and len(impls) == 2
+        parity_diff = parity(tmp, first_out) if both else None
+    memory = ("paired-" if args.paired else "") + plan.device
+    results = {impl: summarize(impl, rounds[impl], memory) for impl in impls}
 
     machine = machine_info(plan.device)
+    # 1-minute load averages before and after: on a shared machine, other processes' load
+    # slows both implementations (interleaved --repeats spread it evenly).
+    machine["load_average_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
     peak, peak_source = device_peak_tflops(machine["device_name"], plan.device, args.peak_tflops)
     for r in results.values():
         r["mfu"] = None if peak is None else r["model_tflops_per_s"] / peak
-    speedup = None
+    speedup = speedup_cpu = speedup_paired = None
     if "ours" in results and "baseline" in results:
         speedup = results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+        if plan.device == "cpu":
+            speedup_cpu = (
+                results["ours"]["tokens_per_cpu_s"] / results["baseline"]["tokens_per_cpu_s"]
+            )
+        # Same batch index = same real tokens: the per-step time ratio is the throughput ratio.
+        pairs = [
+            b["seconds"] / o["seconds"]
+            for ro, rb in zip(rounds["ours"], rounds["baseline"])
+            for o, b in zip(ro["steps"], rb["steps"])
+        ]
+        speedup_paired = statistics.median(pairs)
     config = asdict(plan)
     config.pop("weights_file")
     config.update(
+        mode="paired: both in one process, alternating steps"
+        if args.paired
+        else "separate: one process per implementation and round",
         flop_shape=flop_shape(plan).to_dict(),
         peak_tflops=peak,
         peak_tflops_source=peak_source,
@@ -794,6 +903,8 @@ def main(argv=None) -> int:
         ours=results.get("ours"),
         baseline=results.get("baseline"),
         speedup=speedup,
+        speedup_median_of_step_ratios=speedup_paired,
+        speedup_cpu_time=speedup_cpu,
         machine=machine,
         config=config,
     )
