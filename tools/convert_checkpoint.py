@@ -5,11 +5,16 @@
              [--pipeline-model-parallel-size M] [--pooling latent|mean|eos|self-attention]
              [--mask-type bidirectional|causal]
   export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32]
+  merge-lora --load SRC --save DST [--peft-dir DIR]
 
 import-hf reads Mistral/Llama (`*ForCausalLM` or bare `*Model`) and NV-Embed checkpoints and
 writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine).
 export-hf writes NV-Embed's HF format, loadable offline with
-`AutoModel.from_pretrained(DST, trust_remote_code=True)`; any saved TP/PP layout is resharded.
+`AutoModel.from_pretrained(DST, trust_remote_code=True)`; any saved TP/PP layout is resharded;
+LoRA adapters in SRC are merged into the exported weights.
+merge-lora folds a training checkpoint's LoRA adapters into the base weights and writes a plain
+checkpoint (tokenizer copied, optimizer state dropped); --peft-dir also writes the adapters in
+PEFT's format, named for the exported model, to apply to an export of the base checkpoint.
 """
 
 import argparse
@@ -33,6 +38,10 @@ def main(argv=None) -> int:
     exp.add_argument("--load", required=True)
     exp.add_argument("--hf-dir", required=True)
     exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    mrg = sub.add_parser("merge-lora", help="fold LoRA adapters into the base weights")
+    mrg.add_argument("--load", required=True)
+    mrg.add_argument("--save", required=True)
+    mrg.add_argument("--peft-dir", default=None, help="also write PEFT-format adapters here")
     args = parser.parse_args(argv)
 
     from megatron_nvembed.logging_utils import setup_logging
@@ -55,6 +64,13 @@ def main(argv=None) -> int:
                 f"wrote {args.save} (TP={args.tensor_model_parallel_size}, "
                 f"PP={args.pipeline_model_parallel_size}, pooling={cfg.pooling.type})"
             )
+        elif args.command == "merge-lora":
+            from megatron_nvembed.conversion.convert import merge_lora_checkpoint
+            from megatron_nvembed.parallel import initialize_model_parallel
+
+            initialize_model_parallel(1, 1)
+            lora = merge_lora_checkpoint(args.load, args.save, args.peft_dir)
+            print(f"wrote {args.save} (LoRA rank {lora['rank']} merged)")
         else:
             from megatron_nvembed.conversion.convert import export_hf
             from megatron_nvembed.parallel import initialize_model_parallel

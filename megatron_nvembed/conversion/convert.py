@@ -348,3 +348,63 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return hf_dir
+
+
+def merge_lora_checkpoint(
+    load_dir: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    peft_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Folds a checkpoint's LoRA adapters into its base weights and writes a plain checkpoint.
+
+    Must run in one process with megatron-core's parallel state at TP = PP = 1 (the CLI does
+    this); any saved layout is resharded on load. The output has the same model config (pooling
+    head included, trained as saved) and tokenizer, and no optimizer state: it is what
+    `export-hf`, `tools/embed.py` and `--pretrained-checkpoint` take.
+
+    Args:
+        peft_dir: also write the adapters in PEFT's format (adapter_config.json +
+            adapter_model.safetensors, module names of the exported NV-Embed model) for applying
+            them to an export of the *base* checkpoint with `PeftModel.from_pretrained`.
+
+    Returns:
+        The LoRA settings that were merged.
+
+    Raises:
+        ValueError: the checkpoint holds no adapters.
+    """
+    from megatron_nvembed.checkpoint import (
+        TOKENIZER_DIR,
+        load_checkpoint,
+        read_config,
+        read_lora,
+        save_checkpoint,
+    )
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.model.lora import apply_lora, merge_lora, save_peft_adapters
+
+    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    lora = read_lora(load_dir)
+    if lora is None:
+        raise ValueError(f"{load_dir}: the checkpoint holds no LoRA adapters (no lora.json)")
+    cfg = read_config(load_dir)
+    cfg.parallel = ParallelConfig(1, 1)
+    model = build_model(cfg)
+    apply_lora(model, lora["rank"], lora["alpha"], 0.0)
+    load_checkpoint(model, load_dir, merge_adapters=False)
+    if peft_dir is not None:
+        save_peft_adapters(model, cfg, peft_dir, lora["rank"], lora["alpha"], lora["dropout"])
+    count = merge_lora(model)
+    tmp = save_dir.with_name(save_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        save_checkpoint(model, cfg, tmp, iteration=0)
+        if (load_dir / TOKENIZER_DIR).is_dir():
+            shutil.copytree(load_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        _replace_dir(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("merged %d adapters (rank %d) into %s", count, lora["rank"], save_dir)
+    return lora

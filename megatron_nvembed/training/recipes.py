@@ -95,7 +95,7 @@ def tiny() -> TrainingConfig:
         seq_length=64,
         micro_batch_size=4,
         global_batch_size=16,
-        train_iters=40,
+        train_iters=80,
         lr=2e-3,
         min_lr=2e-4,
         lr_warmup_iters=4,

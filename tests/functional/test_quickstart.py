@@ -1,9 +1,11 @@
-"""The README's quickstart runs end to end and its TP=2 embeddings equal the reference.
+"""The README's quickstart trains and improves held-out retrieval.
 
-Runs `examples/quickstart.py` (2 gloo processes) into a temporary folder and checks summary.json:
-3 x 3 scores, unit-norm embeddings imply scores in [-1, 1], parity <= 1e-5.
+Runs `examples/quickstart.py` (import-hf, evaluation, stage 1 and stage 2 with 2 gloo processes
+under torchrun, export-hf with LoRA merged, evaluation of the export) into a temporary folder and
+checks summary.json: nDCG@10 after >= 0.6 and at least 0.2 above before (the issue's bar), both
+stages' losses went down, files written atomically.
 
-Run alone: pytest tests/functional/test_quickstart.py
+Run alone: pytest tests/functional/test_quickstart.py   (about 3 minutes on 2 cores)
 """
 
 import json
@@ -17,18 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.functional
-def test_quickstart_writes_summary(tmp_path):
+def test_quickstart_trains_and_improves_retrieval(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["tensor_model_parallel_size"] == 2
-    assert summary["max_abs_diff_vs_reference"] <= 1e-5
-    scores = summary["scores"]
-    assert len(scores) == 3 and all(len(r) == 3 for r in scores)
-    assert all(-1.0 - 1e-6 <= s <= 1.0 + 1e-6 for r in scores for s in r)
+    before, after = summary["ndcg_at_10_before"], summary["ndcg_at_10_after"]
+    assert after >= 0.6 and after >= before + 0.2, summary
+    s1, s2 = summary["stage1_loss_first_last"], summary["stage2_loss_first_last"]
+    assert s1[1] < s1[0] and s2[1] < s2[0]
+    assert (tmp_path / "hf_final" / "config.json").is_file()
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
