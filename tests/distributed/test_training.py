@@ -380,3 +380,67 @@ def test_activation_recompute_leaves_training_unchanged(synthetic, tmp_path):
     for name in ("full", "selective"):
         for it in ("1", "2"):
             assert out[name][it] == pytest.approx(out["none"][it], rel=1e-6), name
+
+
+def _validation_worker(rank, world, data, tmp):
+    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.data.tokenization import tokenize_for_embedding
+    from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.training.trainer import _load_tokenizer, train
+
+    tmp = Path(tmp)
+    cfg = _cfg(
+        data,
+        train_iters=4,
+        eval_interval=2,
+        eval_data=[data["eval"]],
+        eval_instruction=data["instruction"],
+        save=str(tmp / "ckpt"),
+        log_json=str(tmp / "log.jsonl"),
+    )
+    result = train(cfg)
+    # Independent computation from the saved final checkpoint.
+    pg = initialize_model_parallel(1, 1)
+    model = build_model(read_config(tmp / "ckpt"), pg)
+    load_checkpoint(model, tmp / "ckpt")
+    model.eval()
+    tok = _load_tokenizer(cfg, None)
+    beir = load_beir(data["eval"])
+
+    def embed(texts, instruction):
+        enc, _ = tokenize_for_embedding(
+            tok,
+            texts,
+            [instruction] * len(texts) if instruction else None,
+            max_length=cfg.seq_length,
+        )
+        with torch.no_grad():
+            return model(**enc).numpy()
+
+    q, d = embed(beir.queries, data["instruction"]), embed(beir.corpus, "")
+    expected = retrieval_metrics(q @ d.T, beir.query_ids, beir.corpus_ids, beir.qrels)
+    logged = [json.loads(x) for x in (tmp / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if "eval" in r]
+    (tmp / "validation.json").write_text(
+        json.dumps(
+            {
+                "evals": evals,
+                "result": result.evals,
+                "expected": expected,
+            }
+        )
+    )
+
+
+def test_in_training_validation_matches_an_independent_computation(synthetic, tmp_path):
+    """--eval-interval 2 over 4 steps validates at iterations 2 and 4 (log-json records with
+    nDCG@10 / recall@10 / recall@100 / MRR@10); the iteration-4 numbers equal metrics computed
+    independently from the saved final checkpoint (1e-6 absolute)."""
+    run_distributed(_validation_worker, 1, synthetic, str(tmp_path))
+    out = json.loads((tmp_path / "validation.json").read_text())
+    assert [r["iteration"] for r in out["evals"]] == [2, 4]
+    final = out["evals"][-1]["eval"]["eval"]
+    for key in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10"):
+        assert final[key] == pytest.approx(out["expected"][key], abs=1e-6), key
