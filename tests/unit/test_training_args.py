@@ -1,0 +1,81 @@
+"""Command line of the training entry point: recipes, overrides, errors naming the flag."""
+
+import pytest
+
+from megatron_nvembed.training.arguments import parse_args
+from megatron_nvembed.training.recipes import RECIPES, get_recipe
+
+
+def test_paper_recipes_carry_table5_values():
+    s1, s2 = get_recipe("nvembed_mistral_7b_stage1"), get_recipe("nvembed_mistral_7b_stage2")
+    for cfg in (s1, s2):
+        assert cfg.global_batch_size == 128 and cfg.num_negatives == 7
+        assert cfg.lr_warmup_iters == 500 and cfg.lr_decay_style == "linear"
+        assert cfg.weight_decay == 0.03 and cfg.seq_length == 512
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.1)
+        assert cfg.model.pooling.num_latents == 512 and cfg.model.pooling.num_heads == 8
+        assert cfg.model.model.bf16 and cfg.model.model.mask_type == "bidirectional"
+    assert (s1.lr, s1.train_iters, s1.in_batch_negatives) == (2e-5, 20000, True)
+    assert (s2.lr, s2.train_iters, s2.in_batch_negatives) == (1.5e-5, 18000, False)
+    assert set(RECIPES) >= {"nvembed_mistral_7b_stage1", "nvembed_mistral_7b_stage2", "tiny"}
+
+
+def test_flags_override_only_what_is_given():
+    cfg = parse_args(
+        [
+            "--recipe",
+            "nvembed_mistral_7b_stage1",
+            "--train-data",
+            "a.jsonl",
+            "--lr",
+            "1e-5",
+            "--tensor-model-parallel-size",
+            "2",
+            "--lora-rank",
+            "0",
+            "--no-grad-cache",
+            "--hidden-dropout",
+            "0.1",
+            "--fp32",
+        ]
+    )
+    assert cfg.lr == 1e-5 and cfg.min_lr == 0.0 and cfg.train_iters == 20000
+    assert cfg.model.parallel.tensor_model_parallel_size == 2
+    assert cfg.lora.rank == 0 and cfg.lora.alpha == 32.0
+    assert cfg.grad_cache is False and cfg.model.model.hidden_dropout == 0.1
+    assert cfg.model.model.bf16 is False
+    blend = parse_args(
+        ["--recipe", "tiny", "--stage", "2", "--train-data", "0.3", "a.jsonl", "0.7", "b.jsonl"]
+    )
+    assert blend.recipe == "tiny_stage2" and blend.stage == 2 and not blend.in_batch_negatives
+    assert blend.train_data == ["0.3", "a.jsonl", "0.7", "b.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--recipe", "nope", "--train-data", "a"], "--recipe 'nope' is unknown"),
+        (
+            ["--recipe", "nvembed_mistral_7b_stage1", "--stage", "2", "--train-data", "a"],
+            "stage-1 recipe but --stage is 2",
+        ),
+        (["--recipe", "tiny"], "--train-data is required"),
+        (
+            ["--train-data", "a", "--lr-warmup-iters", "100", "--train-iters", "50"],
+            "--lr-warmup-iters (100) must be below",
+        ),
+        (
+            ["--train-data", "a", "--global-batch-size", "10", "--micro-batch-size", "4"],
+            "--global-batch-size (10) must be a multiple of --micro-batch-size (4)",
+        ),
+        (["--train-data", "a", "--lora-dropout", "1.5"], "--lora-dropout"),
+        (["--train-data", "a", "--temperature", "0"], "--temperature"),
+        (["--train-data", "a", "--eval-interval", "5"], "--eval-interval needs --eval-data"),
+        (["--train-data", "a", "--hidden-dropout", "1.0"], "--hidden-dropout"),
+        (["--train-data", "a", "--recompute-granularity", "most"], "--recompute-granularity"),
+    ],
+)
+def test_bad_settings_name_the_flag(argv, message):
+    with pytest.raises(ValueError) as err:
+        parse_args(argv)
+    assert message in str(err.value)
