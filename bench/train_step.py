@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -122,7 +122,6 @@ class Plan:
     weights: str
     weights_file: str | None = None
     profile_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
