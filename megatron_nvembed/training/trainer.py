@@ -149,6 +149,18 @@ def _resolve_model_config(cfg: TrainingConfig):
     if model_cfg.model.bf16 and cpu_mode():
         logger.warning("--bf16 on a machine without CUDA: training in float32 on the CPU")
         model_cfg.model.bf16 = False
+    if cfg.lora.rank > 0:
+        # LoRA wraps the linear layers; Transformer Engine's layers fuse the preceding norm into
+        # linear_qkv / linear_fc1, which the adapter would bypass (see docs/model.md).
+        if model_cfg.model.attention_backend == "te":
+            raise ValueError(
+                "--attention-backend te with --lora-rank > 0 is not supported (Transformer "
+                "Engine fuses the norms into the adapted layers); use --attention-backend sdpa, "
+                "or --lora-rank 0 for full fine-tuning on Transformer Engine"
+            )
+        if model_cfg.model.attention_backend == "auto":
+            logger.info("LoRA: attention backend 'auto' resolves to sdpa (torch SDPA kernels)")
+            model_cfg.model.attention_backend = "sdpa"
     return model_cfg.validate(), source
 
 
