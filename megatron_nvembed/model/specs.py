@@ -99,3 +99,34 @@ def build_attention_mask(
         future = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).triu(1)
         mask = mask | future[None, None]  # [b, 1, s, s]
     return mask
+
+
+def build_packed_attention_mask(segment_ids: torch.Tensor, mask_type: str) -> torch.Tensor:
+    """Block-diagonal mask for packed rows (see `megatron_nvembed.data.packing`).
+
+    Args:
+        segment_ids: [rows, L] int, 0 = padding, 1..k = the k-th text of the row.
+        mask_type: `bidirectional` or `causal` (causal within each text).
+
+    Returns:
+        bool [rows, 1, L, L], True = masked out: a token sees only tokens of its own text. Padding
+        positions form one more block of their own, so no query row is fully masked (no NaN from
+        the softmax) and no real token ever sees padding.
+    """
+    mask = segment_ids[:, None, :, None] != segment_ids[:, None, None, :]  # [rows, 1, L, L]
+    if mask_type == "causal":
+        s = segment_ids.shape[1]
+        future = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).triu(1)
+        mask = mask | future[None, None]
+    return mask
+
+
+def packed_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, L] RoPE positions restarting at 0 where each text starts (padding: its offset
+    from the end of the last text, unused)."""
+    s = segment_ids.shape[1]
+    idx = torch.arange(s, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
