@@ -19,7 +19,9 @@ def embed_microbatches(
 
     Args:
         model: this rank's `NVEmbedModel` stage.
-        microbatches: dicts with `input_ids`, `attention_mask`, optional `pool_mask`, each [b, s].
+        microbatches: dicts with `input_ids`, `attention_mask`, optional `pool_mask`, each [b, s],
+            and optional `segment_ids` (packed rows, `PackedBatch.model_inputs()`: the outputs
+            are then in packed order; index them with `PackedBatch.restore`).
         pg_collection: megatron-core process groups (`pp` decides the schedule).
 
     Returns:
@@ -34,7 +36,8 @@ def embed_microbatches(
 
     def forward_step(data_iterator, stage):
         batch = next(data_iterator)
-        out = stage(batch["input_ids"], batch["attention_mask"], batch.get("pool_mask"))
+        packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+        out = stage(batch["input_ids"], batch["attention_mask"], batch.get("pool_mask"), **packed)
         return out, None  # no loss: the schedule collects the last stage's outputs
 
     pp = pg_collection.pp.size()
