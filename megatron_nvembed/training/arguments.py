@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="shard optimizer state over DP ranks",
     )
+    parser.add_argument(
+        "--pack-sequences",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pack several texts per row (at most --seq-length tokens), each attending only to "
+        "itself, so the backbone skips padding (sdpa / local attention backends)",
+    )
     parser.add_argument("--skip-bad-records", action="store_true", default=None)
     return parser
 
@@ -158,6 +165,7 @@ def parse_args(argv=None) -> TrainingConfig:
         ("grad_cache", "grad_cache"),
         ("use_distributed_optimizer", "use_distributed_optimizer"),
         ("skip_bad_records", "skip_bad_records"),
+        ("pack_sequences", "pack_sequences"),
     ):
         if values[name] is not None:
             _set(cfg, path, values[name])

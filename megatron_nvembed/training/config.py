@@ -41,6 +41,9 @@ class TrainingConfig:
     """`--num-negatives`: hard negatives per query (K)."""
     seq_length: int = 512
     """`--seq-length`: token limit per text (right padding)."""
+    pack_sequences: bool = False
+    """`--pack-sequences`: pack each micro-batch's queries and candidates into rows of at most
+    `seq_length` tokens (`data/packing.py`; sdpa / local attention backends)."""
     skip_bad_records: bool = False
 
     # batch and schedule

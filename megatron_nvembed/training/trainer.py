@@ -149,6 +149,17 @@ def _resolve_model_config(cfg: TrainingConfig):
     if model_cfg.model.bf16 and cpu_mode():
         logger.warning("--bf16 on a machine without CUDA: training in float32 on the CPU")
         model_cfg.model.bf16 = False
+    if cfg.pack_sequences:
+        # Packing builds block-diagonal masks for the torch backends; the Transformer Engine
+        # path (THD layout with cu_seqlens) is not implemented.
+        if model_cfg.model.attention_backend == "te":
+            raise ValueError(
+                "--pack-sequences needs --attention-backend sdpa or local (packing with "
+                "Transformer Engine's THD layout / cu_seqlens is not implemented)"
+            )
+        if model_cfg.model.attention_backend == "auto":
+            logger.info("--pack-sequences: attention backend 'auto' resolves to sdpa")
+            model_cfg.model.attention_backend = "sdpa"
     if cfg.lora.rank > 0:
         # LoRA wraps the linear layers; Transformer Engine's layers fuse the preceding norm into
         # linear_qkv / linear_fc1, which the adapter would bypass (see docs/model.md).
@@ -321,6 +332,17 @@ class _Step:
         self.schedule = get_forward_backward_func()
 
     def _forward(self, model, mb: EmbeddingBatch) -> torch.Tensor:
+        if self.cfg.pack_sequences:
+            # Queries and candidates packed together (rows of at most --seq-length tokens), on
+            # the CPU, deterministically: every pipeline stage and the GradCache replay pack the
+            # same micro-batch the same way. The last stage restores the [queries; candidates]
+            # order; the other stages pass their packed activations on.
+            from megatron_nvembed.data.packing import pack_batch
+
+            stacked = {k: v.cpu() for k, v in _stacked(mb).items()}
+            packed = pack_batch(stacked, self.cfg.seq_length).to(self.device)
+            out = model(**packed.model_inputs())
+            return out[packed.restore] if self.last_stage else out
         if self.pp == 1:
             q = model(**mb.query)
             c = model(**mb.candidates)
