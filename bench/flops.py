@@ -166,3 +166,33 @@ def model_step_flops(
     return train_step_flops(
         shape, ((1, n) for n in lengths), queries, candidates_per_query, latent_kv_calls=1
     )
+
+
+def attention_flops(
+    shape: FlopShape, calls: Iterable[tuple[int, int]], decoder: bool = True, head: bool = True
+) -> FlopCount:
+    """The score / context products alone inside `train_step_flops(shape, calls, ...)`: the
+    decoder's self-attention and / or the head's attention to the latents (the parts that may
+    run inside scaled_dot_product_attention kernels)."""
+    total = ZERO
+    for rows, width in calls:
+        f = 0
+        if decoder:
+            f += 2 * _mm(rows * width * width, shape.head_dim, 1) * shape.heads * shape.layers
+        if head:
+            f += 2 * _mm(rows * width, shape.pool_head_dim, shape.pool_latents) * shape.pool_heads
+        total = total + FlopCount(f, 2 * f)
+    return total
+
+
+def split_adapter_flops(shape: FlopShape, calls: Iterable[tuple[int, int]]) -> FlopCount:
+    """Extra FLOPs when q / k / v and gate / up get one LoRA A each (peft on a transformers
+    model) instead of one A per fused QKV and per fused gate/up (this project): 2 + 1 more
+    [t, d] x [d, r] products per layer, each forward + weight gradient + input gradient (layer
+    0's q / k / v: no input gradient)."""
+    fwd = bwd = 0
+    for rows, width in calls:
+        a = _mm(rows * width, shape.hidden, shape.lora_rank)
+        fwd += 3 * a * shape.layers
+        bwd += 6 * a * shape.layers - 2 * a  # layer 0: the two extra QKV A's skip dX
+    return FlopCount(fwd, bwd)

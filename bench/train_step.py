@@ -30,7 +30,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # bench/flops.py
 sys.path.insert(1, str(BENCH_DIR.parent))  # megatron_nvembed without an install
 
-from flops import FlopShape, model_step_flops, train_step_flops  # noqa: E402
+from flops import (  # noqa: E402
+    FlopShape,
+    attention_flops,
+    model_step_flops,
+    split_adapter_flops,
+    train_step_flops,
+)
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -122,6 +128,7 @@ class Plan:
     weights: str
     weights_file: str | None = None
     profile_dir: str | None = None
+    check_flops: bool = False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -212,6 +219,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also profile one extra step per implementation (torch.profiler); "
         "tables written to DIR",
     )
+    p.add_argument(
+        "--check-flops",
+        action="store_true",
+        help="also run one extra step per implementation under torch.utils.flop_counter and "
+        "record its count next to the analytic one (config.flop_check)",
+    )
     p.add_argument("--output", required=True, help="RESULT.json")
     p.add_argument("--worker", choices=["ours", "baseline", "paired"], help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
@@ -279,6 +292,7 @@ def make_plan(args) -> Plan:
         threads=args.threads or os.cpu_count() or 1,
         weights=args.weights or preset["weights"],
         profile_dir=args.profile,
+        check_flops=args.check_flops,
     )
 
 
@@ -665,6 +679,7 @@ def run_worker(plan: Plan, impl: str, out_path: str) -> None:
     if plan.profile_dir:
         for i, r in runners.items():
             profile_step(plan, i, r.step, r.batches[plan.warmup], r.sync)
+    checks = {i: flop_check(plan, r) for i, r in runners.items()} if plan.check_flops else {}
 
     results = {}
     for i, r in runners.items():
@@ -675,6 +690,8 @@ def run_worker(plan: Plan, impl: str, out_path: str) -> None:
             trainable_parameters=sum(p.numel() for p in r.params),
             total_parameters=sum(p.numel() for p in r.module.parameters()),
         )
+        if i in checks:
+            res["flop_check"] = checks[i]
         if len(impls) > 1:
             # Both models live in this process: only the CUDA per-step increase is attributable.
             res["peak_memory_bytes"] = transient[i] if device.type == "cuda" else None
@@ -739,8 +756,47 @@ def summarize(impl: str, rounds: list[dict], memory_method: str) -> dict:
         step_cpu_seconds=[[s["cpu_seconds"] for s in r["steps"]] for r in rounds],
         losses=[r["losses"] for r in rounds],
     )
+    if "flop_check" in rounds[0]:
+        out["flop_check"] = rounds[0]["flop_check"]
     if "max_rss_bytes" in rounds[0]:
         out["max_rss_bytes"] = max(r["max_rss_bytes"] for r in rounds)
+    return out
+
+
+def flop_check(plan: Plan, runner: Runner) -> dict:
+    """One more step under torch.utils.flop_counter, against the analytic count of that step.
+
+    torch's counter has no FLOP formula for CPU's fused SDPA kernel
+    (`_scaled_dot_product_flash_attention_for_cpu`), and peft's separate q / k / v and
+    gate / up adapters run a few more products than the fused ones counted analytically; both
+    parts are reported so the numbers can be reconciled exactly.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = flop_shape(plan)
+    p = runner.batches[plan.warmup]
+    with FlopCounterMode(display=False) as counter:
+        runner.step(p)
+        runner.sync()
+    by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    executed = train_step_flops(shape, p.calls, runner.b, runner.n).total
+    decoder_attention = attention_flops(shape, p.calls, head=False).total
+    head_attention = attention_flops(shape, p.calls, decoder=False).total
+    split = split_adapter_flops(shape, p.calls).total if runner.impl == "baseline" else 0
+    out = dict(
+        torch_flop_counter=counter.get_total_flops(),
+        torch_flop_counter_by_op=by_op,
+        analytic_executed=executed,
+        analytic_decoder_attention=decoder_attention,
+        analytic_head_attention=head_attention,
+        analytic_split_adapter_extra=split,
+    )
+    if plan.device == "cpu":
+        # Ours runs the decoder's and the head's attention in SDPA; the baseline the decoder's
+        # (its head multiplies explicitly, which torch counts).
+        sdpa = decoder_attention + (head_attention if runner.impl == "ours" else 0)
+        out["expected_torch_count_cpu"] = executed - sdpa + split
+        out["difference"] = out["torch_flop_counter"] - out["expected_torch_count_cpu"]
     return out
 
 
