@@ -1,8 +1,9 @@
 """Training loop on CPU under gloo: exact resume, resharded resume, stage hand-off, LoRA keeps the
 base frozen, non-finite steps, interrupted saves.
 
-Each test starts one group of processes and calls `train()` several times inside it (importing
-megatron-core dominates the cost of a process).
+Two module fixtures start one group of processes each (2 gloo processes for the DP scenarios,
+1 for the others) and run every scenario inside it, calling `train()` many times (importing
+megatron-core dominates the cost of a process); each test then asserts on its scenario's files.
 """
 
 from __future__ import annotations
@@ -124,12 +125,12 @@ def _resume_worker(rank, world, data, tmp):
         )
 
 
-def test_resume_at_n_logs_the_same_losses_and_lora_keeps_the_base_frozen(synthetic, tmp_path):
+def test_resume_at_n_logs_the_same_losses_and_lora_keeps_the_base_frozen(runs_2):
     """DP=2, LoRA with dropout, GradCache: a 6-iteration run resumed at 3 logs the same losses
     for iterations 4-6 (model, optimizer, scheduler, RNG, data position restored; exact up to
     1e-6 relative, observed bit-identical), and after training only the adapters and the pooling
     head differ from the initial weights (the frozen base is bit-identical)."""
-    run_distributed(_resume_worker, 2, synthetic, str(tmp_path))
+    tmp_path = runs_2["_resume_worker"]
     losses = json.loads((tmp_path / "losses.json").read_text())
     straight = {int(k): v for k, v in losses["straight"].items()}
     resumed = {int(k): v for k, v in losses["resumed"].items()}
@@ -140,53 +141,52 @@ def test_resume_at_n_logs_the_same_losses_and_lora_keeps_the_base_frozen(synthet
     assert flags == {"frozen_same": True, "head_changed": True, "lora_nonzero": True}
 
 
-def _reshard_worker(rank, world, data, tmp, layout):
+def _reshard_worker(rank, world, data, tmp):
     from megatron_nvembed.training.trainer import train
 
     tmp = Path(tmp)
-    tp, pp = layout
-    if layout == (1, 1):
-        # Straight DP=2 run saving at 3 and 6, then its iteration-3 checkpoint is kept.
-        straight = train(_cfg(data, save=str(tmp / "dp2"), save_interval=3))
+    # Straight DP=2 run saving at 3 and 6; its iteration-3 checkpoint is then resumed at other
+    # layouts (each train() call builds its own process groups).
+    straight = train(_cfg(data, save=str(tmp / "dp2"), save_interval=3))
+    if rank == 0:
+        shutil.rmtree(tmp / "dp2" / "iter_0000006")
+        _set_tracker(tmp / "dp2", 3)
+    out = {"straight": straight.losses}
+    for tp, pp in ((2, 1), (1, 2)):
+        target = tmp / f"tp{tp}pp{pp}"
         if rank == 0:
-            (tmp / "straight.json").write_text(json.dumps(straight.losses))
-            shutil.rmtree(tmp / "dp2" / "iter_0000006")
-            _set_tracker(tmp / "dp2", 3)
-        return
-    target = tmp / f"tp{tp}pp{pp}"
-    if rank == 0:
-        shutil.copytree(tmp / "dp2", target)
-    torch.distributed.barrier()
-    resumed = train(
-        _cfg(
-            data,
-            save=str(target),
-            load=str(target),
-            save_interval=3,
-            **{
-                "model.parallel.tensor_model_parallel_size": tp,
-                "model.parallel.pipeline_model_parallel_size": pp,
-            },
+            shutil.copytree(tmp / "dp2", target)
+        torch.distributed.barrier()
+        resumed = train(
+            _cfg(
+                data,
+                save=str(target),
+                load=str(target),
+                save_interval=3,
+                **{
+                    "model.parallel.tensor_model_parallel_size": tp,
+                    "model.parallel.pipeline_model_parallel_size": pp,
+                },
+            )
         )
-    )
-    if rank == 0:
-        (tmp / f"resumed_tp{tp}pp{pp}.json").write_text(json.dumps(resumed.losses))
+        out[f"tp{tp}pp{pp}"] = resumed.losses
+    if rank == world - 1:
+        (tmp / "reshard.json").write_text(json.dumps(out))
 
 
-def test_resume_at_another_tp_pp_dp_layout(synthetic, tmp_path):
+def test_resume_at_another_tp_pp_dp_layout(runs_2):
     """A checkpoint saved at DP=2 (distributed optimizer) resumes at TP=2 x DP=1 and at PP=2 x
     DP=1: model and optimizer state reshard, the data position carries over, and (no dropout)
     the losses of iterations 4-6 match the straight DP=2 run within 1e-4 relative (reduction
     order differs between layouts)."""
-    run_distributed(_reshard_worker, 2, synthetic, str(tmp_path), (1, 1))
-    straight = {int(k): v for k, v in json.loads((tmp_path / "straight.json").read_text()).items()}
-    for tp, pp in ((2, 1), (1, 2)):
-        run_distributed(_reshard_worker, 2, synthetic, str(tmp_path), (tp, pp))
-        got = json.loads((tmp_path / f"resumed_tp{tp}pp{pp}.json").read_text())
-        got = {int(k): v for k, v in got.items()}
-        assert sorted(got) == [4, 5, 6]
+    tmp_path = runs_2["_reshard_worker"]
+    out = json.loads((tmp_path / "reshard.json").read_text())
+    straight = {int(k): v for k, v in out["straight"].items()}
+    for layout in ("tp2pp1", "tp1pp2"):
+        got = {int(k): v for k, v in out[layout].items()}
+        assert sorted(got) == [4, 5, 6], layout
         for it in (4, 5, 6):
-            assert got[it] == pytest.approx(straight[it], rel=1e-4), (tp, pp, it)
+            assert got[it] == pytest.approx(straight[it], rel=1e-4), (layout, it)
 
 
 def _handoff_worker(rank, world, data, tmp):
@@ -231,11 +231,11 @@ def _handoff_worker(rank, world, data, tmp):
         )
 
 
-def test_stage1_to_stage2_handoff(synthetic, tmp_path):
+def test_stage1_to_stage2_handoff(runs_2):
     """Stage 2 starts from the stage-1 weights with the stage-1 adapters merged (embeddings equal
     within 1e-6), trains new adapters, and scores each query against its own 1 + K candidates
     only (in-batch negatives off: candidates per query == 1 + K in the log)."""
-    run_distributed(_handoff_worker, 2, synthetic, str(tmp_path))
+    tmp_path = runs_2["_handoff_worker"]
     out = json.loads((tmp_path / "handoff.json").read_text())
     assert out["diff"] < 1e-6
     assert out["lora"]["rank"] == 8 and out["iteration"] == 3
@@ -300,13 +300,11 @@ def _guard_worker(rank, world, data, tmp):
     (tmp / "guard.json").write_text(json.dumps(out))
 
 
-def test_nonfinite_steps_are_skipped_then_abort_and_interrupted_save_is_not_loaded(
-    synthetic, tmp_path
-):
+def test_nonfinite_steps_are_skipped_then_abort_and_interrupted_save_is_not_loaded(runs_1):
     """Non-finite losses skip their steps (counted, NaN logged) and N in a row abort with an
     error naming --max-nonfinite-steps; a save that fails midway leaves the tracker on the
     previous checkpoint, which is what the next run resumes from."""
-    run_distributed(_guard_worker, 1, synthetic, str(tmp_path))
+    tmp_path = runs_1["_guard_worker"]
     out = json.loads((tmp_path / "guard.json").read_text())
     assert out["skipped"] == 2
     losses = {int(k): v for k, v in out["losses"].items()}
@@ -340,12 +338,12 @@ def _grad_cache_switch_worker(rank, world, data, tmp):
         (tmp / "switch.json").write_text(json.dumps(out))
 
 
-def test_grad_cache_switch(synthetic, tmp_path):
+def test_grad_cache_switch(runs_2):
     """DP=2, global batch 8. With one micro-batch per rank, GradCache and the direct path train
     identically (losses equal within 1e-5 relative over 3 steps: the same pool, the same
     gradients). With the direct path and 2 micro-batches per rank the in-batch pool is one
     micro-batch per rank x 2 ranks = 4 queries, as the log reports; GradCache's is all 8."""
-    run_distributed(_grad_cache_switch_worker, 2, synthetic, str(tmp_path))
+    tmp_path = runs_2["_grad_cache_switch_worker"]
     out = json.loads((tmp_path / "switch.json").read_text())
     for it in ("1", "2", "3"):
         assert out["direct"]["losses"][it] == pytest.approx(out["gc"]["losses"][it], rel=1e-5)
@@ -372,10 +370,10 @@ def _recompute_worker(rank, world, data, tmp):
     (Path(tmp) / "recompute.json").write_text(json.dumps(out))
 
 
-def test_activation_recompute_leaves_training_unchanged(synthetic, tmp_path):
+def test_activation_recompute_leaves_training_unchanged(runs_1):
     """--recompute-granularity full and selective train exactly as without recompute (losses of
     2 steps equal within 1e-6 relative; the second step depends on the first step's gradients)."""
-    run_distributed(_recompute_worker, 1, synthetic, str(tmp_path))
+    tmp_path = runs_1["_recompute_worker"]
     out = json.loads((tmp_path / "recompute.json").read_text())
     for name in ("full", "selective"):
         for it in ("1", "2"):
@@ -434,13 +432,42 @@ def _validation_worker(rank, world, data, tmp):
     )
 
 
-def test_in_training_validation_matches_an_independent_computation(synthetic, tmp_path):
+def test_in_training_validation_matches_an_independent_computation(runs_1):
     """--eval-interval 2 over 4 steps validates at iterations 2 and 4 (log-json records with
     nDCG@10 / recall@10 / recall@100 / MRR@10); the iteration-4 numbers equal metrics computed
     independently from the saved final checkpoint (1e-6 absolute)."""
-    run_distributed(_validation_worker, 1, synthetic, str(tmp_path))
+    tmp_path = runs_1["_validation_worker"]
     out = json.loads((tmp_path / "validation.json").read_text())
     assert [r["iteration"] for r in out["evals"]] == [2, 4]
     final = out["evals"][-1]["eval"]["eval"]
     for key in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10"):
         assert final[key] == pytest.approx(out["expected"][key], abs=1e-6), key
+
+
+_DP2_WORKERS = ("_resume_worker", "_reshard_worker", "_handoff_worker", "_grad_cache_switch_worker")
+_SINGLE_WORKERS = ("_guard_worker", "_recompute_worker", "_validation_worker")
+
+
+def _run_workers(rank, world, data, tmp, names):
+    for name in names:
+        folder = Path(tmp) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        globals()[name](rank, world, data, str(folder))
+        torch.distributed.barrier()
+
+
+@pytest.fixture(scope="module")
+def runs_2(synthetic, tmp_path_factory):
+    """One group of 2 gloo processes runs every DP=2 scenario (importing megatron-core dominates
+    a process's cost); each scenario writes into its own folder."""
+    root = tmp_path_factory.mktemp("dp2")
+    run_distributed(_run_workers, 2, synthetic, str(root), _DP2_WORKERS)
+    return {name: root / name for name in _DP2_WORKERS}
+
+
+@pytest.fixture(scope="module")
+def runs_1(synthetic, tmp_path_factory):
+    """One process runs every single-process scenario."""
+    root = tmp_path_factory.mktemp("single")
+    run_distributed(_run_workers, 1, synthetic, str(root), _SINGLE_WORKERS)
+    return {name: root / name for name in _SINGLE_WORKERS}
