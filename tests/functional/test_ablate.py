@@ -1,0 +1,241 @@
+"""tools/ablate.py end to end on the synthetic retrieval task with the tiny recipe.
+
+- A 2x2 grid (pooling {mean, latent} x mask {bidirectional, causal}, schedule
+  single-stage-no-inbatch, 4 iterations, 1 process per cell): two import-hf runs (one per
+  pooling; the causal bases are mask variants of them), four trainings, four evaluations.
+  ablation.csv's values equal each cell's eval/summary.json; ablation.md has one row per variant
+  with those values x 100; ablation.png is a PNG; the training log shows the schedule (stage-1
+  settings: full fine-tuning, in-batch negatives off); no temporary file is left.
+- Rerun: finished cells are skipped (done.json and summary.json untouched); a cell whose
+  done.json and evaluation marker were removed redoes only its evaluation (its training step is
+  kept) and gets the same scores.
+- --run slurm on the same OUT with the whole grid: bases.sbatch, one script per unfinished cell
+  (8 of 12), submit_all.sh; every script passes `bash -n` and launches examples/pretrain_nvembed.sh
+  through srun with the allocation mapped as examples/pretrain_nvembed.slurm does.
+- Fast checks: the mask variant of a base equals import-hf's config except mask_type and leaves
+  its source untouched; the single-stage-no-inbatch flags reproduce the stage-1 recipe with
+  in-batch negatives off; grid errors name the flag.
+
+Run alone: pytest tests/functional/test_ablate.py   (about 4 minutes on 2 busy cores)
+"""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_nvembed.evaluation import ablation as ab
+
+pytest.importorskip("mteb")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[2]
+CELLS = [
+    f"single-stage-no-inbatch_{p}_{m}"
+    for p in ("mean", "latent")
+    for m in ("bidirectional", "causal")
+]
+
+
+def _ablate(*args, timeout=900):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "ablate.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from megatron_nvembed.testing import save_tiny_hf_decoder, write_synthetic_retrieval
+
+    tmp = tmp_path_factory.mktemp("ablate")
+    data = write_synthetic_retrieval(tmp / "data")
+    save_tiny_hf_decoder(tmp / "hf", AutoTokenizer.from_pretrained(data["tokenizer"]))
+    out = tmp / "out"
+    common = [
+        "--base-hf",
+        tmp / "hf",
+        "--stage1-data",
+        data["train"],
+        "--stage2-data",
+        data["train_pairs"],
+        "--eval-beir",
+        data["eval"],
+        "--instruction",
+        data["instruction"],
+        "--recipe",
+        "tiny",
+        "--out",
+        out,
+    ]
+    grid = ["--grid", "pooling=mean,latent", "mask=bidirectional,causal"]
+    grid += ["schedule=single-stage-no-inbatch"]
+    extra = ["--", "--train-iters", "4", "--lr-warmup-iters", "1"]
+    proc = _ablate(*common, *grid, "--nproc", "1", *extra)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return {"out": out, "common": common, "grid": grid, "extra": extra, "stdout": proc.stdout}
+
+
+def _summary(out: Path, cell: str) -> dict:
+    return json.loads((out / "cells" / cell / "eval" / "summary.json").read_text())
+
+
+@pytest.mark.functional
+def test_grid_writes_table_csv_and_png(grid_run):
+    out = grid_run["out"]
+    for cell in CELLS:
+        done = json.loads((out / "cells" / cell / "done.json").read_text())
+        assert done["cell"] == cell and done["average"] == _summary(out, cell)["average"]["score"]
+    with open(out / "ablation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cell"] for r in rows] == CELLS
+    assert set(rows[0]) == {
+        "cell",
+        "schedule",
+        "pooling",
+        "mask",
+        "Retrieval",
+        "Average",
+        "ndcg_at_10:eval",
+    }
+    md = (out / "ablation.md").read_text()
+    assert "## single-stage-no-inbatch" in md
+    for r in rows:
+        s = _summary(out, r["cell"])
+        assert float(r["Retrieval"]) == s["categories"]["Retrieval"]["average"]
+        assert float(r["Average"]) == s["average"]["score"]
+        assert float(r["ndcg_at_10:eval"]) == s["tasks"]["eval"]["ndcg_at_10"]
+        assert 0.0 <= float(r["Average"]) <= 1.0
+        pct = f"{100 * s['average']['score']:.2f}"
+        assert f"| {r['pooling']} | {r['mask']} | {pct} | {pct} | {pct} |" in md
+    png = (out / "ablation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out / "ablation.png")
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert not list(out.rglob("*.tmp"))
+    # the schedule reached the trainer: stage-1 settings (tiny: full fine-tuning), in-batch off
+    log = (out / "cells" / CELLS[0] / "logs" / "train.log").read_text()
+    assert "full fine-tuning" in log and "in-batch negatives off" in log
+    assert "iteration      4/4" in log
+    # one import per pooling; the causal bases are mask variants
+    assert sorted(p.name for p in (out / "bases" / "logs").glob("*.log")) == [
+        "import_latent_bidirectional.log",
+        "import_mean_bidirectional.log",
+    ]
+
+
+@pytest.mark.functional
+def test_rerun_skips_finished_cells_and_redoes_unfinished(grid_run):
+    out = grid_run["out"]
+    redo = CELLS[1]
+    before = {
+        c: ((out / "cells" / c / "done.json").stat().st_mtime_ns, _summary(out, c)) for c in CELLS
+    }
+    train_mtime = (out / "cells" / redo / "steps" / "train.done").stat().st_mtime_ns
+    (out / "cells" / redo / "done.json").unlink()
+    (out / "cells" / redo / "steps" / "eval.done").unlink()
+    proc = _ablate(*grid_run["common"], *grid_run["grid"], "--nproc", "1", *grid_run["extra"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for c in CELLS:
+        if c == redo:
+            continue
+        assert f"== {c}: finished earlier, skipped" in proc.stdout
+        assert (out / "cells" / c / "done.json").stat().st_mtime_ns == before[c][0]
+    assert "train: finished earlier" in proc.stdout
+    assert "pretrain_nvembed.sh" not in proc.stdout  # nothing trained again
+    assert (out / "cells" / redo / "steps" / "train.done").stat().st_mtime_ns == train_mtime
+    assert (out / "cells" / redo / "done.json").is_file()
+    new = _summary(out, redo)
+    assert new["tasks"]["eval"]["ndcg_at_10"] == before[redo][1]["tasks"]["eval"]["ndcg_at_10"]
+
+
+@pytest.mark.functional
+def test_slurm_writes_a_script_per_unfinished_cell(grid_run):
+    out = grid_run["out"]
+    proc = _ablate(*grid_run["common"], "--run", "slurm", "--slurm-nodes", "2", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    sdir = out / "slurm"
+    scripts = sorted(p.stem for p in sdir.glob("*.sbatch"))
+    expected = {
+        ab.cell_name(s, p, m) for s in ab.SCHEDULES for p in ab.POOLINGS for m in ab.MASKS
+    } - set(CELLS)
+    assert len(expected) == 20
+    assert scripts == sorted([*expected, "bases"])
+    submit = (sdir / "submit_all.sh").read_text()
+    assert submit.count("--dependency=afterok:$BASES") == 20
+    for path in [*sdir.glob("*.sbatch"), sdir / "submit_all.sh"]:
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
+    two = (sdir / f"{ab.cell_name('two-stage', 'eos', 'causal')}.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in two
+    assert two.count("srun --kill-on-bad-exit=1 bash -c") == 2  # stage 1, stage 2
+    assert "NODE_RANK=$SLURM_NODEID bash" in two and "examples/pretrain_nvembed.sh" in two
+    assert 'export NNODES="$SLURM_NNODES"' in two and "--finish-cell" in two
+    assert "--stage 2" in two and "tools/evaluate_mteb.py" in two
+    bases = (sdir / "bases.sbatch").read_text()
+    assert bases.count("import-hf") == 4 and bases.count("--derive-mask") == 4
+    assert not (out / "cells" / ab.cell_name("two-stage", "eos", "causal") / "done.json").exists()
+
+
+@pytest.mark.functional
+def test_mask_variant_matches_import_config(grid_run, tmp_path):
+    out = grid_run["out"]
+    src = out / "bases" / "mean_bidirectional"
+    before = (src / "iter_0000000" / "nvembed_config.json").read_text()
+    ab.derive_mask_variant(src, tmp_path / "v", "causal")
+    assert (src / "iter_0000000" / "nvembed_config.json").read_text() == before
+    derived = ab.read_checkpoint_config(tmp_path / "v")
+    original = json.loads(before)
+    assert derived["model"].pop("mask_type") == "causal"
+    assert original["model"].pop("mask_type") == "bidirectional"
+    assert derived == original
+    # the grid's derived base is what the ablation trained from
+    assert ab.read_checkpoint_config(out / "bases" / "mean_causal")["model"]["mask_type"] == (
+        "causal"
+    )
+
+
+def test_no_inbatch_flags_reproduce_stage1_settings():
+    from megatron_nvembed.training.arguments import parse_args
+    from megatron_nvembed.training.recipes import get_recipe
+
+    for recipe in ("tiny", "nvembed_mistral_7b"):
+        flags = ab.stage1_settings_flags(recipe)
+        cfg = parse_args(["--recipe", recipe, "--stage", "2", *flags, "--train-data", "x.jsonl"])
+        ref = get_recipe(recipe, 1)
+        ref.train_data = ["x.jsonl"]
+        got, want = cfg.to_dict(), ref.to_dict()
+        assert got.pop("stage") == 2 and want.pop("stage") == 1
+        got.pop("recipe"), want.pop("recipe")
+        assert got == want
+        assert not cfg.in_batch_negatives
+
+
+def test_grid_and_data_errors():
+    assert ab.parse_grid(["mask=causal"])["pooling"] == list(ab.POOLINGS)
+    assert ab.parse_grid(["pooling=latent,mean"])["pooling"] == ["mean", "latent"]
+    for bad in (["pooling=cls"], ["size=1"], ["mask=causal", "mask=causal"], ["pooling"]):
+        with pytest.raises(ValueError, match="--grid"):
+            ab.parse_grid(bad)
+    assert ab.combine_data(["a", "b"], ["b", "c"]) == ["a", "b", "c"]
+    assert ab.combine_data(["1", "a", "3", "b"], ["c"]) == ["0.5", "a", "1.5", "b", "1.0", "c"]
+    with pytest.raises(ValueError, match="two-stage needs --stage2-data"):
+        ab.build_plan(
+            out="o",
+            grid=ab.parse_grid([]),
+            recipe="tiny",
+            stage1_data=["a"],
+            stage2_data=[],
+            base_hf="hf",
+            eval_beir=["e"],
+        )

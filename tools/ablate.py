@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Ablation grid of the NV-Embed paper (Tables 2-4): pooling x attention mask x training schedule.
+
+  python tools/ablate.py (--base-hf DIR | --base-checkpoint DIR)
+      --stage1-data D [D ...] [--stage2-data D [D ...]]
+      [--eval-beir DIR ...] [--tasks NAME ...] [--instruction TEXT]
+      [--grid pooling=eos,mean,latent,self-attention mask=bidirectional,causal
+              schedule=two-stage,single-stage-inbatch,single-stage-no-inbatch]
+      [--recipe tiny] --out OUT [--run local|slurm] [--nproc N] [--collect]
+      [-- extra training flags, e.g. --train-iters 4 --lr-warmup-iters 1]
+
+Per cell (OUT/cells/<schedule>_<pooling>_<mask>/): a base checkpoint with the cell's pooling and
+mask (tools/convert_checkpoint.py import-hf once per pooling, shared by the cells; the other
+mask is the same checkpoint with its config's mask changed), training with
+examples/pretrain_nvembed.sh (NPROC_PER_NODE=--nproc) under the schedule, evaluation of the final
+checkpoint with tools/evaluate_mteb.py, then done.json (atomic). Run again, finished cells are
+skipped and unfinished ones continue (finished steps skipped, training resumed through --load).
+--run slurm writes OUT/slurm/{bases.sbatch,<cell>.sbatch,submit_all.sh} and runs nothing.
+--collect only gathers. Every run ends by writing OUT/ablation.{md,csv,png} from the finished
+cells. Data flags take paths or weight/path pairs like --train-data; single-stage schedules train
+on both stages' data. Layout and details: docs/ablations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--base-hf", help="transformers decoder (or NV-Embed) folder to import")
+    base.add_argument("--base-checkpoint", help="megatron_nvembed checkpoint (fixed pooling)")
+    p.add_argument("--stage1-data", nargs="+", default=[], metavar="D")
+    p.add_argument("--stage2-data", nargs="+", default=[], metavar="D")
+    p.add_argument("--eval-beir", nargs="+", default=[], action="extend", metavar="DIR")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="NAME", help="mteb task names")
+    p.add_argument("--instruction", default=None, help="evaluate_mteb.py --instruction")
+    p.add_argument("--grid", nargs="+", default=[], metavar="AXIS=V1,V2")
+    p.add_argument("--recipe", default="tiny", help="training recipe (stage suffix optional)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--run", choices=["local", "slurm"], default="local")
+    p.add_argument("--nproc", type=int, default=1, help="processes per node (training, eval)")
+    p.add_argument("--collect", action="store_true", help="only gather finished cells")
+    p.add_argument(
+        "--eval-subprocess",
+        action="store_true",
+        help="--nproc 1: run evaluate_mteb.py as a subprocess (default: in the ablate process)",
+    )
+    s = p.add_argument_group("--run slurm")
+    s.add_argument("--slurm-nodes", type=int, default=1)
+    s.add_argument("--slurm-gpus-per-node", type=int, default=8)
+    s.add_argument("--slurm-time", default="24:00:00")
+    s.add_argument("--sbatch", action="append", default=[], help='extra "#SBATCH" line content')
+    # helpers used by the generated scripts
+    p.add_argument("--derive-mask", nargs=3, metavar=("SRC", "DST", "MASK"), help=argparse.SUPPRESS)
+    p.add_argument("--finish-cell", nargs=2, metavar=("OUT", "CELL"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    p = _parser()
+    if argv[:1] in (["--derive-mask"], ["--finish-cell"]):  # no --out needed
+        argv = [*argv, "--out", "."]
+    args = p.parse_args(argv)
+
+    from megatron_nvembed.evaluation import ablation as ab
+
+    if args.derive_mask:
+        ab.derive_mask_variant(*args.derive_mask)
+        print(f"wrote {args.derive_mask[1]}")
+        return 0
+    if args.finish_cell:
+        done = ab.finish_cell(*args.finish_cell)
+        print(f"{done['cell']}: done (average {done['average']})")
+        return 0
+
+    out = Path(args.out)
+    status: dict[str, str] = {}
+    if not args.collect:
+        if args.nproc < 1:
+            p.error(f"--nproc must be >= 1, got {args.nproc}")
+        try:
+            grid = ab.parse_grid(args.grid)
+            plan = ab.build_plan(
+                out=out,
+                grid=grid,
+                recipe=args.recipe,
+                stage1_data=args.stage1_data,
+                stage2_data=args.stage2_data,
+                base_hf=args.base_hf,
+                base_checkpoint=args.base_checkpoint,
+                eval_beir=args.eval_beir,
+                tasks=args.tasks,
+                instruction=args.instruction,
+                nproc=args.nproc,
+                extra=extra,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            p.error(str(err))
+        for folder in args.eval_beir:
+            if not Path(folder).is_dir():
+                p.error(f"--eval-beir {folder}: not a directory")
+        print(f"{len(plan.cells)} cells: {', '.join(plan.cells)}", flush=True)
+        if args.run == "slurm":
+            written = ab.write_slurm(
+                plan,
+                nodes=args.slurm_nodes,
+                gpus_per_node=args.slurm_gpus_per_node,
+                time_limit=args.slurm_time,
+                sbatch_lines=args.sbatch,
+            )
+            print(f"wrote {len(written)} scripts; submit with: bash {written[-1]}")
+        else:
+            status = ab.run_local(plan, in_process_eval=not args.eval_subprocess)
+    rows = ab.collect(out)
+    print(f"collected {len(rows)} finished cells into {out / 'ablation.md'} (.csv, .png)")
+    print((out / "ablation.md").read_text())
+    failed = {k: v for k, v in status.items() if v.startswith("failed")}
+    for name, why in failed.items():
+        print(f"{name}: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
