@@ -258,3 +258,30 @@ def write_synthetic_retrieval(
         "tokenizer": str(out / "tokenizer"),
         "instruction": instruction,
     }
+
+
+def tiny_training_config(data: dict, **overrides):
+    """The `tiny` recipe on `write_synthetic_retrieval` data, sized for tests: global batch 8,
+    micro-batch 2, 6 iterations, 1 warm-up step, a log line per iteration.
+
+    Args:
+        data: `write_synthetic_retrieval`'s return value.
+        overrides: attribute paths of `TrainingConfig` ("lora.rank",
+            "model.parallel.tensor_model_parallel_size", ...) and their values.
+    """
+    from megatron_nvembed.training.recipes import get_recipe
+
+    cfg = get_recipe("tiny")
+    cfg.train_data = [data["train"]]
+    cfg.tokenizer = data["tokenizer"]
+    cfg.global_batch_size, cfg.micro_batch_size = 8, 2
+    cfg.train_iters, cfg.lr_warmup_iters, cfg.log_interval = 6, 1, 1
+    for key, value in overrides.items():
+        obj = cfg
+        *parents, leaf = key.split(".")
+        for name in parents:
+            obj = getattr(obj, name)
+        if not hasattr(obj, leaf):
+            raise AttributeError(f"TrainingConfig has no setting {key!r}")
+        setattr(obj, leaf, value)
+    return cfg

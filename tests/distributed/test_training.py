@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_nvembed.testing import run_distributed, write_synthetic_retrieval
+from megatron_nvembed.testing import (
+    run_distributed,
+    tiny_training_config,
+    write_synthetic_retrieval,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,24 +29,7 @@ def synthetic(tmp_path_factory):
     )
 
 
-def _cfg(data, **overrides):
-    from megatron_nvembed.training.recipes import get_recipe
-
-    cfg = get_recipe("tiny")
-    cfg.train_data = [data["train"]]
-    cfg.tokenizer = data["tokenizer"]
-    cfg.global_batch_size = 8
-    cfg.micro_batch_size = 2
-    cfg.train_iters = 6
-    cfg.lr_warmup_iters = 1
-    cfg.log_interval = 1
-    for key, value in overrides.items():
-        obj = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            obj = getattr(obj, name)
-        setattr(obj, leaf, value)
-    return cfg
+_cfg = tiny_training_config
 
 
 def _set_tracker(root: Path, iteration: int) -> None:

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_nvembed.testing import run_distributed, write_synthetic_retrieval
+from megatron_nvembed.testing import (
+    run_distributed,
+    tiny_training_config,
+    write_synthetic_retrieval,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,25 +26,8 @@ def synthetic(tmp_path_factory):
 
 
 def _cfg(data, **overrides):
-    from megatron_nvembed.training.recipes import get_recipe
-
-    cfg = get_recipe("tiny")
-    cfg.train_data = [data["train"]]
-    cfg.tokenizer = data["tokenizer"]
-    cfg.global_batch_size = 8
-    cfg.micro_batch_size = 2
-    cfg.train_iters = 3
-    cfg.lr_warmup_iters = 1
-    cfg.log_interval = 1
     # Short rows: several texts per row, several rows per micro-batch.
-    cfg.seq_length = 24
-    for key, value in overrides.items():
-        obj = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            obj = getattr(obj, name)
-        setattr(obj, leaf, value)
-    return cfg
+    return tiny_training_config(data, **{"train_iters": 3, "seq_length": 24, **overrides})
 
 
 def _packing_worker(rank, world, data, tmp):
