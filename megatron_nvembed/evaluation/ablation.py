@@ -297,6 +297,10 @@ def build_plan(
     out = Path(out).resolve()
     if (base_hf is None) == (base_checkpoint is None):
         raise ValueError("give exactly one of --base-hf and --base-checkpoint")
+    if base_hf is not None and not (Path(base_hf) / "config.json").is_file():
+        raise ValueError(f"--base-hf {base_hf}: no config.json (not a transformers model folder)")
+    if base_checkpoint is not None and not (Path(base_checkpoint) / TRACKER).is_file():
+        raise ValueError(f"--base-checkpoint {base_checkpoint}: no {TRACKER} (not a checkpoint)")
     if not stage1_data:
         raise ValueError("--stage1-data is required")
     if "two-stage" in grid["schedule"] and not stage2_data:

@@ -221,7 +221,7 @@ def test_no_inbatch_flags_reproduce_stage1_settings():
         assert not cfg.in_batch_negatives
 
 
-def test_grid_and_data_errors():
+def test_grid_and_data_errors(tmp_path):
     assert ab.parse_grid(["mask=causal"])["pooling"] == list(ab.POOLINGS)
     assert ab.parse_grid(["pooling=latent,mean"])["pooling"] == ["mean", "latent"]
     for bad in (["pooling=cls"], ["size=1"], ["mask=causal", "mask=causal"], ["pooling"]):
@@ -229,13 +229,63 @@ def test_grid_and_data_errors():
             ab.parse_grid(bad)
     assert ab.combine_data(["a", "b"], ["b", "c"]) == ["a", "b", "c"]
     assert ab.combine_data(["1", "a", "3", "b"], ["c"]) == ["0.5", "a", "1.5", "b", "1.0", "c"]
+    kw = dict(out=tmp_path / "o", grid=ab.parse_grid([]), recipe="tiny", eval_beir=["e"])
+    with pytest.raises(ValueError, match="--base-hf .*no config.json"):
+        ab.build_plan(**kw, stage1_data=["a"], stage2_data=["b"], base_hf=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="two-stage needs --stage2-data"):
+        ab.build_plan(**kw, stage1_data=["a"], stage2_data=[], base_hf=str(tmp_path))
+    with pytest.raises(ValueError, match="--recipe 'nope' is unknown"):
         ab.build_plan(
-            out="o",
-            grid=ab.parse_grid([]),
-            recipe="tiny",
-            stage1_data=["a"],
-            stage2_data=[],
-            base_hf="hf",
-            eval_beir=["e"],
+            **{**kw, "recipe": "nope"}, stage1_data=["a"], stage2_data=["b"], base_hf=str(tmp_path)
         )
+
+
+def test_schedule_commands(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    plan = ab.build_plan(
+        out=tmp_path / "out",
+        grid=ab.parse_grid(["pooling=eos", "mask=causal"]),
+        recipe="tiny_stage1",
+        stage1_data=["0.25", "s1a.jsonl", "0.75", "s1b.jsonl"],
+        stage2_data=["s2.jsonl"],
+        base_hf=str(tmp_path / "hf"),
+        eval_beir=[str(tmp_path / "beir")],
+        tasks=["STS12"],
+        nproc=2,
+        extra=["--train-iters", "3"],
+    )
+    out = (tmp_path / "out").resolve()
+    base = str(out / "bases" / "eos_causal")
+    assert [s.kind for s in plan.bases["eos_causal"]] == ["import"]
+    assert plan.bases["eos_causal"][0].argv[-4:] == ["--pooling", "eos", "--mask-type", "causal"]
+
+    def argv(cell, i):
+        return plan.cells[cell]["steps"][i]["argv"]
+
+    two = "two-stage_eos_causal"
+    s1, s2, ev = argv(two, 0), argv(two, 1), argv(two, 2)
+    assert s1[1].endswith("examples/pretrain_nvembed.sh")
+    assert s1[2:6] == ["--recipe", "tiny", "--stage", "1"]
+    assert s1[s1.index("--pretrained-checkpoint") + 1] == base
+    assert s1[s1.index("--train-data") + 1 : s1.index("--save")] == [
+        "0.25",
+        "s1a.jsonl",
+        "0.75",
+        "s1b.jsonl",
+    ]
+    assert s1[-2:] == ["--train-iters", "3"]  # extra flags last: they win
+    assert s2[2:6] == ["--recipe", "tiny", "--stage", "2"]
+    assert s2[s2.index("--pretrained-checkpoint") + 1] == str(out / "cells" / two / "stage1")
+    assert s2[s2.index("--train-data") + 1 : s2.index("--save")] == ["s2.jsonl"]
+    assert s2[s2.index("--load") + 1] == s2[s2.index("--save") + 1]
+    assert ev[ev.index("--model") + 1] == str(out / "cells" / two / "stage2")
+    assert ev[ev.index("--tasks") + 1] == "STS12" and "--beir-dir" in ev
+    single = argv("single-stage-inbatch_eos_causal", 0)
+    assert single[2:6] == ["--recipe", "tiny", "--stage", "1"]
+    all_data = ["0.5", "s1a.jsonl", "1.5", "s1b.jsonl", "1.0", "s2.jsonl"]
+    assert single[single.index("--train-data") + 1 : single.index("--save")] == all_data
+    off = argv("single-stage-no-inbatch_eos_causal", 0)
+    assert off[2:6] == ["--recipe", "tiny", "--stage", "2"]
+    assert off[6 : off.index("--pretrained-checkpoint")] == ab.stage1_settings_flags("tiny")
