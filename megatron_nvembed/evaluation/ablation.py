@@ -776,7 +776,8 @@ def render_png(rows: list[dict]) -> bytes:
 
     cats, _ = table_columns(rows)
     cols = [*cats, "Average"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cols) * max(1, len(rows)) ** 0.5), 4.5))
+    n = max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(max(7.0, len(cols) * (1.0 + 0.25 * n)), 4.5))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         vals = _values(r, cats, [])
@@ -787,10 +788,10 @@ def render_png(rows: list[dict]) -> bytes:
     ax.set_xticklabels(cols)
     ax.set_ylabel("score x 100")
     ax.set_title("Ablation: category scores per variant")
-    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
