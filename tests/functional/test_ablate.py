@@ -203,6 +203,29 @@ def test_mask_variant_matches_import_config(grid_run, tmp_path):
     assert ab.read_checkpoint_config(out / "bases" / "mean_causal")["model"]["mask_type"] == (
         "causal"
     )
+    # --base-checkpoint: the checkpoint itself for its mask, a mask variant for the other one
+    kw = dict(recipe="tiny", stage1_data=["a"], stage2_data=[], eval_beir=["e"])
+    plan = ab.build_plan(
+        out=tmp_path / "o",
+        grid=ab.parse_grid(["pooling=mean", "schedule=single-stage-inbatch"]),
+        base_checkpoint=str(src),
+        **kw,
+    )
+    assert plan.base_paths["mean_bidirectional"] == str(src.resolve())
+    assert plan.bases["mean_bidirectional"] == []
+    assert [s.kind for s in plan.bases["mean_causal"]] == ["derive"]
+    assert plan.bases["mean_causal"][0].argv[-3:] == [
+        str(src.resolve()),
+        str((tmp_path / "o" / "bases" / "mean_causal").resolve()),
+        "causal",
+    ]
+    with pytest.raises(ValueError, match="has 'mean' pooling; pooling \\['latent'\\] needs"):
+        ab.build_plan(
+            out=tmp_path / "o",
+            grid=ab.parse_grid(["pooling=mean,latent", "schedule=single-stage-inbatch"]),
+            base_checkpoint=str(src),
+            **kw,
+        )
 
 
 def test_no_inbatch_flags_reproduce_stage1_settings():
