@@ -16,7 +16,7 @@
   its source untouched; the single-stage-no-inbatch flags reproduce the stage-1 recipe with
   in-batch negatives off; grid errors name the flag.
 
-Run alone: pytest tests/functional/test_ablate.py   (about 4 minutes on 2 busy cores)
+Run alone: pytest tests/functional/test_ablate.py   (4.5 to 5 minutes on 2 busy cores)
 """
 
 import csv
