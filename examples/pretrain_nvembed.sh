@@ -7,7 +7,8 @@
 #   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0 host> MASTER_PORT=6000 GPUS_PER_NODE=8
 # (SLURM: examples/pretrain_nvembed.slurm sets these from the allocation.)
 #
-# Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
+# Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500; one node
+# without it: torchrun --standalone on a free port),
 # GPUS_PER_NODE or NPROC_PER_NODE (local GPU count, or 2 without GPUs), TORCHRUN (torchrun).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -15,6 +16,11 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+# One node without an explicit MASTER_PORT: torchrun --standalone picks a free port.
+STANDALONE=0
+if [[ "$NNODES" == "1" && -z "${MASTER_PORT:-}" ]]; then
+  STANDALONE=1
+fi
 MASTER_PORT="${MASTER_PORT:-29500}"
 if [[ -n "${GPUS_PER_NODE:-}" ]]; then
   NPROC="$GPUS_PER_NODE"
@@ -36,6 +42,11 @@ if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 
+if [[ "$STANDALONE" == "1" ]]; then
+  echo "launching 1 node x $NPROC process(es) (torchrun --standalone: a free local port)" >&2
+  exec ${TORCHRUN:-torchrun} --standalone --nnodes 1 --nproc_per_node "$NPROC" \
+    "$HERE/pretrain_nvembed.py" "$@"
+fi
 echo "launching $NNODES node(s) x $NPROC process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT" >&2
 exec ${TORCHRUN:-torchrun} \
   --nnodes "$NNODES" \

@@ -18,23 +18,32 @@ from megatron_nvembed.cpu_support import cpu_mode, enable_cpu_support, model_par
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Initialises the default process group from torchrun's environment (or as one process).
 
-    NCCL when CUDA is available, gloo otherwise. A no-op if a group already exists.
+    NCCL when CUDA is available, gloo otherwise. A no-op if a group already exists. A lone
+    process (no torchrun, WORLD_SIZE unset or 1) rendezvouses with itself on a free port and
+    leaves the environment alone, so an inherited MASTER_PORT (e.g. of a parent job) is never
+    reused and child processes inherit nothing stale.
     """
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if os.environ.get("WORLD_SIZE", "1") != "1":
-            raise ValueError("MASTER_PORT is not set; launch multi-process runs with torchrun")
-        from megatron_nvembed.launch import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     backend = "gloo" if cpu_mode() else "nccl"
     if not cpu_mode():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    lone = os.environ.get("WORLD_SIZE", "1") == "1" and "TORCHELASTIC_RUN_ID" not in os.environ
+    if lone:
+        from megatron_nvembed.launch import free_port
+
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+        )
+        return
+    if "MASTER_PORT" not in os.environ:
+        raise ValueError("MASTER_PORT is not set; launch multi-process runs with torchrun")
+    dist.init_process_group(backend, timeout=timeout)
 
 
 def initialize_model_parallel(

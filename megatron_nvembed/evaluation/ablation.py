@@ -22,8 +22,7 @@ OUT/
 ```
 Schedules: `two-stage` (stage 1 on the stage-1 data, then stage 2 on the stage-2 data from its
 weights), `single-stage-inbatch` (the stage-1 recipe on all data) and `single-stage-no-inbatch`
-(the stage-1 recipe's settings on all data with in-batch negatives off: `--stage 2` plus flags
-restoring every stage-1 value that the stage-2 recipe changes).
+(the same with `--no-in-batch-negatives`).
 """
 
 from __future__ import annotations
@@ -100,70 +99,6 @@ def base_name(pooling: str, mask: str) -> str:
 
 def _flag_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def stage1_settings_flags(recipe: str) -> list[str]:
-    """Flags that make `--recipe RECIPE --stage 2` (in-batch negatives off) train with the stage-1
-    recipe's settings: every flag-settable field where the two recipes differ, at its stage-1
-    value. Empty for a recipe without a stage-2 variant.
-
-    Raises:
-        ValueError: a differing field that no flag can set back.
-    """
-    from megatron_nvembed.training.arguments import _FLAGS
-    from megatron_nvembed.training.recipes import get_recipe
-
-    s1 = get_recipe(recipe, 1).to_dict()
-    try:
-        s2 = get_recipe(recipe, 2).to_dict()
-    except ValueError:
-        return []
-
-    def get(d: dict, path: str):
-        for part in path.split("."):
-            d = d[part]
-        return d
-
-    flags: list[str] = []
-    covered = {"recipe", "stage"}
-    for flag, path, _, _ in _FLAGS:
-        covered.add(path)
-        if path == "stage":
-            continue
-        v1, v2 = get(s1, path), get(s2, path)
-        if v1 != v2:
-            if v1 is None:
-                raise ValueError(
-                    f"--recipe {recipe}: stage 2 sets {path}={v2!r} and no flag can unset it"
-                )
-            flags += [flag, _flag_value(v1)]
-    booleans = {
-        "grad_cache": ("--grad-cache", "--no-grad-cache"),
-        "model.model.bf16": ("--bf16", "--fp32"),
-        "use_distributed_optimizer": (
-            "--use-distributed-optimizer",
-            "--no-use-distributed-optimizer",
-        ),
-    }
-    for path, (on, off) in booleans.items():
-        covered.add(path)
-        if get(s1, path) != get(s2, path):
-            flags.append(on if get(s1, path) else off)
-
-    def leaves(d: dict, prefix: str = ""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from leaves(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}"
-
-    for path in leaves(s1):
-        if path not in covered and get(s1, path) != get(s2, path):
-            raise ValueError(
-                f"--recipe {recipe}: stage 1 and 2 differ in {path} and no flag sets it; "
-                "schedule single-stage-no-inbatch cannot reproduce the stage-1 settings"
-            )
-    return flags
 
 
 def combine_data(stage1: list[str], stage2: list[str]) -> list[str]:
@@ -311,9 +246,6 @@ def build_plan(
     from megatron_nvembed.training.recipes import get_recipe
 
     get_recipe(recipe, 1)  # unknown recipe -> ValueError naming --recipe
-    no_inbatch = (
-        stage1_settings_flags(recipe) if "single-stage-no-inbatch" in grid["schedule"] else []
-    )
     stage1_data, stage2_data = _absolute_data(stage1_data), _absolute_data(stage2_data)
     all_data = combine_data(stage1_data, stage2_data)
 
@@ -377,7 +309,7 @@ def build_plan(
                 elif schedule == "single-stage-inbatch":
                     steps = [train("train", 1, base, all_data)]
                 else:
-                    steps = [train("train", 2, base, all_data, no_inbatch)]
+                    steps = [train("train", 1, base, all_data, ["--no-in-batch-negatives"])]
                 final = steps[-1].output
                 ev = [_py(), _script("tools/evaluate_mteb.py"), "--model", final]
                 ev += ["--output", str(cdir / "eval"), "--resume", "--name", f"ablation/{name}"]

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-batch negatives over the whole global batch (GradCache)",
     )
     parser.add_argument(
+        "--in-batch-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score other queries' candidates too (default: on in stage 1, off in stage 2)",
+    )
+    parser.add_argument(
         "--use-distributed-optimizer",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -163,6 +169,7 @@ def parse_args(argv=None) -> TrainingConfig:
         ("eval_data", "eval_data"),
         ("bf16", "model.model.bf16"),
         ("grad_cache", "grad_cache"),
+        ("in_batch_negatives", "in_batch"),
         ("use_distributed_optimizer", "use_distributed_optimizer"),
         ("skip_bad_records", "skip_bad_records"),
         ("pack_sequences", "pack_sequences"),

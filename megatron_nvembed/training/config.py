@@ -89,9 +89,13 @@ class TrainingConfig:
     eval_instruction: str | None = None
     eval_batch_size: int = 32
 
+    in_batch: bool | None = None
+    """`--in-batch-negatives / --no-in-batch-negatives`; None: on in stage 1, off in stage 2."""
+
     @property
     def in_batch_negatives(self) -> bool:
-        return self.stage == 1
+        """The stage switch of in-batch negatives (each dataset's own switch is ANDed in)."""
+        return self.stage == 1 if self.in_batch is None else self.in_batch
 
     def validate(self) -> TrainingConfig:
         """Checks fields that do not need the process groups; raises ValueError naming the flag."""

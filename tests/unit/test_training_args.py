@@ -49,6 +49,12 @@ def test_flags_override_only_what_is_given():
     )
     assert blend.recipe == "tiny_stage2" and blend.stage == 2 and not blend.in_batch_negatives
     assert blend.train_data == ["0.3", "a.jsonl", "0.7", "b.jsonl"]
+    off = parse_args(["--recipe", "tiny", "--train-data", "a", "--no-in-batch-negatives"])
+    assert off.stage == 1 and not off.in_batch_negatives and off.lr == get_recipe("tiny").lr
+    on = parse_args(
+        ["--recipe", "tiny", "--stage", "2", "--train-data", "a", "--in-batch-negatives"]
+    )
+    assert on.stage == 2 and on.in_batch_negatives
 
 
 @pytest.mark.parametrize(
