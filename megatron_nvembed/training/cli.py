@@ -11,6 +11,10 @@ def main(argv=None) -> int:
     from megatron_nvembed.training.arguments import parse_args
 
     setup_logging()
+    import os
+
+    # Tokenizers' own thread pool would fight the training processes for cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
 
     # megatron-core logs every parameter name at INFO when it builds the DDP buffers.

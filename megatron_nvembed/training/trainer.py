@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -796,6 +795,3 @@ def _build_evaluator(cfg: TrainingConfig, tokenizer, model, pg):
     from megatron_nvembed.training.validation import Validator
 
     return Validator(cfg, tokenizer, model, pg)
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
