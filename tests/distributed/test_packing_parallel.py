@@ -76,11 +76,13 @@ def _check_pp2(rank, world_size):
             assert want is None and got is None
 
 
-@pytest.mark.distributed
-def test_packing_tensor_parallel_2():
-    run_distributed(_check_tp2, 2)
+def _check_tp2_then_pp2(rank, world_size):
+    # One process group for both layouts: importing megatron-core dominates a process's cost,
+    # and each check builds its own model-parallel groups.
+    _check_tp2(rank, world_size)
+    _check_pp2(rank, world_size)
 
 
 @pytest.mark.distributed
-def test_packing_pipeline_parallel_2():
-    run_distributed(_check_pp2, 2)
+def test_packing_tensor_parallel_2_and_pipeline_parallel_2():
+    run_distributed(_check_tp2_then_pp2, 2)
