@@ -38,6 +38,8 @@ from flops import (  # noqa: E402
     train_step_flops,
 )
 
+from megatron_nvembed.hardware import GPU_PEAK_BF16_TFLOPS  # noqa: E402
+
 # ----------------------------------------------------------------------------- configuration
 
 PRESETS = {
@@ -77,21 +79,6 @@ PRESETS = {
     ),
 }
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring, first match wins.
-GPU_PEAK_BF16_TFLOPS = [
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("L4", 121.0),
-    ("A6000", 155.0),
-    ("4090", 165.0),
-]
 
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BOS, EOS = 1, 2

@@ -40,21 +40,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_nvembed.evaluation.mteb_eval import CATEGORIES  # the paper's column order
+
 ROOT = Path(__file__).resolve().parents[2]
 POOLINGS = ("eos", "mean", "latent", "self-attention")
 MASKS = ("bidirectional", "causal")
 SCHEDULES = ("two-stage", "single-stage-inbatch", "single-stage-no-inbatch")
 AXES = {"pooling": POOLINGS, "mask": MASKS, "schedule": SCHEDULES}
-# Paper column order (megatron_nvembed.evaluation.mteb_eval.CATEGORIES) + the MTEB average.
-CATEGORIES = (
-    "Retrieval",
-    "Rerank",
-    "Clustering",
-    "PairClass",
-    "Classification",
-    "STS",
-    "Summarization",
-)
+
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "nvembed_config.json"
 

@@ -44,18 +44,6 @@ from megatron_nvembed.training.config import TrainingConfig
 
 logger = get_logger(__name__)
 
-# Dense bf16 peak of known accelerators (TFLOP/s), for the MFU estimate.
-PEAK_TFLOPS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "H800": 989.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "B200": 2250.0,
-    "GH200": 989.0,
-}
-
 
 class NonFiniteGuard:
     """Counts consecutive non-finite losses: each skips its step; too many in a row abort."""
@@ -711,11 +699,9 @@ def train(cfg: TrainingConfig) -> TrainResult:
 def _peak_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    from megatron_nvembed.hardware import gpu_peak_bf16_tflops
+
+    return gpu_peak_bf16_tflops(torch.cuda.get_device_name(device))
 
 
 def _log_record(
