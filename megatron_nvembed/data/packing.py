@@ -3,7 +3,8 @@
 `pack_batch` takes a right-padded tokenized batch (`input_ids` / `attention_mask` / `pool_mask`,
 [n, s]) and places its n texts into rows of at most `pack_length` tokens by first-fit decreasing.
 `segment_ids` [rows, L] numbers the texts of a row 1..k in order of position (0 = padding);
-`NVEmbedModel.forward(..., segment_ids=...)` lets each text attend only to itself, restarts RoPE
+`NVEmbedModel.forward(..., segment_ids=...)` lets each text attend only to itself (THD layout
+with `cu_seqlens` on the te / sdpa backends, a block-diagonal mask on local), restarts RoPE
 positions at 0 for each text and returns one embedding per text in packed order: row-major by
 (row, segment). `PackedBatch.restore` puts them back in the original order:
 

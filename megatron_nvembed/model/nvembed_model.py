@@ -9,7 +9,10 @@ Layouts: inputs are [b, s]; megatron-core's hidden states are [s, b, h]; embeddi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
@@ -27,6 +30,10 @@ from megatron_nvembed.model.specs import (
     packed_position_ids,
     resolve_backend,
 )
+
+THD_BACKENDS = ("te", "sdpa")
+"""Backends that run packed rows in megatron-core's THD layout (no padding computed); `local`
+(megatron-core's unfused attention) uses a block-diagonal mask over the rows instead."""
 
 
 class NVEmbedModel(MegatronModule):
@@ -114,11 +121,22 @@ class NVEmbedModel(MegatronModule):
                 positions restart at 0. None: one text per row.
 
         Returns:
-            [s, b, h]: this stage's output (after the final norm on the last stage).
+            [s, b, h]: this stage's output (after the final norm on the last stage). With
+            `segment_ids` on the `te` and `sdpa` backends: [t, 1, h], the t real tokens of the
+            rows in row-major order (THD layout, no padding); on `local`: [s, b, h] of the rows
+            (block-diagonal mask).
 
         Raises:
-            ValueError: `segment_ids` with the Transformer Engine backend.
+            ValueError: `segment_ids` of another shape than `attention_mask`.
         """
+        if segment_ids is not None:
+            if segment_ids.shape != attention_mask.shape:
+                raise ValueError(
+                    f"segment_ids {tuple(segment_ids.shape)} must have the shape of "
+                    f"attention_mask {tuple(attention_mask.shape)}"
+                )
+            if self.backend in THD_BACKENDS:
+                return self._encode_thd(input_ids, segment_ids)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
@@ -129,21 +147,37 @@ class NVEmbedModel(MegatronModule):
         if segment_ids is None:
             mask = build_attention_mask(attention_mask, self.backend, self.mask_type)
         else:
-            if self.backend == "te":
-                raise ValueError(
-                    "sequence packing (segment_ids) is implemented for the sdpa and local "
-                    "attention backends only; the Transformer Engine path (THD layout with "
-                    "cu_seqlens) is not implemented here: use --attention-backend sdpa"
-                )
-            if segment_ids.shape != attention_mask.shape:
-                raise ValueError(
-                    f"segment_ids {tuple(segment_ids.shape)} must have the shape of "
-                    f"attention_mask {tuple(attention_mask.shape)}"
-                )
             mask = build_packed_attention_mask(segment_ids, self.mask_type)  # [b, 1, s, s]
             positions = packed_position_ids(segment_ids)  # [b, s]
             rotary = rotary[:, 0, 0][positions.t()].unsqueeze(2)  # [s, b, 1, d]
         return self.decoder(hidden_states=decoder_input, attention_mask=mask, rotary_pos_emb=rotary)
+
+    def _encode_thd(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """Packed rows as megatron-core's THD layout: the micro-batch's real tokens as one
+        sequence [t, 1, h] with `cu_seqlens` marking the texts; the attention kernel attends
+        within each text only (Transformer Engine's fused THD kernels, or `SDPAttention`'s
+        varlen path) and RoPE restarts at each text. Padding is not computed at all."""
+        layout = packed_layout(segment_ids)
+        decoder_input = None
+        if self.pre_process:
+            tokens = input_ids[layout.rows, layout.cols].unsqueeze(0)  # [1, t]
+            decoder_input = self.embedding(input_ids=tokens, position_ids=None)  # [t, 1, h]
+        rotary = self.rotary_pos_emb(layout.max_len)  # [max_len, 1, 1, d], per text from 0
+        if rotary.device != segment_ids.device:
+            rotary = rotary.to(segment_ids.device)
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=layout.cu_seqlens,
+            cu_seqlens_kv=layout.cu_seqlens,
+            max_seqlen_q=layout.max_len,
+            max_seqlen_kv=layout.max_len,
+        )
+        return self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=None,
+            rotary_pos_emb=rotary,
+            packed_seq_params=params,
+        )
 
     def forward(
         self,
@@ -177,13 +211,53 @@ class NVEmbedModel(MegatronModule):
         return self.pooling(hidden, attention_mask, pool_mask)
 
 
-def unpack_hidden(
-    hidden_sbh: torch.Tensor, segment_ids: torch.Tensor, pool_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed rows -> one right-padded row per text, for the pooling head.
+@dataclass
+class PackedLayout:
+    """Where the real tokens of packed rows are, and which text each belongs to."""
+
+    rows: torch.Tensor
+    """[t] row of each real token (row-major order)."""
+    cols: torch.Tensor
+    """[t] column of each real token."""
+    text: torch.Tensor
+    """[t] text index of each token, texts in packed order (row-major by (row, segment))."""
+    pos: torch.Tensor
+    """[t] position of each token within its text."""
+    lengths: torch.Tensor
+    """[n] tokens per text."""
+    cu_seqlens: torch.Tensor
+    """[n + 1] int32 offsets of the texts in the THD sequence."""
+    max_len: int
+    """Longest text."""
+
+
+def packed_layout(segment_ids: torch.Tensor) -> PackedLayout:
+    """The token layout of packed rows (see `megatron_nvembed.data.packing`).
 
     Args:
-        hidden_sbh: [s, b, h] final states of packed rows.
+        segment_ids: [b, s], 0 = padding, 1..k = the k-th text of the row (each contiguous).
+    """
+    seg = segment_ids.long()
+    per_row = seg.max(dim=1).values  # [b] texts per row
+    offsets = torch.cumsum(per_row, 0) - per_row  # [b] first text index of each row
+    rows, cols = (seg > 0).nonzero(as_tuple=True)  # real tokens, row-major
+    text = offsets[rows] + seg[rows, cols] - 1
+    pos = packed_position_ids(seg)[rows, cols]
+    n = int(per_row.sum())
+    lengths = torch.bincount(text, minlength=n)
+    cu_seqlens = torch.zeros(n + 1, dtype=torch.int32, device=seg.device)
+    cu_seqlens[1:] = torch.cumsum(lengths, 0)
+    return PackedLayout(rows, cols, text, pos, lengths, cu_seqlens, int(lengths.max()))
+
+
+def unpack_hidden(
+    hidden: torch.Tensor, segment_ids: torch.Tensor, pool_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed final states -> one right-padded row per text, for the pooling head.
+
+    Args:
+        hidden: [s, b, h] final states of packed rows, or [t, 1, h] in the THD layout (the t
+            real tokens of the rows in row-major order).
         segment_ids: [b, s], 0 = padding, 1..k = the k-th text of the row (contiguous).
         pool_mask: [b, s] packed pool mask.
 
@@ -191,18 +265,21 @@ def unpack_hidden(
         hidden [max_len, n, h], attention_mask [n, max_len], pool_mask [n, max_len], with the n
         texts in packed order (row-major by (row, segment)); padding states are zero.
     """
-    seg = segment_ids.long()
-    per_row = seg.max(dim=1).values  # [b] texts per row
-    offsets = torch.cumsum(per_row, 0) - per_row  # [b] first text index of each row
-    real = seg > 0
-    rows, cols = real.nonzero(as_tuple=True)  # real tokens, row-major
-    text = offsets[rows] + seg[rows, cols] - 1  # [tokens] text index
-    pos = packed_position_ids(seg)[rows, cols]  # [tokens] position within its text
-    n = int(per_row.sum())
-    lengths = torch.bincount(text, minlength=n)  # [n]
-    width = int(lengths.max())
-    h = hidden_sbh.shape[-1]
-    out = hidden_sbh.new_zeros(n, width, h).index_put((text, pos), hidden_sbh[cols, rows])
-    attn = (torch.arange(width, device=seg.device)[None, :] < lengths[:, None]).long()
-    pool = pool_mask.new_zeros(n, width).index_put((text, pos), pool_mask[rows, cols])
+    layout = packed_layout(segment_ids)
+    t = layout.rows.numel()
+    if hidden.shape[:2] == (t, 1):
+        tokens = hidden[:, 0]  # THD (for one full row the two layouts coincide)
+    elif hidden.shape[:2] == (segment_ids.shape[1], segment_ids.shape[0]):
+        tokens = hidden[layout.cols, layout.rows]
+    else:
+        raise ValueError(
+            f"packed states {tuple(hidden.shape)} fit neither the rows {tuple(segment_ids.shape)} "
+            f"nor the THD layout of their {t} real tokens"
+        )
+    n, width, h = layout.lengths.numel(), layout.max_len, hidden.shape[-1]
+    index = (layout.text, layout.pos)
+    out = hidden.new_zeros(n, width, h).index_put(index, tokens)
+    arange = torch.arange(width, device=segment_ids.device)
+    attn = (arange[None, :] < layout.lengths[:, None]).long()
+    pool = pool_mask.new_zeros(n, width).index_put(index, pool_mask[layout.rows, layout.cols])
     return out.transpose(0, 1), attn, pool

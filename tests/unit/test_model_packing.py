@@ -4,8 +4,9 @@ restarting per text, final states unpacked per text before pooling.
 
 Proves: packed embeddings equal the unpacked model's within 1e-5 for latent / mean / eos /
 self-attention pooling, bidirectional and causal, sdpa and local backends, on a batch of mixed
-lengths with instructions; gradients of every parameter equal within 1e-5 relative; the block
-mask matters (without it texts would see each other); the Transformer Engine backend refuses.
+lengths with instructions; gradients of every parameter equal within 1e-5 relative; texts of a
+row do not see each other; the sdpa backend runs packed rows in the THD layout (the decoder sees
+only the real tokens, attention runs per text) and `local` with a block-diagonal mask.
 
 Run alone: pytest tests/unit/test_model_packing.py
 """
@@ -80,9 +81,11 @@ def test_packed_embeddings_equal_unpacked(pg, backend, pooling, mask_type):
 
 
 @pytest.mark.parametrize("mask_type", ["bidirectional", "causal"])
-@pytest.mark.parametrize("pooling", ["latent", "mean", "eos"])
-def test_packed_gradients_equal_unpacked(pg, pooling, mask_type):
-    model = _model(pg, pooling=pooling, mask_type=mask_type)
+@pytest.mark.parametrize(
+    "backend,pooling", [("sdpa", "latent"), ("sdpa", "mean"), ("sdpa", "eos"), ("local", "latent")]
+)
+def test_packed_gradients_equal_unpacked(pg, backend, pooling, mask_type):
+    model = _model(pg, pooling=pooling, mask_type=mask_type, backend=backend)
     batch = _batch(seed=2)
     packed = pack_batch(batch, 32)
     weights = torch.randn(len(LENGTHS), 64, generator=torch.Generator().manual_seed(3))
@@ -101,9 +104,10 @@ def test_packed_gradients_equal_unpacked(pg, pooling, mask_type):
         assert rel.item() <= TOL, (name, rel.item())
 
 
-def test_block_mask_isolates_texts(pg):
+@pytest.mark.parametrize("backend", ["sdpa", "local"])
+def test_packed_texts_are_isolated(pg, backend):
     """Changing one text of a packed row leaves the other texts' embeddings unchanged."""
-    model = _model(pg, pooling="mean")
+    model = _model(pg, pooling="mean", backend=backend)
     batch = _batch()
     packed = pack_batch(batch, 48)
     inputs = packed.model_inputs()
@@ -116,9 +120,41 @@ def test_block_mask_isolates_texts(pg):
     assert (a[1:] - b[1:]).abs().max().item() <= 1e-6
 
 
-def test_transformer_engine_backend_refuses_packing(pg):
-    model = _model(pg)
-    model.backend = "te"  # the check runs before any TE module would be used
+@pytest.mark.parametrize("backend,thd", [("sdpa", True), ("local", False)])
+def test_sdpa_runs_thd_without_padding(pg, backend, thd):
+    """sdpa: the decoder runs on the t real tokens as [t, 1, h] and attention runs once per text
+    (the CPU path of `SDPAttention`); local: the decoder runs on the padded rows [L, rows, h]."""
+    import torch.nn.functional as F
+
+    model = _model(pg, pooling="mean", backend=backend)  # the latent head calls SDPA too
     packed = pack_batch(_batch(), 24)
-    with pytest.raises(ValueError, match="packing.*Transformer Engine.*cu_seqlens.*sdpa"):
-        model(**packed.model_inputs())
+    real = int(packed.attention_mask.sum())
+    rows, width = packed.segment_ids.shape
+    assert real < rows * width  # the rows have padding
+    shapes = []
+    model.decoder.register_forward_hook(
+        lambda m, a, k, out: shapes.append(tuple(out.shape)), with_kwargs=True
+    )
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return original(*args, **kwargs)
+
+    import megatron_nvembed.model.attention as attention
+
+    attention.F.scaled_dot_product_attention = counting
+    try:
+        with torch.no_grad():
+            model(**packed.model_inputs())
+    finally:
+        attention.F.scaled_dot_product_attention = original
+    layers = model.config.num_layers
+    if thd:
+        assert shapes == [(real, 1, model.config.hidden_size)]
+        assert len(calls) == layers * len(LENGTHS)  # one per text per layer
+        assert sorted(c[2] for c in calls[: len(LENGTHS)]) == sorted(LENGTHS)
+    else:
+        assert shapes == [(width, rows, model.config.hidden_size)]
+        assert not calls  # megatron-core's own attention
