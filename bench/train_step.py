@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))  # bench/flops.py
-sys.path.insert(1, str(BENCH_DIR.parent))  # megatron_nvembed without an install
+sys.path.insert(0, str(BENCH_DIR.parent))  # megatron_nvembed without an install
 
-from flops import (  # noqa: E402
+from megatron_nvembed.flops import (  # noqa: E402
     FlopShape,
     attention_flops,
     model_step_flops,
