@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_nvembed.cpu_support import cpu_mode, cuda_allocations_on_cpu
 from megatron_nvembed.data.collate import EmbeddingBatch
+from megatron_nvembed.flops import flop_shape, loss_flops, model_step_flops
 from megatron_nvembed.logging_utils import get_logger
 from megatron_nvembed.loss import (
     ContrastiveLoss,
@@ -136,17 +137,6 @@ def _resolve_model_config(cfg: TrainingConfig):
     if model_cfg.model.bf16 and cpu_mode():
         logger.warning("--bf16 on a machine without CUDA: training in float32 on the CPU")
         model_cfg.model.bf16 = False
-    if cfg.pack_sequences:
-        # Packing builds block-diagonal masks for the torch backends; the Transformer Engine
-        # path (THD layout with cu_seqlens) is not implemented.
-        if model_cfg.model.attention_backend == "te":
-            raise ValueError(
-                "--pack-sequences needs --attention-backend sdpa or local (packing with "
-                "Transformer Engine's THD layout / cu_seqlens is not implemented)"
-            )
-        if model_cfg.model.attention_backend == "auto":
-            logger.info("--pack-sequences: attention backend 'auto' resolves to sdpa")
-            model_cfg.model.attention_backend = "sdpa"
     if cfg.lora.rank > 0:
         # LoRA wraps the linear layers; Transformer Engine's layers fuse the preceding norm into
         # linear_qkv / linear_fc1, which the adapter would bypass (see docs/model.md).
@@ -310,10 +300,16 @@ def _stacked(mb: EmbeddingBatch) -> dict[str, torch.Tensor]:
 class _Step:
     """Runs one global batch through the schedules (see the module docstring)."""
 
-    def __init__(self, cfg: TrainingConfig, ddp, loss_fn: ContrastiveLoss, pg, device):
+    def __init__(
+        self, cfg: TrainingConfig, ddp, loss_fn: ContrastiveLoss, pg, device, thd: bool = False
+    ):
         from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 
         self.cfg, self.ddp, self.loss_fn, self.pg, self.device = cfg, ddp, loss_fn, pg, device
+        self.thd = thd  # packed rows run as the THD layout (no padding computed)
+        self.executed_tokens = 0
+        """Token positions the decoder computed in the training passes since the last reset
+        (padding included, the GradCache's no-grad pass and evaluation excluded)."""
         self.pp = pg.pp.size()
         self.last_stage = pg.pp.rank() == self.pp - 1
         self.schedule = get_forward_backward_func()
@@ -328,13 +324,22 @@ class _Step:
 
             stacked = {k: v.cpu() for k, v in _stacked(mb).items()}
             packed = pack_batch(stacked, self.cfg.seq_length).to(self.device)
+            ids = packed.input_ids
+            self._count(int(packed.lengths.sum()) if self.thd else ids.numel())
             out = model(**packed.model_inputs())
             return out[packed.restore] if self.last_stage else out
         if self.pp == 1:
+            self._count(mb.query["input_ids"].numel() + mb.candidates["input_ids"].numel())
             q = model(**mb.query)
             c = model(**mb.candidates)
             return torch.cat([q, c])
-        return model(**_stacked(mb))
+        stacked = _stacked(mb)
+        self._count(stacked["input_ids"].numel())
+        return model(**stacked)
+
+    def _count(self, positions: int) -> None:
+        if torch.is_grad_enabled():
+            self.executed_tokens += positions
 
     def _split(self, out: torch.Tensor, mb: EmbeddingBatch):
         b, n = mb.candidate_mask.shape
@@ -412,26 +417,6 @@ class _Step:
 
 # ---------------------------------------------------------------------------------------------
 # the loop
-
-
-def _model_flops_per_token(model_cfg, lora_rank: int, seq: float) -> float:
-    """Training FLOPs per token (frozen base with LoRA: forward + activation gradients of the
-    frozen weights; full cost when every weight trains), attention scores included."""
-    m = model_cfg.model
-    h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers
-    qkv = h * (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
-    per_layer = qkv + m.num_attention_heads * m.head_dim * h + 3 * h * f
-    linear = 2 * per_layer * layers
-    attention = 4 * seq * m.num_attention_heads * m.head_dim * layers  # QK^T and AV, forward
-    base = (3 if lora_rank == 0 else 2) * linear + 3 * attention
-    lora = 0.0
-    if lora_rank:
-        q_out = m.num_attention_heads * m.head_dim
-        per_layer_adapters = lora_rank * (
-            (h + qkv) + (q_out + h) + (h + 2 * f) + (f + h)
-        )  # A [r, in] + B [out, r] of qkv, proj, fc1, fc2
-        lora = 6 * per_layer_adapters * layers  # forward 2 + backward 4 FLOPs per weight
-    return base + lora
 
 
 def build_training_model(cfg: TrainingConfig, model_cfg, pg, resuming: bool):
@@ -537,7 +522,11 @@ def train(cfg: TrainingConfig) -> TrainResult:
     elif cfg.load and rank == 0:
         logger.info("--load %s holds no checkpoint yet: starting at iteration 0", cfg.load)
 
-    step = _Step(cfg, ddp, loss_fn, pg, device)
+    from megatron_nvembed.model.nvembed_model import THD_BACKENDS
+    from megatron_nvembed.model.specs import resolve_backend
+
+    thd = resolve_backend(model_cfg.model) in THD_BACKENDS
+    step = _Step(cfg, ddp, loss_fn, pg, device, thd=thd)
     if rank == 0:
         logger.info(
             "training %s stage %d: TP=%d PP=%d DP=%d, %d/%d parameters trainable (%s), global "
@@ -563,7 +552,8 @@ def train(cfg: TrainingConfig) -> TrainResult:
         Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
         log_file = open(cfg.log_json, "a", encoding="utf-8")
     peak_tflops = _peak_tflops(device)
-    window = {"time": 0.0, "tokens": 0, "padded": 0, "sequences": 0, "iters": 0}
+    window = {"time": 0.0, "tokens": 0, "padded": 0, "sequences": 0, "flops": 0.0, "iters": 0}
+    shape = flop_shape(model_cfg, cfg.lora.rank if lora else 0)
     evaluator = _build_evaluator(cfg, tokenizer, model, pg) if cfg.eval_interval else None
 
     saved_at = [None]
@@ -598,27 +588,34 @@ def train(cfg: TrainingConfig) -> TrainResult:
             micro_batches = [mb.to(device) for mb in data.next_global_batch()]
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
+            step.executed_tokens = 0
             if cfg.grad_cache:
                 local_loss = step.grad_cache(micro_batches)
             else:
                 local_loss = step.direct(micro_batches)
             # Global-batch mean loss and token counts, agreed on by every rank.
             contributes = step.last_stage and pg.tp.rank() == 0
-            real = sum(
-                int(mb.query["attention_mask"].sum() + mb.candidates["attention_mask"].sum())
+            lengths = [
+                n
                 for mb in micro_batches
-            )
-            padded = sum(
-                mb.query["input_ids"].numel() + mb.candidates["input_ids"].numel()
+                for part in (mb.query, mb.candidates)
+                for n in part["attention_mask"].sum(dim=1).tolist()
+                if n
+            ]
+            # Model FLOPs from the real lengths (megatron_nvembed/flops.py): padding, masked
+            # attention pairs and GradCache's extra forward are not useful work.
+            useful = model_step_flops(shape, lengths, 0, 0).total + sum(
+                loss_flops(shape, *mb.candidate_mask.shape, cfg.in_batch_negatives).total
                 for mb in micro_batches
             )
             seqs = sum(mb.candidate_mask.numel() + mb.in_batch.numel() for mb in micro_batches)
             vec = torch.tensor(
                 [
                     float(local_loss) if contributes else 0.0,
-                    float(real) * contributes,
-                    float(padded) * contributes,
+                    float(sum(lengths)) * contributes,
+                    float(step.executed_tokens) * contributes,
                     float(seqs) * contributes,
+                    float(useful) * contributes,
                 ],
                 dtype=torch.float64,
                 device=device,
@@ -643,6 +640,7 @@ def train(cfg: TrainingConfig) -> TrainResult:
             window["tokens"] += int(vec[1])
             window["padded"] += int(vec[2])
             window["sequences"] += int(vec[3])
+            window["flops"] += float(vec[4])
             window["iters"] += 1
             stats = loss_fn.pop_stats()
             if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
@@ -654,8 +652,6 @@ def train(cfg: TrainingConfig) -> TrainResult:
                     window,
                     stats,
                     cfg,
-                    model_cfg,
-                    lora,
                     device,
                     peak_tflops,
                     guard.skipped,
@@ -712,20 +708,15 @@ def _log_record(
     window,
     stats,
     cfg,
-    model_cfg,
-    lora,
     device,
     peak_tflops,
     skipped,
 ) -> dict:
     secs = max(window["time"], 1e-9)
     tokens_per_s = window["tokens"] / secs
-    seq = window["padded"] / max(window["sequences"], 1)
-    tflops = (
-        _model_flops_per_token(model_cfg, cfg.lora.rank if lora else 0, seq)
-        * (window["padded"] / secs)
-        / 1e12
-    )
+    # Per GPU, as MFU is: the step's model FLOPs are summed over data-parallel ranks, and each
+    # of the world's GPUs holds a TP x PP share of one replica.
+    tflops = window["flops"] / secs / 1e12 / dist.get_world_size()
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
     else:

@@ -50,20 +50,29 @@ def _packing_worker(rank, world, data, tmp):
     }
     for name, extra in layouts.items():
         for pack in (False, True):
-            result = train(_cfg(data, pack_sequences=pack, **extra))
-            out[f"{name}_{'packed' if pack else 'padded'}"] = result.losses
+            key = f"{name}_{'packed' if pack else 'padded'}"
+            log = Path(tmp) / f"{key}.jsonl"
+            result = train(_cfg(data, pack_sequences=pack, log_json=str(log), **extra))
+            out[key] = result.losses
     packing.pack_batch = original
     out["seen"] = seen
     if rank == world - 1:
         (Path(tmp) / "packing.json").write_text(json.dumps(out))
 
 
-def test_pack_sequences_trains_like_padding(synthetic, tmp_path):
+@pytest.fixture(scope="module")
+def runs(synthetic, tmp_path_factory):
+    """Every layout trained packed and padded once (2 processes); the tests read the outputs."""
+    tmp = tmp_path_factory.mktemp("packing")
+    run_distributed(_packing_worker, 2, synthetic, str(tmp))
+    return tmp
+
+
+def test_pack_sequences_trains_like_padding(runs):
     """DP=2 with GradCache, DP=2 without it, and PP=2: 3 steps with --pack-sequences log the same
     losses as without it, within 1e-5 relative (the losses after the first step depend on the
     gradients, so those match as well)."""
-    run_distributed(_packing_worker, 2, synthetic, str(tmp_path))
-    out = json.loads((tmp_path / "packing.json").read_text())
+    out = json.loads((runs / "packing.json").read_text())
     # Packing ran (3 layouts x 3 steps x 2 micro-batches per rank, GradCache and PP stages
     # packing more than once) and put several texts per row: 2 queries + 2 x 4 candidates.
     assert len(out["seen"]) >= 18
@@ -75,16 +84,39 @@ def test_pack_sequences_trains_like_padding(synthetic, tmp_path):
             assert packed[it] == pytest.approx(padded[it], rel=1e-5), (name, it)
 
 
-def test_pack_sequences_flag_and_te_error():
+def test_pack_sequences_logs_executed_tokens_and_the_same_model_flops(runs):
+    """The log of the runs above (one record per iteration): packed rows run as THD (sdpa), so
+    the decoder computes exactly the real tokens (`padded_tokens_per_s == tokens_per_s`, rel
+    1e-9), while the padded layout computes more; the model FLOPs behind TFLOP/s and MFU come
+    from the real lengths, so packed and padded runs log the same FLOPs per iteration (rel
+    1e-9)."""
+    def records(key):
+        lines = (runs / f"{key}.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def flops_per_iteration(r):  # per GPU x world size (2)
+        return r["tflops"] * 1e12 * r["iteration_time_s"] * 2
+
+    for name in ("dp2_gradcache", "dp2_direct", "pp2"):
+        packed, padded = records(f"{name}_packed"), records(f"{name}_padded")
+        assert len(packed) == len(padded) == 3
+        for a, b in zip(packed, padded):
+            assert a["padded_tokens_per_s"] == pytest.approx(a["tokens_per_s"], rel=1e-9), name
+            assert b["padded_tokens_per_s"] > 1.05 * b["tokens_per_s"], name
+            assert flops_per_iteration(a) == pytest.approx(flops_per_iteration(b), rel=1e-9)
+            assert flops_per_iteration(a) > 0
+
+
+def test_pack_sequences_flag_keeps_every_backend():
+    """Packing runs on every backend (THD on te / sdpa, a block mask on local): the flag leaves
+    the attention backend as asked."""
     from megatron_nvembed.training.arguments import parse_args
     from megatron_nvembed.training.trainer import _resolve_model_config
 
-    base = ["--recipe", "tiny", "--train-data", "x.jsonl"]
+    base = ["--recipe", "tiny", "--train-data", "x.jsonl", "--lora-rank", "0"]
     assert parse_args(base).pack_sequences is False
-    cfg = parse_args([*base, "--pack-sequences", "--attention-backend", "te"])
-    assert cfg.pack_sequences is True
-    with pytest.raises(ValueError, match="--pack-sequences.*sdpa or local"):
-        _resolve_model_config(cfg)
-    cfg = parse_args([*base, "--pack-sequences"])
-    model_cfg, _ = _resolve_model_config(cfg)
-    assert model_cfg.model.attention_backend == "sdpa"
+    for backend in ("te", "sdpa", "local", "auto"):
+        cfg = parse_args([*base, "--pack-sequences", "--attention-backend", backend])
+        assert cfg.pack_sequences is True
+        model_cfg, _ = _resolve_model_config(cfg)
+        assert model_cfg.model.attention_backend == backend
