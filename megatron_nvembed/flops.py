@@ -292,7 +292,11 @@ def attention_flops(
         if decoder:
             f += 2 * _mm(call.attention_pairs, shape.head_dim, 1) * shape.heads * shape.layers
         if head and shape.pool == "latent":
-            f += 2 * _mm(call.head_tokens, shape.pool_head_dim, shape.pool_latents) * shape.pool_heads
+            f += (
+                2
+                * _mm(call.head_tokens, shape.pool_head_dim, shape.pool_latents)
+                * shape.pool_heads
+            )
         elif head and shape.pool == "self-attention":
             f += 2 * _mm(call.head_pairs, shape.pool_head_dim, 1) * shape.pool_heads
         total = total + FlopCount(f, 2 * f)

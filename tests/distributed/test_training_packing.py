@@ -90,6 +90,7 @@ def test_pack_sequences_logs_executed_tokens_and_the_same_model_flops(runs):
     1e-9), while the padded layout computes more; the model FLOPs behind TFLOP/s and MFU come
     from the real lengths, so packed and padded runs log the same FLOPs per iteration (rel
     1e-9)."""
+
     def records(key):
         lines = (runs / f"{key}.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines]
