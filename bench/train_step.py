@@ -30,13 +30,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))  # megatron_nvembed without an install
 
 from megatron_nvembed.flops import (  # noqa: E402
+    Call,
     FlopShape,
     attention_flops,
     model_step_flops,
+    packed_call,
     split_adapter_flops,
     train_step_flops,
 )
-
 from megatron_nvembed.hardware import GPU_PEAK_BF16_TFLOPS  # noqa: E402
 
 # ----------------------------------------------------------------------------- configuration
@@ -79,6 +80,17 @@ PRESETS = {
 }
 
 
+LAYOUTS = ("buckets", "pad512", "packed")
+LAYOUT_DOC = {
+    "buckets": "length-sorted buckets of --bucket-size rows, each padded to its longest row "
+    "(rounded up to --pad-multiple); queries and passages bucketed separately",
+    "pad512": "every text padded to the cap (--max-length); one call for the queries and one for "
+    "the passages (the padded layout of a fixed-length collator)",
+    "packed": "queries and passages packed separately (pack_batch, pack_length = --max-length) "
+    "into one call each; the sdpa backend runs the packed rows in megatron-core's THD layout "
+    "(real tokens only, per-text attention), so the decoder computes no padding; the head "
+    "pools each call's texts right-padded to that call's longest text",
+}
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BOS, EOS = 1, 2
 
@@ -115,6 +127,7 @@ class Plan:
     weights_file: str | None = None
     profile_dir: str | None = None
     check_flops: bool = False
+    layout: str = "buckets"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,6 +180,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=8,
         help="ours: bucket width rounded up to this (as the project's collator)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="buckets",
+        help="ours' sequence layout: buckets (length buckets, padded per bucket); pad512 (every "
+        "text padded to --max-length, one call per kind); packed (pack_batch into rows of "
+        "--max-length, run as THD: real tokens only). The baseline always pads per kind",
+    )
+    p.add_argument(
+        "--compare-layouts",
+        action="store_true",
+        help="run ours with --layout pad512 and with --layout packed on the same batches (no "
+        "baseline); writes {pad512, packed, useful_tokens_speedup, parity_max_abs}",
     )
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
@@ -279,6 +306,7 @@ def make_plan(args) -> Plan:
         weights=args.weights or preset["weights"],
         profile_dir=args.profile,
         check_flops=args.check_flops,
+        layout=args.layout,
     )
 
 
@@ -398,8 +426,10 @@ class Prepared:
     real_tokens: int
     padded_tokens: int
     sequences: int
-    calls: list  # [(rows, width)]
+    calls: list  # [(rows, width)] dense calls, or flops.Call for packed ones
     lengths: list  # real lengths of every sequence
+    layout: str = "buckets"
+    row_padding_fraction: float | None = None  # packed: padding share of the [rows, L] rows
 
 
 def prepare(plan: Plan, impl: str, batch, device) -> Prepared:
@@ -407,7 +437,18 @@ def prepare(plan: Plan, impl: str, batch, device) -> Prepared:
     from megatron_nvembed.loss import sequence_hash
 
     queries, passages = batch
-    if impl == "ours":
+    layout = plan.layout if impl == "ours" else "baseline"
+    calls = row_padding = None
+    if layout == "packed":
+        (qc, qinv, qcall, qrows), (pc, pinv, pcall, prows) = (
+            pack_kind(seqs, plan.max_length, plan.pad_multiple) for seqs in (queries, passages)
+        )
+        calls = [qcall, pcall]
+        row_padding = 1 - (qcall.tokens + pcall.tokens) / (qrows + prows)
+    elif layout == "pad512":
+        qc, pc = [pad(queries, plan.max_length)], [pad(passages, plan.max_length)]
+        qinv = pinv = None
+    elif layout == "buckets":
         qc, qinv = bucketize(queries, plan.bucket_size, plan.pad_multiple, plan.max_length)
         pc, pinv = bucketize(passages, plan.bucket_size, plan.pad_multiple, plan.max_length)
     else:  # typical HF trainer: queries and passages each padded to their longest row
@@ -417,7 +458,8 @@ def prepare(plan: Plan, impl: str, batch, device) -> Prepared:
     ids, mask, _ = pad(passages, max(len(s.ids) for s in passages))
     cand = sequence_hash(ids, mask).view(plan.batch_size, 1 + plan.negatives)
     move = lambda calls: [tuple(t.to(device) for t in c) for c in calls]  # noqa: E731
-    calls = [tuple(c[0].shape) for c in qc + pc]
+    if calls is None:
+        calls = [tuple(c[0].shape) for c in qc + pc]
     return Prepared(
         query_calls=move(qc),
         passage_calls=move(pc),
@@ -425,11 +467,34 @@ def prepare(plan: Plan, impl: str, batch, device) -> Prepared:
         passage_inverse=None if pinv is None else pinv.to(device),
         candidate_ids=cand.to(device),
         real_tokens=sum(len(s.ids) for s in queries + passages),
-        padded_tokens=sum(r * w for r, w in calls),
+        # positions the decoder computes: rows x width, or (THD) the real tokens
+        padded_tokens=sum(c.tokens if isinstance(c, Call) else c[0] * c[1] for c in calls),
         sequences=len(queries) + len(passages),
         calls=calls,
         lengths=[len(s.ids) for s in queries + passages],
+        layout=layout,
+        row_padding_fraction=row_padding,
     )
+
+
+def pack_kind(seqs: list[Seq], cap: int, multiple: int):
+    """One packed call of `seqs` (pack_batch: first-fit decreasing into rows of `cap` tokens).
+
+    Returns ([(ids, mask, pool, segment_ids)] each [rows, L], restore [n] (packed order ->
+    original order), the call's flops.Call (THD: real tokens; head: n x longest text), rows x L).
+    """
+    from megatron_nvembed.data.packing import pack_batch
+
+    ids, mask, pool = pad(seqs, max(len(s.ids) for s in seqs))
+    packed = pack_batch(
+        {"input_ids": ids, "attention_mask": mask, "pool_mask": pool},
+        pack_length=cap,
+        pad_to_multiple_of=multiple,
+    )
+    rows, width = packed.input_ids.shape
+    call = packed_call([len(s.ids) for s in seqs], rows, width, thd=True)
+    inputs = (packed.input_ids, packed.attention_mask, packed.pool_mask, packed.segment_ids)
+    return [inputs], packed.restore, call, rows * width
 
 
 # ----------------------------------------------------------------------------- models
@@ -505,7 +570,8 @@ def build_ours(plan: Plan, cfg, device, dtype):
     apply_lora(model, plan.lora_rank, plan.lora_alpha, plan.lora_dropout, seed=plan.seed)
 
     def embed(calls, inverse):
-        outs = [model(ids, mask, pool) for ids, mask, pool in calls]
+        # (ids, mask, pool) or, packed, (ids, mask, pool, segment_ids): [n_texts, d] each
+        outs = [model(*c) for c in calls]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out if inverse is None else out[inverse]
 
@@ -658,6 +724,7 @@ def run_worker(plan: Plan, impl: str, out_path: str) -> None:
                         padded_tokens=p.padded_tokens,
                         sequences=p.sequences,
                         forward_calls=len(p.calls),
+                        row_padding_fraction=p.row_padding_fraction,
                         model_flops=model_step_flops(shape, p.lengths, r.b, r.n).total,
                         executed_flops=train_step_flops(shape, p.calls, r.b, r.n).total,
                     )
@@ -670,6 +737,7 @@ def run_worker(plan: Plan, impl: str, out_path: str) -> None:
     results = {}
     for i, r in runners.items():
         res = dict(
+            layout=r.batches[0].layout,
             steps=records[i],
             losses=losses[i],
             build_seconds=r.build_seconds,
@@ -713,8 +781,11 @@ def summarize(impl: str, rounds: list[dict], memory_method: str) -> dict:
     def med(key, time_key="seconds"):
         return statistics.median(s[key] / s[time_key] for s in steps)
 
+    rows = [s["row_padding_fraction"] for s in steps if s.get("row_padding_fraction") is not None]
     out = dict(
         implementation=impl,
+        layout=rounds[0].get("layout"),
+        layout_description=LAYOUT_DOC.get(rounds[0].get("layout")),
         step_seconds_median=statistics.median(s["seconds"] for s in steps),
         tokens_per_s=med("real_tokens"),
         padded_tokens_per_s=med("padded_tokens"),
@@ -725,8 +796,11 @@ def summarize(impl: str, rounds: list[dict], memory_method: str) -> dict:
         tokens_per_cpu_s=med("real_tokens", "cpu_seconds"),
         real_tokens_per_step=statistics.mean(s["real_tokens"] for s in steps),
         padded_tokens_per_step=statistics.mean(s["padded_tokens"] for s in steps),
+        # positions the decoder computes that are padding (packed / THD: 0, none computed)
         padding_fraction=1
         - sum(s["real_tokens"] for s in steps) / sum(s["padded_tokens"] for s in steps),
+        # packed only: padding share of the [rows, L] packed rows (not computed by THD)
+        packed_row_padding_fraction=statistics.mean(rows) if rows else None,
         forward_calls_per_step=statistics.median(s["forward_calls"] for s in steps),
         model_flops_per_step=statistics.mean(s["model_flops"] for s in steps),
         executed_flops_per_step=statistics.mean(s["executed_flops"] for s in steps),
@@ -755,7 +829,11 @@ def flop_check(plan: Plan, runner: Runner) -> dict:
     torch's counter has no FLOP formula for CPU's fused SDPA kernel
     (`_scaled_dot_product_flash_attention_for_cpu`), and peft's separate q / k / v and
     gate / up adapters run a few more products than the fused ones counted analytically; both
-    parts are reported so the numbers can be reconciled exactly.
+    parts are reported so the numbers can be reconciled exactly. With --layout packed the
+    analytic count is `packed_call(..., thd=True)` per call (decoder: the real tokens and each
+    text's own square; head: each text padded to its call's longest); on CPU the THD path's
+    per-text SDPA calls run the same uncounted fused kernel, so the expected torch count is again
+    the analytic count minus its SDPA attention (measured difference on `tiny`: 0).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -770,6 +848,7 @@ def flop_check(plan: Plan, runner: Runner) -> dict:
     head_attention = attention_flops(shape, p.calls, decoder=False).total
     split = split_adapter_flops(shape, p.calls).total if runner.impl == "baseline" else 0
     out = dict(
+        layout=p.layout,
         torch_flop_counter=counter.get_total_flops(),
         torch_flop_counter_by_op=by_op,
         analytic_executed=executed,
@@ -872,6 +951,8 @@ def main(argv=None) -> int:
         run_worker(plan, args.worker, args.worker_out)
         return 0
     plan = make_plan(args)
+    if args.compare_layouts:
+        return compare_layouts(args, plan, argv)
     if args.paired and args.only:
         raise SystemExit("--paired runs both implementations; drop --only")
     impls = [args.only] if args.only else ["ours", "baseline"]
@@ -956,6 +1037,146 @@ def main(argv=None) -> int:
     os.replace(tmp_out, out)
     print(summary_line(report))
     return 0
+
+
+PARITY_TOLERANCE = {"float32": 1e-5}  # max |pad512 - packed| on batch 0; bf16: reported only
+
+
+def compare_layouts(args, plan: Plan, argv=None) -> int:
+    """--compare-layouts: ours with --layout pad512 and with --layout packed, each in its own
+    worker process (rounds interleaved), on the same seeded batches and the same weights (the
+    shared weights file, or the same seeded initialisation); no baseline. Writes the JSON report
+    and a markdown file next to it (same name, .md)."""
+    for flag in ("paired", "only", "profile"):
+        if getattr(args, flag):
+            raise SystemExit(
+                f"--compare-layouts runs ours alone, one process per layout: drop --{flag}"
+            )
+    layouts = ("pad512", "packed")
+    rounds: dict[str, list] = {name: [] for name in layouts}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="nvembed-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        if plan.weights == "shared":
+            plan.weights_file = str(tmp / "weights.pt")
+            write_shared_weights(plan, plan.weights_file)
+        outs = {}
+        for r in range(plan.repeats):
+            for name in layouts:
+                plan_file = tmp / f"plan-{name}.json"
+                plan_file.write_text(json.dumps(asdict(plan) | {"layout": name}))
+                out = tmp / f"{name}-{r}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--output", args.output]
+                cmd += ["--worker", "ours", "--plan", str(plan_file), "--worker-out", str(out)]
+                print(f"[bench] round {r + 1}/{plan.repeats}: ours {name}", file=sys.stderr)
+                proc = subprocess.run(cmd)
+                if proc.returncode != 0:
+                    raise SystemExit(
+                        f"ours ({name}) worker failed with exit code {proc.returncode}"
+                    )
+                rounds[name].append(json.loads(out.read_text())["ours"])
+                outs.setdefault(name, out)
+        emb = {name: torch_load(f"{outs[name]}.ours.emb.pt") for name in layouts}
+    parity_diff = max(
+        float((emb["pad512"][k] - emb["packed"][k]).abs().max()) for k in ("query", "passage")
+    )
+    tolerance = PARITY_TOLERANCE.get(plan.dtype)
+    results = {name: summarize("ours", rounds[name], plan.device) for name in layouts}
+    machine = machine_info(plan.device)
+    machine["load_average_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
+    peak, peak_source = device_peak_tflops(machine["device_name"], plan.device, args.peak_tflops)
+    for r in results.values():
+        r["mfu"] = None if peak is None else r["model_tflops_per_s"] / peak
+    # Same batch index = same real tokens: the per-step time ratio is the throughput ratio.
+    ratios = [
+        a["seconds"] / b["seconds"]
+        for ra, rb in zip(rounds["pad512"], rounds["packed"])
+        for a, b in zip(ra["steps"], rb["steps"])
+    ]
+    config = asdict(plan)
+    config.pop("weights_file")
+    config.pop("layout")
+    config.update(
+        mode="compare-layouts: ours only, one process per layout and round",
+        layouts={name: LAYOUT_DOC[name] for name in layouts},
+        flop_shape=flop_shape(plan).to_dict(),
+        peak_tflops=peak,
+        peak_tflops_source=peak_source,
+        parity_tolerance=tolerance,
+        command=" ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+    )
+    report = dict(
+        pad512=results["pad512"],
+        packed=results["packed"],
+        # real (useful) tokens per second, packed over pad512 (medians over the timed steps)
+        useful_tokens_speedup=results["packed"]["tokens_per_s"] / results["pad512"]["tokens_per_s"],
+        useful_tokens_speedup_median_of_step_ratios=statistics.median(ratios),
+        # max |embedding difference| on batch 0, before any update, eval mode (no dropout)
+        parity_max_abs=parity_diff,
+        machine=machine,
+        config=config,
+    )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    line = layouts_line(report)
+    out.with_suffix(".md").write_text(layouts_markdown(report, out.name, line))
+    print(line)
+    if tolerance is not None and not parity_diff <= tolerance:
+        raise SystemExit(
+            f"layout parity FAILED: max |pad512 - packed| embedding difference {parity_diff:.3e} "
+            f"> {tolerance:.0e} ({plan.dtype}) on batch 0; the packed (THD) path does not compute "
+            f"what the padded one does (report written to {out})"
+        )
+    return 0
+
+
+def torch_load(path: str):
+    import torch
+
+    return torch.load(path)
+
+
+LAYOUTS_HEADER = (
+    "| result | device | threads | pad512 tok/s | packed tok/s | useful tokens speedup | "
+    "median step ratio | pad512 / packed decoder padding | pad512 / packed executed TFLOP/step | "
+    "parity max abs |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def layouts_line(report: dict) -> str:
+    """One markdown row of a --compare-layouts report (tok/s = real tokens per second)."""
+    a, b, m = report["pad512"], report["packed"], report["machine"]
+    return (
+        f"| {report['config']['preset']} L={report['config']['model']['num_layers']} "
+        f"B={report['config']['batch_size']} | {m['device_name']} | {report['config']['threads']} "
+        f"| {a['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | "
+        f"**{report['useful_tokens_speedup']:.2f}x** | "
+        f"{report['useful_tokens_speedup_median_of_step_ratios']:.2f}x | "
+        f"{a['padding_fraction']:.0%} / {b['padding_fraction']:.0%} | "
+        f"{a['executed_flops_per_step'] / 1e12:.3f} / {b['executed_flops_per_step'] / 1e12:.3f} | "
+        f"{report['parity_max_abs']:.1e} |"
+    )
+
+
+def layouts_markdown(report: dict, name: str, line: str) -> str:
+    c, m = report["config"], report["machine"]
+    b = report["packed"]
+    return (
+        f"{LAYOUTS_HEADER}\n{line}\n\n`{name}`: `{c['command']}`\n\n"
+        f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch']}, "
+        f"megatron-core {m['megatron.core']}; device {m['device_name']}; 1-minute load "
+        f"{m['load_average_1min_before_after'][0]:.1f} / {m['load_average_1min_before_after'][1]:.1f}\n"
+        f"- batch: B={c['batch_size']} queries x (1 + {c['negatives']}) passages; lengths "
+        f"queries {c['query_len'][0]}-{c['query_len'][1]}, passages {c['passage_len'][0]}-"
+        f"{c['passage_len'][1]}, cap {c['max_length']}; {c['dtype']}; weights {c['weights']}\n"
+        f"- steps: {c['warmup']} warm-up + {c['steps']} timed per layout and round, "
+        f"{c['repeats']} round(s)\n"
+        f"- pad512: {c['layouts']['pad512']}\n- packed: {c['layouts']['packed']} (packed rows "
+        f"{b['packed_row_padding_fraction']:.1%} padding, not computed)\n"
+    )
 
 
 def summary_line(report: dict) -> str:
