@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 HEADER = (
@@ -74,7 +75,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path)
     args = p.parse_args(argv)
-    reports = [(path, json.loads(path.read_text())) for path in args.results]
+    reports = []
+    for path in args.results:
+        report = json.loads(path.read_text())
+        if "ours" not in report:  # --compare-layouts writes its own table (the .md next to it)
+            print(f"skipping {path}: not an ours-vs-baseline result", file=sys.stderr)
+            continue
+        reports.append((path, report))
     print(HEADER)
     for path, report in reports:
         print(row(path, report))
