@@ -4,7 +4,8 @@
   Q from the token states, K/V from a trainable latent array, GEGLU feed-forward, both residuals,
   masked mean, L2 normalisation. Heads are split over tensor-parallel ranks: `to_q`, `to_kv` and
   the first feed-forward projection are column-parallel, `to_out` and the second projection
-  row-parallel. The latents' K/V do not depend on the input and are computed once per forward.
+  row-parallel. The latents' K/V do not depend on the input: computed once per forward call,
+  or once per training step inside `latent_kv_once_per_step`.
 * `AttentionPooling(kind="self")` is the paper's self-attention ablation: the same block with
   K/V from the (padding-masked) token states instead of the latents.
 * `MeanPooling` and `EOSPooling` have no parameters.
@@ -14,6 +15,9 @@ padding mask; only `kind="self"` mixes tokens at all.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +133,7 @@ class AttentionPooling(MegatronModule):
         self.ff_out = tensor_parallel.RowParallelLinear(
             ff_inner, hidden_size, bias=True, input_is_parallel=True, skip_bias_add=False, **common
         )
+        self._step_kv: _StepKV | None = None  # set by `latent_kv_once_per_step`
         self._init_pair_layouts(config, tp_group)
         self.to(device)
         for p in self.parameters():
@@ -171,10 +176,21 @@ class AttentionPooling(MegatronModule):
         s, b, _ = x.shape
         return x.view(s, b, self.heads_per_partition, self.head_dim).permute(1, 2, 0, 3)
 
-    def latent_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the latent array, [1, H_r, r, dh] each; input-independent (once per step)."""
+    def _project_latents(self) -> torch.Tensor:
+        """`to_kv(norm_context(latents))`: [r, 1, 2*H_r*dh], K columns then V columns."""
         ctx = self.norm_context(self.latents).unsqueeze(1)  # [r, 1, d]
         kv, _ = self.to_kv(ctx)  # [r, 1, 2*H_r*dh]
+        return kv
+
+    def latent_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the latent array, [1, H_r, r, dh] each; input-independent.
+
+        Projected on every call, except with grad enabled inside `latent_kv_once_per_step`,
+        where the step's one projection is reused through a leaf tensor."""
+        if self._step_kv is not None and torch.is_grad_enabled():
+            kv = self._step_kv.get(self._project_latents)
+        else:
+            kv = self._project_latents()
         k, v = kv.chunk(2, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 
@@ -202,6 +218,87 @@ class AttentionPooling(MegatronModule):
         ff_out, _ = self.ff_out(a * F.gelu(g))  # exact (erf) GELU
         x2 = x1 + ff_out  # [s, b, d]
         return _finish(masked_mean(x2.transpose(0, 1), pool_mask), self.normalize)
+
+
+class _StepKV:
+    """One step's latent K/V: the projection `kv` (with its graph) and a detached fp32 leaf copy
+    that every forward call reads, so each micro-batch's backward stops at the leaf and
+    accumulates into `leaf.grad` (fp32, like megatron-core's main grads)."""
+
+    def __init__(self) -> None:
+        self.kv: torch.Tensor | None = None  # [r, 1, 2*H_r*dh], parameter dtype, with graph
+        self.leaf: torch.Tensor | None = None  # same shape, fp32, requires_grad
+
+    def get(self, project) -> torch.Tensor:
+        """The step's K/V [r, 1, 2*H_r*dh], projected (by `project()`) on first use."""
+        if self.kv is None:
+            self.kv = project()
+            self.leaf = self.kv.detach().float().requires_grad_(True)
+        return self.leaf.to(self.kv.dtype)
+
+    def backward(self) -> None:
+        """Sends the accumulated `leaf.grad` through the projection once (to the latents,
+        `norm_context` and `to_kv`; `to_kv` all-reduces its input gradient over TP here), then
+        forgets the step. Nothing to do if K/V were not computed, got no gradient, or come from
+        frozen parameters."""
+        kv, leaf = self.kv, self.leaf
+        self.kv = self.leaf = None
+        if kv is not None and kv.requires_grad and leaf.grad is not None:
+            torch.autograd.backward(kv, leaf.grad.to(kv.dtype))
+
+
+@contextlib.contextmanager
+def latent_kv_once_per_step(model_chunks: Sequence[nn.Module]) -> Iterator[None]:
+    """Within this context the latent-attention heads in `model_chunks` (possibly wrapped in
+    megatron-core DDP / Float16Module) project their latent K/V once, not once per forward call.
+
+    Grad-enabled forward calls share one projection through a detached leaf; the leaf's
+    accumulated gradient goes back through the projection when the schedule calls
+    `config.finalize_model_grads_func` (wrapped here so this happens before the data-parallel
+    gradient reduction), or at the end of the context if no such function is set. Parameters
+    get the same gradients as without the context. No-grad calls (GradCache's first pass,
+    evaluation) project per call as usual. Meant to enclose one step's grad-enabled schedule.
+    """
+    from megatron.core.utils import get_model_config
+
+    heads = [
+        m
+        for chunk in model_chunks
+        for m in chunk.modules()
+        if isinstance(m, AttentionPooling) and m.kind == "latent"
+    ]
+    if not heads:
+        yield
+        return
+    states = [_StepKV() for _ in heads]
+
+    def flush() -> None:
+        for state in states:
+            state.backward()
+
+    configs = {id(c): c for c in (get_model_config(chunk) for chunk in model_chunks)}
+    wrapped = {}
+    for key, config in configs.items():
+        original = config.finalize_model_grads_func
+        if original is None:
+            continue
+
+        def finalize(*args, _original=original, **kwargs):
+            flush()
+            return _original(*args, **kwargs)
+
+        wrapped[key] = original
+        config.finalize_model_grads_func = finalize
+    for head, state in zip(heads, states):
+        head._step_kv = state
+    try:
+        yield
+        flush()  # no-op when the finalize function already ran
+    finally:
+        for head in heads:
+            head._step_kv = None
+        for key, original in wrapped.items():
+            configs[key].finalize_model_grads_func = original
 
 
 def build_pooling(

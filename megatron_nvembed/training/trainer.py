@@ -374,7 +374,10 @@ class _Step:
             _, mb = next(it)
             return self._forward(model, mb), partial(loss_func, mb)
 
-        outs = self._run(step_fn, micro_batches, forward_only=False)
+        from megatron_nvembed.model.pooling import latent_kv_once_per_step
+
+        with latent_kv_once_per_step([self.ddp]):
+            outs = self._run(step_fn, micro_batches, forward_only=False)
         if not self.last_stage:
             return None
         return torch.stack([o["loss"] for o in outs]).mean()
@@ -410,7 +413,10 @@ class _Step:
             out = self._forward(model, mb)
             return out, lambda o: (surrogate_loss([o], [grads[i]], scale=m), {})
 
-        self._run(replay_fn, micro_batches, forward_only=False)
+        from megatron_nvembed.model.pooling import latent_kv_once_per_step
+
+        with latent_kv_once_per_step([self.ddp]):
+            self._run(replay_fn, micro_batches, forward_only=False)
         rng.finish()
         return loss
 
