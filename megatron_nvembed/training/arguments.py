@@ -75,6 +75,13 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--num-negatives", "num_negatives", int, "hard negatives per query"),
     ("--seq-length", "seq_length", int, "token limit per text"),
     (
+        "--length-bucket-size",
+        "length_bucket_size",
+        int,
+        "rows per forward call when a micro-batch's texts are run in length-sorted buckets, each "
+        "padded to its own longest text (0: queries in one call, candidates in another)",
+    ),
+    (
         "--max-nonfinite-steps",
         "max_nonfinite_steps",
         int,
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="pack several texts per row (at most --seq-length tokens), each attending only to "
-        "itself, so the backbone skips padding (sdpa / local attention backends)",
+        "itself, so the backbone skips padding (THD layout on te / sdpa, a block mask on local)",
     )
     parser.add_argument("--skip-bad-records", action="store_true", default=None)
     return parser

@@ -43,7 +43,10 @@ class TrainingConfig:
     """`--seq-length`: token limit per text (right padding)."""
     pack_sequences: bool = False
     """`--pack-sequences`: pack each micro-batch's queries and candidates into rows of at most
-    `seq_length` tokens (`data/packing.py`; sdpa / local attention backends)."""
+    `seq_length` tokens (`data/packing.py`; THD on te / sdpa, a block mask on local)."""
+    length_bucket_size: int = 0
+    """`--length-bucket-size`: run each micro-batch's queries and candidates sorted by length,
+    this many texts per forward call, each call padded to its own longest text (0: off)."""
     skip_bad_records: bool = False
 
     # batch and schedule
@@ -119,6 +122,15 @@ class TrainingConfig:
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        if not isinstance(self.length_bucket_size, int) or self.length_bucket_size < 0:
+            raise ValueError(
+                f"--length-bucket-size must be >= 0 (0: off), got {self.length_bucket_size!r}"
+            )
+        if self.length_bucket_size and self.pack_sequences:
+            raise ValueError(
+                "--length-bucket-size and --pack-sequences are two answers to padding; pick one "
+                "(packing removes more of it)"
+            )
         if self.num_negatives < 0:
             raise ValueError(f"--num-negatives must be >= 0, got {self.num_negatives}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -297,6 +297,36 @@ def _stacked(mb: EmbeddingBatch) -> dict[str, torch.Tensor]:
     return out
 
 
+def embed_in_buckets(
+    model, part: dict[str, torch.Tensor], bucket_size: int, multiple: int = 8
+) -> tuple[torch.Tensor, int]:
+    """Embeds a right-padded batch in one forward call or, with `bucket_size` > 0, in calls of
+    `bucket_size` length-sorted rows, each cut to its own longest row (rounded up to `multiple`).
+
+    Args:
+        model: called as `model(**bucket)`, returns one row per text.
+        part: `input_ids`, `attention_mask`, `pool_mask`, each [n, s], right-padded.
+        bucket_size: rows per call (0: one call).
+
+    Returns:
+        (embeddings [n, ...] in the batch's order, token positions computed).
+    """
+    n, width = part["input_ids"].shape
+    if not bucket_size or n <= bucket_size:
+        return model(**part), n * width
+    lengths = part["attention_mask"].sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    outs, positions = [], 0
+    for start in range(0, n, bucket_size):
+        rows = order[start : start + bucket_size]
+        longest = max(int(lengths[rows].max()), 1)
+        cut = min(-(-longest // multiple) * multiple, width)
+        bucket = {k: v[rows, :cut] for k, v in part.items()}
+        positions += bucket["input_ids"].numel()
+        outs.append(model(**bucket))
+    return torch.cat(outs)[torch.argsort(order)], positions
+
+
 class _Step:
     """Runs one global batch through the schedules (see the module docstring)."""
 
@@ -311,6 +341,11 @@ class _Step:
         """Token positions the decoder computed in the training passes since the last reset
         (padding included, the GradCache's no-grad pass and evaluation excluded)."""
         self.pp = pg.pp.size()
+        if cfg.length_bucket_size and self.pp > 1:
+            raise ValueError(
+                "--length-bucket-size needs --pipeline-model-parallel-size 1 (a pipeline moves "
+                "each micro-batch as one tensor); use --pack-sequences with pipelines"
+            )
         self.last_stage = pg.pp.rank() == self.pp - 1
         self.schedule = get_forward_backward_func()
 
@@ -329,13 +364,15 @@ class _Step:
             out = model(**packed.model_inputs())
             return out[packed.restore] if self.last_stage else out
         if self.pp == 1:
-            self._count(mb.query["input_ids"].numel() + mb.candidates["input_ids"].numel())
-            q = model(**mb.query)
-            c = model(**mb.candidates)
-            return torch.cat([q, c])
+            return torch.cat([self._embed(model, mb.query), self._embed(model, mb.candidates)])
         stacked = _stacked(mb)
         self._count(stacked["input_ids"].numel())
         return model(**stacked)
+
+    def _embed(self, model, part: dict[str, torch.Tensor]) -> torch.Tensor:
+        out, positions = embed_in_buckets(model, part, self.cfg.length_bucket_size)
+        self._count(positions)
+        return out
 
     def _count(self, positions: int) -> None:
         if torch.is_grad_enabled():
