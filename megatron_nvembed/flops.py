@@ -119,21 +119,27 @@ def dense_call(rows: int, width: int) -> Call:
     return Call(rows * width, rows * width * width, rows * width, rows * width * width)
 
 
-def packed_call(lengths: Sequence[int], rows: int, width: int, thd: bool) -> Call:
-    """Texts packed into [rows, width] rows and unpacked (one right-padded row per text) for the
-    head, as `NVEmbedModel` runs them.
+def packed_call(
+    lengths: Sequence[int], rows: int, width: int, thd: bool, pool: str = "latent"
+) -> Call:
+    """Texts packed into [rows, width] rows, as `NVEmbedModel` runs them.
 
     Args:
         lengths: the real length of every text in the call.
         rows, width: the packed batch.
         thd: the THD layout (te / sdpa backends): the decoder runs the real tokens only and
-            attention each text's own square; else (local backend) the whole padded rows and
-            their full squares under a block-diagonal mask.
+            attention each text's own square, and the token-wise heads (latent, mean, eos) pool
+            the real tokens as they are; else (local backend) the whole padded rows and their
+            full squares under a block-diagonal mask.
+        pool: the pooling head. The self-attention head (and every head on the `local` layout)
+            runs on the texts unpacked one per row, right-padded to the longest.
     """
     lengths = list(lengths)
     longest = max(lengths, default=0)
     head, head_pairs = len(lengths) * longest, len(lengths) * longest * longest
     if thd:
+        if pool != "self-attention":
+            head = sum(lengths)
         return Call(sum(lengths), sum(n * n for n in lengths), head, head_pairs)
     return Call(rows * width, rows * width * width, head, head_pairs)
 

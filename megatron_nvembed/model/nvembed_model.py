@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -207,6 +207,13 @@ class NVEmbedModel(MegatronModule):
         if pool_mask is None:
             pool_mask = attention_mask
         if segment_ids is not None:
+            if self.backend in THD_BACKENDS and getattr(self.pooling, "token_wise", False):
+                # Latent / mean / EOS pooling work token by token until the per-text mean:
+                # they pool the THD tokens as they are, so the head computes no padding either.
+                layout = packed_layout(segment_ids)
+                ends = layout.cu_seqlens[1:].long() - 1
+                pool = pool_mask[layout.rows, layout.cols]
+                return self.pooling.forward_packed(hidden, layout.text, ends, pool)
             hidden, attention_mask, pool_mask = unpack_hidden(hidden, segment_ids, pool_mask)
         return self.pooling(hidden, attention_mask, pool_mask)
 

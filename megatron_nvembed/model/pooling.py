@@ -46,6 +46,27 @@ def masked_mean(hidden_bsh: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tens
     return total / count
 
 
+def segment_mean(
+    tokens: torch.Tensor, text: torch.Tensor, n: int, pool: torch.Tensor
+) -> torch.Tensor:
+    """`masked_mean` for packed tokens: the mean of each text's pooled tokens.
+
+    Args:
+        tokens: [t, h] token states (THD: the texts' real tokens, one after another).
+        text: [t] int64, the text each token belongs to (0..n-1).
+        n: number of texts.
+        pool: [t], 1 for pooled tokens.
+
+    Returns:
+        [n, h] in the tokens' dtype (summed in fp32). A text with an empty pool mask gives zeros.
+    """
+    w = pool.float().unsqueeze(-1)  # [t, 1]
+    total = tokens.new_zeros(n, tokens.shape[-1], dtype=torch.float32)
+    total = total.index_add(0, text, tokens.float() * w)
+    count = w.new_zeros(n, 1).index_add(0, text, w).clamp(min=1.0)
+    return (total / count).to(tokens.dtype)
+
+
 def _finish(emb: torch.Tensor, normalize: bool) -> torch.Tensor:
     # Normalise in fp32: bf16 norms of 4096-wide vectors lose several digits.
     if normalize:
@@ -56,6 +77,9 @@ def _finish(emb: torch.Tensor, normalize: bool) -> torch.Tensor:
 class MeanPooling(nn.Module):
     """Masked mean of the final token states."""
 
+    token_wise = True
+    """Pools packed (THD) tokens directly: see `forward_packed`."""
+
     def __init__(self, cfg: PoolingConfig):
         super().__init__()
         self.normalize = cfg.normalize
@@ -63,9 +87,16 @@ class MeanPooling(nn.Module):
     def forward(self, hidden_sbh, attention_mask, pool_mask):  # noqa: ARG002 - same signature
         return _finish(masked_mean(hidden_sbh.transpose(0, 1), pool_mask), self.normalize)
 
+    def forward_packed(self, hidden_t1h, text, ends, pool):  # noqa: ARG002 - same signature
+        """Packed texts in the THD layout: hidden_t1h [t, 1, h]; text [t] (text of each token);
+        ends [n] (index of each text's last token); pool [t]. Returns [n, h]."""
+        return _finish(segment_mean(hidden_t1h[:, 0], text, ends.numel(), pool), self.normalize)
+
 
 class EOSPooling(nn.Module):
     """State of the last real token (the EOS with right padding)."""
+
+    token_wise = True
 
     def __init__(self, cfg: PoolingConfig):
         super().__init__()
@@ -75,6 +106,10 @@ class EOSPooling(nn.Module):
         last = attention_mask.long().sum(dim=1) - 1  # [b]
         batch = torch.arange(hidden_sbh.shape[1], device=hidden_sbh.device)
         return _finish(hidden_sbh[last.clamp(min=0), batch], self.normalize)  # [b, h]
+
+    def forward_packed(self, hidden_t1h, text, ends, pool):  # noqa: ARG002 - same signature
+        """See `MeanPooling.forward_packed`: each text's last token."""
+        return _finish(hidden_t1h[ends, 0], self.normalize)
 
 
 class AttentionPooling(MegatronModule):
@@ -194,10 +229,18 @@ class AttentionPooling(MegatronModule):
         k, v = kv.chunk(2, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 
-    def forward(
-        self, hidden_sbh: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor
+    @property
+    def token_wise(self) -> bool:
+        """The latent head maps every token on its own until the mean (its keys are the
+        latents), so it pools packed (THD) tokens directly; self-attention mixes a text's tokens
+        and needs them unpacked."""
+        return self.kind == "latent"
+
+    def _token_states(
+        self, hidden_sbh: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Args: hidden_sbh [s, b, d]; attention_mask, pool_mask [b, s]. Returns [b, d]."""
+        """Attention + GEGLU block with both residuals: [s, b, d] -> [s, b, d] (before the
+        mean). `attention_mask` [b, s] is used by kind="self" only."""
         s, b, d = hidden_sbh.shape
         q, _ = self.to_q(self.norm(hidden_sbh))  # [s, b, H_r*dh]
         q = self._split_heads(q)  # [b, H_r, s, dh]
@@ -216,8 +259,26 @@ class AttentionPooling(MegatronModule):
         ff, _ = self.ff_in(self.ff_norm(x1))  # [s, b, 2*ff_r]
         a, g = ff.chunk(2, dim=-1)
         ff_out, _ = self.ff_out(a * F.gelu(g))  # exact (erf) GELU
-        x2 = x1 + ff_out  # [s, b, d]
+        return x1 + ff_out  # [s, b, d]
+
+    def forward(
+        self, hidden_sbh: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Args: hidden_sbh [s, b, d]; attention_mask, pool_mask [b, s]. Returns [b, d]."""
+        x2 = self._token_states(hidden_sbh, attention_mask)
         return _finish(masked_mean(x2.transpose(0, 1), pool_mask), self.normalize)
+
+    def forward_packed(
+        self, hidden_t1h: torch.Tensor, text: torch.Tensor, ends: torch.Tensor, pool: torch.Tensor
+    ) -> torch.Tensor:
+        """Latent pooling of packed texts in the THD layout, padding never computed.
+
+        Args: hidden_t1h [t, 1, d]; text [t] (text of each token); ends [n] (each text's last
+        token); pool [t]. Returns [n, d]."""
+        if not self.token_wise:
+            raise ValueError("self-attention pooling needs the texts unpacked (unpack_hidden)")
+        x2 = self._token_states(hidden_t1h, None)  # [t, 1, d]
+        return _finish(segment_mean(x2[:, 0], text, ends.numel(), pool), self.normalize)
 
 
 class _StepKV:

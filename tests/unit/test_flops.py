@@ -85,9 +85,12 @@ def test_packed_calls_count_what_each_layout_runs():
     # Block mask (local backend): the whole padded row and its full square.
     block = flops.packed_call([3, 5], rows=1, width=8, thd=False)
     assert flops.call_decoder_flops(SHAPE, block) == flops.decoder_flops(SHAPE, 1, 8)
-    # Both unpack to one row per text, padded to the longest, for the head.
-    assert thd.head_tokens == block.head_tokens == 2 * 5
-    assert flops.call_head_flops(SHAPE, thd) == flops.head_flops(SHAPE, 2, 5)
+    # The latent head pools THD tokens as they are; on the block-mask layout, and for the
+    # self-attention head, the texts are unpacked one per row, padded to the longest.
+    assert thd.head_tokens == 8 and block.head_tokens == 2 * 5
+    assert flops.call_head_flops(SHAPE, block) == flops.head_flops(SHAPE, 2, 5)
+    self_attn = flops.packed_call([3, 5], rows=1, width=8, thd=True, pool="self-attention")
+    assert (self_attn.head_tokens, self_attn.head_pairs) == (2 * 5, 2 * 25)
 
 
 def test_full_fine_tuning_adds_weight_gradients():

@@ -158,3 +158,43 @@ def test_sdpa_runs_thd_without_padding(pg, backend, thd):
     else:
         assert shapes == [(width, rows, model.config.hidden_size)]
         assert not calls  # megatron-core's own attention
+
+
+@pytest.mark.parametrize(
+    "backend,pooling,unpacks",
+    [
+        ("sdpa", "latent", False),
+        ("sdpa", "mean", False),
+        ("sdpa", "eos", False),
+        ("sdpa", "self-attention", True),
+        ("local", "latent", True),
+    ],
+)
+def test_token_wise_heads_pool_thd_tokens_without_unpacking(pg, backend, pooling, unpacks):
+    """On THD (sdpa) the latent / mean / EOS heads run on the t real tokens ([t, 1, h]: no
+    padding computed in the head either); self-attention pooling and the local backend's padded
+    rows go through `unpack_hidden` (one right-padded row per text). The embeddings equal the
+    unpacked model's either way (test_packed_embeddings_equal_unpacked)."""
+    import megatron_nvembed.model.nvembed_model as nvembed_model
+
+    model = _model(pg, pooling=pooling, backend=backend)
+    packed = pack_batch(_batch(), 24)
+    real = int(packed.attention_mask.sum())
+    seen = []
+    original = nvembed_model.unpack_hidden
+    nvembed_model.unpack_hidden = lambda *a: seen.append(1) or original(*a)
+    head_inputs = []
+    if pooling == "latent":
+        model.pooling.to_q.register_forward_hook(
+            lambda m, a, out: head_inputs.append(tuple(a[0].shape[:2]))
+        )
+    try:
+        with torch.no_grad():
+            out = model(**packed.model_inputs())
+    finally:
+        nvembed_model.unpack_hidden = original
+    assert out.shape[0] == len(LENGTHS)
+    assert bool(seen) == unpacks
+    if pooling == "latent":
+        want = (max(LENGTHS), len(LENGTHS)) if unpacks else (real, 1)
+        assert head_inputs == [want]
