@@ -88,8 +88,8 @@ LAYOUT_DOC = {
     "the passages (the padded layout of a fixed-length collator)",
     "packed": "queries and passages packed separately (pack_batch, pack_length = --max-length) "
     "into one call each; the sdpa backend runs the packed rows in megatron-core's THD layout "
-    "(real tokens only, per-text attention), so the decoder computes no padding; the head "
-    "pools each call's texts right-padded to that call's longest text",
+    "(real tokens only, per-text attention) and the latent head pools those tokens as they "
+    "are, so neither computes padding",
 }
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BOS, EOS = 1, 2
