@@ -25,6 +25,7 @@ EXTRAS = {
 # Only what the current suite imports; extend it as tests of the other extras land.
 EXTRAS["test"] = [
     "pytest>=8",
+    "pytest-xdist>=3.5",  # the suite runs as 2 workers, one test module per worker at a time
     "sentence-transformers>=5.0",
     "pyarrow>=14",
     "datasets>=2.19",

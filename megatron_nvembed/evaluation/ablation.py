@@ -33,7 +33,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -373,12 +372,6 @@ def finish_cell(out: str | os.PathLike, cell: str) -> dict:
 # ------------------------------------------------------------------------------- local runner
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_logged(argv: list[str], log: Path, env: dict[str, str]) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     print("$ " + shlex.join(argv), flush=True)
@@ -429,6 +422,8 @@ def _eval_in_process(argv: list[str], log: Path) -> None:
 
 
 def _run_step(step: Step, log: Path, nproc: int, in_process_eval: bool) -> float:
+    from megatron_nvembed.launch import free_port  # imports torch: only when a step runs
+
     start = time.perf_counter()
     if step.kind == "derive":
         print("$ " + shlex.join(step.argv), flush=True)
@@ -437,12 +432,12 @@ def _run_step(step: Step, log: Path, nproc: int, in_process_eval: bool) -> float
         _eval_in_process(step.argv, log)
     elif step.kind == "eval" and nproc > 1:
         run = [_py(), "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        run += ["--master_port", str(_free_port()), *step.argv[1:]]
+        run += ["--master_port", str(free_port()), *step.argv[1:]]
         _run_logged(run, log, {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     elif step.kind == "train":
         env = {
             "NPROC_PER_NODE": str(nproc),
-            "MASTER_PORT": str(_free_port()),
+            "MASTER_PORT": str(free_port()),
             "TORCHRUN": f"{_py()} -m torch.distributed.run",
         }
         _run_logged(step.argv, log, env)
