@@ -14,6 +14,7 @@ warm-up; reported numbers are medians over the timed steps. What is counted: doc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -657,14 +658,30 @@ class Runner:
         self.module.train()
         return out
 
+    @property
+    def latent_kv_calls(self) -> int | None:
+        """Latent K/V projections per step for the FLOP count: ours projects once per step (as
+        the trainer does), the baseline once per forward call (None)."""
+        return 1 if self.impl == "ours" else None
+
     def step(self, p: Prepared):
         self.opt.zero_grad(set_to_none=True)
-        q = self.embed(p.query_calls, p.query_inverse)
-        c = self.embed(p.passage_calls, p.passage_inverse).view(self.b, self.n, -1)
-        loss = self.loss_fn(q, c, p.candidate_ids)
-        loss.backward()
+        with self.step_context():
+            q = self.embed(p.query_calls, p.query_inverse)
+            c = self.embed(p.passage_calls, p.passage_inverse).view(self.b, self.n, -1)
+            loss = self.loss_fn(q, c, p.candidate_ids)
+            loss.backward()
         self.opt.step()
         return loss.detach()
+
+    def step_context(self):
+        """Ours: `latent_kv_once_per_step`, as the trainer wraps each step (the step's forward
+        calls share one latent K/V projection, its gradient sent back once after backward)."""
+        if self.impl != "ours":
+            return contextlib.nullcontext()
+        from megatron_nvembed.model.pooling import latent_kv_once_per_step
+
+        return latent_kv_once_per_step([self.module])
 
     def sync(self) -> None:
         if self.cuda:
@@ -724,9 +741,12 @@ def run_worker(plan: Plan, impl: str, out_path: str) -> None:
                         padded_tokens=p.padded_tokens,
                         sequences=p.sequences,
                         forward_calls=len(p.calls),
+                        latent_kv_projections=r.latent_kv_calls or len(p.calls),
                         row_padding_fraction=p.row_padding_fraction,
                         model_flops=model_step_flops(shape, p.lengths, r.b, r.n).total,
-                        executed_flops=train_step_flops(shape, p.calls, r.b, r.n).total,
+                        executed_flops=train_step_flops(
+                            shape, p.calls, r.b, r.n, latent_kv_calls=r.latent_kv_calls
+                        ).total,
                     )
                 )
     if plan.profile_dir:
@@ -802,6 +822,8 @@ def summarize(impl: str, rounds: list[dict], memory_method: str) -> dict:
         # packed only: padding share of the [rows, L] packed rows (not computed by THD)
         packed_row_padding_fraction=statistics.mean(rows) if rows else None,
         forward_calls_per_step=statistics.median(s["forward_calls"] for s in steps),
+        # ours: once per step (latent_kv_once_per_step); baseline: once per forward call
+        latent_kv_projections_per_step=statistics.median(s["latent_kv_projections"] for s in steps),
         model_flops_per_step=statistics.mean(s["model_flops"] for s in steps),
         executed_flops_per_step=statistics.mean(s["executed_flops"] for s in steps),
         peak_memory_bytes=None
@@ -831,7 +853,7 @@ def flop_check(plan: Plan, runner: Runner) -> dict:
     gate / up adapters run a few more products than the fused ones counted analytically; both
     parts are reported so the numbers can be reconciled exactly. With --layout packed the
     analytic count is `packed_call(..., thd=True)` per call (decoder: the real tokens and each
-    text's own square; head: each text padded to its call's longest); on CPU the THD path's
+    text's own square; head: the real tokens); on CPU the THD path's
     per-text SDPA calls run the same uncounted fused kernel, so the expected torch count is again
     the analytic count minus its SDPA attention (measured difference on `tiny`: 0).
     """
@@ -843,7 +865,9 @@ def flop_check(plan: Plan, runner: Runner) -> dict:
         runner.step(p)
         runner.sync()
     by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
-    executed = train_step_flops(shape, p.calls, runner.b, runner.n).total
+    executed = train_step_flops(
+        shape, p.calls, runner.b, runner.n, latent_kv_calls=runner.latent_kv_calls
+    ).total
     decoder_attention = attention_flops(shape, p.calls, head=False).total
     head_attention = attention_flops(shape, p.calls, decoder=False).total
     split = split_adapter_flops(shape, p.calls).total if runner.impl == "baseline" else 0

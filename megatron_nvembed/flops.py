@@ -56,7 +56,6 @@ class FlopShape:
     """Full fine-tuning: the decoder's weights get gradients (and layer 0 its input gradient)."""
     pool: str = "latent"
     """The pooling head: latent, self-attention, or mean / eos (no matrix products)."""
-    """Full fine-tuning: the decoder's weights get gradients (and layer 0 its input gradient)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,7 +4,8 @@
 Proves: the pad512 and packed layouts embed the same batch to within 1e-5 (queries and passages,
 original order restored); the packed layout's executed (decoder) token count is the real token
 count and its FLOP calls are THD `packed_call`s; pad512's is rows x cap per call, one call per
-kind; buckets keeps today's dense (rows, width) calls.
+kind; buckets keeps today's dense (rows, width) calls; ours' step projects the latent K/V once
+(torch's FLOP counter agrees with the analytic count to the FLOP).
 
 Run alone: pytest tests/unit/test_bench_layouts.py
 """
@@ -119,3 +120,21 @@ def test_packed_and_pad512_embeddings_agree(bench, plan):
     for other in ("packed", "buckets"):
         for a, b in zip(out["pad512"], out[other]):
             assert (a - b).abs().max().item() <= TOL, other
+
+
+def test_ours_step_projects_the_latent_kv_once(bench, plan):
+    """Ours' timed step runs under `latent_kv_once_per_step` (as the trainer does): torch's FLOP
+    counter sees exactly the analytic count with one latent K/V projection for the whole step,
+    although the step has several forward calls (the count with one projection per call would
+    be off by (calls - 1) projections)."""
+    bplan = replace(plan, layout="buckets")
+    runner = bench.Runner(bplan, "ours", torch.device("cpu"), torch.float32)
+    calls = runner.batches[bplan.warmup].calls
+    assert len(calls) > 1
+    check = bench.flop_check(bplan, runner)
+    assert check["difference"] == 0, check
+    shape = bench.flop_shape(bplan)
+    b, n = plan.batch_size, 1 + plan.negatives
+    per_call = train_step_flops(shape, calls, b, n).total
+    once = train_step_flops(shape, calls, b, n, latent_kv_calls=1).total
+    assert check["analytic_executed"] == once < per_call
