@@ -35,6 +35,7 @@ from megatron_nvembed.flops import (  # noqa: E402
     FlopShape,
     attention_flops,
     model_step_flops,
+    flop_shape as config_flop_shape,
     packed_call,
     split_adapter_flops,
     train_step_flops,
@@ -332,20 +333,8 @@ def embedding_config(plan: Plan):
 
 
 def flop_shape(plan: Plan) -> FlopShape:
-    m, p = plan.model, plan.pooling
-    return FlopShape(
-        hidden=m["hidden_size"],
-        ffn=m["ffn_hidden_size"],
-        layers=m["num_layers"],
-        heads=m["num_attention_heads"],
-        groups=m["num_query_groups"],
-        head_dim=m.get("kv_channels") or m["hidden_size"] // m["num_attention_heads"],
-        lora_rank=plan.lora_rank,
-        pool_latents=p["num_latents"],
-        pool_heads=p["num_heads"],
-        pool_head_dim=p["head_dim"] or m["hidden_size"],
-        pool_ff_mult=p["ff_mult"],
-    )
+    """The FLOP count's sizes of the plan's model (LoRA on the frozen decoder)."""
+    return config_flop_shape(embedding_config(plan), plan.lora_rank)
 
 
 # ----------------------------------------------------------------------------- data
