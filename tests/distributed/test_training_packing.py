@@ -90,9 +90,9 @@ def test_pack_sequences_trains_like_padding(runs):
 def test_length_buckets_train_like_one_call_and_compute_less_padding(runs):
     """`--length-bucket-size 3` (each micro-batch's 10 candidates in 4 length-sorted calls, each
     padded to its own longest text) at DP=2: the same losses as one call per kind (rel 1e-5),
-    the same real tokens and model FLOPs (rel 1e-9), no more positions computed (the synthetic
-    texts are of near-equal length; tests/unit/test_length_buckets.py checks the saving on
-    mixed lengths)."""
+    the same real tokens and model FLOPs (rel 1e-9), no more positions computed (rel 1e-9; the
+    synthetic texts are of near-equal length; tests/unit/test_length_buckets.py checks the
+    saving on mixed lengths)."""
     out = json.loads((runs / "packing.json").read_text())
     for it in ("1", "2", "3"):
         want = out["dp2_direct_padded"][it]
@@ -108,7 +108,9 @@ def test_length_buckets_train_like_one_call_and_compute_less_padding(runs):
     for a, b in zip(bucketed, padded):
         for key in ("tokens_per_s", "tflops"):  # the same real tokens and model FLOPs
             assert per_iteration(a, key) == pytest.approx(per_iteration(b, key), rel=1e-9)
-        assert per_iteration(a, "padded_tokens_per_s") <= per_iteration(b, "padded_tokens_per_s")
+        # counts recovered as rate x time: equal counts may differ in the last float bit
+        computed, padded_computed = (per_iteration(r, "padded_tokens_per_s") for r in (a, b))
+        assert computed <= padded_computed * (1 + 1e-9)
 
 
 def test_pack_sequences_logs_executed_tokens_and_the_same_model_flops(runs):
