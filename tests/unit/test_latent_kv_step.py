@@ -1,4 +1,4 @@
-"""`latent_kv_once_per_step` (one process, TP=PP=1, fp32, CPU).
+"""`latent_kv_once_per_step` (one process, TP=PP=1, fp32 unless said, CPU).
 
 Proves:
 - inside the context, three grad-enabled forward+backward calls project the latents through
@@ -7,7 +7,9 @@ Proves:
   reduction), and the original function is restored afterwards;
 - through megatron-core's DDP wrapper and forward-backward schedule (gloo, one rank), the main
   gradients after `finalize_model_grads` equal those without the context;
-- under `torch.no_grad` the head projects per call and the output is unchanged.
+- under `torch.no_grad` the head projects per call and the output is unchanged;
+- with bf16 parameters the step's K/V gradient accumulates in an fp32 leaf and the head's
+  gradients match the per-call ones within bf16 rounding.
 
 Run alone: pytest tests/unit/test_latent_kv_step.py
 """
@@ -174,3 +176,29 @@ def test_through_megatron_ddp_and_schedule(model):
         model.config.no_sync_func = None
     assert want["pooling.latents"].abs().max() > 0
     _assert_close(got, want)
+
+
+def test_bf16_parameters_accumulate_the_kv_gradient_in_fp32(pg):
+    """bf16 parameters (the GPU recipe's dtype, here on CPU): the step's K/V leaf is fp32 while
+    the forward sees bf16 K/V; the head's gradients equal the per-call ones within bf16 rounding
+    (3e-2 of each tensor's largest entry: 3 micro-batches, 8-bit mantissa)."""
+    from megatron_nvembed.model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(), pg, params_dtype=torch.bfloat16).eval()
+    assert model.pooling.latents.dtype == torch.bfloat16
+    want = _grads(model, use_context=False)
+    model.zero_grad(set_to_none=True)
+    with latent_kv_once_per_step([model]):
+        for i, mb in enumerate(MICRO_BATCHES):
+            out = model(**mb)
+            assert out.dtype == torch.bfloat16
+            assert model.pooling._step_kv.leaf.dtype == torch.float32
+            _loss(out.float(), i).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for name in (n for n in want if n.startswith("pooling.")):
+        ref = want[name].float()
+        err = (got[name].float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)
+        assert err <= 3e-2, f"{name}: relative error {err:.2e}"
+    assert want["pooling.latents"].abs().max() > 0
