@@ -7,6 +7,9 @@
         [--chunk-size 1024] [--instruction TEXT | --no-instruction]
 
 MODEL: a sentence-transformers model (path or name) or an NV-Embed-format export of ours.
+Input: training records (JSONL or Parquet; "neg" may be empty). Queries get --instruction, else
+the record's "instruction", else its "task"'s template; so a record needs "task" or
+"instruction" unless --instruction or --no-instruction is given.
 Corpus lines: {"text": ...}. Output: the input records with "neg" filled. Rerunning with the same
 arguments resumes an interrupted run.
 """
@@ -34,8 +37,16 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per resumable chunk")
     p.add_argument("--batch-size", type=int, default=64)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--instruction", help="query instruction (default: each record's own / task's)")
-    g.add_argument("--no-instruction", action="store_true")
+    g.add_argument(
+        "--instruction",
+        help="one query instruction for all records (default: each record's own, else its "
+        "task's; records then need no task)",
+    )
+    g.add_argument(
+        "--no-instruction",
+        action="store_true",
+        help="encode queries without instruction (a teacher that takes none)",
+    )
     p.add_argument(
         "--skip-bad-records",
         action="store_true",

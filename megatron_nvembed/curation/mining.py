@@ -9,6 +9,10 @@ The corpus is embedded once, in shards saved next to the output (`OUT.cache/`), 
 shard by shard, so it never has to fit in memory; queries are processed in chunks appended to
 `OUT.partial` with a state file, so an interrupted run resumes where it stopped. Corpus lines
 may carry an "id"; when all do, each output record also gets "neg_ids".
+
+Only queries get an instruction: the `instruction` argument for all, else each record's own
+`instruction`, else its task's template; none with `use_instruction=False`. Input records need a
+`task` (or `instruction`) only when that instruction comes from the record.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_nvembed.data.records import ReadStats, iter_jsonl_lines, iter_records
+from megatron_nvembed.data.records import (
+    MissingInstructionError,
+    ReadStats,
+    iter_jsonl_lines,
+    iter_records,
+)
 from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.logging_utils import get_logger
 
@@ -135,6 +144,11 @@ def mine_hard_negatives(
 
     `stop_after_chunks` ends the run early (leaving the partial output and state) — how tests
     and users interrupt on purpose; a later call with the same arguments resumes.
+
+    Raises:
+        ValueError: naming file:line of a bad input record (e.g. one with neither "task" nor
+            "instruction" when `use_instruction` and no `instruction`: the message says what to
+            add) or a corpus line without "text"; a margin outside (0, 1].
     """
     import faiss
     from tqdm import tqdm
@@ -148,7 +162,21 @@ def mine_hard_negatives(
     )
     cache = out.with_suffix(out.suffix + ".cache")
     read = ReadStats()
-    records = list(iter_records(input_path, skip_bad_records=skip_bad_records, stats=read))
+    # records name their own instruction (task or "instruction") only when none is given for all
+    needs_instruction = use_instruction and not instruction
+    try:
+        records = list(
+            iter_records(
+                input_path,
+                skip_bad_records=skip_bad_records,
+                needs_instruction=needs_instruction,
+                stats=read,
+            )
+        )
+    except MissingInstructionError as err:
+        raise ValueError(
+            f"{err}; or give all queries one with --instruction TEXT, or none with --no-instruction"
+        ) from err
     corpus, corpus_ids = _load_corpus(corpus_path)
     fp = _fingerprint(
         input_path,

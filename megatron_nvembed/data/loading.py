@@ -1,5 +1,7 @@
 """Datasets from `--train-data`: local JSONL / Parquet files, folders of them, `datasets` folders
-saved with `save_to_disk`, or `datasets` names; weights as in Megatron's `--data-path`.
+saved with `save_to_disk` (a `Dataset`, or a `DatasetDict`: its `train` split, or another as
+`folder:split`), or `datasets` names (`owner/name`, `owner/name:split`); weights as in Megatron's
+`--data-path`.
 
 Every record is validated once when a dataset is opened (errors name the file and line), and
 only what the sampler needs is kept in memory: per record its number of positives and negatives
@@ -32,6 +34,24 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_KEYS = ("in_batch_negatives", "name")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
+_SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")  # what `datasets` accepts as a split name
+DATASET_DICT_FILE = "dataset_dict.json"  # what `DatasetDict.save_to_disk` writes beside its splits
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """Splits a `--train-data` item `path:split` (or `owner/name:split`) at its last ":".
+
+    Returns:
+        (path, split); (spec, None) when there is no ":", when `spec` exists as given (a path
+        wins, whatever it holds), or when the text after the last ":" is no split name (a
+        Windows drive `C:\\data\\a.jsonl`, a URL `s3://...`).
+    """
+    if ":" not in spec or os.path.exists(spec):
+        return spec, None
+    base, _, split = spec.rpartition(":")
+    if not base or not _SPLIT_NAME.match(split):
+        return spec, None
+    return base, split
 
 
 def parse_data_paths(args: list[str]) -> list[tuple[float, str]]:
@@ -284,6 +304,37 @@ def _datasets_source(ds, where: str, v: _Validator) -> _RowsSource:
     return _index_rows(lambda r: dict(ds[r]), batches(), len(ds), where, v)
 
 
+def _dataset_dict_split(path: Path, split: str | None):
+    """(`datasets.Dataset` of one split, the split's name) of a `DatasetDict.save_to_disk` folder:
+    `split`, or "train" when None.
+
+    Raises:
+        ValueError: naming `--train-data`, the folder and its splits, for an unknown split or, with
+            no split chosen, a folder without a "train" split.
+    """
+    index = path / DATASET_DICT_FILE
+    try:
+        splits = json.loads(index.read_text(encoding="utf-8"))["splits"]
+        if not isinstance(splits, list):
+            raise TypeError(f"'splits' is a {type(splits).__name__}")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a `datasets` DatasetDict index ({err})") from err
+    listed = ", ".join(map(str, splits))
+    if split is None:
+        if "train" not in splits:
+            raise ValueError(
+                f"--train-data: {path} is a `datasets` DatasetDict without a 'train' split; "
+                f"choose one as {path}:SPLIT (splits: {listed})"
+            )
+        split = "train"
+    elif split not in splits:
+        raise ValueError(f"--train-data: {path} has no split {split!r} (splits: {listed})")
+    import datasets  # lazily: only `save_to_disk` folders and names need it
+
+    # each split is its own `Dataset.save_to_disk` folder; the others stay unopened
+    return datasets.load_from_disk(str(path / split)), split
+
+
 def _read_sidecar(path: Path) -> dict:
     side = Path(str(path).rstrip("/\\") + SIDECAR_SUFFIX)
     if not side.exists():
@@ -309,19 +360,22 @@ def load_dataset_spec(
     *,
     skip_bad_records: bool = False,
     in_batch_negatives: bool | None = None,
-    split: str = "train",
+    split: str | None = None,
 ) -> RecordSource:
     """Opens one `--train-data` dataset and validates every record.
 
     Args:
         spec: a `.jsonl`/`.json`/`.parquet` file; a folder of such files (all of one kind, read in
-            name order); a folder saved by `datasets.Dataset.save_to_disk`; or, when no such path
-            exists and `spec` looks like `name` or `owner/name`, a `datasets` name for
-            `datasets.load_dataset(spec, split=split)` (needs the hub or its cache).
+            name order); a folder saved by `datasets.Dataset.save_to_disk`; a folder saved by
+            `datasets.DatasetDict.save_to_disk` (its "train" split, or `folder:split`); or, when
+            no such path exists and `spec` looks like `name` or `owner/name` (optionally
+            `:split`), a `datasets` name for `datasets.load_dataset(name, split=split)` (needs the
+            hub or its cache). A spec that exists as given is always a path (see `split_spec`).
         skip_bad_records: skip (and count in `.stats`) malformed records and records without a
             positive instead of raising.
         in_batch_negatives: overrides the sidecar's and the records' flag.
-        split: the split of a `datasets` name.
+        split: the split of a DatasetDict folder or a `datasets` name, as `spec:split` does
+            (default "train").
 
     Returns:
         A `RecordSource` (a Sequence of `Record`).
@@ -329,16 +383,33 @@ def load_dataset_spec(
     Raises:
         FileNotFoundError: naming `--train-data` and the spec when nothing can be found.
         ValueError: naming file:line (or row) of a bad record, a sidecar's bad key, records that
-            disagree on `in_batch_negatives`, or a dataset with no records.
+            disagree on `in_batch_negatives`, or a dataset with no records; naming the folder and
+            its splits for an unknown split or a DatasetDict without "train" and no split chosen;
+            a split given for a source that has none.
         ImportError: `datasets` / `pyarrow` missing for a source that needs them.
     """
     start = time.perf_counter()
-    path = Path(spec)
+    base, spec_split = split_spec(spec)
+    if spec_split is not None and split is not None and spec_split != split:
+        raise ValueError(f"--train-data: {spec} names split {spec_split!r} but {split!r} was asked")
+    split = spec_split or split
+    path = Path(base)
     meta = _read_sidecar(path) if path.exists() else {}
     name = meta.get("name", spec)
     stats = ReadStats()
     v = _Validator(name, skip_bad_records, stats)
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json")):
+    if path.is_dir() and (path / DATASET_DICT_FILE).is_file():
+        ds, split = _dataset_dict_split(path, split)
+        if "name" not in meta:
+            name = v.dataset = f"{base}:{split}"
+        source = _datasets_source(ds, f"{path}:{split}", v)
+    elif split is not None and path.exists():
+        raise ValueError(
+            f"--train-data: {spec}: {base} is no `datasets` DatasetDict folder (no "
+            f"{DATASET_DICT_FILE}), so it has no split {split!r}; a path holding ':' is read as "
+            "given only when it exists"
+        )
+    elif path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json")):
         import datasets  # lazily: only `save_to_disk` folders and names need it
 
         source = _datasets_source(datasets.load_from_disk(str(path)), str(path), v)
@@ -354,10 +425,11 @@ def load_dataset_spec(
         if len(kinds) > 1:
             raise ValueError(f"--train-data: {spec} mixes Parquet and JSONL files; split them")
         source = _parquet_source(files, v) if kinds.pop() else _index_jsonl(files, v)
-    elif path.suffix in RECORD_SUFFIXES or not _DATASET_NAME.match(spec):
+    elif path.suffix in RECORD_SUFFIXES or not _DATASET_NAME.match(base):
         # a file path, or nothing a `datasets` name could be: do not ask the hub
         raise FileNotFoundError(f"--train-data: {spec} does not exist")
     else:
+        split = split or "train"
         try:
             import datasets
         except ImportError as err:
@@ -366,13 +438,13 @@ def load_dataset_spec(
                 "it as a dataset name)"
             ) from err
         try:
-            ds = datasets.load_dataset(spec, split=split)
+            ds = datasets.load_dataset(base, split=split)
         except Exception as err:  # the hub client raises many kinds; keep the cause attached
             raise FileNotFoundError(
-                f"--train-data: {spec} is no local path and `datasets.load_dataset({spec!r}, "
+                f"--train-data: {spec} is no local path and `datasets.load_dataset({base!r}, "
                 f"split={split!r})` failed: {type(err).__name__}: {err}"
             ) from err
-        source = _datasets_source(ds, f"{spec}[{split}]", v)
+        source = _datasets_source(ds, f"{base}:{split}", v)
     if len(v.n_pos) == 0:
         raise ValueError(f"--train-data: {spec} holds no usable records ({stats.skipped} skipped)")
     source.name = name

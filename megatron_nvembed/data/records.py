@@ -20,13 +20,17 @@ class Record:
     query: str
     pos: list[str]
     neg: list[str]
-    task: str
+    task: str | None
+    """None when the record has none: allowed with an `instruction`, or without
+    `needs_instruction` (see `record_from_dict`)."""
     instruction: str | None = None
     extra: dict = field(default_factory=dict)
     """Other keys of the input line (e.g. "id", "in_batch_negatives"), preserved on write."""
 
     def to_json(self) -> dict:
-        out = {"query": self.query, "pos": self.pos, "neg": self.neg, "task": self.task}
+        out = {"query": self.query, "pos": self.pos, "neg": self.neg}
+        if self.task is not None:
+            out["task"] = self.task
         if self.instruction is not None:
             out["instruction"] = self.instruction
         out.update(self.extra)
@@ -43,25 +47,72 @@ class ReadStats:
     """The first few skipped lines' messages."""
 
 
-def record_from_dict(obj, where: str, require_positive: bool = True) -> Record:
-    """Validates one decoded record; errors name `where` (file:line) and the key."""
+class MissingInstructionError(ValueError):
+    """A record has neither `task` nor `instruction` where its query needs an instruction."""
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _string_list(value, key: str, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: key {key!r} must be a list of strings, got {_type_name(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(
+                f"{where}: key {key!r} must be a list of strings, item {i} is {_type_name(item)}"
+            )
+    return list(value)
+
+
+def record_from_dict(
+    obj, where: str, require_positive: bool = True, needs_instruction: bool = True
+) -> Record:
+    """Validates one decoded record.
+
+    Args:
+        obj: the decoded JSON line or table row.
+        where: names the record in errors: `file:line`, or `file: row N` for tables.
+        require_positive: a record without a positive is an error.
+        needs_instruction: the query will get an instruction, so the record needs `task` or its
+            own `instruction` (training always; mining unless the instruction is given or none is
+            used). Without it a record may lack both; `task` is then None.
+
+    Raises:
+        ValueError: `{where}: missing key 'query'` for an absent key, `{where}: key 'query' must
+            be a string, got int` for a wrong type (null counts as a type for `query`, as absent
+            for `neg`, `task` and `instruction`), and `{where}: record has no positive (...)`.
+        MissingInstructionError: (a ValueError) `needs_instruction` and neither `task` nor
+            `instruction` is present.
+    """
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-    for key in ("query", "task"):
-        if not isinstance(obj.get(key), str):
-            raise ValueError(f"{where}: key {key!r} must be a string")
+        raise ValueError(f"{where}: expected a JSON object, got {_type_name(obj)}")
+    if "query" not in obj:
+        raise ValueError(f"{where}: missing key 'query'")
+    for key in ("query", "task", "instruction"):
+        value = obj.get(key)
+        if (key == "query" or value is not None) and not isinstance(value, str):
+            raise ValueError(f"{where}: key {key!r} must be a string, got {_type_name(value)}")
+    task, instruction = obj.get("task"), obj.get("instruction")
+    if needs_instruction and task is None and not instruction:
+        what = "missing key 'task'" if "task" not in obj else "key 'task' is null"
+        raise MissingInstructionError(
+            f'{where}: {what}; the query needs an instruction: add "task" (a task name, see '
+            'docs/data.md) or "instruction" (a task definition) to the record'
+        )
+    if "pos" not in obj:
+        pos, absent = [], "missing key 'pos'"
+    elif obj["pos"] is None:
+        pos, absent = [], "'pos' is null"
+    else:
+        pos, absent = _string_list(obj["pos"], "pos", where), "'pos' is empty"
     # a null "neg" (Parquet / pandas write missing lists as null) means no hard negatives yet
-    pos, neg = obj.get("pos", []), obj.get("neg") or []
-    for key, value in (("pos", pos), ("neg", neg)):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{where}: key {key!r} must be a list of strings")
+    neg = [] if obj.get("neg") is None else _string_list(obj["neg"], "neg", where)
     if require_positive and not pos:
-        raise ValueError(f"{where}: record has no positive ('pos' is empty or missing)")
-    instruction = obj.get("instruction")
-    if instruction is not None and not isinstance(instruction, str):
-        raise ValueError(f"{where}: key 'instruction' must be a string")
+        raise ValueError(f"{where}: record has no positive ({absent})")
     extra = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
-    return Record(obj["query"], list(pos), list(neg), obj["task"], instruction, extra)
+    return Record(obj["query"], pos, neg, task, instruction, extra)
 
 
 def iter_jsonl_lines(
@@ -116,23 +167,28 @@ def iter_records(
     *,
     skip_bad_records: bool = False,
     require_positive: bool = True,
+    needs_instruction: bool = True,
     stats: ReadStats | None = None,
 ) -> Iterator[Record]:
     """Records of a JSONL (`.jsonl`, `.json`) or Parquet (`.parquet`) file.
 
+    Args:
+        require_positive, needs_instruction: as `record_from_dict`.
+
     Raises:
-        ValueError: naming the file and 1-based line (row for Parquet) of a malformed record or
-            one without a positive, unless `skip_bad_records` (then counted in `stats`).
+        ValueError: naming the file and 1-based line (`file: row N` for Parquet) of a malformed
+            record (see `record_from_dict`) or one without a positive, unless `skip_bad_records`
+            (then counted in `stats`).
     """
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
     if path.suffix == ".parquet":
-        rows = _iter_parquet(path)
+        rows = ((f"{path}: row {n}", obj) for n, obj in _iter_parquet(path))
     else:
-        rows = iter_jsonl_lines(path, skip_bad_records, stats)
-    for n, obj in rows:
+        rows = ((f"{path}:{n}", obj) for n, obj in iter_jsonl_lines(path, skip_bad_records, stats))
+    for where, obj in rows:
         try:
-            rec = record_from_dict(obj, f"{path}:{n}", require_positive)
+            rec = record_from_dict(obj, where, require_positive, needs_instruction)
         except ValueError as err:
             if not skip_bad_records:
                 raise

@@ -5,7 +5,10 @@ Proves: every kept negative scores below margin x the positive score when scored
 the teacher; among the retrieved candidates, exactly the positives and the candidates at or above
 the margin are dropped (tolerance 1e-4 on cosine scores, FAISS vs direct); the corpus in several
 shards gives the same output as one shard; an interrupted run resumes to the same output;
-a malformed corpus line names file:line; a megatron_nvembed checkpoint works as the teacher.
+a malformed corpus line names file:line; a megatron_nvembed checkpoint works as the teacher;
+input records without "task" are mined when no instruction comes from them (`--no-instruction`
+or `--instruction`: the latter matching records that carry that instruction themselves), and
+when one must, the error names file:line and says what to add, before any encoding.
 
 Run alone: pytest tests/functional/test_mining.py
 """
@@ -151,6 +154,29 @@ def test_bad_corpus_line_is_named(tmp_path, teacher):
     (tmp_path / "corpus.jsonl").write_text('{"text": "fine"}\n{"txt": "no text"}\n')
     with pytest.raises(ValueError, match=r"corpus.jsonl:2"):
         _mine(tmp_path, teacher, "x.jsonl")
+
+
+def test_records_without_task(tmp_path, teacher):
+    _write(tmp_path)
+    with_task = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    _mine(tmp_path, teacher, "own.jsonl", use_instruction=True)  # each record's "instruction"
+    _mine(tmp_path, teacher, "plain.jsonl")  # use_instruction=False
+    (tmp_path / "q.jsonl").write_text(
+        "".join(json.dumps({"query": r["query"], "pos": r["pos"]}) + "\n" for r in with_task)
+    )
+    _mine(tmp_path, teacher, "plain_no_task.jsonl")
+    _mine(tmp_path, teacher, "given.jsonl", use_instruction=True, instruction="x")
+    for name, ref in [("plain_no_task.jsonl", "plain.jsonl"), ("given.jsonl", "own.jsonl")]:
+        got = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        want = [json.loads(line) for line in (tmp_path / ref).read_text().splitlines()]
+        assert all("task" not in r and "instruction" not in r for r in got)
+        assert [r["neg"] for r in got] == [r["neg"] for r in want]
+    # the instruction would come from the record: say which line and what to add
+    with pytest.raises(ValueError, match=r"q.jsonl:1: missing key 'task'") as err:
+        _mine(tmp_path, teacher, "needs.jsonl", use_instruction=True)
+    for hint in ('add "task"', '"instruction"', "--instruction TEXT", "--no-instruction"):
+        assert hint in str(err.value)
+    assert not (tmp_path / "needs.jsonl.cache").exists()  # nothing was encoded
 
 
 def test_checkpoint_as_teacher(tmp_path):

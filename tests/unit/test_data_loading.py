@@ -4,8 +4,15 @@ precedence.
 
 - JSONL (single file and a folder, blank lines, re-read by byte offset, picklable), Parquet via
   pyarrow (null `neg` = no negatives), a `datasets` save_to_disk folder, and a `datasets` name
-  (the call and its split checked with a stand-in loader; an unreachable name fails offline with
-  an error naming `--train-data`);
+  (the call and its split, also as `name:split`, checked with a stand-in loader; an unreachable
+  name fails offline with an error naming `--train-data`);
+- a `DatasetDict.save_to_disk` folder (train + validation, written by `datasets` here): its train
+  rows by default, its validation rows as `folder:validation`, also weighted and through
+  `build_train_data`; an unknown split and a DatasetDict without "train" are errors naming the
+  folder and listing its splits; a split on a source without splits is an error; a path holding
+  ":" that exists as given is read as that path;
+- `datasets` rows with a missing column or a wrong type: errors naming the folder, row and key,
+  "missing key" apart from "must be a string, got int";
 - per-record counts (positives, negatives) match the records;
 - `skip_bad_records` skips and counts malformed lines and records without a positive;
 - in_batch_negatives: records' value, sidecar `<path>.meta.json`, argument override, and the
@@ -102,6 +109,88 @@ def test_parquet_and_datasets_folder(tmp_path):
     _same(load_dataset_spec(str(tmp_path / "hf")), ROWS)
 
 
+def _save_dataset_dict(path, **splits):
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+    dd.save_to_disk(str(path))
+    return path
+
+
+def test_dataset_dict_folder_default_and_selected_split(tmp_path):
+    dd = _save_dataset_dict(tmp_path / "dd", train=ROWS[:6], validation=ROWS[6:])
+    assert (dd / "dataset_dict.json").is_file()  # what used to be read as a JSON record file
+    train = load_dataset_spec(str(dd))
+    _same(train, ROWS[:6])
+    assert train.name == f"{dd}:train"
+    val = load_dataset_spec(f"{dd}:validation")
+    _same(val, ROWS[6:])
+    assert val.name == f"{dd}:validation"
+    _same(load_dataset_spec(str(dd), split="validation"), ROWS[6:])
+    _same(load_dataset_spec(f"{dd}:train"), ROWS[:6])
+    # weights keep working next to a split suffix
+    jsonl = _write(tmp_path / "b.jsonl", ROWS[:2])
+    pairs = parse_data_paths(["0.3", f"{dd}:validation", "0.7", str(jsonl)])
+    assert pairs == [(0.3, f"{dd}:validation"), (0.7, str(jsonl))]
+    assert [r.query for r in load_records(pairs[0][1])] == [r["query"] for r in ROWS[6:]]
+
+    from megatron_nvembed.data.pipeline import build_train_data
+    from megatron_nvembed.data.toy_tokenizer import build_toy_tokenizer
+
+    tok = build_toy_tokenizer([r["query"] for r in ROWS], vocab_size=300)
+    data = build_train_data(
+        [f"{dd}:validation", str(dd)], tok, global_batch_size=4, micro_batch_size=2
+    )
+    assert [r.query for r in data.sources[0]] == [r["query"] for r in ROWS[6:]]
+    assert [r.query for r in data.sources[1]] == [r["query"] for r in ROWS[:6]]
+    assert len(next(iter(data))) == 2
+
+
+def test_dataset_dict_split_errors(tmp_path):
+    dd = _save_dataset_dict(tmp_path / "dd", train=ROWS[:6], validation=ROWS[6:])
+    with pytest.raises(ValueError, match=r"dd has no split 'test' \(splits: train, validation\)"):
+        load_dataset_spec(f"{dd}:test")
+    with pytest.raises(ValueError, match=r"names split 'validation' but 'train' was asked"):
+        load_dataset_spec(f"{dd}:validation", split="train")
+    no_train = _save_dataset_dict(tmp_path / "nt", validation=ROWS[:2], test=ROWS[2:4])
+    with pytest.raises(
+        ValueError,
+        match=r"nt is a `datasets` DatasetDict without a 'train' split.*validation, test",
+    ):
+        load_dataset_spec(str(no_train))
+    _same(load_dataset_spec(f"{no_train}:test"), ROWS[2:4])
+    # a split on a source that has none: an error, not silently the whole file
+    jsonl = _write(tmp_path / "a.jsonl", ROWS[:2])
+    with pytest.raises(ValueError, match=r"a.jsonl is no `datasets` DatasetDict folder"):
+        load_dataset_spec(f"{jsonl}:train")
+    import datasets
+
+    datasets.Dataset.from_list(ROWS[:3]).save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match=r"plain is no `datasets` DatasetDict folder"):
+        load_dataset_spec(f"{tmp_path / 'plain'}:train")
+    with pytest.raises(FileNotFoundError, match=r"--train-data: .*missing.jsonl:train does not"):
+        load_dataset_spec(f"{tmp_path / 'missing.jsonl'}:train")
+    # a path that exists as given wins over the split syntax
+    odd = _write(tmp_path / "odd:train", ROWS[:4])
+    _same(load_dataset_spec(str(odd)), ROWS[:4])
+
+
+def test_datasets_rows_missing_key_and_wrong_type(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    no_query = [{k: v for k, v in r.items() if k != "query"} for r in ROWS[:3]]
+    datasets.Dataset.from_list(no_query).save_to_disk(str(tmp_path / "nq"))
+    with pytest.raises(ValueError, match=r"nq: row 1: missing key 'query'$"):
+        load_dataset_spec(str(tmp_path / "nq"))
+    int_task = [dict(r, task=5) for r in ROWS[:3]]
+    _save_dataset_dict(tmp_path / "it", train=ROWS[:3], validation=int_task)
+    with pytest.raises(
+        ValueError, match=r"it:validation: row 1: key 'task' must be a string, got int$"
+    ):
+        load_dataset_spec(f"{tmp_path / 'it'}:validation")
+    path = _write(tmp_path / "m.jsonl", [ROWS[0], {k: v for k, v in ROWS[1].items() if k != "pos"}])
+    with pytest.raises(ValueError, match=r"m.jsonl:2: record has no positive \(missing key 'pos'"):
+        load_dataset_spec(str(path))
+
+
 def test_datasets_name(monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []
@@ -113,7 +202,13 @@ def test_datasets_name(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(datasets, "load_dataset", fake_load)
         src = load_dataset_spec("someone/retrieval-set", split="dev")
-    assert calls == [("someone/retrieval-set", "dev")]
+        _same(load_dataset_spec("someone/retrieval-set:validation"), ROWS[:3])
+        load_dataset_spec("someone/retrieval-set")
+    assert calls == [
+        ("someone/retrieval-set", "dev"),
+        ("someone/retrieval-set", "validation"),
+        ("someone/retrieval-set", "train"),
+    ]
     _same(src, ROWS[:3])
     # for real, offline: the name cannot be reached, and the error says what was tried
     import huggingface_hub.constants

@@ -2,6 +2,10 @@
 
 - records: JSONL and Parquet read back; a malformed line and a record without a positive are
   errors naming file:line; `skip_bad_records` skips and counts them; writes are atomic;
+- record validation: a missing key ("file:line: missing key 'query'", Parquet "file: row N: ...")
+  is told apart from a wrong type ("key 'query' must be a string, got int", list items by index);
+  a record needs "task" or "instruction" when its query needs an instruction, and neither when
+  it does not (`needs_instruction=False`: task None, written back without "task");
 - templates: Table 6/7 definitions, the "Instruct: ...\\nQuery: " template, close-name hints;
 - blending: proportions within 4 standard errors of the weights over 300 batches (both
   compositions); with "systematic", every batch gives dataset k floor or ceil of w_k * G slots;
@@ -54,6 +58,59 @@ def test_bad_lines_name_file_and_line(tmp_path):
     stats = ReadStats()
     assert len(list(iter_records(path, skip_bad_records=True, stats=stats))) == 1
     assert (stats.read, stats.skipped) == (1, 2)
+
+
+def test_missing_key_is_told_apart_from_wrong_type(tmp_path):
+    path = tmp_path / "r.jsonl"
+    no_query = {k: v for k, v in GOOD.items() if k != "query"}
+    cases = [
+        (no_query, r"r.jsonl:2: missing key 'query'$"),
+        (dict(GOOD, query=3), r"r.jsonl:2: key 'query' must be a string, got int$"),
+        (dict(GOOD, query=None), r"r.jsonl:2: key 'query' must be a string, got null$"),
+        (dict(GOOD, task=["MSMARCO"]), r"r.jsonl:2: key 'task' must be a string, got list$"),
+        (dict(GOOD, instruction=1.5), r"key 'instruction' must be a string, got float$"),
+        (dict(GOOD, pos="p"), r"r.jsonl:2: key 'pos' must be a list of strings, got str$"),
+        (dict(GOOD, neg=["a", 2]), r"key 'neg' must be a list of strings, item 1 is int$"),
+        (
+            {k: v for k, v in GOOD.items() if k != "pos"},
+            r"r.jsonl:2: record has no positive \(missing key 'pos'\)$",
+        ),
+        (dict(GOOD, pos=[]), r"r.jsonl:2: record has no positive \('pos' is empty\)$"),
+        (
+            {k: v for k, v in GOOD.items() if k != "task"},
+            r"r.jsonl:2: missing key 'task'; .*add \"task\" .* or \"instruction\"",
+        ),
+    ]
+    for row, msg in cases:
+        path.write_text(json.dumps(GOOD) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=msg):
+            list(iter_records(path))
+    # no task but an instruction: the query still gets one, so the record is complete
+    own = dict(GOOD, instruction="Given a question, retrieve answers")
+    del own["task"]
+    path.write_text(json.dumps(own) + "\n")
+    (rec,) = iter_records(path)
+    assert rec.task is None and rec.to_json() == own
+    # neither, where no instruction is needed (e.g. mining with one instruction for all)
+    bare = {k: v for k, v in GOOD.items() if k != "task"}
+    path.write_text(json.dumps(bare) + "\n")
+    (rec,) = iter_records(path, needs_instruction=False)
+    assert rec.task is None and rec.to_json() == bare
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([no_query, no_query]), tmp_path / "nq.parquet")
+    with pytest.raises(ValueError, match=r"nq.parquet: row 1: missing key 'query'$"):
+        list(iter_records(tmp_path / "nq.parquet"))
+    pq.write_table(pa.Table.from_pylist([GOOD, dict(GOOD, query=None)]), tmp_path / "n.parquet")
+    with pytest.raises(
+        ValueError, match=r"n.parquet: row 2: key 'query' must be a string, got null$"
+    ):
+        list(iter_records(tmp_path / "n.parquet"))
+    pq.write_table(pa.Table.from_pylist([dict(GOOD, pos=[1])]), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t.parquet: row 1: key 'pos' must be a list of strings"):
+        list(iter_records(tmp_path / "t.parquet"))
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
