@@ -5,7 +5,8 @@
              [--pipeline-model-parallel-size M] [--pooling latent|mean|eos|self-attention]
              [--mask-type bidirectional|causal]
   export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32]
-  merge-lora --load SRC --save DST [--peft-dir DIR]
+  merge-lora --load SRC --save DST [--peft-dir DIR --peft-base-model BASE
+             [--peft-target nvembed|mistral]]
 
 import-hf reads Mistral/Llama (`*ForCausalLM` or bare `*Model`) and NV-Embed checkpoints and
 writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine).
@@ -14,7 +15,9 @@ export-hf writes NV-Embed's HF format, loadable offline with
 LoRA adapters in SRC are merged into the exported weights.
 merge-lora folds a training checkpoint's LoRA adapters into the base weights and writes a plain
 checkpoint (tokenizer copied, optimizer state dropped); --peft-dir also writes the adapters in
-PEFT's format, named for the exported model, to apply to an export of the base checkpoint.
+PEFT's format for the model the LoRA run started from, BASE (hub id or path, recorded as given):
+--peft-target nvembed (default) for an export-hf of that checkpoint, trained pooling head
+included; mistral for a plain transformers MistralModel with the same backbone weights.
 """
 
 import argparse
@@ -42,6 +45,19 @@ def main(argv=None) -> int:
     mrg.add_argument("--load", required=True)
     mrg.add_argument("--save", required=True)
     mrg.add_argument("--peft-dir", default=None, help="also write PEFT-format adapters here")
+    mrg.add_argument(
+        "--peft-base-model",
+        default=None,
+        help="with --peft-dir (required): the base model the adapters apply to, a hub id or a "
+        "path, written as base_model_name_or_path (AutoPeftModel loads it from there)",
+    )
+    mrg.add_argument(
+        "--peft-target",
+        default=None,
+        choices=["nvembed", "mistral"],
+        help="nvembed: the exported NV-Embed model, trained pooling head included (default); "
+        "mistral: a plain transformers MistralModel, backbone adapters only",
+    )
     args = parser.parse_args(argv)
 
     from megatron_nvembed.logging_utils import setup_logging
@@ -69,7 +85,13 @@ def main(argv=None) -> int:
             from megatron_nvembed.parallel import initialize_model_parallel
 
             initialize_model_parallel(1, 1)
-            lora = merge_lora_checkpoint(args.load, args.save, args.peft_dir)
+            lora = merge_lora_checkpoint(
+                args.load,
+                args.save,
+                args.peft_dir,
+                peft_base_model=args.peft_base_model,
+                peft_target=args.peft_target,
+            )
             print(f"wrote {args.save} (LoRA rank {lora['rank']} merged)")
         else:
             from megatron_nvembed.conversion.convert import export_hf

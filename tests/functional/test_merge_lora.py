@@ -6,6 +6,7 @@ training) and is saved with them. Then, against that model's own embeddings (max
 `merge_lora_checkpoint`'s output loaded into a plain model; the LoRA checkpoint loaded directly
 into a plain model (merged on load); `export_hf` of the LoRA checkpoint through transformers'
 `AutoModel.encode`. `merge-lora` on a checkpoint without adapters fails naming lora.json.
+(`--peft-dir` adapters: tests/functional/test_peft_adapters.py.)
 
 Run alone: pytest tests/functional/test_merge_lora.py
 """
@@ -65,12 +66,9 @@ def test_lora_checkpoint_merge_and_export(tmp_path):
     shutil.copytree(tmp_path / "base" / "tokenizer", tmp_path / "lora" / "tokenizer")
     assert read_lora(tmp_path / "lora") == lora
 
-    merged_settings = merge_lora_checkpoint(
-        tmp_path / "lora", tmp_path / "merged", tmp_path / "peft"
-    )
+    merged_settings = merge_lora_checkpoint(tmp_path / "lora", tmp_path / "merged")
     assert merged_settings == lora
     assert read_lora(tmp_path / "merged") is None
-    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "tokenizer").is_dir()
 
     for source in ("merged", "lora"):  # merge-lora output; LoRA checkpoint merged on load
