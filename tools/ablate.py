@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         else:
             status = ab.run_local(plan, in_process_eval=not args.eval_subprocess)
     rows = ab.collect(out)
-    print(f"collected {len(rows)} finished cells into {out / 'ablation.md'} (.csv, .png)")
+    written = ".csv, .png" if rows and (out / "ablation.png").is_file() else ".csv"
+    print(f"collected {len(rows)} finished cells into {out / 'ablation.md'} ({written})")
     print((out / "ablation.md").read_text())
     failed = {k: v for k, v in status.items() if v.startswith("failed")}
     for name, why in failed.items():

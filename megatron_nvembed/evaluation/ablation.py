@@ -687,8 +687,24 @@ def _ntasks(rows: list[dict], cat: str) -> int:
     return max(r["eval"]["categories"].get(cat, {}).get("num_tasks", 0) for r in rows)
 
 
+# matplotlib is optional: the `ablate` extra of setup.py brings it (with mteb for the evaluations).
+PLOT_SKIPPED_MESSAGE = (
+    "ablation.png skipped: matplotlib is not installed (pip install -e '.[ablate]' adds it)"
+)
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported (render_png needs it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def render_png(rows: list[dict]) -> bytes:
-    """Grouped bars: one group per category (and Average), one bar per variant."""
+    """Grouped bars: one group per category (and Average), one bar per variant. Needs matplotlib
+    (see plotting_available)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -718,11 +734,17 @@ def render_png(rows: list[dict]) -> bytes:
 
 def collect(out: str | os.PathLike) -> list[dict]:
     """Writes OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png (each atomically) from every
-    finished cell; returns the rows."""
+    finished cell; returns the rows. Without matplotlib the plot is skipped with a one-line
+    message naming the extra to install, and an ablation.png of an earlier collection is removed
+    (it would disagree with the new table)."""
     out = Path(out)
     rows = load_results(out)
     write_atomic(out / "ablation.md", render_markdown(rows))
     write_atomic(out / "ablation.csv", render_csv(rows))
     if rows:
-        write_atomic(out / "ablation.png", render_png(rows))
+        if plotting_available():
+            write_atomic(out / "ablation.png", render_png(rows))
+        else:
+            (out / "ablation.png").unlink(missing_ok=True)
+            print(PLOT_SKIPPED_MESSAGE, flush=True)
     return rows
