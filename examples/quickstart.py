@@ -69,9 +69,7 @@ def main() -> None:
     from megatron_nvembed.testing import save_tiny_hf_decoder, write_synthetic_retrieval
 
     data = write_synthetic_retrieval(out / "data")
-    from transformers import AutoTokenizer
-
-    save_tiny_hf_decoder(out / "hf_base", AutoTokenizer.from_pretrained(data["tokenizer"]))
+    save_tiny_hf_decoder(out / "hf_base", data["tokenizer"])
     instruction = data["instruction"]
 
     print("== 2. import the HF decoder as a megatron checkpoint with a latent-attention head")

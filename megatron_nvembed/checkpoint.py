@@ -28,6 +28,34 @@ from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "nvembed_config.json"
 TOKENIZER_DIR = "tokenizer"
+# The files that define a tokenizer. They travel byte for byte from the imported model through
+# checkpoints to exports: a tokenizer re-saved by a newer transformers is written in a form older
+# readers (NV-Embed's released code runs under transformers 4.42) cannot parse.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Copies the tokenizer files of folder `src` into `dst` (created), unchanged.
+
+    Returns:
+        The number of files copied (0: `src` holds no tokenizer).
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            n += 1
+    return n
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:

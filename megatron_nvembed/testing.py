@@ -106,7 +106,7 @@ def build_word_tokenizer(texts: list[str]):
     """A whitespace word-level `PreTrainedTokenizerFast` over `texts`, adding BOS like Mistral's.
 
     Special tokens: `<unk>` 0, `<s>` 1 (BOS), `</s>` 2 (EOS, also the pad token); right padding.
-    Saveable with `save_pretrained` and reloadable offline with `AutoTokenizer`.
+    Saveable with `save_pretrained` and reloadable offline with `load_tokenizer`.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -129,9 +129,21 @@ def build_word_tokenizer(texts: list[str]):
 
 def save_tiny_hf_decoder(out_dir, tokenizer, kind: str = "mistral", seed: int = 0):
     """Saves a tiny random `MistralForCausalLM` (kind="mistral") or bare `LlamaModel`
-    (kind="llama") with `tokenizer` into `out_dir`, as transformers would publish it."""
+    (kind="llama") with a tokenizer into `out_dir`, as transformers would publish it.
+
+    Args:
+        tokenizer: a tokenizer object (saved with `save_pretrained`) or a tokenizer folder
+            (its files copied unchanged, e.g. a real model's tokenizer).
+    """
+    import os
+
     from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralForCausalLM
 
+    tokenizer_dir = None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from megatron_nvembed.data.tokenization import load_tokenizer
+
+        tokenizer_dir, tokenizer = tokenizer, load_tokenizer(tokenizer)
     torch.manual_seed(seed)
     common = dict(
         vocab_size=len(tokenizer),
@@ -153,7 +165,12 @@ def save_tiny_hf_decoder(out_dir, tokenizer, kind: str = "mistral", seed: int = 
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if tokenizer_dir is None:
+        tokenizer.save_pretrained(out_dir)
+    else:
+        from megatron_nvembed.checkpoint import copy_tokenizer_files
+
+        copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir
 
 

@@ -5,6 +5,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[test]"
+
+# The compatibility tests (tests/compat/) load exports in NV-Embed's released model code, which
+# imports only under transformers 4.42.4 / tokenizers 0.19.1: a second venv, .venv-ref/, holds
+# that client (never this package). Built once, reused while its requirements are unchanged.
+REF_VENV=".venv-ref"
+REF_REQS=(transformers==4.42.4 tokenizers==0.19.1 "numpy<2" einops safetensors sentencepiece
+          protobuf datasets==2.21.0 pyarrow==17.0.0)
+if [[ -z "${NVEMBED_REFERENCE_PYTHON:-}" ]]; then
+  if [[ "$(cat "$REF_VENV/.requirements" 2>/dev/null)" != "${REF_REQS[*]}" ]]; then
+    rm -rf "$REF_VENV"
+    python3 -m venv "$REF_VENV"
+    "$REF_VENV/bin/python" -m pip install -q torch==2.13.0
+    "$REF_VENV/bin/python" -m pip install -q "${REF_REQS[@]}"
+    echo "${REF_REQS[*]}" > "$REF_VENV/.requirements"
+  fi
+  export NVEMBED_REFERENCE_PYTHON="$PWD/$REF_VENV/bin/python"
+fi
+
+# The README's first command from a plain install (only the extras it names), on a short path:
+# an undeclared dependency fails here, not on a user's machine. SKIP_PLAIN_INSTALL=1 skips it.
+if [[ "${SKIP_PLAIN_INSTALL:-0}" != 1 ]]; then
+  bash tests/plain_install_check.sh
+fi
+
 # Two workers (-n 2), each taking whole test modules (--dist loadfile), so a module-scoped
 # fixture (a training run several tests read) runs once. Most tests wait on subprocesses
 # (megatron-core imports, torchrun, gloo), so two workers halve the wall time on 2 cores.

@@ -11,8 +11,10 @@
 import-hf reads Mistral/Llama (`*ForCausalLM` or bare `*Model`) and NV-Embed checkpoints and
 writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine).
 export-hf writes NV-Embed's HF format, loadable offline with
-`AutoModel.from_pretrained(DST, trust_remote_code=True)`; any saved TP/PP layout is resharded;
-LoRA adapters in SRC are merged into the exported weights.
+`AutoModel.from_pretrained(DST, trust_remote_code=True)` (transformers 4.42 and 5, NV-Embed's
+released code, sentence-transformers: docs/conversion.md); a relocatable folder with the
+tokenizer files copied unchanged; any saved TP/PP layout is resharded; LoRA adapters in SRC are
+merged into the exported weights.
 merge-lora folds a training checkpoint's LoRA adapters into the base weights and writes a plain
 checkpoint (tokenizer copied, optimizer state dropped); --peft-dir also writes the adapters in
 PEFT's format for the model the LoRA run started from, BASE (hub id or path, recorded as given):

@@ -7,7 +7,8 @@
       [--tensor-model-parallel-size T] [--name NAME] [--resume]
 
 DIR: a checkpoint (latest_checkpointed_iteration.txt; loaded at --tensor-model-parallel-size,
-any saved layout) or an HF directory (config.json; AutoModel + trust_remote_code + encode).
+any saved layout) or an NV-Embed-format folder (config.json with model_type nvembed: our exports
+or NVIDIA's released NV-Embed-v2 folder, read natively; no remote code runs).
 Queries (and every text of symmetric tasks) get the task's Table 7 instruction; documents none.
 Under torchrun the ranks split each encode call's batches (N / T data-parallel ranks) and gather.
 --beir-dir: local BEIR folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) run as retrieval

@@ -16,32 +16,25 @@ from pathlib import Path
 
 import torch
 
+from megatron_nvembed.checkpoint import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.data.templates import format_query_instruction
 from megatron_nvembed.logging_utils import get_logger
 
 logger = get_logger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
 HF_FILES_DIR = Path(__file__).parent / "hf_files"
 HF_MODEL_FILES = (
     "configuration_nvembed.py",
     "modeling_nvembed.py",
+    "tokenization_nvembed.py",
     "sentence_transformers_nvembed.py",
 )
-# sentence-transformers prompts: `encode(texts, prompt_name="query")` adds the NV-Embed
-# instruction (paper Table 7's retrieval wording); documents get none.
-ST_PROMPTS = {
-    "query": "Instruct: Given a question, retrieve passages that answer the question\nQuery: ",
-    "document": "",
-}
+# sentence-transformers prompts: `encode(texts, prompt_name="query")` adds the NV-Embed query
+# prefix of this task definition (the paper's retrieval wording); documents get none. Prompts are
+# complete prefixes, as the exported model's `encode(instruction=...)` takes (docs/data.md).
+ST_QUERY_DEFINITION = "Given a question, retrieve passages that answer the question"
+ST_PROMPTS = {"query": format_query_instruction(ST_QUERY_DEFINITION), "document": ""}
 
 
 class LazyHFState(Mapping):
@@ -141,16 +134,6 @@ def _import_worker(
     save_checkpoint(model, cfg, tmp_dir, iteration=0)
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> int:
-    dst.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            n += 1
-    return n
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(final.name + ".old")
@@ -188,8 +171,11 @@ def import_hf(
     cfg, has_head, prefix = config_from_hf_dir(hf_dir)
     state = LazyHFState(hf_dir)  # validates files before any process starts
     prefix = _backbone_prefix(state, hf_dir, prefix)
-    if not any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise FileNotFoundError(f"{hf_dir}: no tokenizer (tokenizer.json or tokenizer.model)")
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{hf_dir / 'tokenizer.json'}: missing; the tokenizer is read from its tokenizer.json "
+            "(the fast tokenizer file published with Mistral / Llama models)"
+        )
     if pooling is not None:
         if has_head and pooling != cfg.pooling.type:
             raise ValueError(
@@ -215,7 +201,7 @@ def import_hf(
             prefix,
             seed,
         )
-        _copy_tokenizer(hf_dir, tmp / "tokenizer")
+        copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
         _replace_dir(tmp, save_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -268,8 +254,14 @@ def _write_sentence_transformers_files(out: Path, max_seq_length: int = 512) -> 
     )
 
 
-def nvembed_config_json(cfg: EmbeddingModelConfig, name_or_path: str, dtype: str) -> dict:
-    """The exported top-level config.json (NV-Embed format, sizes explicit)."""
+def nvembed_config_json(cfg: EmbeddingModelConfig, dtype: str) -> dict:
+    """The exported top-level config.json (NV-Embed format, sizes explicit).
+
+    A latent head with a bidirectional mask is NV-Embed's own model, loadable by NV-Embed's
+    released code. A causal mask is written as a plain `mistral` backbone (every loader builds
+    it causal) and `mask_type` "c"; any other head gets the head type `nvembed_pooling`, which
+    NV-Embed's released code does not know and so refuses to load.
+    """
     from megatron_nvembed.conversion.hf_config import (
         latent_attention_config_dict,
         text_config_dict,
@@ -289,7 +281,7 @@ def nvembed_config_json(cfg: EmbeddingModelConfig, name_or_path: str, dtype: str
         "mask_type": "b" if cfg.model.mask_type == "bidirectional" else "c",
         "hidden_size": cfg.model.hidden_size,
         "latent_attention_config": latent_attention_config_dict(cfg),
-        "text_config": text_config_dict(cfg, name_or_path),
+        "text_config": text_config_dict(cfg),
         "torch_dtype": dtype,
     }
 
@@ -306,11 +298,13 @@ def export_hf(
     Must run in one process with megatron-core's parallel state at TP = PP = 1 (the CLI does
     this); the checkpoint is resharded on load, so any saved layout works.
 
+    Every head and both masks are written (see `nvembed_config_json` for what NV-Embed's own
+    code accepts); the tokenizer files are copied byte for byte.
+
     Raises:
-        ValueError: unknown dtype or a non-latent pooling head (NV-Embed's format has only the
-            latent and self-attention heads).
+        ValueError: unknown dtype.
     """
-    from megatron_nvembed.checkpoint import TOKENIZER_DIR, load_checkpoint, read_config
+    from megatron_nvembed.checkpoint import load_checkpoint, read_config
     from megatron_nvembed.conversion.hf_mapping import megatron_to_hf, model_to_hf_shard
     from megatron_nvembed.model.build import build_model
 
@@ -319,11 +313,6 @@ def export_hf(
         raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     load_dir, hf_dir = Path(load_dir), Path(hf_dir)
     cfg = read_config(load_dir)
-    if cfg.pooling.type not in ("latent", "self-attention"):
-        raise ValueError(
-            f"{load_dir}: pooling {cfg.pooling.type!r} has no NV-Embed HF format "
-            "(export supports latent and self-attention heads)"
-        )
     cfg.parallel = ParallelConfig(1, 1)
     model = build_model(cfg)
     load_checkpoint(model, load_dir)
@@ -335,13 +324,12 @@ def export_hf(
     tmp.mkdir(parents=True)
     try:
         _write_safetensors_shards(state, tmp, max_shard_bytes)
-        final = str(hf_dir.resolve())
-        config = nvembed_config_json(cfg, final, dtype)
+        config = nvembed_config_json(cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in HF_MODEL_FILES:
             shutil.copy2(HF_FILES_DIR / name, tmp / name)
         _write_sentence_transformers_files(tmp)
-        if _copy_tokenizer(load_dir / TOKENIZER_DIR, tmp) == 0:
+        if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
             raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
         _replace_dir(tmp, hf_dir)
     except BaseException:
@@ -354,6 +342,9 @@ def merge_lora_checkpoint(
     load_dir: str | os.PathLike,
     save_dir: str | os.PathLike,
     peft_dir: str | os.PathLike | None = None,
+    *,
+    peft_base_model: str | None = None,
+    peft_target: str | None = None,
 ) -> dict:
     """Folds a checkpoint's LoRA adapters into its base weights and writes a plain checkpoint.
 
@@ -364,14 +355,21 @@ def merge_lora_checkpoint(
 
     Args:
         peft_dir: also write the adapters in PEFT's format (adapter_config.json +
-            adapter_model.safetensors, module names of the exported NV-Embed model) for applying
-            them to an export of the *base* checkpoint with `PeftModel.from_pretrained`.
+            adapter_model.safetensors) for the model the LoRA run started from
+            (`model.lora.save_peft_adapters`).
+        peft_base_model: with `peft_dir` (required): that base model as the adapters' users
+            will load it, a hub id or a path (for target "nvembed" an `export-hf` of the
+            checkpoint the LoRA run started from), recorded as `base_model_name_or_path`.
+        peft_target: with `peft_dir`: "nvembed" (default: the exported NV-Embed model; the
+            trained pooling head is saved with the adapters) or "mistral" (a plain transformers
+            `MistralModel`, backbone only).
 
     Returns:
         The LoRA settings that were merged.
 
     Raises:
-        ValueError: the checkpoint holds no adapters.
+        ValueError: the checkpoint holds no adapters; `peft_dir` without `peft_base_model`;
+            `peft_base_model` or `peft_target` without `peft_dir`; an unknown `peft_target`.
     """
     from megatron_nvembed.checkpoint import (
         TOKENIZER_DIR,
@@ -381,8 +379,18 @@ def merge_lora_checkpoint(
         save_checkpoint,
     )
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.model.lora import apply_lora, merge_lora, save_peft_adapters
+    from megatron_nvembed.model.lora import (
+        apply_lora,
+        check_peft_options,
+        merge_lora,
+        save_peft_adapters,
+    )
 
+    if peft_dir is not None:  # before the checkpoint is read
+        peft_target = peft_target or "nvembed"
+        check_peft_options(peft_base_model, peft_target)
+    elif peft_base_model is not None or peft_target is not None:
+        raise ValueError("--peft-base-model and --peft-target take effect with --peft-dir only")
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     lora = read_lora(load_dir)
     if lora is None:
@@ -393,7 +401,16 @@ def merge_lora_checkpoint(
     apply_lora(model, lora["rank"], lora["alpha"], 0.0)
     load_checkpoint(model, load_dir, merge_adapters=False)
     if peft_dir is not None:
-        save_peft_adapters(model, cfg, peft_dir, lora["rank"], lora["alpha"], lora["dropout"])
+        save_peft_adapters(
+            model,
+            cfg,
+            peft_dir,
+            lora["rank"],
+            lora["alpha"],
+            lora["dropout"],
+            base_model_name_or_path=peft_base_model,
+            target=peft_target,
+        )
     count = merge_lora(model)
     tmp = save_dir.with_name(save_dir.name + ".tmp")
     if tmp.exists():

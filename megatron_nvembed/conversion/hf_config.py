@@ -73,7 +73,7 @@ def config_from_hf_dir(hf_dir: str | Path) -> tuple[EmbeddingModelConfig, bool, 
             layernorm_eps=la.get("layernorm_eps", 1e-5),
             normalize=la.get("output_normalize", True),
         )
-        if raw.get("mask_type", "b") == "c":
+        if raw.get("mask_type", "b") == "c" or text["model_type"] == "mistral":
             model.mask_type = "causal"
         return EmbeddingModelConfig(model=model, pooling=pooling), True, "embedding_model."
     model = model_config_from_hf(raw, str(path))
@@ -84,7 +84,8 @@ def latent_attention_config_dict(cfg: EmbeddingModelConfig) -> dict:
     """NV-Embed's `latent_attention_config`, every size written explicitly."""
     d, p = cfg.model.hidden_size, cfg.pooling
     return {
-        "model_type": "latent_attention",
+        # NV-Embed's own head type only for its own head: its model code then refuses any other.
+        "model_type": "latent_attention" if p.type == "latent" else "nvembed_pooling",
         "num_latents_value": p.num_latents,
         "num_cross_heads": p.num_heads,
         "cross_dim_head": p.head_dim or d,
@@ -97,13 +98,19 @@ def latent_attention_config_dict(cfg: EmbeddingModelConfig) -> dict:
     }
 
 
-def text_config_dict(cfg: EmbeddingModelConfig, name_or_path: str) -> dict:
-    """The `text_config` (a bidirectional Mistral) of an NV-Embed config."""
+def text_config_dict(cfg: EmbeddingModelConfig) -> dict:
+    """The `text_config` of an NV-Embed config: a `bidir_mistral` (padding-only mask) or, for a
+    causal model, a plain `mistral`, which every loader builds as a causal MistralModel.
+
+    `_name_or_path` is "." (this folder): NV-Embed's released code loads the tokenizer from that
+    string, relative to the working directory; our model files ignore it and read the folder
+    `from_pretrained` was given. No absolute path is written, so the folder can move.
+    """
     m = cfg.model
     return {
-        "model_type": "bidir_mistral",
+        "model_type": "bidir_mistral" if m.mask_type == "bidirectional" else "mistral",
         "architectures": ["MistralModel"],
-        "_name_or_path": name_or_path,
+        "_name_or_path": ".",
         "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import torch
 
+# The one tokenizer loader (tokenizer.json read unchanged; see its module): it ships inside
+# exports too, so training, tools/embed.py, tools/evaluate_mteb.py and the exported model's
+# `encode` tokenise alike.
+from megatron_nvembed.conversion.hf_files.tokenization_nvembed import load_tokenizer  # noqa: F401
+
 POOL_MASK_CONVENTIONS = ("nvembed", "exact")
 
 

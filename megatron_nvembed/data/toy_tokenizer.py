@@ -2,7 +2,7 @@
 ("▁"), `<unk>` / `<s>` / `</s>`, BOS added and EOS not, pad = EOS, right padding.
 
 For tests, the quickstart and experiments without hub access; `save_pretrained` writes a folder
-that `AutoTokenizer.from_pretrained` loads offline.
+that `data.tokenization.load_tokenizer` loads offline.
 """
 
 from __future__ import annotations

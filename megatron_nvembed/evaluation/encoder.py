@@ -4,8 +4,12 @@ data-parallel under torchrun (and tensor-parallel for Megatron checkpoints).
 Shared by `tools/embed.py` and `tools/evaluate_mteb.py`:
 - `load_embedder(path, ...)` detects the format: a directory with
   `latest_checkpointed_iteration.txt` is our checkpoint (loaded at any TP, resharded on load), a
-  directory with `config.json` is an exported HF model (`AutoModel.from_pretrained(...,
-  trust_remote_code=True)` and its `encode`).
+  directory with `config.json` is an NV-Embed-format model (our exports, and NVIDIA's released
+  NV-Embed-v2 folder), read natively by the package's own copy of the model classes: the
+  folder's Python files are never imported, so no remote code runs, and NVIDIA's release works
+  under current transformers although its own code does not import there.
+- Both tokenise with `data.tokenization.tokenize_for_embedding` and the tokenizer loader
+  shared with training and the exported model (`load_tokenizer`).
 - `Embedder.embed(texts, instructions)` sorts the texts by token length, cuts them into batches
   of `batch_size`, deals the batches to the data-parallel ranks round robin, gathers, and returns
   the float32 `[n, d]` embeddings in input order on every rank. Every rank must call it with the
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from megatron_nvembed.data.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class Embedder:
     """Common driver: length grouping, data-parallel split, gather, progress and throughput.
 
     Subclasses set `tokenizer`, `dim`, `device`, `dp_rank`, `dp_size`, `dp_group`, `is_main`
-    and implement `_embed_batch(texts, instructions) -> [b, d] tensor`.
+    and implement `_forward(batch) -> [b, d] tensor` on a batch of `tokenize_for_embedding`.
     """
 
     tokenizer = None
@@ -86,8 +92,16 @@ class Embedder:
         self.show_progress = show_progress
         self.stats = EmbedStats()
 
-    def _embed_batch(self, texts: list[str], instructions: list[str]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def _embed_batch(self, texts: list[str], instructions: list[str]) -> torch.Tensor:
+        from megatron_nvembed.data.tokenization import tokenize_for_embedding
+
+        batch, _ = tokenize_for_embedding(
+            self.tokenizer, texts, instructions, max_length=self.max_length
+        )
+        return self._forward({k: v.to(self.device) for k, v in batch.items()})
 
     def embed(
         self,
@@ -171,7 +185,6 @@ class MegatronEmbedder(Embedder):
     def __init__(self, load: str | os.PathLike, tensor_model_parallel_size: int = 1, **kw):
         super().__init__(**kw)
         import torch.distributed as dist
-        from transformers import AutoTokenizer
 
         from megatron_nvembed.checkpoint import (
             TOKENIZER_DIR,
@@ -195,32 +208,40 @@ class MegatronEmbedder(Embedder):
         self.model = build_model(self.cfg, pg)
         load_checkpoint(self.model, load)
         self.model.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(tok_dir)
         self.device = next(self.model.parameters()).device
         self.dim = self.cfg.model.hidden_size
 
-    def _embed_batch(self, texts, instructions):
-        from megatron_nvembed.data.tokenization import tokenize_for_embedding
-
-        batch, _ = tokenize_for_embedding(
-            self.tokenizer, texts, instructions, max_length=self.max_length
-        )
-        return self.model(**{k: v.to(self.device) for k, v in batch.items()})
+    def _forward(self, batch):
+        return self.model(**batch)
 
 
 class HFEmbedder(Embedder):
-    """An exported NV-Embed-format directory, through `AutoModel` and the model's own `encode`;
-    under torchrun every process holds a full copy and the ranks split the batches."""
+    """An NV-Embed-format directory (`config.json` with model_type "nvembed"): our exports and
+    NVIDIA's released layout, loaded with the package's own model classes (weights read
+    natively, no remote code). Under torchrun every process holds a full copy and the ranks split
+    the batches."""
 
     kind = "hf"
 
     def __init__(self, path: str | os.PathLike, **kw):
         super().__init__(**kw)
-        import torch.distributed as dist
-        from transformers import AutoModel, AutoTokenizer
+        import json
 
+        import torch.distributed as dist
+
+        from megatron_nvembed.conversion.hf_files.modeling_nvembed import NVEmbedModel
+
+        config = Path(path) / "config.json"
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config}: invalid JSON ({err})") from err
+        if model_type != "nvembed":
+            raise ValueError(
+                f"{config}: model_type {model_type!r} is not an NV-Embed-format model "
+                "(expected 'nvembed'); import it first: tools/convert_checkpoint.py import-hf"
+            )
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from megatron_nvembed.parallel import init_distributed
 
@@ -232,29 +253,15 @@ class HFEmbedder(Embedder):
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         else:
             self.device = torch.device("cpu")
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=True).to(self.device).eval()
-        if not callable(getattr(self.model, "encode", None)):
-            raise ValueError(f"{path}: the model loaded from config.json has no encode() method")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.dim = self._probe_dim()
+        model = NVEmbedModel.from_pretrained(str(path))
+        if self.device.type == "cpu":
+            model = model.float()  # CPU kernels: fp32 (exports are often bf16)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = load_tokenizer(path)
+        self.dim = int(model.config.hidden_size)
 
-    def _probe_dim(self) -> int:
-        return int(self.model.encode(["a"], instruction="", max_length=self.max_length).shape[-1])
-
-    def _embed_batch(self, texts, instructions):
-        # `encode` takes one instruction per call: group the batch by instruction.
-        out: list[torch.Tensor | None] = [None] * len(texts)
-        for ins in dict.fromkeys(instructions):
-            rows = [i for i, x in enumerate(instructions) if x == ins]
-            emb = self.model.encode(
-                [texts[i] for i in rows], instruction=ins, max_length=self.max_length
-            )
-            emb = torch.as_tensor(emb)
-            for r, e in zip(rows, emb):
-                out[r] = e
-        return torch.stack(out)  # type: ignore[arg-type]
+    def _forward(self, batch):
+        return self.model(**batch)["sentence_embeddings"]
 
 
 def detect_model_format(path: str | os.PathLike) -> str:

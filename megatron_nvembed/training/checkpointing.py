@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_nvembed.checkpoint import (
     TOKENIZER_DIR,
+    copy_tokenizer_files,
     is_checkpoint_dir,
     iteration_dir,
     latest_iteration,
@@ -50,10 +52,13 @@ def save_training_checkpoint(
     data,
     state: dict,
     lora: dict | None,
-    tokenizer=None,
+    tokenizer_dir=None,
 ) -> Path:
     """Saves everything a resume needs (all ranks call it). Written to a temporary folder and
-    renamed; the tracker file moves last, so an interrupted save is never what `--load` picks."""
+    renamed; the tracker file moves last, so an interrupted save is never what `--load` picks.
+
+    `tokenizer_dir`: the tokenizer the run reads; its files are copied unchanged (never
+    re-saved) into `root/tokenizer/` once, so exports carry the imported model's own files."""
     rank = dist.get_rank()
     rng = capture_rng_state()
 
@@ -67,9 +72,10 @@ def save_training_checkpoint(
             body["scheduler"] = scheduler.state_dict()
             body["data"] = data.state_dict()
             (tmp / TRAIN_STATE).write_text(json.dumps(body, indent=2))
-            if tokenizer is not None and not (Path(root) / TOKENIZER_DIR).exists():
+            if tokenizer_dir is not None and not (Path(root) / TOKENIZER_DIR).exists():
                 tok_tmp = Path(root) / (TOKENIZER_DIR + ".tmp")
-                tokenizer.save_pretrained(str(tok_tmp))
+                shutil.rmtree(tok_tmp, ignore_errors=True)
+                copy_tokenizer_files(tokenizer_dir, tok_tmp)
                 os.replace(tok_tmp, Path(root) / TOKENIZER_DIR)
 
     return save_checkpoint(

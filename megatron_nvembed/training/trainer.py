@@ -152,9 +152,8 @@ def _resolve_model_config(cfg: TrainingConfig):
     return model_cfg.validate(), source
 
 
-def _load_tokenizer(cfg: TrainingConfig, source: str | None):
-    from transformers import AutoTokenizer
-
+def _tokenizer_dir(cfg: TrainingConfig, source: str | None) -> Path:
+    """`--tokenizer`, else the tokenizer stored with the starting checkpoint."""
     from megatron_nvembed.checkpoint import TOKENIZER_DIR
 
     path = cfg.tokenizer or (str(Path(source) / TOKENIZER_DIR) if source else None)
@@ -165,11 +164,13 @@ def _load_tokenizer(cfg: TrainingConfig, source: str | None):
         )
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: tokenizer directory not found (--tokenizer)")
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
+    return Path(path)
+
+
+def _load_tokenizer(cfg: TrainingConfig, source: str | None):
+    from megatron_nvembed.data.tokenization import load_tokenizer
+
+    return load_tokenizer(_tokenizer_dir(cfg, source))
 
 
 def _build_optimizer(cfg: TrainingConfig, model, model_cfg):
@@ -619,7 +620,7 @@ def train(cfg: TrainingConfig) -> TrainResult:
                 "config": cfg.to_dict(),
             },
             lora,
-            tokenizer,
+            _tokenizer_dir(cfg, source),
         )
         if rank == 0:
             logger.info("saved checkpoint %s at iteration %d", cfg.save, it)

@@ -36,9 +36,17 @@ class LatentAttentionConfig(PretrainedConfig):
         self.output_normalize = output_normalize
         self.ff_mult = ff_mult
         self.layernorm_eps = layernorm_eps
-        # "latent" (NV-Embed) or "self-attention" (the paper's ablation head).
+        # "latent" (NV-Embed), "self-attention" (the paper's ablation head), "mean" or "eos".
         self.pooling_type = pooling_type
         super().__init__(**kwargs)
+
+
+class PoolingHeadConfig(LatentAttentionConfig):
+    """A pooling head that NV-Embed's own model code does not implement (self-attention, mean,
+    EOS). Its own model_type makes that code refuse such an export when loading it, instead of
+    computing a latent-attention head that was never trained."""
+
+    model_type = "nvembed_pooling"
 
 
 class BidirectionalMistralConfig(MistralConfig):
@@ -47,8 +55,25 @@ class BidirectionalMistralConfig(MistralConfig):
     model_type = "bidir_mistral"
 
 
+def head_config(values: dict) -> LatentAttentionConfig:
+    """The head's config class for its pooling type (latent: NV-Embed's own)."""
+    values = {k: v for k, v in values.items() if k != "model_type"}
+    if values.get("pooling_type", "latent") == "latent":
+        return LatentAttentionConfig(**values)
+    return PoolingHeadConfig(**values)
+
+
+def backbone_config(values: dict) -> MistralConfig:
+    """The backbone's config: `bidir_mistral` (padding-only mask) or `mistral` (causal), so that
+    any loader that builds the backbone from its model_type applies the right mask."""
+    values = dict(values)
+    kind = values.pop("model_type", "bidir_mistral")
+    return MistralConfig(**values) if kind == "mistral" else BidirectionalMistralConfig(**values)
+
+
 class NVEmbedConfig(PretrainedConfig):
-    """Top-level config: a bidirectional Mistral backbone plus the latent-attention head."""
+    """Top-level config: a Mistral backbone (`mask_type` "b": bidirectional, "c": causal) plus
+    the pooling head."""
 
     model_type = "nvembed"
     is_composition = False
@@ -65,10 +90,10 @@ class NVEmbedConfig(PretrainedConfig):
         **kwargs,
     ):
         if isinstance(latent_attention_config, dict):
-            latent_attention_config = LatentAttentionConfig(**latent_attention_config)
+            latent_attention_config = head_config(latent_attention_config)
         self.latent_attention_config = latent_attention_config or LatentAttentionConfig()
         if isinstance(text_config, dict):
-            text_config = BidirectionalMistralConfig(**text_config)
+            text_config = backbone_config(text_config)
         self.text_config = text_config or BidirectionalMistralConfig()
         self.padding_side = padding_side
         self.add_pad_token = add_pad_token

@@ -1,13 +1,16 @@
 """NV-Embed-format embedding model for transformers, written by megatron_nvembed.
 
-Self-contained (torch + transformers): it is copied next to exported weights and loaded with
-`AutoModel.from_pretrained(path, trust_remote_code=True)`. State-dict keys follow NV-Embed's
-layout: `embedding_model.*` (a Mistral backbone run with a padding-only mask, i.e.
-bidirectionally) and `latent_attention_model.*` (the pooling head).
+Self-contained (torch + transformers, and the two files beside it): it is copied next to exported
+weights and loaded with `AutoModel.from_pretrained(path, trust_remote_code=True)` under
+transformers 4.42 and 5. State-dict keys follow NV-Embed's layout: `embedding_model.*` (a Mistral
+backbone run with a padding-only mask, i.e. bidirectionally, or causally when the config's
+`mask_type` is "c") and `latent_attention_model.*` (the pooling head; none for mean / EOS).
 
 `encode(texts, instruction="", max_length=512)` follows NV-Embed's conventions: text =
 instruction + text + EOS, BOS added by the tokenizer, right padding, and the first
-`len(tokenizer.tokenize(instruction))` positions left out of pooling.
+`len(tokenizer.tokenize(instruction))` positions left out of pooling. `instruction` is the
+complete prefix, e.g. "Instruct: Given a question, retrieve passages that answer the
+question\\nQuery: ". The tokenizer is read from the folder the model was loaded from.
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, MistralModel, PreTrainedModel
+from transformers import MistralModel, PreTrainedModel
 
-try:  # package-relative when loaded by transformers, plain import when vendored elsewhere
-    from .configuration_nvembed import LatentAttentionConfig, NVEmbedConfig
-except ImportError:  # pragma: no cover
-    from configuration_nvembed import LatentAttentionConfig, NVEmbedConfig
+from .configuration_nvembed import LatentAttentionConfig, NVEmbedConfig
+from .tokenization_nvembed import load_tokenizer
 
 
 class GEGLU(nn.Module):
@@ -75,22 +76,31 @@ class FeedForward(nn.Module):
 
 
 class LatentAttentionModel(nn.Module):
-    """NV-Embed's pooling head: attention to a trainable latent array (or, with
-    pooling_type="self-attention", to the tokens), GEGLU feed-forward, masked mean, L2 norm."""
+    """The pooling head named by `config.pooling_type`:
+    - "latent" (NV-Embed): attention to a trainable latent array, GEGLU feed-forward, masked mean;
+    - "self-attention" (the paper's ablation): the same block attending to the tokens;
+    - "mean": masked mean of the backbone's states (no parameters);
+    - "eos": the state of the last real token (no parameters; the EOS with right padding).
+    Then an L2 norm when `output_normalize`."""
 
     def __init__(self, config: LatentAttentionConfig):
         super().__init__()
         d = config.latent_dim
-        self.self_attention = config.pooling_type == "self-attention"
+        self.pooling_type = config.pooling_type
         self.normalize = config.output_normalize
-        if not self.self_attention:
+        if self.pooling_type not in ("latent", "self-attention", "mean", "eos"):
+            raise ValueError(f"unknown pooling_type {self.pooling_type!r} in the model config")
+        if self.pooling_type in ("mean", "eos"):
+            return
+        self_attention = self.pooling_type == "self-attention"
+        if not self_attention:
             self.latents = nn.Parameter(torch.randn(config.num_latents_value, d))
         self.cross_attend_blocks = nn.ModuleList(
             [
                 PreNorm(
                     d,
                     CrossAttention(d, config.num_cross_heads, config.cross_dim_head),
-                    not self.self_attention,
+                    not self_attention,
                     config.layernorm_eps,
                 ),
                 PreNorm(d, FeedForward(d, config.ff_mult), False, config.layernorm_eps),
@@ -99,14 +109,21 @@ class LatentAttentionModel(nn.Module):
 
     def forward(self, hidden, attention_mask, pool_mask):
         """hidden [b, s, d]; attention_mask, pool_mask [b, s] -> [b, d]."""
-        attn, ff = self.cross_attend_blocks
-        x = attn.norm(hidden)
-        if self.self_attention:
-            x1 = hidden + attn.fn(x, x, key_mask=attention_mask)
+        if self.pooling_type == "eos":
+            last = attention_mask.long().sum(1) - 1  # [b]
+            emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return F.normalize(emb, dim=-1) if self.normalize else emb
+        if self.pooling_type == "mean":
+            x2 = hidden
         else:
-            ctx = attn.norm_context(self.latents).unsqueeze(0)  # [1, r, d]
-            x1 = hidden + attn.fn(x, ctx)
-        x2 = x1 + ff.fn(ff.norm(x1))
+            attn, ff = self.cross_attend_blocks
+            x = attn.norm(hidden)
+            if self.pooling_type == "self-attention":
+                x1 = hidden + attn.fn(x, x, key_mask=attention_mask)
+            else:
+                ctx = attn.norm_context(self.latents).unsqueeze(0)  # [1, r, d]
+                x1 = hidden + attn.fn(x, ctx)
+            x2 = x1 + ff.fn(ff.norm(x1))
         m = pool_mask.to(x2.dtype).unsqueeze(-1)
         emb = (x2 * m).sum(1) / m.sum(1).clamp(min=1.0)
         return F.normalize(emb, dim=-1) if self.normalize else emb
@@ -123,7 +140,7 @@ def padding_mask_4d(attention_mask, causal: bool, dtype):
 
 
 class NVEmbedModel(PreTrainedModel):
-    """Bidirectional Mistral backbone + latent-attention pooling head."""
+    """Mistral backbone (bidirectional, or causal for mask_type "c") + pooling head."""
 
     config_class = NVEmbedConfig
     base_model_prefix = ""
@@ -153,18 +170,21 @@ class NVEmbedModel(PreTrainedModel):
         emb = self.latent_attention_model(hidden, attention_mask, pool_mask)
         return {"sentence_embeddings": emb}
 
+    def load_tokenizer(self):
+        """The tokenizer stored beside the weights (the folder `from_pretrained` read)."""
+        if self.tokenizer is None:
+            folder = self.config.name_or_path
+            if not folder:
+                raise ValueError(
+                    "no tokenizer: load the model with from_pretrained(folder), or set "
+                    "model.tokenizer"
+                )
+            self.tokenizer = load_tokenizer(folder)
+        return self.tokenizer
+
     def prepare_kwargs_from_batch(self, texts, instruction: str = "", max_length: int = 512):
         """Tokenises like NV-Embed: instruction + text + EOS, BOS, right padding, pool mask."""
-        if self.tokenizer is None:
-            # The tokenizer sits next to this (already trusted) model code; its directory's
-            # config.json names that code, so the same trust is passed on.
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                self.config.text_config._name_or_path, trust_remote_code=True
-            )
-            self.tokenizer.padding_side = "right"
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-        tok = self.tokenizer
+        tok = self.load_tokenizer()
         batch = tok(
             [instruction + t + tok.eos_token for t in texts],
             padding=True,
@@ -184,7 +204,7 @@ class NVEmbedModel(PreTrainedModel):
 
     @torch.no_grad()
     def encode(self, texts, instruction: str = "", max_length: int = 512, **kwargs):
-        """Embeddings [n, d] of `texts` (queries get an instruction, documents none)."""
+        """Embeddings [n, d] of `texts` (queries get an instruction prefix, documents none)."""
         return self(**self.prepare_kwargs_from_batch(list(texts), instruction, max_length))[
             "sentence_embeddings"
         ]
