@@ -44,11 +44,9 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--load", required=True, help="checkpoint or NV-Embed-format folder")
-    p.add_argument("--input", required=True, help="JSONL: {\"text\", \"instruction\"?} per line")
+    p.add_argument("--input", required=True, help='JSONL: {"text", "instruction"?} per line')
     p.add_argument("--output", required=True, help=".npy file, float32 [n, d]")
-    p.add_argument(
-        "--tensor-model-parallel-size", type=int, default=1, help="checkpoints only"
-    )
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="checkpoints only")
     p.add_argument("--max-length", type=int, default=512, help="tokens per text (BOS, EOS incl.)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward call")
     args = p.parse_args(argv)

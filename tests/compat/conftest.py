@@ -6,7 +6,12 @@
   `configuration_nvembed.py` (`.ci/run` points it at shared/reference/nvembed_official).
 - The real Mistral-7B tokenizer: the SentencePiece model shipped in the PyPI package
   mistral-common (`mistral_common/data/tokenizer.model.v1`), turned into the model repository's
-  tokenizer folder by transformers 4.42's own converter (see reference_client.py).
+  tokenizer folder by transformers 4.42's own converter (see reference_client.py), with the
+  repository's tokenizer settings (BOS on, EOS off, legacy true). What establishes that this is
+  the tokenizer NV-Embed's users run: its `tokenizer.json` has the repository's structure
+  (normaliser Prepend "▁" + Replace " " -> "▁", no pre-tokeniser, BOS template, byte fallback),
+  and `test_token_ids_and_pool_masks_equal_nvidia_and_sentencepiece` checks that NV-Embed's own
+  `encode` over it gives SentencePiece's own ids of the same model file on all 320 texts.
 
 Without them the tests skip, saying which is missing; under CI (CI=true) they fail instead, so a
 CI run can never pass without running them.
@@ -70,7 +75,13 @@ def mistral_tokenizer(reference_python, tmp_path_factory) -> Path:
         _require(f"{spm} (mistral-common ships Mistral-7B-v0.1's SentencePiece model there)")
     out = tmp_path_factory.mktemp("mistral") / "tokenizer"
     proc = subprocess.run(
-        [reference_python, str(HERE / "reference_client.py"), "build-tokenizer", str(spm), str(out)],
+        [
+            reference_python,
+            str(HERE / "reference_client.py"),
+            "build-tokenizer",
+            str(spm),
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -91,7 +91,12 @@ def _torchrun(nproc: int, script: str, *args) -> str:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+    names = (
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    )
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
 
 
@@ -175,20 +180,69 @@ def run(tmp_path_factory, mistral_tokenizer, reference_python, official_code):
     convert = str(ROOT / "tools" / "convert_checkpoint.py")
     pretrain = str(ROOT / "examples" / "pretrain_nvembed.py")
     ckpt = work / "ckpt"
-    _run([sys.executable, convert, "import-hf", "--hf-dir", work / "hf_base", "--save", ckpt / "base"])
-    common = ["--recipe", "tiny", "--train-iters", "2", "--lr-warmup-iters", "1", "--global-batch-size", "8"]
+    _run(
+        [
+            sys.executable,
+            convert,
+            "import-hf",
+            "--hf-dir",
+            work / "hf_base",
+            "--save",
+            ckpt / "base",
+        ]
+    )
+    common = [
+        "--recipe",
+        "tiny",
+        "--train-iters",
+        "2",
+        "--lr-warmup-iters",
+        "1",
+        "--global-batch-size",
+        "8",
+    ]
     _torchrun(
-        2, pretrain, *common, "--pretrained-checkpoint", ckpt / "base",
-        "--train-data", data["train"], "--save", ckpt / "s1",
+        2,
+        pretrain,
+        *common,
+        "--pretrained-checkpoint",
+        ckpt / "base",
+        "--train-data",
+        data["train"],
+        "--save",
+        ckpt / "s1",
     )
     _torchrun(
-        2, pretrain, *common, "--stage", "2", "--pretrained-checkpoint", ckpt / "s1",
-        "--train-data", "0.5", data["train"], "0.5", data["train_pairs"], "--save", ckpt / "s2",
+        2,
+        pretrain,
+        *common,
+        "--stage",
+        "2",
+        "--pretrained-checkpoint",
+        ckpt / "s1",
+        "--train-data",
+        "0.5",
+        data["train"],
+        "0.5",
+        data["train_pairs"],
+        "--save",
+        ckpt / "s2",
     )
     assert (ckpt / "s2" / "iter_0000002" / "lora.json").is_file()  # stage 2 trained LoRA
     export = work / "export"
-    _run([sys.executable, convert, "export-hf", "--load", ckpt / "s2", "--hf-dir", export,
-          "--dtype", "float32"])
+    _run(
+        [
+            sys.executable,
+            convert,
+            "export-hf",
+            "--load",
+            ckpt / "s2",
+            "--hf-dir",
+            export,
+            "--dtype",
+            "float32",
+        ]
+    )
     digests = {
         "source": _digest(Path(mistral_tokenizer)),
         **{name: _digest(ckpt / name / "tokenizer") for name in ("base", "s1", "s2")},
@@ -199,8 +253,18 @@ def run(tmp_path_factory, mistral_tokenizer, reference_python, official_code):
     docs = ["Plants make food from light.", "Paris is the capital of France.", "\tTabbed doc"]
     rows = [{"text": q, "instruction": DEFINITION} for q in queries] + [{"text": d} for d in docs]
     (work / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _run([sys.executable, str(ROOT / "tools" / "embed.py"), "--load", ckpt / "s2",
-          "--input", work / "texts.jsonl", "--output", work / "embed_ckpt.npy"])
+    _run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "embed.py"),
+            "--load",
+            ckpt / "s2",
+            "--input",
+            work / "texts.jsonl",
+            "--output",
+            work / "embed_ckpt.npy",
+        ]
+    )
 
     moved = work / "elsewhere" / "my-model"
     shutil.copytree(export, moved)
@@ -307,13 +371,18 @@ def test_token_ids_and_pool_masks_equal_nvidia_and_sentencepiece(run):
 
     def check(name, ids, pool=None):
         bad = [i for i, (a, b) in enumerate(zip(ids, want_ids)) if a != b]
-        assert not bad, f"{name}: {len(bad)} of {len(ids)} texts differ in ids, e.g. {order[bad[0]]!r}"
+        assert not bad, (
+            f"{name}: {len(bad)} of {len(ids)} texts differ in ids, e.g. {order[bad[0]]!r}"
+        )
         if pool is not None:
             bad = [i for i, (a, b) in enumerate(zip(pool, want_pool)) if a != b]
             assert not bad, f"{name}: {len(bad)} pool masks differ, e.g. {order[bad[0]]!r}"
 
-    check("our model files under transformers 4.42", _rows(ours_442, requests, "ids"),
-          _rows(ours_442, requests, "pool"))
+    check(
+        "our model files under transformers 4.42",
+        _rows(ours_442, requests, "ids"),
+        _rows(ours_442, requests, "pool"),
+    )
 
     spm = sentencepiece.SentencePieceProcessor(model_file=str(run["tokenizer"] / "tokenizer.model"))
     check("SentencePiece", [_sentencepiece_ids(spm, t, _prefix(d) if d else "") for t, d in order])
@@ -332,13 +401,22 @@ def test_token_ids_and_pool_masks_equal_nvidia_and_sentencepiece(run):
         Record(query=t, pos=[t], neg=[], task="SyntheticQA", instruction=d or DEFINITION)
         for t, d in order
     ]
-    batch = collate([Slot(0, i, 0, ()) for i in range(len(order))], [records], tok,
-                    num_negatives=0, max_length=MAX_LENGTH, pad_to_multiple_of=None)
+    batch = collate(
+        [Slot(0, i, 0, ()) for i in range(len(order))],
+        [records],
+        tok,
+        num_negatives=0,
+        max_length=MAX_LENGTH,
+        pad_to_multiple_of=None,
+    )
     q_ids, q_pool = unpadded(batch.query)
     c_ids, c_pool = unpadded(batch.candidates)
     is_query = [bool(d) for _, d in order]
-    check("training (collate)", [q if k else c for q, c, k in zip(q_ids, c_ids, is_query)],
-          [q if k else c for q, c, k in zip(q_pool, c_pool, is_query)])
+    check(
+        "training (collate)",
+        [q if k else c for q, c, k in zip(q_ids, c_ids, is_query)],
+        [q if k else c for q, c, k in zip(q_pool, c_pool, is_query)],
+    )
 
     # tools/embed.py and tools/evaluate_mteb.py: the shared Embedder, checkpoint and HF folder.
     for path in (run["ckpt"], run["moved"]):
@@ -346,9 +424,9 @@ def test_token_ids_and_pool_masks_equal_nvidia_and_sentencepiece(run):
         fed: dict[int, tuple] = {}
         original = embedder._forward
 
-        def recording(b, _original=original):
+        def recording(b, _original=original, _fed=fed):
             for ids, pool in zip(*unpadded(b)):
-                fed[len(fed)] = (ids, pool)
+                _fed[len(_fed)] = (ids, pool)
             return _original(b)
 
         embedder._forward = recording
@@ -386,7 +464,12 @@ def test_export_gives_embed_py_embeddings_in_every_client(run):
         assert np.abs(got - ref).max() <= 1e-5, f"{name}: max |diff| {np.abs(got - ref).max()}"
 
     requests = [
-        {"name": "q", "texts": queries, "instruction": _prefix(DEFINITION), "max_length": MAX_LENGTH},
+        {
+            "name": "q",
+            "texts": queries,
+            "instruction": _prefix(DEFINITION),
+            "max_length": MAX_LENGTH,
+        },
         {"name": "d", "texts": docs, "instruction": "", "max_length": MAX_LENGTH},
     ]
     nvidia, ours_442 = _reference_encode(
@@ -402,7 +485,11 @@ def test_export_gives_embed_py_embeddings_in_every_client(run):
         close(name + " documents", result["d/embeddings"], want_d)
 
     model = AutoModel.from_pretrained(run["moved"], trust_remote_code=True).eval()
-    close("ours (transformers 5) queries", model.encode(queries, instruction=_prefix(DEFINITION)), want_q)
+    close(
+        "ours (transformers 5) queries",
+        model.encode(queries, instruction=_prefix(DEFINITION)),
+        want_q,
+    )
     close("ours (transformers 5) documents", model.encode(docs), want_d)
 
     st = SentenceTransformer(str(run["moved"]), trust_remote_code=True, device="cpu")
@@ -410,8 +497,9 @@ def test_export_gives_embed_py_embeddings_in_every_client(run):
     close("sentence-transformers documents", st.encode(docs, prompt_name="document"), want_d)
     # The stored "query" prompt is the retrieval definition's prefix.
     q_named = st.encode(queries, prompt_name="query")
-    q_direct = model.encode(queries, instruction=_prefix(
-        "Given a question, retrieve passages that answer the question"))
+    q_direct = model.encode(
+        queries, instruction=_prefix("Given a question, retrieve passages that answer the question")
+    )
     close("sentence-transformers prompt_name='query'", q_named, q_direct.numpy())
     config = json.loads((run["moved"] / "config.json").read_text())
     assert str(run["work"]) not in json.dumps(config)  # nothing points outside the folder
@@ -455,8 +543,15 @@ def test_one_instruction_convention_on_every_path(run):
     assert np.abs(other - want).max() > 1e-3
 
 
-@pytest.mark.parametrize("pooling,mask", [("latent", "causal"), ("mean", "bidirectional"),
-                                          ("eos", "causal"), ("self-attention", "bidirectional")])
+@pytest.mark.parametrize(
+    "pooling,mask",
+    [
+        ("latent", "causal"),
+        ("mean", "bidirectional"),
+        ("eos", "causal"),
+        ("self-attention", "bidirectional"),
+    ],
+)
 def test_heads_and_masks_outside_nvembed_state_themselves(run, pooling, mask):
     from transformers import AutoModel
 
@@ -464,10 +559,34 @@ def test_heads_and_masks_outside_nvembed_state_themselves(run, pooling, mask):
 
     work = run["work"] / f"{pooling}_{mask}"
     convert = str(ROOT / "tools" / "convert_checkpoint.py")
-    _run([sys.executable, convert, "import-hf", "--hf-dir", run["work"] / "hf_base",
-          "--save", work / "ckpt", "--pooling", pooling, "--mask-type", mask])
-    _run([sys.executable, convert, "export-hf", "--load", work / "ckpt", "--hf-dir", work / "hf",
-          "--dtype", "float32"])
+    _run(
+        [
+            sys.executable,
+            convert,
+            "import-hf",
+            "--hf-dir",
+            run["work"] / "hf_base",
+            "--save",
+            work / "ckpt",
+            "--pooling",
+            pooling,
+            "--mask-type",
+            mask,
+        ]
+    )
+    _run(
+        [
+            sys.executable,
+            convert,
+            "export-hf",
+            "--load",
+            work / "ckpt",
+            "--hf-dir",
+            work / "hf",
+            "--dtype",
+            "float32",
+        ]
+    )
     texts = run["queries"]
     want = load_embedder(work / "ckpt", show_progress=False).embed(texts, _prefix(DEFINITION))
     config = json.loads((work / "hf" / "config.json").read_text())
@@ -481,10 +600,15 @@ def test_heads_and_masks_outside_nvembed_state_themselves(run, pooling, mask):
     shutil.copytree(work / "hf", nvidia)
     for name in ("modeling_nvembed.py", "configuration_nvembed.py"):
         shutil.copyfile(run["official_code"] / name, nvidia / name)
-    request = {"name": "q", "texts": texts, "instruction": _prefix(DEFINITION),
-               "max_length": MAX_LENGTH}
-    (result,) = _reference_encode(run, [{"tag": f"{pooling}_{mask}", "model_dir": str(nvidia),
-                                         "requests": [request]}])
+    request = {
+        "name": "q",
+        "texts": texts,
+        "instruction": _prefix(DEFINITION),
+        "max_length": MAX_LENGTH,
+    }
+    (result,) = _reference_encode(
+        run, [{"tag": f"{pooling}_{mask}", "model_dir": str(nvidia), "requests": [request]}]
+    )
     if pooling == "latent":  # a causal backbone is expressible: it must compute the same
         assert "load_error" not in result, result.get("load_error")
         assert np.abs(result["q/embeddings"] - want).max() <= 1e-5, "NV-Embed's code, causal"
@@ -498,17 +622,40 @@ def test_tools_read_nvidia_release_layout_natively(run):
     from transformers import AutoModel
 
     release, work = run["release"], run["work"]
-    with pytest.raises(Exception):  # the premise: its own code does not run here
+    with pytest.raises(ImportError):  # the premise: its own code does not import here
         AutoModel.from_pretrained(release, trust_remote_code=True)
-    _run([sys.executable, str(ROOT / "tools" / "embed.py"), "--load", release,
-          "--input", work / "texts.jsonl", "--output", work / "embed_release.npy"])
+    _run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "embed.py"),
+            "--load",
+            release,
+            "--input",
+            work / "texts.jsonl",
+            "--output",
+            work / "embed_release.npy",
+        ]
+    )
     got = np.load(work / "embed_release.npy")
     assert np.abs(got - run["embed_ckpt"]).max() <= 1e-5
     scores = {}
     for name, model in (("release", release), ("checkpoint", run["ckpt"])):
         out = work / f"eval_{name}"
-        _run([sys.executable, str(ROOT / "tools" / "evaluate_mteb.py"), "--model", model,
-              "--beir-dir", run["data"]["eval"], "--instruction", DEFINITION, "--output", out])
+        _run(
+            [
+                sys.executable,
+                str(ROOT / "tools" / "evaluate_mteb.py"),
+                "--model",
+                model,
+                "--beir-dir",
+                run["data"]["eval"],
+                "--instruction",
+                DEFINITION,
+                "--output",
+                out,
+            ]
+        )
         scores[name] = json.loads((out / "summary.json").read_text())["tasks"]["eval"]
-    assert scores["release"]["ndcg_at_10"] == pytest.approx(scores["checkpoint"]["ndcg_at_10"],
-                                                            abs=1e-6)
+    assert scores["release"]["ndcg_at_10"] == pytest.approx(
+        scores["checkpoint"]["ndcg_at_10"], abs=1e-6
+    )

@@ -25,9 +25,7 @@ class NVEmbedSentenceTransformer(InputModule):
 
     @property
     def tokenizer(self):
-        if self.auto_model.tokenizer is None:
-            self.auto_model.prepare_kwargs_from_batch([""])  # loads the tokenizer
-        return self.auto_model.tokenizer
+        return self.auto_model.load_tokenizer()
 
     def preprocess(self, inputs, prompt: str | None = None, **kwargs):
         return self.auto_model.prepare_kwargs_from_batch(

@@ -24,7 +24,12 @@ import os
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-_LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+_LLAMA_CLASSES = (
+    "LlamaTokenizer",
+    "LlamaTokenizerFast",
+    "CodeLlamaTokenizer",
+    "CodeLlamaTokenizerFast",
+)
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -42,9 +47,7 @@ def _locate(name_or_path: str, filename: str, required: bool) -> str | None:
         return None
     from transformers.utils import cached_file
 
-    return cached_file(
-        name_or_path, filename, _raise_exceptions_for_missing_entries=required
-    )
+    return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=required)
 
 
 def _read_json(path: str | None) -> dict:
