@@ -23,7 +23,8 @@ Proves:
   export's `encode` and sentence-transformers (<= 1e-5);
 - `tools/embed.py` and `tools/evaluate_mteb.py` read a folder in NVIDIA's released layout (its own
   code, its config keys) under transformers 5, where that code does not import: the same
-  embeddings (<= 1e-5) and the same nDCG@10 as the checkpoint;
+  embeddings (<= 1e-5) and the same nDCG@10 as the checkpoint; our export still loads right in a
+  process that tried NVIDIA's code first;
 - a causal mask or a mean / EOS / self-attention head is exported in a form that says so: our
   files reproduce the checkpoint's embeddings (<= 1e-5); NV-Embed's released code computes the
   same for the causal latent model and refuses the other heads at load.
@@ -619,11 +620,42 @@ def test_heads_and_masks_outside_nvembed_state_themselves(run, pooling, mask):
 def test_tools_read_nvidia_release_layout_natively(run):
     """NVIDIA's released folder (its own code, which does not import under transformers 5) is
     read by tools/embed.py and tools/evaluate_mteb.py directly, side by side with ours."""
-    from transformers import AutoModel
 
     release, work = run["release"], run["work"]
-    with pytest.raises(ImportError):  # the premise: its own code does not import here
-        AutoModel.from_pretrained(release, trust_remote_code=True)
+    # The premise: its own code does not import here. Tried in a subprocess, since importing it
+    # registers NVIDIA's config classes with transformers' Auto classes for the whole process;
+    # our export must still load right after that in the same process (as in an mteb run that
+    # evaluates NVIDIA's model, then ours).
+    script = (
+        "import json, sys\n"
+        "from transformers import AutoModel\n"
+        "try:\n"
+        "    AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "    sys.exit('NVIDIA code imported')\n"
+        "except ImportError as err:\n"
+        "    print('ImportError:', err, file=sys.stderr)\n"
+        "model = AutoModel.from_pretrained(sys.argv[2], trust_remote_code=True).eval()\n"
+        "print(json.dumps(model.encode(json.loads(sys.argv[3]), instruction=sys.argv[4]).tolist()))\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(release),
+            str(run["moved"]),
+            json.dumps(run["queries"]),
+            _prefix(DEFINITION),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env=_clean_env(),
+    )
+    assert proc.returncode == 0 and "ImportError" in proc.stderr, proc.stderr[-3000:]
+    after = np.array(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=np.float32)
+    assert np.abs(after - run["embed_ckpt"][: len(run["queries"])]).max() <= 1e-5
     _run(
         [
             sys.executable,

@@ -86,8 +86,14 @@ class LatentAttentionModel(nn.Module):
     def __init__(self, config: LatentAttentionConfig):
         super().__init__()
         d = config.latent_dim
-        self.pooling_type = config.pooling_type
+        # Read with NV-Embed's defaults: in a process that also imported NV-Embed's released
+        # config code, transformers 5 builds the config with that code's registered classes,
+        # which keep only NV-Embed's own keys (a latent head; weights of another size fail to
+        # load, and other heads are a head type that code refuses).
+        self.pooling_type = getattr(config, "pooling_type", "latent")
         self.normalize = config.output_normalize
+        ff_mult = getattr(config, "ff_mult", 4)
+        eps = getattr(config, "layernorm_eps", 1e-5)
         if self.pooling_type not in ("latent", "self-attention", "mean", "eos"):
             raise ValueError(f"unknown pooling_type {self.pooling_type!r} in the model config")
         if self.pooling_type in ("mean", "eos"):
@@ -101,9 +107,9 @@ class LatentAttentionModel(nn.Module):
                     d,
                     CrossAttention(d, config.num_cross_heads, config.cross_dim_head),
                     not self_attention,
-                    config.layernorm_eps,
+                    eps,
                 ),
-                PreNorm(d, FeedForward(d, config.ff_mult), False, config.layernorm_eps),
+                PreNorm(d, FeedForward(d, ff_mult), False, eps),
             ]
         )
 
