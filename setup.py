@@ -34,6 +34,9 @@ EXTRAS = {
     "mining": ["sentence-transformers>=3.0", "faiss-cpu>=1.8"],
     # tools/prepare_data.py; training data as Parquet files or `datasets` folders
     "curation": ["bm25s>=0.2", "datasets>=2.19", "pyarrow>=14"],
+    # training logs: --tensorboard-dir / --wandb-project (training/sinks.py)
+    "tensorboard": ["tensorboard>=2.14"],
+    "wandb": ["wandb>=0.17"],
 }
 # Only what the current suite imports; extend it as tests of the other extras land.
 EXTRAS["test"] = [
@@ -50,6 +53,8 @@ EXTRAS["test"] = [
     "matplotlib>=3.5",
     "sentencepiece>=0.2",
     "mistral-common>=1.5",
+    "tensorboard>=2.14",
+    "wandb>=0.17",
 ]
 
 setup(

@@ -9,9 +9,23 @@
 #
 # Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500; one node
 # without it: torchrun --standalone on a free port),
-# GPUS_PER_NODE or NPROC_PER_NODE (local GPU count, or 2 without GPUs), TORCHRUN (torchrun).
+# GPUS_PER_NODE or NPROC_PER_NODE (local GPU count, or 2 without GPUs), PYTHON (python3: runs the
+# flag check and the launcher), TORCHRUN ($PYTHON -m megatron_nvembed.training.torchrun: torchrun
+# that turns bad input found after the start into one error line and exit code 2, without its
+# failure traceback).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+# --help, bad flags and missing input paths are answered here, once, before torchrun starts (the
+# check imports no torch): one usage or one "error: ..." line and the exit code (2: bad input),
+# not one per rank plus a launcher traceback.
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    exec $PYTHON "$HERE/pretrain_nvembed.py" "$@"
+  fi
+done
+$PYTHON "$HERE/pretrain_nvembed.py" --check-args "$@" || exit $?
 
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
@@ -27,7 +41,7 @@ if [[ -n "${GPUS_PER_NODE:-}" ]]; then
 elif [[ -n "${NPROC_PER_NODE:-}" ]]; then
   NPROC="$NPROC_PER_NODE"
 else
-  NPROC="$(python3 -c 'import torch; print(torch.cuda.device_count() or 2)')"
+  NPROC="$($PYTHON -c 'import torch; print(torch.cuda.device_count() or 2)')"
 fi
 for name in NNODES NODE_RANK MASTER_PORT NPROC; do
   if ! [[ "${!name}" =~ ^[0-9]+$ ]]; then
@@ -37,18 +51,19 @@ for name in NNODES NODE_RANK MASTER_PORT NPROC; do
 done
 
 # gloo on CPU: one thread per process, the cores are shared.
-if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if ! $PYTHON -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+TORCHRUN="${TORCHRUN:-$PYTHON -m megatron_nvembed.training.torchrun}"
 
 if [[ "$STANDALONE" == "1" ]]; then
   echo "launching 1 node x $NPROC process(es) (torchrun --standalone: a free local port)" >&2
-  exec ${TORCHRUN:-torchrun} --standalone --nnodes 1 --nproc_per_node "$NPROC" \
+  exec $TORCHRUN --standalone --nnodes 1 --nproc_per_node "$NPROC" \
     "$HERE/pretrain_nvembed.py" "$@"
 fi
 echo "launching $NNODES node(s) x $NPROC process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT" >&2
-exec ${TORCHRUN:-torchrun} \
+exec $TORCHRUN \
   --nnodes "$NNODES" \
   --node_rank "$NODE_RANK" \
   --nproc_per_node "$NPROC" \

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_nvembed.logging_utils import quiet_known_noise
+
 
 def free_port() -> int:
     """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
@@ -33,6 +35,8 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) ->
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
+    # A spawned process starts with fresh warning filters; the parent's entry point said it once.
+    quiet_known_noise()
     # Two cores are shared by all ranks; more threads per rank only adds contention.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)

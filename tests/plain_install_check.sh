@@ -79,7 +79,8 @@ fi
 
 export PATH="$VENV/bin:$PATH"  # python3 / torchrun inside examples/pretrain_nvembed.sh
 PY="$VENV/bin/python"
-export TORCHRUN="$PY -m torch.distributed.run" NPROC_PER_NODE=2
+export PYTHON="$PY" NPROC_PER_NODE=2  # examples/pretrain_nvembed.sh's flag check and launcher
+unset TORCHRUN
 
 step check-isolation "$PY" - "$VENV" "$ROOT" <<'EOF'
 import os, site, sys

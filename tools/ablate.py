@@ -35,15 +35,46 @@ def _parser() -> argparse.ArgumentParser:
     base = p.add_mutually_exclusive_group()
     base.add_argument("--base-hf", help="transformers decoder (or NV-Embed) folder to import")
     base.add_argument("--base-checkpoint", help="megatron_nvembed checkpoint (fixed pooling)")
-    p.add_argument("--stage1-data", nargs="+", default=[], metavar="D")
-    p.add_argument("--stage2-data", nargs="+", default=[], metavar="D")
-    p.add_argument("--eval-beir", nargs="+", default=[], action="extend", metavar="DIR")
+    p.add_argument(
+        "--stage1-data",
+        nargs="+",
+        default=[],
+        metavar="D",
+        help="stage-1 training data: paths or weight/path pairs, as --train-data",
+    )
+    p.add_argument(
+        "--stage2-data",
+        nargs="+",
+        default=[],
+        metavar="D",
+        help="stage-2 training data (two-stage schedule), as --train-data",
+    )
+    p.add_argument(
+        "--eval-beir",
+        nargs="+",
+        default=[],
+        action="extend",
+        metavar="DIR",
+        help="local BEIR folders every cell is evaluated on (evaluate_mteb.py --beir-dir)",
+    )
     p.add_argument("--tasks", nargs="+", default=[], metavar="NAME", help="mteb task names")
     p.add_argument("--instruction", default=None, help="evaluate_mteb.py --instruction")
-    p.add_argument("--grid", nargs="+", default=[], metavar="AXIS=V1,V2")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="AXIS=V1,V2",
+        help="restrict an axis (pooling, mask, schedule) to these values; an axis not named "
+        "keeps all",
+    )
     p.add_argument("--recipe", default="tiny", help="training recipe (stage suffix optional)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--run", choices=["local", "slurm"], default="local")
+    p.add_argument("--out", required=True, help="output folder: cells/, slurm/, ablation.*")
+    p.add_argument(
+        "--run",
+        choices=["local", "slurm"],
+        default="local",
+        help="local: run the cells here; slurm: write sbatch scripts only",
+    )
     p.add_argument("--nproc", type=int, default=1, help="processes per node (training, eval)")
     p.add_argument("--collect", action="store_true", help="only gather finished cells")
     p.add_argument(
@@ -52,9 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         help="--nproc 1: run evaluate_mteb.py as a subprocess (default: in the ablate process)",
     )
     s = p.add_argument_group("--run slurm")
-    s.add_argument("--slurm-nodes", type=int, default=1)
-    s.add_argument("--slurm-gpus-per-node", type=int, default=8)
-    s.add_argument("--slurm-time", default="24:00:00")
+    s.add_argument("--slurm-nodes", type=int, default=1, help="nodes per training job")
+    s.add_argument("--slurm-gpus-per-node", type=int, default=8, help="GPUs per node")
+    s.add_argument("--slurm-time", default="24:00:00", help="time limit per job (#SBATCH --time)")
     s.add_argument("--sbatch", action="append", default=[], help='extra "#SBATCH" line content')
     # helpers used by the generated scripts
     p.add_argument("--derive-mask", nargs=3, metavar=("SRC", "DST", "MASK"), help=argparse.SUPPRESS)
@@ -73,6 +104,9 @@ def main(argv=None) -> int:
         argv = [*argv, "--out", "."]
     args = p.parse_args(argv)
 
+    from megatron_nvembed.logging_utils import setup_logging
+
+    setup_logging()
     from megatron_nvembed.evaluation import ablation as ab
 
     if args.derive_mask:

@@ -3,13 +3,17 @@
 
   import-hf  --hf-dir SRC --save DST [--tensor-model-parallel-size N]
              [--pipeline-model-parallel-size M] [--pooling latent|mean|eos|self-attention]
-             [--mask-type bidirectional|causal]
+             [--mask-type bidirectional|causal] [--pooling-num-latents R]
+             [--pooling-num-attention-heads H] [--pooling-head-dim D]
   export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32]
   merge-lora --load SRC --save DST [--peft-dir DIR --peft-base-model BASE
              [--peft-target nvembed|mistral]]
 
 import-hf reads Mistral/Llama (`*ForCausalLM` or bare `*Model`) and NV-Embed checkpoints and
 writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine).
+A source without a pooling head gets a new, seeded one: --pooling picks its type and
+--pooling-num-latents / --pooling-num-attention-heads / --pooling-head-dim its size (NV-Embed's
+512 / 8 / model width by default); for a source that has a head these flags are errors.
 export-hf writes NV-Embed's HF format, loadable offline with
 `AutoModel.from_pretrained(DST, trust_remote_code=True)` (transformers 4.42 and 5, NV-Embed's
 released code, sentence-transformers: docs/conversion.md); a relocatable folder with the
@@ -32,20 +36,63 @@ def main(argv=None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import-hf", help="transformers / NV-Embed -> megatron_nvembed")
-    imp.add_argument("--hf-dir", required=True)
-    imp.add_argument("--save", required=True)
-    imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    imp.add_argument("--pooling", choices=["latent", "mean", "eos", "self-attention"])
-    imp.add_argument("--mask-type", choices=["bidirectional", "causal"])
+    imp.add_argument(
+        "--hf-dir",
+        required=True,
+        help="transformers folder: config.json, *.safetensors, tokenizer.json (Mistral / Llama "
+        "decoder or NV-Embed)",
+    )
+    imp.add_argument("--save", required=True, help="checkpoint folder to write (replaced whole)")
+    imp.add_argument(
+        "--tensor-model-parallel-size", type=int, default=1, help="TP of the written shards"
+    )
+    imp.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help="PP of the written shards"
+    )
+    imp.add_argument(
+        "--pooling",
+        choices=["latent", "mean", "eos", "self-attention"],
+        help="pooling head (default: the source's, else latent); a source with a head keeps it",
+    )
+    imp.add_argument(
+        "--mask-type",
+        choices=["bidirectional", "causal"],
+        help="attention mask (default: the source's, else bidirectional)",
+    )
     imp.add_argument("--seed", type=int, default=1234, help="initialisation of a new pooling head")
+    # Megatron's --num-attention-heads / the paper's "latents", prefixed like --pooling: these
+    # size the pooling head only, never the decoder.
+    imp.add_argument(
+        "--pooling-num-latents",
+        type=int,
+        default=None,
+        help="latent array rows of a new latent head (default 512, NV-Embed's)",
+    )
+    imp.add_argument(
+        "--pooling-num-attention-heads",
+        type=int,
+        default=None,
+        help="attention heads of a new latent or self-attention head (default 8); divisible by "
+        "--tensor-model-parallel-size",
+    )
+    imp.add_argument(
+        "--pooling-head-dim",
+        type=int,
+        default=None,
+        help="width of each of those heads (default: the model width, as NV-Embed)",
+    )
     exp = sub.add_parser("export-hf", help="megatron_nvembed -> NV-Embed HF format")
-    exp.add_argument("--load", required=True)
-    exp.add_argument("--hf-dir", required=True)
-    exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    exp.add_argument("--load", required=True, help="checkpoint folder (any saved TP/PP layout)")
+    exp.add_argument("--hf-dir", required=True, help="NV-Embed-format folder to write")
+    exp.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the written weights",
+    )
     mrg = sub.add_parser("merge-lora", help="fold LoRA adapters into the base weights")
-    mrg.add_argument("--load", required=True)
-    mrg.add_argument("--save", required=True)
+    mrg.add_argument("--load", required=True, help="training checkpoint with LoRA adapters")
+    mrg.add_argument("--save", required=True, help="plain checkpoint folder to write")
     mrg.add_argument("--peft-dir", default=None, help="also write PEFT-format adapters here")
     mrg.add_argument(
         "--peft-base-model",
@@ -64,7 +111,7 @@ def main(argv=None) -> int:
 
     from megatron_nvembed.logging_utils import setup_logging
 
-    setup_logging()
+    setup_logging(note_kernels=True)
     try:
         if args.command == "import-hf":
             from megatron_nvembed.conversion.convert import import_hf
@@ -77,6 +124,9 @@ def main(argv=None) -> int:
                 pooling=args.pooling,
                 mask_type=args.mask_type,
                 seed=args.seed,
+                num_latents=args.pooling_num_latents,
+                num_heads=args.pooling_num_attention_heads,
+                head_dim=args.pooling_head_dim,
             )
             print(
                 f"wrote {args.save} (TP={args.tensor_model_parallel_size}, "

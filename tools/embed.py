@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 
 def read_inputs(path: str) -> tuple[list[str], list[str]]:
     """Texts and their query prefixes (see the module docstring); errors name the file and line."""
@@ -51,6 +49,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward call")
     args = p.parse_args(argv)
 
+    from megatron_nvembed.logging_utils import setup_logging
+
+    setup_logging(note_kernels=True)
+    import numpy as np
     import torch.distributed as dist
 
     from megatron_nvembed.evaluation.encoder import load_embedder

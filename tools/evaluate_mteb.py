@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--tasks", nargs="+", default=[], metavar="NAME", help="mteb task names")
     p.add_argument("--benchmark", default=None, help='mteb benchmark, e.g. "MTEB(eng, v1)"')
-    p.add_argument("--beir-dir", nargs="+", default=[], action="extend", metavar="DIR")
+    p.add_argument(
+        "--beir-dir",
+        nargs="+",
+        default=[],
+        action="extend",
+        metavar="DIR",
+        help="local BEIR folders run as retrieval tasks named after the folder (see above)",
+    )
     p.add_argument("--beir-split", default="test", help="qrels/<split>.tsv of --beir-dir folders")
     p.add_argument("--instruction", default=None, help="query instruction, see above")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward call")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per text (BOS, EOS incl.)")
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP of a checkpoint --model (resharded on load)",
+    )
     p.add_argument("--name", default=None, help="model name in mteb's results (default: DIR)")
     p.add_argument("--resume", action="store_true", help="keep finished tasks found under OUT")
     return p
@@ -72,11 +83,9 @@ def _resolve_mteb_tasks(p, names: list[str], benchmark: str | None) -> list:
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    main_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(
-        level=logging.INFO if main_rank else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from megatron_nvembed.logging_utils import setup_logging
+
+    setup_logging(note_kernels=True)
     logging.getLogger("mteb").setLevel(logging.WARNING)
 
     from megatron_nvembed.evaluation.beir import load_beir

@@ -24,18 +24,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--input", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--num-negatives", type=int, default=7)
-    p.add_argument("--margin", type=float, default=0.95)
+    p.add_argument("--input", required=True, help="training records (JSONL or Parquet)")
+    p.add_argument("--corpus", required=True, help='JSONL, {"text": ...} per line')
+    p.add_argument(
+        "--model", required=True, help="teacher: sentence-transformers model or NV-Embed export"
+    )
+    p.add_argument("--output", required=True, help='records with "neg" filled (JSONL)')
+    p.add_argument("--num-negatives", type=int, default=7, help="hard negatives per query")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.95,
+        help="keep candidates scoring below this fraction of the positive's teacher score",
+    )
     p.add_argument(
         "--candidates", type=int, default=50, help="retrieved per query before filtering"
     )
     p.add_argument("--shard-size", type=int, default=100_000, help="corpus texts per FAISS shard")
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per resumable chunk")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward call")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--instruction",
@@ -55,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--stop-after-chunks", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    from megatron_nvembed.logging_utils import setup_logging
+
+    setup_logging()
     from megatron_nvembed.curation.mining import load_encoder, mine_hard_negatives
 
     try:

@@ -68,32 +68,54 @@ def main(argv=None) -> int:
     )
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--input", required=True)
-    common.add_argument("--output", required=True)
-    common.add_argument("--summary-json")
+    common.add_argument(
+        "--input",
+        required=True,
+        help=".jsonl / .csv / .parquet file, a datasets save_to_disk folder, or a datasets name",
+    )
+    common.add_argument("--output", required=True, help="training records to write (JSONL)")
+    common.add_argument("--summary-json", help="also write the printed summary to this file")
     common.add_argument("--split", default="train", help="split of a datasets name")
     gen = argparse.ArgumentParser(add_help=False)
-    gen.add_argument("--task", required=True)
-    gen.add_argument("--num-negatives", type=int, default=7)
-    gen.add_argument("--max-samples", type=int)
-    gen.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("classification", parents=[common, gen])
-    c.add_argument("--text-column", default="text")
-    c.add_argument("--label-column", default="label")
-    c.add_argument("--label-text-column", default="label_text")
-    c.add_argument("--positive", choices=["label", "example"], default="label")
-    k = sub.add_parser("clustering", parents=[common, gen])
-    k.add_argument("--text-column", default="title")
-    k.add_argument("--category-column", default="category")
-    s = sub.add_parser("sts", parents=[common, gen])
-    s.add_argument("--sentence1-column", default="sentence1")
-    s.add_argument("--sentence2-column", default="sentence2")
-    s.add_argument("--score-column", default="score")
-    s.add_argument("--min-score", type=float, default=4.0)
-    s.add_argument("--exclude-above", type=float, default=2.5)
-    d = sub.add_parser("decontaminate", parents=[common])
-    d.add_argument("--eval", nargs="+", required=True)
-    d.add_argument("--eval-column", default="text")
+    gen.add_argument("--task", required=True, help="the records' task (its Table 6 instruction)")
+    gen.add_argument("--num-negatives", type=int, default=7, help="negatives per record")
+    gen.add_argument("--max-samples", type=int, help="records to write at most (default: all)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of sampling and negatives")
+    c = sub.add_parser("classification", parents=[common, gen], help="labelled texts -> records")
+    c.add_argument("--text-column", default="text", help="column of the texts")
+    c.add_argument("--label-column", default="label", help="column of the labels")
+    c.add_argument(
+        "--label-text-column",
+        default="label_text",
+        help="column of the labels' names (used when every row has it)",
+    )
+    c.add_argument(
+        "--positive",
+        choices=["label", "example"],
+        default="label",
+        help="positive: the label's text, or another example of the same label",
+    )
+    k = sub.add_parser("clustering", parents=[common, gen], help="categorised texts -> records")
+    k.add_argument("--text-column", default="title", help="column of the texts")
+    k.add_argument("--category-column", default="category", help="column of the categories")
+    s = sub.add_parser("sts", parents=[common, gen], help="scored sentence pairs -> records")
+    s.add_argument("--sentence1-column", default="sentence1", help="column of the first text")
+    s.add_argument("--sentence2-column", default="sentence2", help="column of the second text")
+    s.add_argument("--score-column", default="score", help="column of the similarity score")
+    s.add_argument(
+        "--min-score", type=float, default=4.0, help="pairs scoring at least this are positives"
+    )
+    s.add_argument(
+        "--exclude-above",
+        type=float,
+        default=2.5,
+        help="never take as negative a text annotated above this score with the query",
+    )
+    d = sub.add_parser(
+        "decontaminate", parents=[common], help="drop records that overlap evaluation texts"
+    )
+    d.add_argument("--eval", nargs="+", required=True, help="evaluation data files or folders")
+    d.add_argument("--eval-column", default="text", help="column of the evaluation texts")
     d.add_argument(
         "--skip-bad-records",
         action="store_true",
@@ -107,6 +129,9 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
 
+    from megatron_nvembed.logging_utils import setup_logging
+
+    setup_logging()
     from megatron_nvembed.curation import converters as cv
     from megatron_nvembed.data.records import write_jsonl_atomic
 

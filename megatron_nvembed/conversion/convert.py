@@ -155,11 +155,21 @@ def import_hf(
     pooling: str | None = None,
     mask_type: str | None = None,
     seed: int = 1234,
+    num_latents: int | None = None,
+    num_heads: int | None = None,
+    head_dim: int | None = None,
 ) -> EmbeddingModelConfig:
     """Converts a transformers Mistral/Llama or NV-Embed checkpoint into a sharded checkpoint.
 
     A source without a pooling head (plain decoder) gets the head's seeded initialisation.
     Runs TP x PP gloo processes on this machine (conversion is CPU work).
+
+    Args:
+        num_latents, num_heads, head_dim: the size of a new head (`--pooling-num-latents`,
+            `--pooling-num-attention-heads`, `--pooling-head-dim`; None: `PoolingConfig`'s
+            defaults, NV-Embed's 512 latents, 8 heads, head width = model width). Refused for a
+            source that has a head (its size is the source's) and for a pooling type without
+            that setting.
 
     Raises:
         FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault.
@@ -182,6 +192,26 @@ def import_hf(
                 f"--pooling {pooling}: the source already has a {cfg.pooling.type!r} head"
             )
         cfg.pooling.type = pooling
+    for flag, field_name, value, types in (
+        ("--pooling-num-latents", "num_latents", num_latents, ("latent",)),
+        ("--pooling-num-attention-heads", "num_heads", num_heads, ("latent", "self-attention")),
+        ("--pooling-head-dim", "head_dim", head_dim, ("latent", "self-attention")),
+    ):
+        if value is None:
+            continue
+        if has_head:
+            raise ValueError(
+                f"{flag} {value}: the source already has a {cfg.pooling.type!r} head, whose size "
+                "comes with its weights; the flag only sizes a new head"
+            )
+        if cfg.pooling.type not in types:
+            raise ValueError(
+                f"{flag}: {cfg.pooling.type!r} pooling has no such setting (only "
+                f"--pooling {' / '.join(types)})"
+            )
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+        setattr(cfg.pooling, field_name, value)
     if mask_type is not None:
         cfg.model.mask_type = mask_type
     cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)

@@ -355,6 +355,16 @@ def _read_sidecar(path: Path) -> dict:
     return meta
 
 
+def local_spec_missing(spec: str) -> bool:
+    """True when the `--train-data` item `spec` is a path that does not exist and nothing a
+    `datasets` name could be (a file suffix, or not `name` / `owner/name`): `load_dataset_spec`
+    refuses it without asking the hub, and `pretrain_nvembed.py --check-args` before starting."""
+    base, _ = split_spec(spec)
+    path = Path(base)
+    # a file path, or nothing a `datasets` name could be: do not ask the hub
+    return not path.exists() and (path.suffix in RECORD_SUFFIXES or not _DATASET_NAME.match(base))
+
+
 def load_dataset_spec(
     spec: str,
     *,
@@ -425,8 +435,7 @@ def load_dataset_spec(
         if len(kinds) > 1:
             raise ValueError(f"--train-data: {spec} mixes Parquet and JSONL files; split them")
         source = _parquet_source(files, v) if kinds.pop() else _index_jsonl(files, v)
-    elif path.suffix in RECORD_SUFFIXES or not _DATASET_NAME.match(base):
-        # a file path, or nothing a `datasets` name could be: do not ask the hub
+    elif local_spec_missing(spec):
         raise FileNotFoundError(f"--train-data: {spec} does not exist")
     else:
         split = split or "train"

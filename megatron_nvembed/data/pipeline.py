@@ -162,5 +162,12 @@ def build_train_data(
         for i, (_, path) in enumerate(pairs)
     ]
     data = BlendedEmbeddingData(sources, [w for w, _ in pairs], tokenizer, **kwargs)
-    logger.info(data.summary())
+    # What was opened; `summary()` (what was read) belongs at the end of training.
+    s = data.sampler
+    logger.info(
+        "data: %d dataset(s) blended into global batches of %d queries (%s)",
+        len(data.names),
+        s.G,
+        ", ".join(f"{n} weight {float(w):.3f}" for n, w in zip(data.names, s.weights)),
+    )
     return data

@@ -438,7 +438,7 @@ def _run_step(step: Step, log: Path, nproc: int, in_process_eval: bool) -> float
         env = {
             "NPROC_PER_NODE": str(nproc),
             "MASTER_PORT": str(free_port()),
-            "TORCHRUN": f"{_py()} -m torch.distributed.run",
+            "PYTHON": _py(),
         }
         _run_logged(step.argv, log, env)
     else:

@@ -97,6 +97,45 @@ def retrieval_metrics(
     return out
 
 
+def score_margins(
+    scores: np.ndarray,
+    query_ids: list[str],
+    corpus_ids: list[str],
+    qrels: dict[str, dict[str, int]],
+) -> dict[str, float]:
+    """How far the relevant documents score above the others, averaged over queries.
+
+    For query q with relevant documents P(q) (qrels score > 0) and negatives N(q) (every other
+    corpus document, judged 0 or unjudged), s(q, d) being `scores` (the embeddings' dot product:
+    their cosine when the head normalises):
+
+    - `score_margin_hardest` = mean over q of [mean_{d in P(q)} s(q, d) - max_{d in N(q)} s(q, d)]:
+      positive when the average relevant document beats the hardest negative;
+    - `score_margin_mean` = mean over q of [mean_{d in P(q)} s(q, d) - mean_{d in N(q)} s(q, d)].
+
+    Queries without a relevant document or without a negative are left out (both 0.0 when none
+    is left).
+
+    Args:
+        scores: [n_queries, n_docs], rows in `query_ids` order, columns in `corpus_ids` order.
+    """
+    column = {d: j for j, d in enumerate(corpus_ids)}
+    hardest, mean = [], []
+    for row, qid in enumerate(query_ids):
+        pos = [column[d] for d, r in qrels.get(qid, {}).items() if r > 0 and d in column]
+        if not pos or len(pos) == len(corpus_ids):
+            continue
+        neg = np.ones(len(corpus_ids), dtype=bool)
+        neg[pos] = False
+        pos_mean = float(scores[row, pos].mean())
+        hardest.append(pos_mean - float(scores[row, neg].max()))
+        mean.append(pos_mean - float(scores[row, neg].mean()))
+    return {
+        "score_margin_hardest": float(np.mean(hardest)) if hardest else 0.0,
+        "score_margin_mean": float(np.mean(mean)) if mean else 0.0,
+    }
+
+
 def evaluate_beir(
     encode: Callable[[list[str], str], np.ndarray],
     folder: str | Path,

@@ -7,6 +7,7 @@ Every flag defaults to "not given"; the recipe supplies the value unless the fla
 from __future__ import annotations
 
 import argparse
+import sys
 
 from megatron_nvembed.training.config import TrainingConfig
 from megatron_nvembed.training.recipes import RECIPES, get_recipe
@@ -34,20 +35,30 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--lr-decay-iters", "lr_decay_iters", int, "decay steps (default --train-iters)"),
     ("--lr-decay-style", "lr_decay_style", str, "linear, cosine or constant"),
     ("--weight-decay", "weight_decay", float, "Adam(W) weight decay"),
-    ("--adam-beta1", "adam_beta1", float, None),
-    ("--adam-beta2", "adam_beta2", float, None),
-    ("--adam-eps", "adam_eps", float, None),
+    ("--adam-beta1", "adam_beta1", float, "Adam(W) first-moment decay"),
+    ("--adam-beta2", "adam_beta2", float, "Adam(W) second-moment decay"),
+    ("--adam-eps", "adam_eps", float, "Adam(W) denominator epsilon"),
     ("--clip-grad", "clip_grad", float, "gradient-norm clipping (0: off)"),
     ("--seed", "seed", int, "seed of initialisation, data order and dropout"),
-    ("--hidden-dropout", "model.model.hidden_dropout", float, None),
-    ("--attention-dropout", "model.model.attention_dropout", float, None),
+    ("--hidden-dropout", "model.model.hidden_dropout", float, "dropout after attention and MLP"),
+    (
+        "--attention-dropout",
+        "model.model.attention_dropout",
+        float,
+        "dropout on the attention probabilities",
+    ),
     (
         "--recompute-granularity",
         "model.model.recompute_granularity",
         str,
         "activation recompute: full or selective",
     ),
-    ("--recompute-num-layers", "model.model.recompute_num_layers", int, None),
+    (
+        "--recompute-num-layers",
+        "model.model.recompute_num_layers",
+        int,
+        "layers per recomputed chunk with --recompute-granularity full",
+    ),
     ("--attention-backend", "model.model.attention_backend", str, "auto, te, sdpa or local"),
     ("--save", "save", str, "checkpoint directory to write"),
     ("--load", "load", str, "checkpoint directory to resume from (if it holds one)"),
@@ -56,8 +67,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--log-json", "log_json", str, "append one JSON object per logged iteration to this file"),
     ("--stage", "stage", int, "1 (in-batch + hard negatives) or 2 (in-batch off)"),
     ("--lora-rank", "lora.rank", int, "LoRA rank (0: full fine-tuning)"),
-    ("--lora-alpha", "lora.alpha", float, None),
-    ("--lora-dropout", "lora.dropout", float, None),
+    ("--lora-alpha", "lora.alpha", float, "LoRA scale: adapter output times alpha / rank"),
+    ("--lora-dropout", "lora.dropout", float, "dropout on the LoRA adapter input"),
     ("--temperature", "temperature", float, "softmax temperature of the contrastive loss"),
     (
         "--false-negative-margin",
@@ -89,14 +100,58 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--eval-interval", "eval_interval", int, "iterations between validations"),
     ("--eval-instruction", "eval_instruction", str, "query instruction for --eval-data"),
-    ("--eval-batch-size", "eval_batch_size", int, None),
+    ("--eval-batch-size", "eval_batch_size", int, "texts per forward call in validation"),
+    (
+        "--eval-iters",
+        "eval_iters",
+        int,
+        "validation batches of --eval-batch-size queries per set (default: every query)",
+    ),
+    ("--tensorboard-dir", "tensorboard_dir", str, "write the log's scalars for TensorBoard here"),
+    ("--wandb-project", "wandb_project", str, "log the log's scalars to this W&B project"),
+    ("--wandb-exp-name", "wandb_exp_name", str, "W&B run name"),
+    ("--wandb-save-dir", "wandb_save_dir", str, "W&B run folder (default: --save/wandb)"),
+    ("--exit-interval", "exit_interval", int, "save and exit at a multiple of this iteration"),
+    (
+        "--exit-duration-in-mins",
+        "exit_duration_in_mins",
+        float,
+        "save and exit after this many minutes of training",
+    ),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# dest -> TrainingConfig attribute path of the flags added by hand in `build_parser`.
+_OTHER_PATHS: dict[str, str] = {
+    "train_data": "train_data",
+    "eval_data": "eval_data",
+    "bf16": "model.model.bf16",
+    "grad_cache": "grad_cache",
+    "in_batch_negatives": "in_batch",
+    "use_distributed_optimizer": "use_distributed_optimizer",
+    "skip_bad_records": "skip_bad_records",
+    "pack_sequences": "pack_sequences",
+}
+
+
+def _paths() -> dict[str, str]:
+    """argparse dest -> TrainingConfig attribute path, for every flag a recipe supplies."""
+    return {flag.lstrip("-").replace("-", "_"): path for flag, path, _, _ in _FLAGS} | _OTHER_PATHS
+
+
+def build_parser(recipe: str | None = None, stage: int | None = None) -> argparse.ArgumentParser:
+    """The flags; with `recipe` each flag's help ends with that recipe's value
+    ("(recipe nvembed_mistral_7b_stage1: 2e-05)"), which `--help --recipe NAME` shows.
+
+    Raises:
+        ValueError: unknown `recipe` (naming --recipe).
+    """
     parser = argparse.ArgumentParser(
         prog="pretrain_nvembed.py",
-        description="Contrastive training of NV-Embed-style embedding models on Megatron-core.",
+        # argparse's generated usage lists every flag (50 lines) above each error message.
+        usage="%(prog)s [--recipe NAME] [--FLAG VALUE ...]  (--help: every flag)",
+        description="Contrastive training of NV-Embed-style embedding models on Megatron-core. "
+        "Flags left out take the recipe's value; --help --recipe NAME shows NAME's values.",
     )
     parser.add_argument(
         "--recipe",
@@ -146,8 +201,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="pack several texts per row (at most --seq-length tokens), each attending only to "
         "itself, so the backbone skips padding (THD layout on te / sdpa, a block mask on local)",
     )
-    parser.add_argument("--skip-bad-records", action="store_true", default=None)
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        default=None,
+        help="skip (and count) malformed records instead of stopping at the first",
+    )
+    parser.add_argument(
+        "--check-args",
+        action="store_true",
+        help="check the flags and that the input paths exist, then exit without training "
+        "(0: fine, 2: an error naming the flag); examples/pretrain_nvembed.sh runs this before "
+        "starting torchrun",
+    )
+    if recipe is not None:
+        _annotate_with_recipe(parser, recipe, stage)
     return parser
+
+
+def _annotate_with_recipe(parser: argparse.ArgumentParser, recipe: str, stage: int | None) -> None:
+    cfg = get_recipe(recipe, stage)
+    name = cfg.recipe if cfg.recipe != "custom" else recipe
+    paths = _paths()
+    seen = set()
+    for action in parser._actions:
+        path = paths.get(action.dest)
+        if path is None or action.dest in seen:  # --fp32 shares --bf16's dest
+            continue
+        seen.add(action.dest)
+        value = cfg
+        try:
+            for attr in path.split("."):
+                value = getattr(value, attr)
+        except AttributeError:
+            continue  # a flag whose config field this recipe's config does not carry
+        if isinstance(value, bool):
+            shown = "on" if value else "off"
+        elif value is None or value == []:
+            shown = "not set"
+        elif isinstance(value, list):
+            shown = " ".join(map(str, value))
+        else:
+            shown = repr(value) if isinstance(value, str) else str(value)
+        action.help = f"{action.help or ''} (recipe {name}: {shown})".lstrip()
+
+
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """`build_parser` for this command line: with `-h` / `--help`, annotated with the values of
+    the `--recipe` (and `--stage`) given.
+
+    Raises:
+        ValueError: unknown --recipe, or --stage contradicting it.
+    """
+    if not {"-h", "--help"} & set(argv):
+        return build_parser()
+    pre = argparse.ArgumentParser(add_help=False)  # never prints: the full parser does
+    pre.add_argument("--recipe", default="tiny", help=argparse.SUPPRESS)
+    pre.add_argument("--stage", type=int, default=None, help=argparse.SUPPRESS)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except SystemExit:  # a malformed --stage: the full parser reports it
+        return build_parser()
+    return build_parser(known.recipe, known.stage)
 
 
 def _set(cfg, path: str, value) -> None:
@@ -164,23 +279,23 @@ def parse_args(argv=None) -> TrainingConfig:
     Raises:
         SystemExit (argparse) / ValueError naming the flag.
     """
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return config_from_args(parser_for(argv).parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """Parsed flags -> validated TrainingConfig (recipe values unless a flag is given).
+
+    Raises:
+        ValueError naming the flag.
+    """
     cfg = get_recipe(args.recipe, args.stage)
     values = vars(args)
     for flag, path, _, _ in _FLAGS:
         value = values[flag.lstrip("-").replace("-", "_")]
         if value is not None:
             _set(cfg, path, value)
-    for name, path in (
-        ("train_data", "train_data"),
-        ("eval_data", "eval_data"),
-        ("bf16", "model.model.bf16"),
-        ("grad_cache", "grad_cache"),
-        ("in_batch_negatives", "in_batch"),
-        ("use_distributed_optimizer", "use_distributed_optimizer"),
-        ("skip_bad_records", "skip_bad_records"),
-        ("pack_sequences", "pack_sequences"),
-    ):
+    for name, path in _OTHER_PATHS.items():
         if values[name] is not None:
             _set(cfg, path, values[name])
     return cfg.validate()

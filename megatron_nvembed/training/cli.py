@@ -1,45 +1,94 @@
 """`pretrain_nvembed.py` main: parse flags, train, exit (0 done or preempted-and-saved, 2 bad
-input, 1 aborted)."""
+input, 1 aborted).
+
+One rank speaks: messages come from global rank 0 (`setup_logging`); an error is said once
+(`_error`). `--help` and `--check-args` import neither torch nor megatron-core
+(`examples/pretrain_nvembed.sh` runs `--check-args` before torchrun, so a bad flag or a missing
+input path is one message and exit code 2, never a launcher traceback).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
+def check_inputs(cfg) -> None:
+    """The cheap part of the input checks, before any process group: every `--train-data` item
+    and `--eval-data` folder, `--pretrained-checkpoint` and `--tokenizer` exist.
+
+    Raises:
+        ValueError / FileNotFoundError naming the flag.
+    """
+    from megatron_nvembed.data.loading import local_spec_missing, parse_data_paths
+
+    for _, spec in parse_data_paths(cfg.train_data):
+        if local_spec_missing(spec):
+            raise FileNotFoundError(f"--train-data: {spec} does not exist")
+    for flag, paths in (
+        ("--eval-data", cfg.eval_data or []),
+        (
+            "--pretrained-checkpoint",
+            [cfg.pretrained_checkpoint] if cfg.pretrained_checkpoint else [],
+        ),
+        ("--tokenizer", [cfg.tokenizer] if cfg.tokenizer else []),
+    ):
+        for path in paths:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{flag}: {path} does not exist")
+
+
+def _error(err: Exception) -> int:
+    """Bad input: exit code 2 and the message once. Under torchrun each worker writes it to its
+    error file instead (`TORCHELASTIC_ERROR_FILE`), and `training/torchrun.py` prints the first
+    failed worker's: whichever rank found the problem, and before torchrun stops the others."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        with open(error_file, "w") as f:
+            json.dump({"message": str(err), "timestamp": int(time.time())}, f)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
+    from megatron_nvembed.training.arguments import config_from_args, parser_for
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser_for(argv).parse_args(argv)
+        cfg = config_from_args(args)
+        if args.check_args:
+            check_inputs(cfg)
+            return 0
+    except (ValueError, FileNotFoundError) as err:
+        return _error(err)
+
     from megatron_nvembed.logging_utils import setup_logging
-    from megatron_nvembed.training.arguments import parse_args
 
-    setup_logging()
-    import os
-
+    setup_logging(note_kernels=True)
     # Tokenizers' own thread pool would fight the training processes for cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-
-    # megatron-core logs every parameter name at INFO when it builds the DDP buffers.
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    try:
-        cfg = parse_args(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     import torch.distributed as dist
 
+    from megatron_nvembed.logging_utils import is_rank0
     from megatron_nvembed.training.trainer import train
 
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
     finally:
         if dist.is_initialized():
             from megatron.core import parallel_state
 
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-    print(f"training finished at iteration {result.iteration} ({result.exit_reason})")
+    if is_rank0():
+        print(f"training finished at iteration {result.iteration} ({result.exit_reason})")
     return 0
 
 

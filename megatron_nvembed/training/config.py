@@ -83,6 +83,22 @@ class TrainingConfig:
     log_json: str | None = None
     max_nonfinite_steps: int = 10
     """Consecutive non-finite losses tolerated (each skips its step) before the run aborts."""
+    tensorboard_dir: str | None = None
+    """`--tensorboard-dir`: TensorBoard event files with the JSON log's scalars (extra
+    `tensorboard`)."""
+    wandb_project: str | None = None
+    """`--wandb-project`: log the JSON log's scalars to this Weights & Biases project (extra
+    `wandb`; `WANDB_MODE=offline` writes the run locally only)."""
+    wandb_exp_name: str | None = None
+    """`--wandb-exp-name`: the W&B run name (default: one W&B picks)."""
+    wandb_save_dir: str | None = None
+    """`--wandb-save-dir`: where W&B writes its run folder (default: `--save`/wandb, else W&B's
+    default `./wandb`)."""
+    exit_interval: int | None = None
+    """`--exit-interval N`: save (with `--save`) and exit once the iteration is a multiple of N."""
+    exit_duration_in_mins: float | None = None
+    """`--exit-duration-in-mins M`: save (with `--save`) and exit at the end of the first
+    iteration after M minutes since `train()` started (all ranks agree through an all-reduce)."""
 
     # evaluation during training
     eval_interval: int | None = None
@@ -91,6 +107,9 @@ class TrainingConfig:
     validation."""
     eval_instruction: str | None = None
     eval_batch_size: int = 32
+    eval_iters: int | None = None
+    """`--eval-iters N`: each validation scores the first N x `eval_batch_size` queries of each
+    set (N query batches); the corpus is embedded whole (ranking needs every document)."""
 
     in_batch: bool | None = None
     """`--in-batch-negatives / --no-in-batch-negatives`; None: on in stage 1, off in stage 2."""
@@ -163,6 +182,24 @@ class TrainingConfig:
             raise ValueError("--train-data is required (paths, or weight/path pairs)")
         if self.eval_interval is not None and not self.eval_data:
             raise ValueError("--eval-interval needs --eval-data (BEIR-format folders)")
+        for flag, value in (
+            ("--exit-interval", self.exit_interval),
+            ("--eval-iters", self.eval_iters),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.eval_iters is not None and self.eval_interval is None:
+            raise ValueError("--eval-iters needs --eval-interval (and --eval-data)")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ValueError(
+                f"--exit-duration-in-mins must be > 0, got {self.exit_duration_in_mins}"
+            )
+        for flag, value in (
+            ("--wandb-exp-name", self.wandb_exp_name),
+            ("--wandb-save-dir", self.wandb_save_dir),
+        ):
+            if value is not None and not self.wandb_project:
+                raise ValueError(f"{flag} needs --wandb-project (W&B logging is off without it)")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"--global-batch-size ({self.global_batch_size}) must be a multiple of "

@@ -19,7 +19,6 @@ candidates run as two forwards at their own widths.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -33,7 +32,7 @@ import torch.distributed as dist
 from megatron_nvembed.cpu_support import cpu_mode, cuda_allocations_on_cpu
 from megatron_nvembed.data.collate import EmbeddingBatch
 from megatron_nvembed.flops import flop_shape, loss_flops, model_step_flops
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.logging_utils import SPEAKER, get_logger
 from megatron_nvembed.loss import (
     ContrastiveLoss,
     ContrastiveLossConfig,
@@ -104,7 +103,8 @@ class TrainResult:
     """Global-batch mean loss of every iteration run in this call."""
     skipped: int = 0
     exit_reason: str = "done"
-    """"done", "sigterm"."""
+    """Why the loop stopped: "done" (`--train-iters` reached), "sigterm", "exit_interval"
+    (`--exit-interval`) or "exit_duration" (`--exit-duration-in-mins`)."""
     evals: dict[int, dict] = field(default_factory=dict)
 
 
@@ -498,8 +498,11 @@ def train(cfg: TrainingConfig) -> TrainResult:
     from megatron_nvembed.data.pipeline import build_train_data
     from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.training import checkpointing as ckpt
+    from megatron_nvembed.training.sinks import Sinks, build_sinks, require_sink_packages
 
+    started = time.perf_counter()  # the clock of elapsed_s, eta_s and --exit-duration-in-mins
     cfg.validate()
+    require_sink_packages(cfg)
     model_cfg, source = _resolve_model_config(cfg)
     par = model_cfg.parallel
     pg = initialize_model_parallel(
@@ -591,10 +594,6 @@ def train(cfg: TrainingConfig) -> TrainResult:
         )
     result = TrainResult(iteration=iteration, skipped=guard.skipped)
     sigterm = _SigtermFlag()
-    log_file = None
-    if reporter and cfg.log_json:
-        Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(cfg.log_json, "a", encoding="utf-8")
     peak_tflops = _peak_tflops(device)
     window = {"time": 0.0, "tokens": 0, "padded": 0, "sequences": 0, "flops": 0.0, "iters": 0}
     shape = flop_shape(model_cfg, cfg.lora.rank if lora else 0)
@@ -625,7 +624,11 @@ def train(cfg: TrainingConfig) -> TrainResult:
         if rank == 0:
             logger.info("saved checkpoint %s at iteration %d", cfg.save, it)
 
+    sinks = Sinks()
     try:
+        # The JSON log, TensorBoard and W&B get the same records, from the reporting rank only.
+        if reporter:
+            sinks = build_sinks(cfg)
         model.train()
         while iteration < cfg.train_iters:
             start = time.perf_counter()
@@ -699,30 +702,28 @@ def train(cfg: TrainingConfig) -> TrainResult:
                     device,
                     peak_tflops,
                     guard.skipped,
+                    time.perf_counter() - started,
                 )
                 if reporter:
-                    logger.info(_log_line(record, stats, cfg))
-                    if log_file is not None:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
+                    logger.info(_log_line(record, stats, cfg), extra=SPEAKER)
+                    sinks.write(record, iteration)
                 window = {k: 0 for k in window}
             if evaluator is not None and iteration % cfg.eval_interval == 0:
                 metrics = evaluator(iteration)
                 result.evals[iteration] = metrics
-                if reporter and log_file is not None:
-                    log_file.write(json.dumps({"iteration": iteration, "eval": metrics}) + "\n")
-                    log_file.flush()
-            stop = torch.tensor([1.0 if sigterm.raised else 0.0], device=device)
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item() > 0:
+                if reporter:
+                    sinks.write({"iteration": iteration, "eval": metrics}, iteration)
+            reason = _exit_reason(cfg, iteration, sigterm.raised, started, device)
+            if reason is not None:
                 if rank == 0:
                     logger.warning(
-                        "SIGTERM received: saving at iteration %d and exiting", iteration
+                        "%s: %s at iteration %d and exiting",
+                        reason[1],
+                        "saving" if cfg.save else "not saving (no --save)",
+                        iteration,
                     )
-                if cfg.save:
-                    save(iteration)
-                result.exit_reason = "sigterm"
-                return result
+                result.exit_reason = reason[0]
+                break
             if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
                 save(iteration)
         if cfg.save and saved_at[0] != iteration:
@@ -732,8 +733,33 @@ def train(cfg: TrainingConfig) -> TrainResult:
         return result
     finally:
         sigterm.restore()
-        if log_file is not None:
-            log_file.close()
+        sinks.close()
+
+
+def _exit_reason(
+    cfg: TrainingConfig, iteration: int, sigterm: bool, started: float, device
+) -> tuple[str, str] | None:
+    """Whether the loop stops early after `iteration`, as (exit_reason, log message), or None.
+
+    SIGTERM and `--exit-duration-in-mins` are decided together in one all-reduce (MAX), so every
+    rank stops at the same iteration even when only one got the signal or crossed the limit on
+    its own clock first; `--exit-interval` depends on the iteration only. Called by every rank.
+    """
+    minutes = (time.perf_counter() - started) / 60.0
+    over_time = cfg.exit_duration_in_mins is not None and minutes > cfg.exit_duration_in_mins
+    flags = torch.tensor([float(sigterm), float(over_time)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0].item() > 0:
+        return "sigterm", "SIGTERM received"
+    if flags[1].item() > 0:
+        return (
+            "exit_duration",
+            f"--exit-duration-in-mins {cfg.exit_duration_in_mins}: {minutes:.2f} min since "
+            "training started",
+        )
+    if cfg.exit_interval and iteration % cfg.exit_interval == 0:
+        return "exit_interval", f"--exit-interval {cfg.exit_interval} reached"
+    return None
 
 
 def _peak_tflops(device) -> float | None:
@@ -755,7 +781,9 @@ def _log_record(
     device,
     peak_tflops,
     skipped,
+    elapsed_s,
 ) -> dict:
+    """The logged iteration's scalars: the JSON log's line, and what every sink writes."""
     secs = max(window["time"], 1e-9)
     tokens_per_s = window["tokens"] / secs
     # Per GPU, as MFU is: the step's model FLOPs are summed over data-parallel ranks, and each
@@ -768,6 +796,7 @@ def _log_record(
 
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     lr = optimizer.param_groups[0]["lr"]
+    iteration_time = secs / max(window["iters"], 1)
     return {
         "iteration": iteration,
         "loss": loss,
@@ -776,7 +805,7 @@ def _log_record(
         "tokens_per_s": tokens_per_s,
         "padded_tokens_per_s": window["padded"] / secs,
         "sequences_per_s": window["sequences"] / secs,
-        "iteration_time_s": secs / max(window["iters"], 1),
+        "iteration_time_s": iteration_time,
         "tflops": tflops,
         "mfu": None if peak_tflops is None else tflops / peak_tflops,
         "peak_memory_gib": peak_mem,
@@ -787,6 +816,12 @@ def _log_record(
         "gather_seconds": None if stats is None else stats.gather_seconds,
         "gather_bytes": None if stats is None else stats.gather_bytes,
         "skipped_iterations": skipped,
+        # Samples (queries) drawn so far, earlier runs of a resumed job included; a skipped
+        # step's batch counts, as in Megatron-LM.
+        "consumed_samples": iteration * cfg.global_batch_size,
+        "elapsed_s": elapsed_s,
+        # The window's mean iteration time x the iterations left to --train-iters.
+        "eta_s": iteration_time * (cfg.train_iters - iteration),
     }
 
 
@@ -795,6 +830,9 @@ def _log_line(record, stats, cfg) -> str:
     mfu = record["mfu"]
     parts = [
         f"iteration {record['iteration']:>6d}/{cfg.train_iters}",
+        f"consumed samples {record['consumed_samples']}",
+        f"elapsed {_hms(record['elapsed_s'])}",
+        f"ETA {_hms(record['eta_s'])}",
         f"loss {record['loss']:.4f}",
         f"lr {record['lr']:.3e}",
         f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
@@ -809,6 +847,12 @@ def _log_line(record, stats, cfg) -> str:
     if record["skipped_iterations"]:
         parts.append(f"skipped {record['skipped_iterations']}")
     return " | ".join(parts)
+
+
+def _hms(seconds: float) -> str:
+    """`H:MM:SS` (hours unbounded)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _build_evaluator(cfg: TrainingConfig, tokenizer, model, pg):

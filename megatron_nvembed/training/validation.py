@@ -1,6 +1,12 @@
 """In-training validation: every `--eval-interval` iterations, retrieval metrics on held-out
 BEIR-format folders (`--eval-data`), queries with `--eval-instruction`, documents without.
 
+Per set: nDCG@10, recall@1/10/100, MRR@10 (`evaluation/beir.py:retrieval_metrics`), the score
+margins of `evaluation/beir.py:score_margins` (mean relevant-document score minus the hardest /
+the mean negative score) and `num_queries`. `--eval-iters N` scores only the first
+N x `--eval-batch-size` queries of each set (in file order); the corpus is embedded whole every
+time, since a ranking needs every document.
+
 Every rank embeds the whole (small) validation set with the training model in eval mode (no
 dropout, so the training RNG streams are untouched and resumption stays exact); pipeline stages
 run megatron-core's forward-only schedule. The last rank computes the metrics and shares them.
@@ -15,11 +21,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
-from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics, score_margins
+from megatron_nvembed.logging_utils import SPEAKER, get_logger
 from megatron_nvembed.model.inference import embed_microbatches
 
 logger = get_logger(__name__)
+
+
+METRICS = ("ndcg_at_10", "recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10")
 
 
 class Validator:
@@ -32,6 +41,8 @@ class Validator:
         self.sets = {Path(p).name: load_beir(p) for p in cfg.eval_data}
         self.instruction = cfg.eval_instruction or ""
         self.device = next(model.parameters()).device
+        # --eval-iters: query batches per set (None: all).
+        self.max_queries = None if cfg.eval_iters is None else cfg.eval_iters * cfg.eval_batch_size
 
     def _encode(self, texts: list[str], instruction: str) -> np.ndarray | None:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-grouped batches
@@ -57,29 +68,37 @@ class Validator:
         start = time.perf_counter()
         metrics = {}
         for name, data in self.sets.items():
-            q = self._encode(data.queries, self.instruction)
+            query_ids = data.query_ids[: self.max_queries]
+            q = self._encode(data.queries[: self.max_queries], self.instruction)
             d = self._encode(data.corpus, "")
             if q is not None:
+                scores = q @ d.T
                 m = retrieval_metrics(
-                    q @ d.T, data.query_ids, data.corpus_ids, data.qrels, ks=(1, 10, 100)
+                    scores, query_ids, data.corpus_ids, data.qrels, ks=(1, 10, 100)
                 )
-                metrics[name] = {
-                    k: m[k] for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10")
-                }
+                metrics[name] = {k: m[k] for k in METRICS}
+                metrics[name].update(score_margins(scores, query_ids, data.corpus_ids, data.qrels))
+                metrics[name]["num_queries"] = len(query_ids)
         box = [metrics]
         dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
         metrics = box[0]
         if dist.get_rank() == dist.get_world_size() - 1:
             for name, m in metrics.items():
                 logger.info(
-                    "validation iteration %d | %s | nDCG@10 %.4f | recall@10 %.4f | "
-                    "recall@100 %.4f | MRR@10 %.4f | %.1f s",
+                    "validation iteration %d | %s | %d queries | nDCG@10 %.4f | MRR@10 %.4f | "
+                    "recall@1 %.4f | recall@10 %.4f | recall@100 %.4f | margin hardest %+.4f "
+                    "mean %+.4f | %.1f s",
                     iteration,
                     name,
+                    m["num_queries"],
                     m["ndcg_at_10"],
+                    m["mrr_at_10"],
+                    m["recall_at_1"],
                     m["recall_at_10"],
                     m["recall_at_100"],
-                    m["mrr_at_10"],
+                    m["score_margin_hardest"],
+                    m["score_margin_mean"],
                     time.perf_counter() - start,
+                    extra=SPEAKER,
                 )
         return metrics

@@ -58,7 +58,7 @@ def test_two_nodes_on_localhost_train_one_job_and_loss_goes_down(synthetic, tmp_
         "NPROC_PER_NODE": "1",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port,
-        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "PYTHON": sys.executable,  # the flag check and the launcher wrapper run with this Python
     }
     log = tmp_path / "log.jsonl"
     args = _args(synthetic, train_iters=12, log_interval=1, log_json=log)
