@@ -15,13 +15,16 @@ import sys
 
 def check_inputs(cfg) -> None:
     """The cheap part of the input checks, before any process group: every `--train-data` item
-    and `--eval-data` folder, `--pretrained-checkpoint` and `--tokenizer` exist.
+    and `--eval-data` folder, `--pretrained-checkpoint` and `--tokenizer` exist, and the packages
+    of the requested log sinks are installed.
 
     Raises:
         ValueError / FileNotFoundError naming the flag.
     """
     from megatron_nvembed.data.loading import local_spec_missing, parse_data_paths
+    from megatron_nvembed.training.sinks import require_sink_packages
 
+    require_sink_packages(cfg)
     for _, spec in parse_data_paths(cfg.train_data):
         if local_spec_missing(spec):
             raise FileNotFoundError(f"--train-data: {spec} does not exist")

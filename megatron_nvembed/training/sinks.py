@@ -52,11 +52,12 @@ def require_sink_packages(cfg) -> None:
     """Checks that the packages of the requested sinks are installed (call on every rank).
 
     Raises:
-        ImportError: naming the flag and the extra that installs the package.
+        ValueError: naming the flag and the extra that installs the package (bad input: the
+            entry point reports it in one line with exit code 2).
     """
     for flag, (attr, package, extra) in _OPTIONAL.items():
         if getattr(cfg, attr) and importlib.util.find_spec(package) is None:
-            raise ImportError(
+            raise ValueError(
                 f"{flag} needs the {package} package: pip install 'megatron_nvembed[{extra}]' "
                 f"(or pip install {package})"
             )

@@ -145,5 +145,5 @@ def test_missing_sink_package_names_the_flag_and_extra(monkeypatch, flag, packag
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
     )
-    with pytest.raises(ImportError, match=rf"{flag} needs the {package} package.*\[{package}\]"):
+    with pytest.raises(ValueError, match=rf"{flag} needs the {package} package.*\[{package}\]"):
         require_sink_packages(cfg)
