@@ -1,19 +1,27 @@
-"""Embedding many texts with a megatron_nvembed checkpoint or an exported NV-Embed HF directory,
-data-parallel under torchrun (and tensor-parallel for Megatron checkpoints).
+"""Embedding many texts with a megatron_nvembed checkpoint, an exported NV-Embed HF directory or
+a sentence-transformers model, data-parallel under torchrun (and tensor-parallel for Megatron
+checkpoints).
 
-Shared by `tools/embed.py` and `tools/evaluate_mteb.py`:
+Shared by `tools/embed.py`, `tools/evaluate_mteb.py`, BEIR evaluation and hard-negative mining:
 - `load_embedder(path, ...)` detects the format: a directory with
   `latest_checkpointed_iteration.txt` is our checkpoint (loaded at any TP, resharded on load), a
   directory with `config.json` is an NV-Embed-format model (our exports, and NVIDIA's released
   NV-Embed-v2 folder), read natively by the package's own copy of the model classes: the
   folder's Python files are never imported, so no remote code runs, and NVIDIA's release works
-  under current transformers although its own code does not import there.
-- Both tokenise with `data.tokenization.tokenize_for_embedding` and the tokenizer loader
+  under current transformers although its own code does not import there. Mining teachers may
+  also be plain sentence-transformers folders (loaded with `trust_remote_code=False`).
+- Our formats tokenise with `data.tokenization.tokenize_for_embedding` and the tokenizer loader
   shared with training and the exported model (`load_tokenizer`).
-- `Embedder.embed(texts, instructions)` sorts the texts by token length, cuts them into batches
-  of `batch_size`, deals the batches to the data-parallel ranks round robin, gathers, and returns
-  the float32 `[n, d]` embeddings in input order on every rank. Every rank must call it with the
-  same texts (they are a collective).
+- Batches: texts sorted by token length (longest first), cut under a budget of `max_tokens`
+  padded tokens and at most `batch_size` rows (`max_tokens=None`: fixed `batch_size` rows).
+  Short texts thus run in large batches and long ones in small, at a bounded activation size.
+- `Embedder.embed(texts, instructions)` deals the batches to the data-parallel ranks round
+  robin, gathers, and returns the float32 `[n, d]` embeddings in input order on every rank (a
+  collective: every rank calls it with the same texts). `embed_local` computes on this rank
+  alone; `retrieval.shards.encode_corpus` uses it to encode a corpus in shards without
+  gathering.
+- On GPUs NV-Embed-format folders run in bf16 (checkpoints in their training dtype); on CPU in
+  fp32.
 
 Embeddings are the model's raw outputs (no extra normalisation here).
 """
@@ -34,17 +42,44 @@ from megatron_nvembed.data.tokenization import load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by length (stable), cut into batches of `batch_size` (the last may be short)."""
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of at most `batch_size` rows and, with
+    `max_tokens`, at most `max_tokens` padded tokens (rows x the batch's longest row; a row
+    longer than the budget goes alone).
+
+    Without a budget the order is ascending (stable) and every batch but the last is full; with
+    one it is descending, so the longest (most memory-hungry) batch runs first.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens is None:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        width = max(longest, lengths[i])
+        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens):
+            batches.append(current)
+            current, width = [], lengths[i]
+        current.append(i)
+        longest = width
+    if current:
+        batches.append(current)
+    return batches
 
 
-def token_lengths(tokenizer, texts: list[str], instructions: list[str]) -> list[int]:
-    """Tokens per row as NV-Embed feeds it (BOS + instruction + text + EOS), before truncation."""
-    eos = tokenizer.eos_token or ""
+def token_lengths(
+    tokenizer, texts: list[str], instructions: list[str], eos: bool = True
+) -> list[int]:
+    """Tokens per row as NV-Embed feeds it (BOS + instruction + text + EOS), before truncation;
+    `eos=False`: the tokenizer's own special tokens only (sentence-transformers models)."""
+    eos = (tokenizer.eos_token or "") if eos else ""
     out: list[int] = []
     step = 4096  # bounded memory on big corpora
     for s in range(0, len(texts), step):
@@ -68,10 +103,12 @@ class EmbedStats:
 
 
 class Embedder:
-    """Common driver: length grouping, data-parallel split, gather, progress and throughput.
+    """Common driver: length grouping under a token budget, data-parallel split, gather,
+    progress and throughput.
 
-    Subclasses set `tokenizer`, `dim`, `device`, `dp_rank`, `dp_size`, `dp_group`, `is_main`
-    and implement `_forward(batch) -> [b, d] tensor` on a batch of `tokenize_for_embedding`.
+    Subclasses set `tokenizer`, `dim`, `device`, `dp_rank`, `dp_size`, `dp_group`, `is_main`,
+    `is_writer` and implement `_forward(batch) -> [b, d] tensor` on a batch of
+    `tokenize_for_embedding` (or override `_embed_batch`).
     """
 
     tokenizer = None
@@ -80,17 +117,34 @@ class Embedder:
     dp_size: int = 1
     dp_group = None
     is_main: bool = True
+    is_writer: bool = True
+    """Writes results for its data-parallel rank (the first tensor-parallel rank of a group)."""
     kind: str = ""
+    source: str = ""
+    last_encode = None  # the `retrieval.shards.EncodeSummary` of the latest corpus encoding
 
-    def __init__(self, batch_size: int = 32, max_length: int = 512, show_progress: bool = True):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        max_length: int = 512,
+        show_progress: bool = True,
+        max_tokens: int | None = 16384,
+    ):
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         if max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {max_length}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
         self.batch_size = batch_size
         self.max_length = max_length
+        self.max_tokens = max_tokens
         self.show_progress = show_progress
         self.stats = EmbedStats()
+
+    def identity(self) -> dict:
+        """What determines this embedder's outputs (for caches of corpus embeddings)."""
+        return {"kind": self.kind, "source": self.source, "max_length": self.max_length}
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -103,6 +157,77 @@ class Embedder:
         )
         return self._forward({k: v.to(self.device) for k, v in batch.items()})
 
+    def _lengths(self, texts: list[str], instructions: list[str]) -> list[int]:
+        return token_lengths(self.tokenizer, texts, instructions)
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        return length_grouped_batches(
+            [min(n, self.max_length) for n in lengths], self.batch_size, self.max_tokens
+        )
+
+    def _run(self, texts, instructions, batches, label) -> tuple[list[int], np.ndarray]:
+        from tqdm import tqdm
+
+        idx_out: list[int] = []
+        emb_out: list[np.ndarray] = []
+        bar = tqdm(
+            total=sum(len(b) for b in batches),
+            desc=label,
+            unit="text",
+            disable=not (self.is_main and self.show_progress) or len(batches) < 2,
+        )
+        with torch.inference_mode():
+            for idx in batches:
+                emb = self._embed_batch([texts[i] for i in idx], [instructions[i] for i in idx])
+                idx_out.extend(idx)
+                emb_out.append(emb.float().cpu().numpy())
+                bar.update(len(idx))
+        bar.close()
+        emb = np.concatenate(emb_out) if emb_out else np.zeros((0, self.dim), np.float32)
+        return idx_out, emb
+
+    def _account(self, label, lengths, seconds, ranks, log: bool = True) -> None:
+        truncated = sum(n > self.max_length for n in lengths)
+        self.stats.texts += len(lengths)
+        self.stats.truncated += truncated
+        self.stats.seconds += seconds
+        self.stats.calls.append((label, len(lengths), seconds))
+        if log and self.is_main and lengths:
+            logger.info(
+                "%s: %d texts in %.1fs (%.1f texts/s, %d data-parallel ranks)%s",
+                label,
+                len(lengths),
+                seconds,
+                len(lengths) / max(seconds, 1e-9),
+                ranks,
+                f"; {truncated} truncated to {self.max_length} tokens" if truncated else "",
+            )
+
+    @staticmethod
+    def _instructions(texts, instructions) -> list[str]:
+        if instructions is None or isinstance(instructions, str):
+            return [instructions or ""] * len(texts)
+        if len(instructions) != len(texts):
+            raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
+        return list(instructions)
+
+    def embed_local(
+        self,
+        texts: list[str],
+        instructions: list[str] | str | None = None,
+        label: str = "embedding",
+    ) -> np.ndarray:
+        """Float32 `[len(texts), dim]` embeddings in input order, computed by this data-parallel
+        rank alone (no split, no gather; tensor-parallel ranks of a group call it together)."""
+        instructions = self._instructions(texts, instructions)
+        start = time.perf_counter()
+        lengths = self._lengths(texts, instructions)
+        idx, emb = self._run(texts, instructions, self._batches(lengths), label)
+        result = np.zeros((len(texts), self.dim), dtype=np.float32)
+        result[idx] = emb
+        self._account(label, lengths, time.perf_counter() - start, 1, log=False)
+        return result
+
     def embed(
         self,
         texts: list[str],
@@ -110,6 +235,10 @@ class Embedder:
         label: str = "embedding",
     ) -> np.ndarray:
         """Float32 `[len(texts), dim]` embeddings in input order, on every rank.
+
+        The data-parallel ranks split the batches round robin and gather: a collective, every
+        rank calls it with the same texts. For corpora use `retrieval.shards.encode_corpus`,
+        which keeps each rank's embeddings to itself.
 
         Args:
             texts: the texts (identical on every rank).
@@ -119,33 +248,11 @@ class Embedder:
         """
         import torch.distributed as dist
 
-        if instructions is None or isinstance(instructions, str):
-            instructions = [instructions or ""] * len(texts)
-        if len(instructions) != len(texts):
-            raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
+        instructions = self._instructions(texts, instructions)
         start = time.perf_counter()
-        lengths = token_lengths(self.tokenizer, texts, instructions)
-        batches = length_grouped_batches(lengths, self.batch_size)
-        mine = batches[self.dp_rank :: self.dp_size]
-        from tqdm import tqdm
-
-        idx_out: list[int] = []
-        emb_out: list[np.ndarray] = []
-        bar = tqdm(
-            mine,
-            desc=label,
-            unit="batch",
-            disable=not (self.is_main and self.show_progress) or len(mine) < 2,
-        )
-        with torch.no_grad():
-            for idx in bar:
-                emb = self._embed_batch([texts[i] for i in idx], [instructions[i] for i in idx])
-                idx_out.extend(idx)
-                emb_out.append(emb.float().cpu().numpy())
-        local = (
-            idx_out,
-            np.concatenate(emb_out) if emb_out else np.zeros((0, self.dim), np.float32),
-        )
+        lengths = self._lengths(texts, instructions)
+        batches = self._batches(lengths)
+        local = self._run(texts, instructions, batches[self.dp_rank :: self.dp_size], label)
         if self.dp_size > 1:
             gathered: list = [None] * self.dp_size
             dist.all_gather_object(gathered, local, group=self.dp_group)
@@ -158,22 +265,7 @@ class Embedder:
             seen[idx] = True
         if not seen.all():  # a broken split would silently leave zero rows
             raise RuntimeError(f"{label}: {int((~seen).sum())} texts were not embedded")
-        seconds = time.perf_counter() - start
-        truncated = sum(n > self.max_length for n in lengths)
-        self.stats.texts += len(texts)
-        self.stats.truncated += truncated
-        self.stats.seconds += seconds
-        self.stats.calls.append((label, len(texts), seconds))
-        if self.is_main and texts:
-            logger.info(
-                "%s: %d texts in %.1fs (%.1f texts/s, %d data-parallel ranks)%s",
-                label,
-                len(texts),
-                seconds,
-                len(texts) / max(seconds, 1e-9),
-                self.dp_size,
-                f"; {truncated} truncated to {self.max_length} tokens" if truncated else "",
-            )
+        self._account(label, lengths, time.perf_counter() - start, self.dp_size)
         return result
 
 
@@ -203,6 +295,8 @@ class MegatronEmbedder(Embedder):
         pg = initialize_model_parallel(tensor_model_parallel_size, 1)
         self.dp_rank, self.dp_size, self.dp_group = pg.dp.rank(), pg.dp.size(), pg.dp
         self.is_main = dist.get_rank() == 0
+        self.is_writer = pg.tp.rank() == 0
+        self.source = str(Path(load).resolve())
         self.cfg = read_config(load)
         self.cfg.parallel = ParallelConfig(tensor_model_parallel_size, 1)
         self.model = build_model(self.cfg, pg)
@@ -211,6 +305,9 @@ class MegatronEmbedder(Embedder):
         self.tokenizer = load_tokenizer(tok_dir)
         self.device = next(self.model.parameters()).device
         self.dim = self.cfg.model.hidden_size
+
+    def identity(self) -> dict:
+        return {**super().identity(), "iteration": self.iteration}
 
     def _forward(self, batch):
         return self.model(**batch)
@@ -254,22 +351,96 @@ class HFEmbedder(Embedder):
         else:
             self.device = torch.device("cpu")
         model = NVEmbedModel.from_pretrained(str(path))
-        if self.device.type == "cpu":
-            model = model.float()  # CPU kernels: fp32 (exports are often bf16)
-        self.model = model.to(self.device).eval()
+        # bf16 on GPUs; fp32 on CPU (its kernels; exports are often bf16)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = model.to(self.device, self.dtype).eval()
+        self.source = str(Path(path).resolve())
         self.tokenizer = load_tokenizer(path)
         self.dim = int(model.config.hidden_size)
+
+    def identity(self) -> dict:
+        return {**super().identity(), "dtype": str(self.dtype), "files": _folder_digest(self.source)}
 
     def _forward(self, batch):
         return self.model(**batch)["sentence_embeddings"]
 
 
+def _folder_digest(folder: str | os.PathLike) -> str:
+    """Digest of a model folder's file names, sizes and modification times (a changed weight
+    file changes it; cheap on multi-GB folders)."""
+    import hashlib
+
+    items = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in Path(folder).rglob("*")
+        if p.is_file()
+    )
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+class SentenceTransformerEmbedder(Embedder):
+    """A sentence-transformers model folder (e.g. a mining teacher such as all-MiniLM-L6-v2),
+    loaded without remote code. Instructions are its `prompt`s (prepended to the text, as
+    `SentenceTransformer.encode(prompt=...)` does); embeddings are its raw outputs. Under
+    torchrun every process holds a copy and the ranks split the batches."""
+
+    kind = "sentence-transformers"
+
+    def __init__(self, path: str | os.PathLike, **kw):
+        super().__init__(**kw)
+        import torch.distributed as dist
+        from sentence_transformers import SentenceTransformer
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from megatron_nvembed.parallel import init_distributed
+
+            init_distributed()
+        if dist.is_initialized():
+            self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+            self.is_main = self.dp_rank == 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            self.device = torch.device("cpu")
+        self.model = SentenceTransformer(
+            str(path), device=str(self.device), trust_remote_code=False, local_files_only=True
+        ).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(torch.bfloat16)
+        self.tokenizer = self.model.tokenizer
+        self.max_length = min(self.max_length, int(self.model.max_seq_length or self.max_length))
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.source = str(Path(path).resolve())
+
+    def identity(self) -> dict:
+        return {**super().identity(), "files": _folder_digest(self.source)}
+
+    def _lengths(self, texts, instructions):
+        return token_lengths(self.tokenizer, texts, instructions, eos=False)
+
+    def _embed_batch(self, texts, instructions):
+        out = torch.empty(len(texts), self.dim)
+        for prompt in dict.fromkeys(instructions):
+            rows = [i for i, p in enumerate(instructions) if p == prompt]
+            out[rows] = self.model.encode(
+                [texts[i] for i in rows],
+                prompt=prompt or None,
+                batch_size=len(rows),
+                convert_to_tensor=True,
+                show_progress_bar=False,
+            ).float().cpu()
+        return out
+
+
 def detect_model_format(path: str | os.PathLike) -> str:
-    """`"megatron"` (our checkpoint) or `"hf"` (an exported / NV-Embed HF directory).
+    """`"megatron"` (our checkpoint), `"hf"` (an exported / NV-Embed-format folder) or
+    `"sentence-transformers"` (any other sentence-transformers model folder).
 
     Raises:
-        FileNotFoundError: naming the path when it is neither.
+        FileNotFoundError / ValueError: naming the path when it is none of them.
     """
+    import json
+
     from megatron_nvembed.checkpoint import is_checkpoint_dir
 
     p = Path(path)
@@ -277,8 +448,15 @@ def detect_model_format(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{p}: --model must be a directory (checkpoint or HF export)")
     if is_checkpoint_dir(p):
         return "megatron"
-    if (p / "config.json").is_file():
-        return "hf"
+    config = p / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config}: invalid JSON ({err})") from err
+        if model_type == "nvembed" or not (p / "modules.json").is_file():
+            return "hf"
+        return "sentence-transformers"
     raise FileNotFoundError(
         f"{p}: neither a megatron_nvembed checkpoint (no latest_checkpointed_iteration.txt) nor "
         "an HF model directory (no config.json)"
@@ -289,13 +467,21 @@ def load_embedder(
     path: str | os.PathLike,
     *,
     tensor_model_parallel_size: int = 1,
-    batch_size: int = 32,
+    batch_size: int = 128,
     max_length: int = 512,
+    max_tokens: int | None = 16384,
     show_progress: bool = True,
+    allow_sentence_transformers: bool = False,
 ) -> Embedder:
-    """Loads `path` as whichever format it is (see `detect_model_format`)."""
+    """Loads `path` as whichever format it is (see `detect_model_format`); plain
+    sentence-transformers models only with `allow_sentence_transformers` (mining teachers)."""
     kind = detect_model_format(path)
-    kw = dict(batch_size=batch_size, max_length=max_length, show_progress=show_progress)
+    kw = dict(
+        batch_size=batch_size,
+        max_length=max_length,
+        max_tokens=max_tokens,
+        show_progress=show_progress,
+    )
     if kind == "megatron":
         return MegatronEmbedder(path, tensor_model_parallel_size, **kw)
     if tensor_model_parallel_size != 1:
@@ -303,4 +489,11 @@ def load_embedder(
             f"{path}: --tensor-model-parallel-size {tensor_model_parallel_size} needs a "
             "megatron_nvembed checkpoint; HF directories run data-parallel only"
         )
+    if kind == "sentence-transformers":
+        if not allow_sentence_transformers:
+            raise ValueError(
+                f"{Path(path) / 'config.json'}: not an NV-Embed-format model (model_type is not "
+                "'nvembed'); import it first: tools/convert_checkpoint.py import-hf"
+            )
+        return SentenceTransformerEmbedder(path, **kw)
     return HFEmbedder(path, **kw)
