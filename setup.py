@@ -27,9 +27,10 @@ EXTRAS = {
     "apex": ["apex"],
     # PEFT adapters: model.lora.load_peft_adapters, and bench/train_step.py's baseline
     "lora": ["peft>=0.13"],
-    "eval": ["mteb>=2.0"],  # tools/evaluate_mteb.py
+    # tools/evaluate_mteb.py (FAISS: the top-k search of --beir-dir folders)
+    "eval": ["mteb>=2.0", "faiss-cpu>=1.8"],
     # tools/ablate.py: evaluates every cell with mteb and plots ablation.png with matplotlib
-    "ablate": ["mteb>=2.0", "matplotlib>=3.5"],
+    "ablate": ["mteb>=2.0", "faiss-cpu>=1.8", "matplotlib>=3.5"],
     # tools/mine_hard_negatives.py; SentenceTransformer loading of an export
     "mining": ["sentence-transformers>=3.0", "faiss-cpu>=1.8"],
     # tools/prepare_data.py; training data as Parquet files or `datasets` folders

@@ -117,6 +117,8 @@ def setup_logging(level: int = logging.INFO, *, note_kernels: bool = False) -> N
             handler.addFilter(_OneRankSpeaks())
     # megatron-core logs every parameter name at INFO when it builds the DDP buffers.
     logging.getLogger("megatron.core").setLevel(max(level, logging.WARNING))
+    # FAISS's loader logs which SIMD build it found, at INFO, on every import.
+    logging.getLogger("faiss").setLevel(max(level, logging.WARNING))
     if note_kernels and rank0:
         note = kernel_note()
         if note:

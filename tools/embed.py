@@ -1,79 +1,108 @@
 #!/usr/bin/env python3
-"""Embed texts with a megatron_nvembed checkpoint (any saved TP/PP layout; resharded on load) or an
-NV-Embed-format folder (our exports, or NVIDIA's released NV-Embed-v2 layout, read natively).
+"""Embed a corpus with a megatron_nvembed checkpoint (any saved TP/PP layout; resharded on load)
+or an NV-Embed-format folder (our exports, or NVIDIA's released NV-Embed-v2 layout, read
+natively), in resumable shards, data-parallel under torchrun.
 
-  torchrun --nproc_per_node N tools/embed.py --load MODEL --input TEXTS.jsonl --output EMB.npy
-           [--tensor-model-parallel-size T] [--max-length 512] [--batch-size 32]
+  [torchrun --nproc_per_node N] tools/embed.py --load MODEL --input TEXTS.jsonl
+        (--output EMB.npy | --output-dir DIR) [--shard-size 100000]
+        [--tensor-model-parallel-size T] [--max-length 512] [--max-tokens 16384]
+        [--batch-size 128]
 
-Input lines: {"text": ..., "instruction": ...}. "instruction" is optional and follows the
-project's one convention (docs/data.md, "Instructions"): a task definition, wrapped as
+Input lines: {"text": ..., "instruction"?: ..., "id"?: ...}. "instruction" follows the project's
+one convention (docs/data.md, "Instructions"): a task definition, wrapped as
 "Instruct: {definition}\\nQuery: " exactly as training records and `evaluate_mteb.py
 --instruction` are, or a complete prefix starting with "Instruct:", kept as given. Documents
-have none. Output: float32 [n, d] in input order. Texts are grouped by length into batches;
-data-parallel ranks (N / T) split the batches.
+have none. The file is checked line by line before the model loads (errors name file:line).
+
+The texts are cut into shards of --shard-size lines; the data-parallel ranks (N / T) take whole
+shards, sort each by token length and run it in batches of at most --max-tokens padded tokens
+(and --batch-size rows). Every finished shard is on disk (written atomically), so a rerun of
+the same command after a kill computes only the missing ones.
+
+--output EMB.npy: one float32 [n, d] array in input order (shards staged in EMB.npy.shards/,
+removed when the array is written). --output-dir DIR: the shards themselves (emb_00000.npy ...,
+ids_00000.npy when every line has an "id", meta.json); memory-mapped by
+`megatron_nvembed.retrieval.shards.ShardedEmbeddings`.
 """
 
 import argparse
-import os
+import shutil
 import sys
+from pathlib import Path
 
 
-def read_inputs(path: str) -> tuple[list[str], list[str]]:
-    """Texts and their query prefixes (see the module docstring); errors name the file and line."""
-    from megatron_nvembed.data.records import iter_jsonl_lines
-    from megatron_nvembed.data.templates import query_instruction
-
-    texts, prefixes = [], []
-    for lineno, rec in iter_jsonl_lines(path):
-        if "text" not in rec:
-            raise ValueError(f'{path}:{lineno}: missing key "text"')
-        if not isinstance(rec["text"], str):
-            raise ValueError(f'{path}:{lineno}: "text" must be a string')
-        instruction = rec.get("instruction")
-        if instruction is not None and not isinstance(instruction, str):
-            raise ValueError(f'{path}:{lineno}: "instruction" must be a string')
-        texts.append(rec["text"])
-        prefixes.append(query_instruction("", instruction) if instruction else "")
-    return texts, prefixes
-
-
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--load", required=True, help="checkpoint or NV-Embed-format folder")
-    p.add_argument("--input", required=True, help='JSONL: {"text", "instruction"?} per line')
-    p.add_argument("--output", required=True, help=".npy file, float32 [n, d]")
+    p.add_argument("--input", required=True, help='JSONL: {"text", "instruction"?, "id"?} per line')
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output", help=".npy file, float32 [n, d] in input order")
+    out.add_argument("--output-dir", help="folder of embedding shards (see above)")
+    p.add_argument("--shard-size", type=int, default=100_000, help="lines per shard")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="checkpoints only")
     p.add_argument("--max-length", type=int, default=512, help="tokens per text (BOS, EOS incl.)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward call")
+    p.add_argument(
+        "--max-tokens", type=int, default=16384, help="padded tokens per forward call (budget)"
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="texts per forward call, at most")
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
+    for flag in ("shard_size", "max_length", "max_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.output and not args.output.endswith(".npy"):
+        p.error(f"--output {args.output}: must end in .npy (or use --output-dir)")
 
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
-    import numpy as np
     import torch.distributed as dist
 
     from megatron_nvembed.evaluation.encoder import load_embedder
+    from megatron_nvembed.retrieval.corpus import JsonlCorpus, embed_row
+    from megatron_nvembed.retrieval.shards import encode_corpus, write_single_array
 
-    texts, prefixes = read_inputs(args.input)
+    try:
+        corpus = JsonlCorpus(args.input, embed_row)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: --input: {err}", file=sys.stderr)
+        return 2
     embedder = load_embedder(
         args.load,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        max_tokens=args.max_tokens,
     )
-    result = embedder.embed(texts, prefixes)
+    folder = Path(args.output_dir or args.output + ".shards")
+    try:
+        shards = encode_corpus(
+            embedder,
+            corpus,
+            folder,
+            shard_size=args.shard_size,
+            instruction=None,  # each line's own
+            on_mismatch="error" if args.output_dir else "clear",
+        )
+    except ValueError as err:
+        print(f"error: {'--output-dir' if args.output_dir else '--output'}: {err}", file=sys.stderr)
+        return 2
     if embedder.is_main:
-        tmp = args.output + ".tmp.npy"
-        np.save(tmp, result)
-        os.replace(tmp, args.output)
-        st = embedder.stats
+        if args.output:
+            write_single_array(shards, args.output)
+            shutil.rmtree(folder)
+        st = embedder.last_encode
         print(
-            f"embedded {len(texts)} texts in {st.seconds:.1f}s "
-            f"({st.texts_per_second:.1f} texts/s, {embedder.dp_size} data-parallel ranks); "
-            f"{st.truncated} truncated to {args.max_length} tokens; wrote {args.output}"
+            f"embedded {st.rows} texts ({st.computed_rows} computed now, "
+            f"{st.passages_per_second:.1f} texts/s over {embedder.dp_size} data-parallel "
+            f"ranks); {embedder.stats.truncated} truncated to {args.max_length} tokens on rank 0; "
+            f"wrote {args.output or args.output_dir}"
         )
     if dist.is_initialized():
         dist.barrier()

@@ -1,33 +1,47 @@
 #!/usr/bin/env python3
 """Positive-aware hard-negative mining (NV-Embed paper: keep candidates scoring below
-0.95 x the positive's teacher score).
+0.95 x the positive's teacher score), resumable, data-parallel under torchrun.
 
-  mine_hard_negatives.py --input Q.jsonl --corpus C.jsonl --model MODEL --output OUT.jsonl
-        [--num-negatives 7] [--margin 0.95] [--candidates 50] [--shard-size 100000]
-        [--chunk-size 1024] [--instruction TEXT | --no-instruction]
+  [torchrun --nproc_per_node N] mine_hard_negatives.py --input Q.jsonl --corpus C.jsonl
+        --model MODEL --output OUT.jsonl [--num-negatives 7] [--margin 0.95] [--candidates 50]
+        [--instruction TEXT | --no-instruction] [--corpus-embeddings DIR]
+        [--index exact | --index FACTORY --search-params P] [--shard-size 100000]
+        [--chunk-size 1024] [--batch-size 64] [--max-length 512] [--max-tokens 16384]
+        [--tensor-model-parallel-size T]
 
-MODEL: a sentence-transformers model (path or name) or an NV-Embed-format export of ours.
+MODEL: a folder: a megatron_nvembed checkpoint, an NV-Embed-format model (our exports, NVIDIA's
+release; read natively, no remote code) or a sentence-transformers model (no remote code).
 Input: training records (JSONL or Parquet; "neg" may be empty). Queries get --instruction, else
 the record's "instruction", else its "task"'s template; so a record needs "task" or
 "instruction" unless --instruction or --no-instruction is given.
-Corpus lines: {"text": ...}. Output: the input records with "neg" filled. Rerunning with the same
-arguments resumes an interrupted run.
+Corpus lines: {"text": ..., "id"?: ...}; when every line has an "id", records get "neg_ids".
+Output: the input records with "neg" filled. Rerunning the same command resumes an interrupted
+run (finished corpus shards and query chunks are kept).
+
+The corpus is embedded once, in shards of --shard-size texts: into OUT.cache/ (removed after a
+successful run), or into --corpus-embeddings DIR, kept and reused by later runs with the same
+teacher and corpus (e.g. on other query files). Search is exact by default; --index takes a
+FAISS factory string (e.g. "IVF4096,PQ64", "HNSW32") and --search-params its search-time
+parameters (e.g. "nprobe=64") for corpora whose embeddings do not fit in memory.
+Bad input is one "error: ..." line and exit code 2, before the model loads where possible.
 """
 
 import argparse
 import json
+import os
 import sys
-from dataclasses import asdict
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--input", required=True, help="training records (JSONL or Parquet)")
-    p.add_argument("--corpus", required=True, help='JSONL, {"text": ...} per line')
+    p.add_argument("--corpus", required=True, help='JSONL, {"text": ..., "id"?: ...} per line')
     p.add_argument(
-        "--model", required=True, help="teacher: sentence-transformers model or NV-Embed export"
+        "--model",
+        required=True,
+        help="teacher folder: checkpoint, NV-Embed-format model or sentence-transformers model",
     )
     p.add_argument("--output", required=True, help='records with "neg" filled (JSONL)')
     p.add_argument("--num-negatives", type=int, default=7, help="hard negatives per query")
@@ -40,9 +54,37 @@ def main(argv=None) -> int:
     p.add_argument(
         "--candidates", type=int, default=50, help="retrieved per query before filtering"
     )
-    p.add_argument("--shard-size", type=int, default=100_000, help="corpus texts per FAISS shard")
+    p.add_argument(
+        "--corpus-embeddings",
+        metavar="DIR",
+        help="keep the corpus embeddings in DIR and reuse them in later runs (same teacher and "
+        "corpus); default: OUT.cache/, removed after the run",
+    )
+    p.add_argument(
+        "--index",
+        default="exact",
+        help='"exact" (default) or a FAISS index factory string, e.g. "IVF4096,PQ64"',
+    )
+    p.add_argument(
+        "--search-params", default="", help='search parameters of --index, e.g. "nprobe=64"'
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=100_000, help="corpus texts per embedding shard"
+    )
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per resumable chunk")
     p.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward call")
+    p.add_argument(
+        "--max-length", type=int, default=512, help="tokens per text (longer ones are truncated)"
+    )
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP of a checkpoint teacher (resharded on load); ranks / T split the work",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=16384, help="padded tokens per forward call (budget)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--instruction",
@@ -60,18 +102,60 @@ def main(argv=None) -> int:
         help="skip (and count) malformed input lines instead of stopping",
     )
     p.add_argument("--stop-after-chunks", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def _error(message: str) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: said once
+        print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
+    for flag in (
+        "num_negatives",
+        "candidates",
+        "shard_size",
+        "chunk_size",
+        "batch_size",
+        "max_tokens",
+    ):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_length < 2:
+        p.error(f"--max-length must be >= 2, got {args.max_length}")
+    if not 0 < args.margin <= 1:
+        p.error(f"--margin must be in (0, 1], got {args.margin}")
+    if args.index == "exact" and args.search_params:
+        p.error(f"--search-params {args.search_params!r}: the exact search takes none")
+    if args.stop_after_chunks is not None and args.stop_after_chunks < 1:
+        p.error(f"--stop-after-chunks must be >= 1, got {args.stop_after_chunks}")
 
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging()
-    from megatron_nvembed.curation.mining import load_encoder, mine_hard_negatives
+    from megatron_nvembed.curation.mining import mine_hard_negatives
+
+    def teacher():  # loaded once the inputs are checked
+        from megatron_nvembed.evaluation.encoder import load_embedder
+
+        return load_embedder(
+            args.model,
+            allow_sentence_transformers=True,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_tokens=args.max_tokens,
+            show_progress=False,
+        )
 
     try:
         summary = mine_hard_negatives(
             args.input,
             args.corpus,
-            load_encoder(args.model, args.batch_size),
+            teacher,
             args.output,
             num_negatives=args.num_negatives,
             margin=args.margin,
@@ -80,15 +164,18 @@ def main(argv=None) -> int:
             chunk_size=args.chunk_size,
             instruction=args.instruction,
             use_instruction=not args.no_instruction,
+            corpus_embeddings=args.corpus_embeddings,
+            index=args.index,
+            search_params=args.search_params,
             stop_after_chunks=args.stop_after_chunks,
             skip_bad_records=args.skip_bad_records,
         )
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    s = asdict(summary)
-    s["queries_per_second"] = round(summary.queries / max(summary.seconds, 1e-9), 2)
-    print(json.dumps(s))
+        return _error(str(err))
+    if int(os.environ.get("RANK", "0")) == 0:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(summary)), flush=True)
     return 0
 
 

@@ -307,7 +307,12 @@ class MegatronEmbedder(Embedder):
         self.dim = self.cfg.model.hidden_size
 
     def identity(self) -> dict:
-        return {**super().identity(), "iteration": self.iteration}
+        # the checkpoint's files too: a run re-saved in place at the same iteration differs
+        return {
+            **super().identity(),
+            "iteration": self.iteration,
+            "files": _folder_digest(self.source),
+        }
 
     def _forward(self, batch):
         return self.model(**batch)
@@ -354,12 +359,22 @@ class HFEmbedder(Embedder):
         # bf16 on GPUs; fp32 on CPU (its kernels; exports are often bf16)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
+        # The backbone's attention through torch SDPA (fused kernels on CPU and GPU) instead of
+        # the model files' default eager softmax: the model is always called with an explicit
+        # 4-D padding (and, for causal models, causal) mask, which SDPA applies unchanged.
+        backbone = self.model.embedding_model.config
+        if backbone._attn_implementation == "eager":
+            backbone._attn_implementation = "sdpa"
         self.source = str(Path(path).resolve())
         self.tokenizer = load_tokenizer(path)
         self.dim = int(model.config.hidden_size)
 
     def identity(self) -> dict:
-        return {**super().identity(), "dtype": str(self.dtype), "files": _folder_digest(self.source)}
+        return {
+            **super().identity(),
+            "dtype": str(self.dtype),
+            "files": _folder_digest(self.source),
+        }
 
     def _forward(self, batch):
         return self.model(**batch)["sentence_embeddings"]
@@ -422,13 +437,17 @@ class SentenceTransformerEmbedder(Embedder):
         out = torch.empty(len(texts), self.dim)
         for prompt in dict.fromkeys(instructions):
             rows = [i for i, p in enumerate(instructions) if p == prompt]
-            out[rows] = self.model.encode(
-                [texts[i] for i in rows],
-                prompt=prompt or None,
-                batch_size=len(rows),
-                convert_to_tensor=True,
-                show_progress_bar=False,
-            ).float().cpu()
+            out[rows] = (
+                self.model.encode(
+                    [texts[i] for i in rows],
+                    prompt=prompt or None,
+                    batch_size=len(rows),
+                    convert_to_tensor=True,
+                    show_progress_bar=False,
+                )
+                .float()
+                .cpu()
+            )
         return out
 
 

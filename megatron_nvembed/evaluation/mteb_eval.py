@@ -5,8 +5,9 @@
   classification, summarization), get the task's NV-Embed instruction
   (`"Instruct: {Table 7 definition}\\nQuery: "`, masked out of pooling); documents
   (`prompt_type == "document"`) get none. Embeddings are L2-normalised and scored by cosine.
-- `local_beir_task` turns a local BEIR folder into an mteb retrieval task (offline), so it runs
-  and is scored exactly like an mteb task.
+- Local BEIR folders are not mteb tasks: `tools/evaluate_mteb.py` scores them at corpus scale
+  with `beir.evaluate_beir_sharded`; `retrieval_task_entry` files their metrics in the summary
+  like an mteb retrieval task's.
 - `summarize` / `render_markdown` reduce mteb's results to `summary.json` and a table grouped as
   in the NV-Embed paper (Retrieval, Rerank, Clustering, PairClass, Classification, STS,
   Summarization, Average over the tasks of those seven categories).
@@ -184,48 +185,6 @@ def model_meta(name: str, revision: str, embed_dim: int, max_tokens: int):
     )
 
 
-def local_beir_task(data, folder: str | os.PathLike, name: str, split: str = "test"):
-    """An mteb retrieval task over a local BEIR folder already read by `beir.load_beir`."""
-    from datasets import Dataset
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.task_metadata import TaskMetadata
-
-    if not data.query_ids:
-        raise ValueError(
-            f"{Path(folder) / 'qrels' / f'{split}.tsv'}: no judged query is in queries.jsonl"
-        )
-    metadata = TaskMetadata(
-        name=name,
-        description=f"Local BEIR-format folder {Path(folder).resolve()}",
-        dataset={"path": str(Path(folder).resolve()), "revision": "local"},
-        type="Retrieval",
-        category="t2t",
-        modalities=["text"],
-        eval_splits=[split],
-        eval_langs=["eng-Latn"],
-        main_score="ndcg_at_10",
-    )
-
-    judged = set(data.query_ids)
-
-    def load_data(self, num_proc=None, **kwargs):
-        split_data = {
-            "corpus": Dataset.from_dict({"id": data.corpus_ids, "text": data.corpus}),
-            "queries": Dataset.from_dict({"id": data.query_ids, "text": data.queries}),
-            "relevant_docs": {q: dict(d) for q, d in data.qrels.items() if q in judged},
-            "top_ranked": None,
-        }
-        self.dataset = {"default": {split: split_data}}
-        self.data_loaded = True
-
-    cls = type(
-        "LocalBeirRetrieval",
-        (AbsTaskRetrieval,),
-        {"metadata": metadata, "load_data": load_data, "__module__": __name__},
-    )
-    return cls()
-
-
 def _mean(values: list[float]) -> float | None:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else None
@@ -250,6 +209,21 @@ def summarize_task(scores: dict[str, list[dict]], task_type: str, main_metric: s
         "subsets": sorted({str(e.get("hf_subset")) for e in entries}),
     }
     out.update({k: _mean(v) for k, v in sorted(metrics.items())})
+    return out
+
+
+def retrieval_task_entry(metrics: dict[str, float], split: str) -> dict:
+    """The summary entry of a retrieval task scored outside mteb (a local BEIR folder), shaped as
+    `summarize_task`'s: type Retrieval, main metric nDCG@10, then every metric."""
+    out = {
+        "type": "Retrieval",
+        "category": category_of("Retrieval"),
+        "main_metric": "ndcg_at_10",
+        "main_score": float(metrics["ndcg_at_10"]),
+        "splits": [split],
+        "subsets": ["default"],
+    }
+    out.update({k: float(v) for k, v in sorted(metrics.items())})
     return out
 
 

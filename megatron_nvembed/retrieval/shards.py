@@ -176,6 +176,8 @@ class ShardedEmbeddings:
 def _check_meta(folder: Path, meta: dict, on_mismatch: str) -> None:
     """Writes `meta.json` into an empty / new folder; checks it against an existing one."""
     meta_file = folder / META
+    if folder.is_dir():
+        remove_stale_temporaries(folder)  # e.g. a meta.json half-written by a killed run
     if meta_file.is_file():
         try:
             old = json.loads(meta_file.read_text())
@@ -298,13 +300,14 @@ def encode_corpus(
             save_npy_atomic(_emb_file(folder, s), emb)
         computed += 1
         if embedder.is_main:
-            finished = sum(_emb_file(folder, t).is_file() for t in todo)
+            sizes = {t: min(shard_size, n - t * shard_size) for t in todo}
+            finished = [t for t in todo if _emb_file(folder, t).is_file()]
             elapsed = time.perf_counter() - start
-            rate = finished * shard_size / max(elapsed, 1e-9)  # all ranks, approximately
-            left = (len(todo) - finished) * shard_size / max(rate, 1e-9)
+            rate = sum(sizes[t] for t in finished) / max(elapsed, 1e-9)  # all ranks
+            left = (sum(sizes.values()) - sum(sizes[t] for t in finished)) / max(rate, 1e-9)
             logger.info(
                 "corpus shards %d/%d | %.0f passages/s | ETA %s",
-                num_shards - len(todo) + finished,
+                num_shards - len(todo) + len(finished),
                 num_shards,
                 rate,
                 _fmt_seconds(left),
@@ -318,8 +321,7 @@ def encode_corpus(
     embedder.last_encode = EncodeSummary(n, num_shards, len(todo), computed_rows, seconds)
     if embedder.is_main and todo:
         logger.info(
-            "encoded %d passages (%d shards) in %.1fs: %.0f passages/s over %d data-parallel "
-            "ranks",
+            "encoded %d passages (%d shards) in %.1fs: %.0f passages/s over %d data-parallel ranks",
             computed_rows,
             len(todo),
             seconds,

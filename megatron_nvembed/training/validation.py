@@ -1,11 +1,13 @@
 """In-training validation: every `--eval-interval` iterations, retrieval metrics on held-out
 BEIR-format folders (`--eval-data`), queries with `--eval-instruction`, documents without.
 
-Per set: nDCG@10, recall@1/10/100, MRR@10 (`evaluation/beir.py:retrieval_metrics`), the score
-margins of `evaluation/beir.py:score_margins` (mean relevant-document score minus the hardest /
-the mean negative score) and `num_queries`. `--eval-iters N` scores only the first
-N x `--eval-batch-size` queries of each set (in file order); the corpus is embedded whole every
-time, since a ranking needs every document.
+Per set: nDCG@10, recall@1/10/100, MRR@10, the score margins (mean relevant-document score minus
+the hardest / the mean negative score) and `num_queries`, by `evaluation/beir.py:
+evaluate_embeddings`: an exact top-k search of the query embeddings over the corpus embeddings
+(no [queries x corpus] score matrix), then `ranking_metrics` and `search_margins` (the numbers of
+`retrieval_metrics` / `score_margins` on the dense score matrix). `--eval-iters N` scores only the
+first N x `--eval-batch-size` queries of each set (in file order); the corpus is embedded whole
+every time, since a ranking needs every document.
 
 Every rank embeds the whole (small) validation set with the training model in eval mode (no
 dropout, so the training RNG streams are untouched and resumption stays exact); pipeline stages
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
-from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics, score_margins
+from megatron_nvembed.evaluation.beir import MARGINS, evaluate_embeddings, load_beir
 from megatron_nvembed.logging_utils import SPEAKER, get_logger
 from megatron_nvembed.model.inference import embed_microbatches
 
@@ -39,6 +41,9 @@ class Validator:
 
         self.cfg, self.tokenizer, self.model, self.pg = cfg, tokenizer, model, pg
         self.sets = {Path(p).name: load_beir(p) for p in cfg.eval_data}
+        for p, data in zip(cfg.eval_data, self.sets.values()):
+            if not data.query_ids or not data.corpus:
+                raise ValueError(f"--eval-data {p}: no judged query or no document")
         self.instruction = cfg.eval_instruction or ""
         self.device = next(model.parameters()).device
         # --eval-iters: query batches per set (None: all).
@@ -72,12 +77,10 @@ class Validator:
             q = self._encode(data.queries[: self.max_queries], self.instruction)
             d = self._encode(data.corpus, "")
             if q is not None:
-                scores = q @ d.T
-                m = retrieval_metrics(
-                    scores, query_ids, data.corpus_ids, data.qrels, ks=(1, 10, 100)
+                m = evaluate_embeddings(
+                    q, d, query_ids, data.qrels, corpus_ids=data.corpus_ids, ks=(1, 10, 100)
                 )
-                metrics[name] = {k: m[k] for k in METRICS}
-                metrics[name].update(score_margins(scores, query_ids, data.corpus_ids, data.qrels))
+                metrics[name] = {k: m[k] for k in (*METRICS, *MARGINS)}
                 metrics[name]["num_queries"] = len(query_ids)
         box = [metrics]
         dist.broadcast_object_list(box, src=dist.get_world_size() - 1)

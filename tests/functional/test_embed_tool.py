@@ -1,9 +1,16 @@
-"""tools/embed.py under torchrun: TP=2 and DP=2 give the exported HF model's embeddings, in order.
+"""tools/embed.py under torchrun: TP=2 and DP=2 give the exported HF model's embeddings, in order;
+its shards survive a kill.
 
 A tiny Mistral is imported (TP=1) and exported (fp32); `torchrun --nproc_per_node 2 tools/embed.py`
 then embeds a JSONL of queries (with instructions) and documents (without), at TP=2 (resharded on
-load) and at DP=2. Each output row must equal `AutoModel(...).encode` of that line within 1e-5.
-A malformed input line is an error naming the file and line.
+load) and at DP=2, in shards of 2 lines (so both ranks compute shards). Each output row must equal
+`AutoModel(...).encode` of that line within 1e-5, and DP=2 must equal one process exactly.
+A malformed input line is an error naming the file and line, before the model loads.
+
+Kill and resume: `tools/embed.py --output-dir` on the export is SIGKILLed at a random moment
+(the seed is printed) once some shards exist; the rerun computes only the missing shards (the
+finished ones keep their modification times) and its output equals an uninterrupted run exactly,
+with no temporary file left.
 
 Run alone: pytest tests/functional/test_embed_tool.py
 """
@@ -34,17 +41,10 @@ ROWS = [
 ]
 
 
-def _torchrun(*args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(ROOT / "tools" / "embed.py"),
-        *map(str, args),
-    ]
+def _torchrun(*args, nproc=2):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), str(ROOT / "tools" / "embed.py")]
+    cmd += list(map(str, args))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -67,8 +67,9 @@ def test_embed_tool_matches_exported_model(tmp_path):
 
     inp = tmp_path / "texts.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    for tp in (2, 1):  # TP=2, then DP=2 (TP=1 on 2 processes)
-        out = tmp_path / f"emb_tp{tp}.npy"
+    outputs = {}
+    for tp, nproc in ((2, 2), (1, 2), (1, 1)):  # TP=2, DP=2 (TP=1 on 2 processes), 1 process
+        out = tmp_path / f"emb_tp{tp}_n{nproc}.npy"
         proc = _torchrun(
             "--load",
             ckpt,
@@ -80,11 +81,17 @@ def test_embed_tool_matches_exported_model(tmp_path):
             tp,
             "--batch-size",
             2,
+            "--shard-size",
+            2,
+            nproc=nproc,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         got = np.load(out)
         assert got.dtype == np.float32 and got.shape == (len(ROWS), 64)
-        assert np.abs(got - want).max() <= 1e-5, f"TP={tp}"
+        assert np.abs(got - want).max() <= 1e-5, f"TP={tp}, {nproc} processes"
+        assert not (tmp_path / f"emb_tp{tp}_n{nproc}.npy.shards").exists()
+        outputs[(tp, nproc)] = got
+    np.testing.assert_array_equal(outputs[(1, 2)], outputs[(1, 1)])
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
@@ -92,3 +99,60 @@ def test_embed_tool_matches_exported_model(tmp_path):
     assert proc.returncode != 0
     assert "bad.jsonl:2" in proc.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.functional
+def test_embed_tool_resumes_after_a_kill(tmp_path, capsys):
+    import os
+    import random
+    import signal
+    import time
+
+    from megatron_nvembed.conversion.convert import export_hf, import_hf
+
+    words = [f"w{i}" for i in range(50)]
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choices(words, k=rng.randint(3, 60)))} for _ in range(600)]
+    tok = build_word_tokenizer(words + [INSTRUCTION])
+    src = save_tiny_hf_decoder(tmp_path / "src", tok)
+    import_hf(src, tmp_path / "ckpt")
+    init_single_process_megatron()
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="float32")
+    inp = tmp_path / "texts.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--load", tmp_path / "hf", "--input", inp, "--shard-size", 30, "--max-tokens", 512]
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import embed as embed_tool
+
+    assert embed_tool.main([*map(str, args), "--output-dir", str(tmp_path / "straight")]) == 0
+
+    seed = int(os.environ.get("NVEMBED_FAULT_SEED", random.randrange(2**31)))
+    rnd = random.Random(seed)
+    wait_for = rnd.randint(1, 15)  # finished shards of 20, then a moment inside the next one
+    print(f"kill seed {seed} (rerun with NVEMBED_FAULT_SEED={seed}): after {wait_for} shards")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "tools" / "embed.py"), *map(str, args)]
+    victim = subprocess.Popen(
+        [*cmd, "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("emb_*.npy"))) < wait_for and time.monotonic() < deadline:
+        assert victim.poll() is None, "finished before the kill"
+        time.sleep(0.002)
+    time.sleep(rnd.uniform(0, 0.05))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("emb_*.npy")}
+    assert wait_for <= len(before) < 20, f"{len(before)} shards at the kill"
+
+    assert embed_tool.main([*map(str, args), "--output-dir", str(out)]) == 0
+    assert f"{600 - 30 * len(before)} computed now" in capsys.readouterr().out
+    print(f"kill seed {seed}: {len(before)} shards were finished at the kill")
+    for name, mtime in before.items():
+        assert (out / name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
+    assert not list(out.glob(".*.tmp"))
+    for s in range(20):
+        np.testing.assert_array_equal(
+            np.load(out / f"emb_{s:05d}.npy"), np.load(tmp_path / "straight" / f"emb_{s:05d}.npy")
+        )

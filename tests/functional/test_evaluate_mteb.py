@@ -1,15 +1,23 @@
 """tools/evaluate_mteb.py end to end, offline, on mteb's bundled mock tasks and a local BEIR folder.
 
 A tiny Mistral is imported (TP=1 checkpoint) and exported (fp32 NV-Embed HF directory). Then:
-- checkpoint, one process: 7 mock tasks (one per paper category) + the BEIR folder. summary.json's
-  nDCG@10 / recall@10 of the BEIR folder and of MockRetrievalTask equal `beir.retrieval_metrics`
-  on embeddings computed independently here (the exported model's `encode`, one text at a time,
+- checkpoint, one process: 7 mock tasks (one per paper category, through mteb) + the BEIR folder
+  (corpus-scale path: shards of 5 passages, exact search). summary.json's nDCG@10 / nDCG@1 /
+  recall@10 of the BEIR folder and of MockRetrievalTask equal `beir.retrieval_metrics` on
+  embeddings computed independently here (the exported model's `encode`, one text at a time,
   queries with the instruction, documents without) within 1e-5 (mteb rounds to 5 decimals);
-  summary.md lists every category; mteb's result files exist; no temporary file is left;
-  --resume reads them back without encoding.
-- HF directory, one process, and checkpoint under torchrun at DP=2: the same scores (1e-5).
+  summary.md lists every category; mteb's result files and OUT/beir/toybeir.json exist; no
+  temporary file is left; --resume reads them back without encoding.
+- BEIR resume: a truncated OUT/beir/toybeir.json is evaluated again under --resume with the
+  corpus shards kept (only the 5 queries embedded); with one shard removed too, only that shard's
+  passages and the queries are embedded; without --resume every shard is computed again; the
+  scores stay equal (1e-6).
+- HF directory, one process, and checkpoint under torchrun at DP=2 (BEIR corpus in 4 shards split
+  over the ranks): the same scores (1e-5), and the 2-rank BEIR metrics equal the 1-process ones
+  (1e-6).
 - errors: a BEIR folder without qrels/test.tsv, a model path that is neither format, an unknown
-  task, a task outside Table 7 without --instruction: exit 2 naming the path / flag / task.
+  task, a task outside Table 7 without --instruction, --search-params with the exact search, an
+  --index that is not a FAISS factory string: exit 2 naming the path / flag / task.
 
 Run alone: pytest tests/functional/test_evaluate_mteb.py
 """
@@ -164,7 +172,8 @@ def test_checkpoint_hf_and_torchrun(setup, capsys):
     out = tmp / "out_ckpt"
     common = ["--beir-dir", str(beir), "--instruction", DEFINITION, "--batch-size", "3"]
     rc = evaluate_mteb.main(
-        ["--model", str(tmp / "ckpt"), "--tasks", *MOCKS, *common, "--output", str(out)]
+        ["--model", str(tmp / "ckpt"), "--tasks", *MOCKS, *common, "--shard-size", "5"]
+        + ["--output", str(out)]
     )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -198,9 +207,14 @@ def test_checkpoint_hf_and_torchrun(setup, capsys):
         assert f"\n## {cat}\n" in md
     assert f"| toybeir | Retrieval | ndcg_at_10 | {100 * want['toybeir']['ndcg_at_10']:.2f} |" in md
     results = out / "results" / "megatron_nvembed__ckpt" / "iter_0000000"
-    for name in (*MOCKS, "toybeir"):
+    for name in MOCKS:
         saved = json.loads((results / f"{name}.json").read_text())
         assert saved["task_name"] == name
+    saved = json.loads((out / "beir" / "toybeir.json").read_text())
+    assert saved["task_name"] == "toybeir" and saved["task"] == summary["tasks"]["toybeir"]
+    assert saved["num_queries"] == 5 and saved["num_documents"] == len(DOCS)
+    assert saved["corpus_encoding"]["shards"] == 3 == saved["corpus_encoding"]["computed_shards"]
+    assert len(list((out / "embeddings" / "toybeir").glob("emb_*.npy"))) == 3
     assert not list(out.rglob("*.tmp"))
     # --resume reads the finished tasks back from OUT/results instead of encoding again
     argv = ["--model", str(tmp / "ckpt"), "--tasks", "MockRetrievalTask", *common]
@@ -210,6 +224,33 @@ def test_checkpoint_hf_and_torchrun(setup, capsys):
         "no_instruction"
     }
     _check_retrieval(resumed, want)
+    capsys.readouterr()
+
+    # BEIR alone: a truncated result is evaluated again, the finished corpus shards are kept
+    beir_argv = ["--model", str(tmp / "ckpt"), *common, "--shard-size", "5", "--output", str(out)]
+    result_file = out / "beir" / "toybeir.json"
+    first = summary["tasks"]["toybeir"]
+
+    def rerun(*extra) -> dict:
+        assert evaluate_mteb.main([*beir_argv, *extra]) == 0
+        got = json.loads((out / "summary.json").read_text())
+        for key, value in first.items():
+            if isinstance(value, float):
+                assert abs(got["tasks"]["toybeir"][key] - value) <= 1e-6, key
+        return got
+
+    result_file.write_text(result_file.read_text()[:40])
+    again = rerun("--resume")
+    assert again["encoding"]["texts"] == 5  # the queries; the corpus shards were kept
+    assert json.loads(result_file.read_text())["corpus_encoding"]["computed_shards"] == 0
+    (out / "embeddings" / "toybeir" / "emb_00001.npy").unlink()
+    result_file.write_text("{")
+    again = rerun("--resume")
+    assert again["encoding"]["texts"] == 5 + 5  # the missing shard and the queries
+    assert json.loads(result_file.read_text())["corpus_encoding"]["computed_shards"] == 1
+    again = rerun()  # without --resume: everything again
+    assert again["encoding"]["texts"] == 5 + len(DOCS)
+    assert set(again["tasks"]) == {"toybeir"}
     capsys.readouterr()
 
     # the exported HF directory, one process
@@ -226,13 +267,24 @@ def test_checkpoint_hf_and_torchrun(setup, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     cmd += [str(ROOT / "tools" / "evaluate_mteb.py"), "--model", str(tmp / "ckpt")]
     proc = subprocess.run(
-        [*cmd, *args, str(out_dp)], capture_output=True, text=True, timeout=300, env=env
+        [*cmd, *args[:-1], "--shard-size", "4", "--output", str(out_dp)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary_dp = json.loads((out_dp / "summary.json").read_text())
     assert summary_dp["encoding"]["data_parallel_ranks"] == 2
     _check_retrieval(summary_dp, want)
     assert "2 data-parallel ranks" in proc.stderr
+    for key, value in first.items():  # 1 process vs 2 ranks, BEIR metrics
+        if isinstance(value, float):
+            assert abs(summary_dp["tasks"]["toybeir"][key] - value) <= 1e-6, key
+    saved = json.loads((out_dp / "beir" / "toybeir.json").read_text())
+    assert saved["corpus_encoding"]["computed_shards"] == 4
+    assert summary_dp["encoding"]["texts"] >= len(DOCS) + 5  # both ranks' corpus shards
+    assert "encoded 14 passages (4 shards)" in proc.stderr
 
 
 @pytest.mark.functional
@@ -260,4 +312,11 @@ def test_errors_name_the_culprit(setup, capsys):
     assert "MockSTSTask" in err and "--instruction" in err
     err = fails("--model", ckpt, "--output", out)
     assert "--tasks" in err and "--beir-dir" in err
+    err = fails(
+        "--model", ckpt, "--beir-dir", str(beir), "--search-params", "nprobe=4", "--output", out
+    )
+    assert "--search-params" in err and "exact" in err
     assert not Path(out).exists()
+    bad_index = ["--index", "NoSuchIndex", "--instruction", DEFINITION, "--output", out]
+    err = fails("--model", ckpt, "--beir-dir", str(beir), *bad_index)
+    assert "--index 'NoSuchIndex'" in err and "FAISS" in err

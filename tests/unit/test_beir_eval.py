@@ -1,5 +1,16 @@
-"""Local BEIR-format evaluation: loader errors name the file and line; nDCG / recall / MRR equal
-hand-computed values (1e-12) on a small graded example.
+"""Local BEIR-format evaluation, the pure parts.
+
+- Loader: `open_beir` keeps queries and qrels, the corpus stays on disk (read back by row);
+  `load_beir` reads it all; errors name the file and line (a qrels corpus-id missing from the
+  corpus: the qrels line; a malformed corpus line: corpus.jsonl:line).
+- Metrics: nDCG / recall / MRR equal hand-computed values (1e-12) on a small graded example;
+  `ranking_metrics` of the ranked ids that an exact top-k search returns equals
+  `retrieval_metrics` of the dense score matrix and a brute-force reference written here (1e-12),
+  the ranked lists themselves equal a stable argsort exactly (integer embeddings: many exact
+  ties, also across shards).
+- Margins: `search_margins` (through `evaluate_embeddings`, in memory and over shards) equals
+  `score_margins` of the dense matrix within 1e-5 (float32 scores), queries with many relevant
+  documents and with none included.
 
 Run alone: pytest tests/unit/test_beir_eval.py
 """
@@ -10,7 +21,18 @@ import math
 import numpy as np
 import pytest
 
-from megatron_nvembed.evaluation.beir import evaluate_beir, load_beir, retrieval_metrics
+from megatron_nvembed.evaluation.beir import (
+    evaluate_beir,
+    evaluate_embeddings,
+    load_beir,
+    open_beir,
+    ranking_metrics,
+    retrieval_metrics,
+    score_margins,
+)
+from megatron_nvembed.retrieval.search import search
+
+KS = (1, 3, 10, 50)
 
 
 def _write(tmp_path, qrels="query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t1\nq2\td2\t1\n"):
@@ -48,6 +70,10 @@ def test_loader_and_end_to_end(tmp_path):
     _write(tmp_path)
     data = load_beir(tmp_path)
     assert data.query_ids == ["q1", "q2"] and data.corpus[0] == "T doc 1"
+    opened = open_beir(tmp_path)
+    assert opened.query_ids == ["q1", "q2"] and opened.queries == ["query one", "query two"]
+    assert len(opened.corpus) == 3 and opened.corpus.row(2).id == "d3"
+    assert opened.corpus.row(0).text == "T doc 1"
 
     def encode(texts, instruction):
         # a "model" that puts query one next to doc 1 and query two next to doc 2
@@ -63,11 +89,124 @@ def test_loader_and_end_to_end(tmp_path):
     m = evaluate_beir(encode, tmp_path, ks=(10,))
     # q1: d1 (2), d3 (1), d2 -> ideal order; q2: d2 first
     assert abs(m["ndcg_at_10"] - 1.0) <= 1e-12
+    # q1: relevant d1 (1.0), d3 (0.6), the only negative d2 (0.0); q2: d2 (1.0) vs 0.0 and 0.0
+    assert m["score_margin_hardest"] == pytest.approx(((0.8 - 0.0) + 1.0) / 2, abs=1e-6)
+    assert m["score_margin_mean"] == pytest.approx(((0.8 - 0.0) + 1.0) / 2, abs=1e-6)
 
 
 def test_loader_errors(tmp_path):
-    _write(tmp_path, qrels="query-id\tcorpus-id\tscore\nq1\td9\t1\n")
-    with pytest.raises(ValueError, match=r"test.tsv:2: corpus-id 'd9'"):
+    _write(tmp_path, qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\nq2\td9\t1\n")
+    with pytest.raises(ValueError, match=r"test.tsv:3: corpus-id 'd9' not in corpus"):
         load_beir(tmp_path)
     with pytest.raises(FileNotFoundError, match="dev.tsv"):
         load_beir(tmp_path, split="dev")
+    _write(tmp_path)
+    with open(tmp_path / "corpus.jsonl", "a") as f:
+        f.write("\n{not json\n")
+    with pytest.raises(ValueError, match=r"corpus.jsonl:5: malformed JSON"):
+        open_beir(tmp_path)
+
+
+def _reference_metrics(scores, query_ids, corpus_ids, qrels, ks):
+    """trec_eval's definitions, brute force: every document sorted by (-score, column)."""
+    out = {}
+    for k in ks:
+        sums = {"ndcg": 0.0, "recall": 0.0, "mrr": 0.0}
+        for i, qid in enumerate(query_ids):
+            judged = qrels.get(qid, {})
+            order = sorted(range(len(corpus_ids)), key=lambda j: (-scores[i, j], j))[:k]
+            gains = [judged.get(corpus_ids[j], 0) for j in order]
+            dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains))
+            ideal = sorted((g for g in judged.values() if g > 0), reverse=True)[:k]
+            idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
+            n_rel = sum(g > 0 for g in judged.values())
+            sums["ndcg"] += dcg / idcg if idcg else 0.0
+            sums["recall"] += sum(g > 0 for g in gains) / n_rel if n_rel else 0.0
+            hits = [r for r, g in enumerate(gains) if g > 0]
+            sums["mrr"] += 1 / (hits[0] + 1) if hits else 0.0
+        for name, total in sums.items():
+            out[f"{name}_at_{k}"] = total / len(query_ids)
+    return out
+
+
+def _random_set(seed, n_q=24, n_d=120, dim=8, integer=False):
+    rng = np.random.default_rng(seed)
+    if integer:  # small integers: every dot product exact in float32, many exact ties
+        q = rng.integers(-2, 3, (n_q, dim)).astype(np.float32)
+        d = rng.integers(-2, 3, (n_d, dim)).astype(np.float32)
+    else:
+        q = rng.standard_normal((n_q, dim)).astype(np.float32)
+        d = rng.standard_normal((n_d, dim)).astype(np.float32)
+    query_ids = [f"q{i}" for i in range(n_q)]
+    corpus_ids = [f"d{j}" for j in range(n_d)]
+    qrels = {}
+    for i in range(n_q):
+        n_judged = [0, 1, 3, 30][i % 4]  # none, one, a few, many (deeper than max(KS)?)
+        picked = rng.choice(n_d, size=n_judged, replace=False)
+        qrels[f"q{i}"] = {f"d{j}": int(rng.integers(0, 4)) for j in picked}
+    qrels["q0"] = {"d5": 0}  # judged, nothing relevant
+    return q, d, query_ids, corpus_ids, qrels
+
+
+class _Shards:
+    """Corpus embeddings cut into shards, read like `ShardedEmbeddings` by `search`."""
+
+    def __init__(self, emb, size):
+        self.emb, self.rows, self.dim = emb, len(emb), emb.shape[1]
+        self.size = size
+
+    def __iter__(self):
+        for lo in range(0, self.rows, self.size):
+            yield lo, self.emb[lo : lo + self.size]
+
+
+@pytest.mark.parametrize("integer", [True, False], ids=["tied-integers", "gaussian"])
+def test_ranking_metrics_from_search_equal_the_matrix_version(integer):
+    q, d, query_ids, corpus_ids, qrels = _random_set(1, integer=integer)
+    scores = q @ d.T
+    if integer:
+        assert (np.diff(np.sort(scores, axis=1), axis=1) == 0).sum() > 100  # ties do occur
+        # ties inside the top k and across shards (each shard searched whole: FAISS does not
+        # promise which row of a tie it keeps at the k-th place of one shard)
+        layouts = [(d, len(d)), (_Shards(d, 17), 50)]
+    else:
+        layouts = [(d, 50), (_Shards(d, 17), 50), (_Shards(d, 64), 50)]
+    for corpus, k in layouts:
+        want_order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        _, rows = search(q, corpus, k)
+        assert np.array_equal(rows, want_order)  # exact ranked lists, ties: lower row first
+        ks = tuple(x for x in KS if x <= k)
+        ranked = [[corpus_ids[j] for j in r] for r in rows]
+        got = ranking_metrics(ranked, query_ids, qrels, ks)
+        dense = retrieval_metrics(scores, query_ids, corpus_ids, qrels, ks)
+        ref = _reference_metrics(scores, query_ids, corpus_ids, qrels, ks)
+        assert set(got) == set(dense) == set(ref) and len(got) == 3 * len(ks)
+        for key in got:
+            assert abs(got[key] - dense[key]) <= 1e-12, key
+            assert abs(got[key] - ref[key]) <= 1e-12, key
+    if not integer:  # the whole path: top-k search at the needed depth, ids, metrics
+        m = evaluate_embeddings(q, d, query_ids, qrels, corpus_ids=corpus_ids, ks=KS)
+        for key, v in retrieval_metrics(scores, query_ids, corpus_ids, qrels, KS).items():
+            assert abs(m[key] - v) <= 1e-12, key
+    # an id listed twice (or a missing hit) counts once, at its better rank
+    once = ranking_metrics([["d1", "d1", None, "d2"]], ["q"], {"q": {"d2": 1}}, (2,))
+    assert once["recall_at_2"] == 1.0 and once["mrr_at_2"] == 0.5
+
+
+def test_margins_from_search_equal_score_margins():
+    q, d, query_ids, corpus_ids, qrels = _random_set(2, n_d=90, dim=16)
+    # q3's relevant documents are its 25 best: the hardest negative is hit 26, deeper than
+    # max(ks), so the search must reach |relevant| + 1
+    best = np.argsort(-(q[3] @ d.T), kind="stable")[:25]
+    qrels["q3"] = {corpus_ids[j]: 1 for j in best}
+    want = score_margins(q @ d.T, query_ids, corpus_ids, qrels)
+    assert want["score_margin_hardest"] != 0.0 and want["score_margin_mean"] != 0.0
+    got = evaluate_embeddings(q, d, query_ids, qrels, corpus_ids=corpus_ids, ks=(1, 10))
+    for key in want:
+        assert abs(got[key] - want[key]) <= 1e-5, key
+    # a query with every document relevant has no negative: left out by both
+    qrels_all = {**qrels, "q1": {c: 1 for c in corpus_ids}}
+    want = score_margins(q @ d.T, query_ids, corpus_ids, qrels_all)
+    got = evaluate_embeddings(q, d, query_ids, qrels_all, corpus_ids=corpus_ids, ks=(1,))
+    for key in want:
+        assert abs(got[key] - want[key]) <= 1e-5, key

@@ -1,6 +1,6 @@
-"""Watching a run, the pure parts: the score margins of validation (hand-computed), the record ->
-scalar tags every sink writes, the iteration line's new fields, the new flags and their errors,
-and the missing-package error of a sink.
+"""Watching a run, the pure parts: the score margins of validation (hand-computed, from the score
+matrix and from a top-k search), the record -> scalar tags every sink writes, the iteration
+line's new fields, the new flags and their errors, and the missing-package error of a sink.
 
 Run alone: python3 -m pytest -q -n 0 tests/unit/test_training_logs.py
 """
@@ -12,7 +12,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from megatron_nvembed.evaluation.beir import score_margins
+from megatron_nvembed.evaluation.beir import evaluate_embeddings, score_margins
 from megatron_nvembed.training.arguments import parse_args
 from megatron_nvembed.training.sinks import Sinks, require_sink_packages, scalars
 
@@ -27,6 +27,18 @@ def test_score_margins_hand_computed():
     got = score_margins(scores, ["q1", "q2", "q3"], ["d1", "d2", "d3", "d4"], qrels)
     assert got["score_margin_hardest"] == pytest.approx(((0.7 - 0.5) + (0.2 - 0.9)) / 2)
     assert got["score_margin_mean"] == pytest.approx(((0.7 - 0.3) + (0.2 - 1.3 / 3)) / 2)
+    # validation's path: a top-k search over embeddings whose dot products are `scores`
+    # (query i = unit vector i, document j = column j), no score matrix: the same (1e-6)
+    found = evaluate_embeddings(
+        np.eye(3, dtype=np.float32),
+        scores.T.astype(np.float32),
+        ["q1", "q2", "q3"],
+        qrels,
+        corpus_ids=["d1", "d2", "d3", "d4"],
+        ks=(1,),
+    )
+    for key, value in got.items():
+        assert found[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_scalars_are_the_records_numbers_by_json_key():
