@@ -250,7 +250,7 @@ def throughput(args) -> dict:
         "tokens_max": int(max(lengths)),
         "rounds": args.rounds,
         "device": args.device,
-        "ours": {"max_tokens": args.max_tokens, "batch_size": args.batch_size},
+        "ours": {"max_tokens": ours.token_budget, "batch_size": args.batch_size},
         "sentence_transformers": {
             "batch_size": args.st_batch_size,
             "pool_processes": args.st_pool_processes if pool else 0,
@@ -304,7 +304,9 @@ def memory(args) -> dict:
             f.write("query-id\tcorpus-id\tscore\n")
             for i in range(len(first)):
                 f.write(f"q{i}\td{i}\t1\n")
-        common = ["--shard-size", str(args.shard_size), "--max-tokens", str(args.max_tokens)]
+        common = ["--shard-size", str(args.shard_size)]
+        if args.max_tokens is not None:
+            common += ["--max-tokens", str(args.max_tokens)]
         mine = [
             sys.executable,
             "tools/mine_hard_negatives.py",
@@ -387,7 +389,7 @@ def main(argv=None) -> int:
     t.add_argument("--rounds", type=int, default=3)
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     t.add_argument("--max-length", type=int, default=512)
-    t.add_argument("--max-tokens", type=int, default=16384)
+    t.add_argument("--max-tokens", type=int, default=None, help="ours (default: the device's)")
     t.add_argument("--batch-size", type=int, default=256, help="ours: rows per call, at most")
     t.add_argument("--shard-size", type=int, default=100_000)
     t.add_argument("--st-batch-size", type=int, default=32)
@@ -399,7 +401,7 @@ def main(argv=None) -> int:
     m.add_argument("--queries", type=int, default=1000)
     m.add_argument("--mean-words", type=float, default=12.0)
     m.add_argument("--shard-size", type=int, default=100_000)
-    m.add_argument("--max-tokens", type=int, default=16384)
+    m.add_argument("--max-tokens", type=int, default=None, help="default: the device's")
     m.add_argument("--output")
     # a model small enough that a 1M-passage corpus encodes in minutes on 2 CPU cores
     m.set_defaults(

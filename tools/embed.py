@@ -5,7 +5,7 @@ natively), in resumable shards, data-parallel under torchrun.
 
   [torchrun --nproc_per_node N] tools/embed.py --load MODEL --input TEXTS.jsonl
         (--output EMB.npy | --output-dir DIR) [--shard-size 100000]
-        [--tensor-model-parallel-size T] [--max-length 512] [--max-tokens 16384]
+        [--tensor-model-parallel-size T] [--max-length 512] [--max-tokens T]
         [--batch-size 128]
 
 Input lines: {"text": ..., "instruction"?: ..., "id"?: ...}. "instruction" follows the project's
@@ -16,8 +16,9 @@ have none. The file is checked line by line before the model loads (errors name 
 
 The texts are cut into shards of --shard-size lines; the data-parallel ranks (N / T) take whole
 shards, sort each by token length and run it in batches of at most --max-tokens padded tokens
-(and --batch-size rows). Every finished shard is on disk (written atomically), so a rerun of
-the same command after a kill computes only the missing ones.
+(and --batch-size rows; default 1024 tokens on CPU, 16384 on GPUs). Every finished shard is on
+disk (written atomically), so a rerun of the same command after a kill computes only the
+missing ones.
 
 --output EMB.npy: one float32 [n, d] array in input order (shards staged in EMB.npy.shards/,
 removed when the array is written). --output-dir DIR: the shards themselves (emb_00000.npy ...,
@@ -44,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="checkpoints only")
     p.add_argument("--max-length", type=int, default=512, help="tokens per text (BOS, EOS incl.)")
     p.add_argument(
-        "--max-tokens", type=int, default=16384, help="padded tokens per forward call (budget)"
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; 0: no budget, --batch-size rows)",
     )
     p.add_argument("--batch-size", type=int, default=128, help="texts per forward call, at most")
     return p
@@ -53,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    for flag in ("shard_size", "max_length", "max_tokens", "batch_size"):
+    for flag in ("shard_size", "max_length", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_tokens is not None and args.max_tokens < 0:
+        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.output and not args.output.endswith(".npy"):
         p.error(f"--output {args.output}: must end in .npy (or use --output-dir)")
 

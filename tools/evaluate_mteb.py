@@ -5,7 +5,7 @@ local BEIR folders scored at corpus scale.
   [torchrun --nproc_per_node N] tools/evaluate_mteb.py --model DIR --output OUT
       [--tasks NAME ...] [--benchmark NAME] [--beir-dir DIR ...] [--beir-split test]
       [--work-dir OUT/embeddings] [--shard-size 100000] [--index exact] [--search-params P]
-      [--instruction TEXT] [--batch-size 32] [--max-length 512] [--max-tokens 16384]
+      [--instruction TEXT] [--batch-size 32] [--max-length 512] [--max-tokens T]
       [--tensor-model-parallel-size T] [--name NAME] [--resume]
 
 DIR: a checkpoint (latest_checkpointed_iteration.txt; loaded at --tensor-model-parallel-size,
@@ -94,8 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tokens",
         type=int,
-        default=16384,
-        help="padded tokens per forward call at most (0: --batch-size rows whatever their length)",
+        default=None,
+        help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; 0: no budget, --batch-size rows)",
     )
     p.add_argument(
         "--tensor-model-parallel-size",
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     ):
         if v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
-    if args.max_tokens < 0:
+    if args.max_tokens is not None and args.max_tokens < 0:
         p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.index == "exact" and args.search_params:
         p.error(
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             batch_size=args.batch_size,
             max_length=args.max_length,
-            max_tokens=args.max_tokens or None,
+            max_tokens=args.max_tokens,
         )
     except (FileNotFoundError, ValueError) as err:
         p.error(f"--model: {err}")
@@ -424,7 +424,7 @@ def main(argv=None) -> int:
                     "texts_per_second": round(st.texts_per_second, 2),
                     "truncated": st.truncated,
                     "max_length": args.max_length,
-                    "max_tokens": args.max_tokens or None,
+                    "max_tokens": embedder.token_budget,
                     "batch_size": args.batch_size,
                     "data_parallel_ranks": embedder.dp_size,
                     "tensor_model_parallel_size": args.tensor_model_parallel_size,

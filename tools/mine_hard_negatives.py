@@ -6,7 +6,7 @@
         --model MODEL --output OUT.jsonl [--num-negatives 7] [--margin 0.95] [--candidates 50]
         [--instruction TEXT | --no-instruction] [--corpus-embeddings DIR]
         [--index exact | --index FACTORY --search-params P] [--shard-size 100000]
-        [--chunk-size 1024] [--batch-size 64] [--max-length 512] [--max-tokens 16384]
+        [--chunk-size 1024] [--batch-size 64] [--max-length 512] [--max-tokens T]
         [--tensor-model-parallel-size T]
 
 MODEL: a folder: a megatron_nvembed checkpoint, an NV-Embed-format model (our exports, NVIDIA's
@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
         help="TP of a checkpoint teacher (resharded on load); ranks / T split the work",
     )
     p.add_argument(
-        "--max-tokens", type=int, default=16384, help="padded tokens per forward call (budget)"
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; 0: no budget, --batch-size rows)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -120,10 +123,11 @@ def main(argv=None) -> int:
         "shard_size",
         "chunk_size",
         "batch_size",
-        "max_tokens",
     ):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_tokens is not None and args.max_tokens < 0:
+        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.max_length < 2:
         p.error(f"--max-length must be >= 2, got {args.max_length}")
     if not 0 < args.margin <= 1:

@@ -428,7 +428,7 @@ def mine_hard_negatives(
             "input": _file_fingerprint(input_path),
             "corpus": corpus.fingerprint(),
             "teacher": teacher.identity(),
-            "batches": [teacher.batch_size, teacher.max_tokens],
+            "batches": [teacher.batch_size, teacher.token_budget],
             "options": [num_negatives, margin, candidates, chunk_size, instruction],
             "more": [use_instruction, skip_bad_records, index, search_params],
         }

@@ -13,7 +13,8 @@ Shared by `tools/embed.py`, `tools/evaluate_mteb.py`, BEIR evaluation and hard-n
 - Our formats tokenise with `data.tokenization.tokenize_for_embedding` and the tokenizer loader
   shared with training and the exported model (`load_tokenizer`).
 - Batches: texts sorted by token length (longest first), cut under a budget of `max_tokens`
-  padded tokens and at most `batch_size` rows (`max_tokens=None`: fixed `batch_size` rows).
+  padded tokens and at most `batch_size` rows (`max_tokens=None`: the device's default,
+  `MAX_TOKENS_BY_DEVICE`; 0: no budget, fixed `batch_size` rows).
   Short texts thus run in large batches and long ones in small, at a bounded activation size.
 - `Embedder.embed(texts, instructions)` deals the batches to the data-parallel ranks round
   robin, gathers, and returns the float32 `[n, d]` embeddings in input order on every rank (a
@@ -40,6 +41,13 @@ import torch
 from megatron_nvembed.data.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+MAX_TOKENS_BY_DEVICE = {"cpu": 1024, "cuda": 16384}
+"""Default token budget per forward call. On CPU small calls keep the latent head's
+[rows, heads, tokens, latents] scores in cache: with the tiny test model on 2 cores 512-1536
+tokens ran 1.5-1.7x faster than 16384 (`bench/encode.py`, docs/retrieval.md); GPUs want large
+calls (raise it until the memory is used)."""
 
 
 def length_grouped_batches(
@@ -128,19 +136,26 @@ class Embedder:
         batch_size: int = 128,
         max_length: int = 512,
         show_progress: bool = True,
-        max_tokens: int | None = 16384,
+        max_tokens: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         if max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {max_length}")
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
+        if max_tokens is not None and max_tokens < 0:
+            raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
         self.batch_size = batch_size
         self.max_length = max_length
         self.max_tokens = max_tokens
         self.show_progress = show_progress
         self.stats = EmbedStats()
+
+    @property
+    def token_budget(self) -> int | None:
+        """Padded tokens per forward call (None: no budget, `batch_size` rows a call)."""
+        if self.max_tokens is None:
+            return MAX_TOKENS_BY_DEVICE.get(self.device.type, MAX_TOKENS_BY_DEVICE["cuda"])
+        return self.max_tokens or None
 
     def identity(self) -> dict:
         """What determines this embedder's outputs (for caches of corpus embeddings)."""
@@ -162,7 +177,7 @@ class Embedder:
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         return length_grouped_batches(
-            [min(n, self.max_length) for n in lengths], self.batch_size, self.max_tokens
+            [min(n, self.max_length) for n in lengths], self.batch_size, self.token_budget
         )
 
     def _run(self, texts, instructions, batches, label) -> tuple[list[int], np.ndarray]:
@@ -488,7 +503,7 @@ def load_embedder(
     tensor_model_parallel_size: int = 1,
     batch_size: int = 128,
     max_length: int = 512,
-    max_tokens: int | None = 16384,
+    max_tokens: int | None = None,
     show_progress: bool = True,
     allow_sentence_transformers: bool = False,
 ) -> Embedder:

@@ -174,6 +174,17 @@ def test_a_stale_temporary_file_is_removed_and_a_partial_shard_is_not_a_shard(tm
     assert encode_corpus(HashEmbedder(), corpus, tmp_path / "t", shard_size=10).num_shards == 3
 
 
+class InMemoryShards:
+    """What `exact_search` reads of a `ShardedEmbeddings`: (first row, rows) per shard."""
+
+    def __init__(self, d, shard):
+        self.parts = [(lo, d[lo : lo + shard]) for lo in range(0, len(d), shard)]
+        self.rows, self.dim = d.shape
+
+    def __iter__(self):
+        return iter(self.parts)
+
+
 def _plain_topk(q, d, k):
     scores = q @ d.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -212,9 +223,7 @@ def test_exact_search_breaks_ties_by_row():
         _, want = _plain_topk(q, d, k)
         np.testing.assert_array_equal(search(q, d, k)[1], want)
         for shard in (7, 40):
-            parts = [(lo, d[lo : lo + shard]) for lo in range(0, len(d), shard)]
-            fake = type("Shards", (), {"__iter__": lambda self: iter(parts), "rows": 120, "dim": 8})
-            np.testing.assert_array_equal(exact_search(q, fake(), k)[1], want)
+            np.testing.assert_array_equal(exact_search(q, InMemoryShards(d, shard), k)[1], want)
 
 
 def test_approximate_index_probing_every_list_is_exact_and_is_cached(tmp_path):
