@@ -176,8 +176,11 @@ def throughput(args) -> dict:
         show_progress=False,
     )
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    import transformers
+
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     st = SentenceTransformer(
-        str(model_dir), device=args.device, trust_remote_code=True, model_kwargs={"dtype": dtype}
+        str(model_dir), device=args.device, trust_remote_code=True, model_kwargs={dtype_key: dtype}
     )
     st.max_seq_length = args.max_length
     pool = None
@@ -190,15 +193,25 @@ def throughput(args) -> dict:
         shards = encode_corpus(ours, corpus, out, shard_size=args.shard_size)
         return np.concatenate([e for _, e in shards])
 
-    def run_st(r: int):
-        return st.encode(texts, batch_size=args.st_batch_size, show_progress_bar=False)
+    def run_st(batch_size: int, use_pool: bool):
+        def run(r: int):
+            return st.encode(
+                texts,
+                batch_size=batch_size,
+                pool=pool if use_pool else None,
+                show_progress_bar=False,
+            )
 
-    def run_st_pool(r: int):
-        return st.encode(texts, batch_size=args.st_batch_size, pool=pool, show_progress_bar=False)
+        return run
 
-    methods = {"ours": run_ours, "sentence_transformers": run_st}
+    # sentence-transformers at its default batch size (32, first) and any others asked for
+    methods = {"ours": run_ours}
+    for bs in args.st_batch_sizes:
+        methods[f"sentence_transformers_bs{bs}"] = run_st(bs, False)
     if pool:
-        methods["sentence_transformers_pool"] = run_st_pool
+        methods[f"sentence_transformers_pool_bs{args.st_batch_sizes[0]}"] = run_st(
+            args.st_batch_sizes[0], True
+        )
     # warm-up (first-call allocations, pool workers' model copies)
     run_ours(-1)
     for name, fn in methods.items():
@@ -209,7 +222,7 @@ def throughput(args) -> dict:
     for r in range(args.rounds):
         order = list(methods) if r % 2 == 0 else list(reversed(methods))
         for name in order:
-            pids = pool_pids if name.endswith("pool") else []
+            pids = pool_pids if "_pool_" in name else []
             c0, t0 = _cpu_seconds(pids), time.perf_counter()
             outputs[name] = methods[name](r)
             wall = time.perf_counter() - t0
@@ -227,9 +240,13 @@ def throughput(args) -> dict:
             "max_abs_diff_vs_ours": float(np.abs(outputs[name] - outputs["ours"]).max()),
         }
     best_st = max(v["passages_per_second"] for k, v in result["methods"].items() if k != "ours")
-    result["speedup_vs_best_sentence_transformers"] = round(
-        result["methods"]["ours"]["passages_per_second"] / best_st, 3
-    )
+    ours_pps = result["methods"]["ours"]["passages_per_second"]
+    result["speedup_vs_best_sentence_transformers"] = round(ours_pps / best_st, 3)
+    result["speedup_vs"] = {
+        k: round(ours_pps / v["passages_per_second"], 3)
+        for k, v in result["methods"].items()
+        if k != "ours"
+    }
     lengths = [min(n, args.max_length) for n in ours._lengths(texts, [""] * len(texts))]
     result["setup"] = {
         "model": str(model_dir) if args.model else "built (see model_sizes)",
@@ -252,7 +269,7 @@ def throughput(args) -> dict:
         "device": args.device,
         "ours": {"max_tokens": ours.token_budget, "batch_size": args.batch_size},
         "sentence_transformers": {
-            "batch_size": args.st_batch_size,
+            "batch_sizes": args.st_batch_sizes,
             "pool_processes": args.st_pool_processes if pool else 0,
         },
     }
@@ -392,7 +409,13 @@ def main(argv=None) -> int:
     t.add_argument("--max-tokens", type=int, default=None, help="ours (default: the device's)")
     t.add_argument("--batch-size", type=int, default=256, help="ours: rows per call, at most")
     t.add_argument("--shard-size", type=int, default=100_000)
-    t.add_argument("--st-batch-size", type=int, default=32)
+    t.add_argument(
+        "--st-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[32, 8],
+        help="sentence-transformers batch sizes (the first, its default 32, also for the pool)",
+    )
     t.add_argument("--st-pool-processes", type=int, default=2, help="0: no pool")
     t.add_argument("--output")
     m = sub.add_parser("memory", help="peak memory of mining and evaluation vs corpus size")

@@ -5,11 +5,13 @@
 # Prepare on a machine with registry access (wheels/ is git-ignored; the GPU machine's Python is
 # 3.12 and it already has a CUDA torch, transformers and peft):
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: \
-#       megatron-core==0.16.1 einops tqdm safetensors -d wheels/
+#       megatron-core==0.16.1 einops tqdm safetensors sentence-transformers -d wheels/
+# (sentence-transformers: the baseline of `encode`; without it that step is skipped.)
 # Then, on the GPU machine, from the repository root:
 #   bash bench/gpu_session.sh [quick|full]
 # quick: GPU tests + tiny and 2-layer Mistral-7B-width benchmarks (a few minutes);
-# full: adds 8 layers and the packing comparison at Mistral-7B width.
+# full: adds 8 layers, the packing comparison and the corpus-encoder benchmark at Mistral-7B
+# width; encode: quick + the corpus-encoder benchmark only.
 set -euo pipefail
 
 MODE="${1:-quick}"
@@ -48,5 +50,13 @@ run_bench mistral-2l --preset mistral-7b-width --layers 2 --repeats 3
 if [[ "$MODE" == "full" ]]; then
   run_bench mistral-8l --preset mistral-7b-width --layers 8 --repeats 2
   run_bench mistral-2l-layouts --preset mistral-7b-width --layers 2 --compare-layouts
+fi
+if [[ "$MODE" == "encode" || "$MODE" == "full" ]]; then
+  # corpus encoder vs sentence-transformers on one export: Mistral-7B width, 4 layers, bf16
+  echo "== bench encode"
+  python bench/encode.py throughput --device cuda --hidden-size 4096 --layers 4 --heads 32 \
+    --kv-heads 8 --intermediate-size 14336 --passages 4000 --rounds 3 --st-batch-sizes 32 128 \
+    --output "$OUT/$TAG-encode-mistral-4l-$STAMP.json" 2>&1 \
+    | tee "$OUT/$TAG-encode-mistral-4l-$STAMP.log" || true
 fi
 echo "results in $OUT"
