@@ -180,7 +180,10 @@ class Embedder:
             [min(n, self.max_length) for n in lengths], self.batch_size, self.token_budget
         )
 
-    def _run(self, texts, instructions, batches, label) -> tuple[list[int], np.ndarray]:
+    def _run(self, texts, instructions, batches, label, out: np.ndarray | None = None):
+        """Embeds `batches` (lists of indices into `texts`). With `out` ([len(texts), dim]),
+        each batch's rows are written into it in place (one copy of the result in memory) and
+        `out` is returned; else (indices in batch order, their embeddings)."""
         from tqdm import tqdm
 
         idx_out: list[int] = []
@@ -194,10 +197,16 @@ class Embedder:
         with torch.inference_mode():
             for idx in batches:
                 emb = self._embed_batch([texts[i] for i in idx], [instructions[i] for i in idx])
-                idx_out.extend(idx)
-                emb_out.append(emb.float().cpu().numpy())
+                emb = emb.float().cpu().numpy()
+                if out is not None:
+                    out[idx] = emb
+                else:
+                    idx_out.extend(idx)
+                    emb_out.append(emb)
                 bar.update(len(idx))
         bar.close()
+        if out is not None:
+            return out
         emb = np.concatenate(emb_out) if emb_out else np.zeros((0, self.dim), np.float32)
         return idx_out, emb
 
@@ -237,9 +246,8 @@ class Embedder:
         instructions = self._instructions(texts, instructions)
         start = time.perf_counter()
         lengths = self._lengths(texts, instructions)
-        idx, emb = self._run(texts, instructions, self._batches(lengths), label)
         result = np.zeros((len(texts), self.dim), dtype=np.float32)
-        result[idx] = emb
+        self._run(texts, instructions, self._batches(lengths), label, out=result)
         self._account(label, lengths, time.perf_counter() - start, 1, log=False)
         return result
 

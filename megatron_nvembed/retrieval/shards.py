@@ -290,8 +290,8 @@ def encode_corpus(
         texts = [r.text for r in rows]
         prefixes = [r.instruction if instruction is None else instruction for r in rows]
         emb = embedder.embed_local(texts, prefixes, label=f"shard {s + 1}/{num_shards}")
-        if normalize:
-            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        if normalize:  # in place: one copy of the shard in memory
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         if embedder.is_writer:
             if meta["has_ids"]:
