@@ -65,22 +65,37 @@ def classification_records(
     names = [str(t) for t in (label_texts if label_texts is not None else labels)]
     rng = random.Random(seed)
     classes = sorted(set(names))
+    class_index = {c: k for k, c in enumerate(classes)}
     members: dict[str, list[int]] = defaultdict(list)
+    position = [0] * len(names)  # each example's place in its class's member list
     for i, n in enumerate(names):
+        position[i] = len(members[n])
         members[n].append(i)
+
+    # Every draw is O(1) (or O(num_negatives)): "any item but one" is an index into the list
+    # with that item left out, so no per-example list of the others is built (that was
+    # quadratic in the class size).
+    def other_class(own: int) -> str:
+        r = rng.randrange(len(classes) - 1)
+        return classes[r + (r >= own)]
+
     out = []
     for i in stratified_indices(names, max_samples, seed):
         own = names[i]
-        others = [c for c in classes if c != own]
+        ci = class_index[own]
         if positive == "label":
             pos = own
-            negs = rng.sample(others, min(num_negatives, len(others)))
+            k = min(num_negatives, len(classes) - 1)
+            negs = [classes[r + (r >= ci)] for r in rng.sample(range(len(classes) - 1), k)]
         else:
-            peers = [j for j in members[own] if j != i]
-            if not peers:
+            peers = members[own]
+            if len(peers) < 2:
                 continue  # a singleton class has no other example to pair with
-            pos = texts[rng.choice(peers)]
-            neg_classes = [rng.choice(others) for _ in range(num_negatives)] if others else []
+            r = rng.randrange(len(peers) - 1)
+            pos = texts[peers[r + (r >= position[i])]]
+            neg_classes = (
+                [other_class(ci) for _ in range(num_negatives)] if len(classes) > 1 else []
+            )
             negs = [texts[rng.choice(members[c])] for c in neg_classes]
         out.append(
             {
@@ -111,8 +126,18 @@ def clustering_records(
     out = []
     for i in stratified_indices(first, max_samples, seed):
         pos = rng.choice(cats[i])
-        others = [c for c in all_cats if c not in cats[i]]
-        negs = rng.sample(others, min(num_negatives, len(others)))
+        own = set(cats[i])
+        n_others = len(all_cats) - len(own)
+        if num_negatives >= n_others:  # all of them (few categories): order drawn at random
+            others = [c for c in all_cats if c not in own]
+            negs = rng.sample(others, len(others))
+        else:  # distinct draws, rejecting the record's own: O(num_negatives) expected
+            negs, seen = [], set()
+            while len(negs) < num_negatives:
+                c = all_cats[rng.randrange(len(all_cats))]
+                if c not in own and c not in seen:
+                    seen.add(c)
+                    negs.append(c)
         out.append(
             {
                 "query": texts[i],

@@ -124,3 +124,40 @@ def test_prepare_data_cli(tmp_path):
         cmd[:-2] + ["--text-column", "body", "--task", "X"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "row 1 has no column 'body'" in bad.stderr
+
+
+def test_draws_are_valid_on_many_classes_and_deterministic():
+    """The O(1) draws (an index into the list with one item left out): every positive is
+    another example of the query's class, every negative another class (distinct in label and
+    clustering mode), every other example of a class can be drawn, and a seed fixes them."""
+    n, k = 3000, 7
+    texts = [f"text {i}" for i in range(n)]
+    labels = [i % 11 for i in range(n)]
+    ex = classification_records(texts, labels, task="Imdb", positive="example", num_negatives=k)
+    assert len(ex) == n
+    for r in ex:
+        q = int(r["query"].split()[1])
+        p = int(r["pos"][0].split()[1])
+        assert p != q and labels[p] == labels[q]
+        assert len(r["neg"]) == k
+        assert all(labels[int(t.split()[1])] != labels[q] for t in r["neg"])
+    # the edges of "index with one item left out": each of a class's other examples is drawn
+    seen = {q: set() for q in range(3)}
+    for seed in range(40):
+        for r in classification_records(
+            ["a", "b", "c", "z"], [0, 0, 0, 1], task="Imdb", positive="example", seed=seed
+        ):
+            if r["query"] != "z":
+                seen["abc".index(r["query"])].add(r["pos"][0])
+    assert seen == {0: {"b", "c"}, 1: {"a", "c"}, 2: {"a", "b"}}
+    lab = classification_records(texts, labels, task="Imdb", num_negatives=k)
+    for r, y in zip(lab, labels):
+        assert r["pos"] == [str(y)] and len(set(r["neg"])) == k and str(y) not in r["neg"]
+    cats = [[f"c{i % 13}", f"c{(i + 1) % 13}"] for i in range(n)]
+    cl = clustering_records(texts, cats, task="x", num_negatives=k)
+    for r, cs in zip(cl, cats):
+        assert r["pos"][0] in cs and len(set(r["neg"])) == k and not set(r["neg"]) & set(cs)
+    few = clustering_records(texts[:3], [["a"], ["b"], ["c"]], task="x", num_negatives=k)
+    assert sorted(few[0]["neg"]) == ["b", "c"]  # fewer other categories than asked: all
+    again = classification_records(texts, labels, task="Imdb", positive="example", num_negatives=k)
+    assert again == ex
