@@ -77,7 +77,16 @@ def main(argv=None) -> int:
     common.add_argument("--summary-json", help="also write the printed summary to this file")
     common.add_argument("--split", default="train", help="split of a datasets name")
     gen = argparse.ArgumentParser(add_help=False)
-    gen.add_argument("--task", required=True, help="the records' task (its Table 6 instruction)")
+    gen.add_argument(
+        "--task",
+        required=True,
+        help="the records' task: a Table 6 name (checked), or any name with --instruction",
+    )
+    gen.add_argument(
+        "--instruction",
+        help="a task definition written into every record (training uses it instead of the "
+        "task's Table 6 row); needed for tasks outside Table 6",
+    )
     gen.add_argument("--num-negatives", type=int, default=7, help="negatives per record")
     gen.add_argument("--max-samples", type=int, help="records to write at most (default: all)")
     gen.add_argument("--seed", type=int, default=0, help="seed of sampling and negatives")
@@ -128,6 +137,15 @@ def main(argv=None) -> int:
         help="drop records whose query's best BM25 score vs the eval texts is above this",
     )
     args = p.parse_args(argv)
+    if args.command != "decontaminate" and args.instruction is None:
+        from megatron_nvembed.data.templates import get_task_definition
+
+        try:  # a typo here would only surface when training samples the records
+            get_task_definition(args.task)
+        except ValueError as err:
+            p.error(f"--task: {err}; or give --instruction TEXT")
+    if getattr(args, "instruction", None) is not None and not args.instruction.strip():
+        p.error("--instruction: empty")
 
     from megatron_nvembed.logging_utils import setup_logging
 
@@ -194,6 +212,8 @@ def main(argv=None) -> int:
                 ]
             out, dropped = cv.decontaminate(records, eval_texts, args.threshold)
             summary.update(dropped=len(dropped), eval_texts=len(eval_texts))
+        if getattr(args, "instruction", None) is not None:
+            out = [{**r, "instruction": args.instruction} for r in out]
         summary["records"] = write_jsonl_atomic(args.output, out)
         summary["short_of_negatives"] = sum(
             len(r["neg"]) < getattr(args, "num_negatives", 0) for r in out

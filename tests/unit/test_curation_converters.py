@@ -120,10 +120,22 @@ def test_prepare_data_cli(tmp_path):
         ["0"],
         ["1"],
     ]
-    bad = subprocess.run(
-        cmd[:-2] + ["--text-column", "body", "--task", "X"], capture_output=True, text=True
-    )
+    bad = subprocess.run(cmd + ["--text-column", "body"], capture_output=True, text=True)
     assert bad.returncode == 2 and "row 1 has no column 'body'" in bad.stderr
+    # a task name training would not find is refused before anything is read or written
+    typo = subprocess.run(cmd[:-1] + ["ImdbClasification"], capture_output=True, text=True)
+    assert typo.returncode == 2 and "--task: unknown task 'ImdbClasification'" in typo.stderr
+    assert "did you mean ImdbClassification" in typo.stderr and "--instruction" in typo.stderr
+    own = cmd[:-1] + ["MyReviews", "--instruction", "Classify the sentiment of a review"]
+    proc = subprocess.run(own, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["task"], r["instruction"]) for r in recs} == {
+        ("MyReviews", "Classify the sentiment of a review")
+    }
+    from megatron_nvembed.data.records import iter_records
+
+    assert len(list(iter_records(out))) == 3  # training reads them
 
 
 def test_draws_are_valid_on_many_classes_and_deterministic():
