@@ -157,6 +157,23 @@ class Embedder:
             return MAX_TOKENS_BY_DEVICE.get(self.device.type, MAX_TOKENS_BY_DEVICE["cuda"])
         return self.max_tokens or None
 
+    def _one_copy_per_rank(self) -> None:
+        """Every process holds the whole model and is its own data-parallel rank (under
+        torchrun; one process otherwise); its device is the local GPU, else the CPU."""
+        import torch.distributed as dist
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from megatron_nvembed.parallel import init_distributed
+
+            init_distributed()
+        if dist.is_initialized():
+            self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+            self.is_main = self.dp_rank == 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            self.device = torch.device("cpu")
+
     def identity(self) -> dict:
         """What determines this embedder's outputs (for caches of corpus embeddings)."""
         return {"kind": self.kind, "source": self.source, "max_length": self.max_length}
@@ -353,8 +370,6 @@ class HFEmbedder(Embedder):
         super().__init__(**kw)
         import json
 
-        import torch.distributed as dist
-
         from megatron_nvembed.conversion.hf_files.modeling_nvembed import NVEmbedModel
 
         config = Path(path) / "config.json"
@@ -367,17 +382,7 @@ class HFEmbedder(Embedder):
                 f"{config}: model_type {model_type!r} is not an NV-Embed-format model "
                 "(expected 'nvembed'); import it first: tools/convert_checkpoint.py import-hf"
             )
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from megatron_nvembed.parallel import init_distributed
-
-            init_distributed()
-        if dist.is_initialized():
-            self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
-            self.is_main = self.dp_rank == 0
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            self.device = torch.device("cpu")
+        self._one_copy_per_rank()
         model = NVEmbedModel.from_pretrained(str(path))
         # bf16 on GPUs; fp32 on CPU (its kernels; exports are often bf16)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -426,20 +431,9 @@ class SentenceTransformerEmbedder(Embedder):
 
     def __init__(self, path: str | os.PathLike, **kw):
         super().__init__(**kw)
-        import torch.distributed as dist
         from sentence_transformers import SentenceTransformer
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from megatron_nvembed.parallel import init_distributed
-
-            init_distributed()
-        if dist.is_initialized():
-            self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
-            self.is_main = self.dp_rank == 0
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            self.device = torch.device("cpu")
+        self._one_copy_per_rank()
         self.model = SentenceTransformer(
             str(path), device=str(self.device), trust_remote_code=False, local_files_only=True
         ).eval()
@@ -447,7 +441,8 @@ class SentenceTransformerEmbedder(Embedder):
             self.model = self.model.to(torch.bfloat16)
         self.tokenizer = self.model.tokenizer
         self.max_length = min(self.max_length, int(self.model.max_seq_length or self.max_length))
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None)  # sentence-transformers >= 6
+        self.dim = int((dim or self.model.get_sentence_embedding_dimension)())
         self.source = str(Path(path).resolve())
 
     def identity(self) -> dict:
