@@ -126,6 +126,14 @@ def test_embed_tool_resumes_after_a_kill(tmp_path, capsys):
     import embed as embed_tool
 
     assert embed_tool.main([*map(str, args), "--output-dir", str(tmp_path / "straight")]) == 0
+    # the encoder runs the export's backbone through SDPA: the model files' own encode (eager
+    # attention, one text per call) gives the same embeddings
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    want = torch.cat([hf.encode([r["text"]]) for r in rows[:30]]).numpy()
+    got = np.load(tmp_path / "straight" / "emb_00000.npy")
+    assert np.abs(got - want).max() <= 1e-5
 
     seed = int(os.environ.get("NVEMBED_FAULT_SEED", random.randrange(2**31)))
     rnd = random.Random(seed)
