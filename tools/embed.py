@@ -33,6 +33,8 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megatron_nvembed.evaluation.encoder_flags import add_encoder_flags
+
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -42,26 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--output", help=".npy file, float32 [n, d] in input order")
     out.add_argument("--output-dir", help="folder of embedding shards (see above)")
     p.add_argument("--shard-size", type=int, default=100_000, help="lines per shard")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="checkpoints only")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per text (BOS, EOS incl.)")
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; 0: no budget, --batch-size rows)",
-    )
-    p.add_argument("--batch-size", type=int, default=128, help="texts per forward call, at most")
+    add_encoder_flags(p, batch_size=128)
     return p
 
 
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    for flag in ("shard_size", "max_length", "batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_tokens is not None and args.max_tokens < 0:
-        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    from megatron_nvembed.evaluation.encoder_flags import check_encoder_flags, embedder_kwargs
+
+    check_encoder_flags(p, args)
+    if args.shard_size < 1:
+        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.output and not args.output.endswith(".npy"):
         p.error(f"--output {args.output}: must end in .npy (or use --output-dir)")
 
@@ -79,13 +73,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: --input: {err}", file=sys.stderr)
         return 2
-    embedder = load_embedder(
-        args.load,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        max_tokens=args.max_tokens,
-    )
+    embedder = load_embedder(args.load, **embedder_kwargs(args))
     folder = Path(args.output_dir or args.output + ".shards")
     try:
         shards = encode_corpus(

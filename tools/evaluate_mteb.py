@@ -46,6 +46,8 @@ BEIR_KS = (1, 3, 5, 10, 20, 100, 1000)  # mteb's retrieval cut-offs
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megatron_nvembed.evaluation.encoder_flags import add_encoder_flags
+
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,20 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         help='FAISS search parameters of an --index factory string, e.g. "nprobe=64"',
     )
     p.add_argument("--instruction", default=None, help="query instruction, see above")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward call")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per text (BOS, EOS incl.)")
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; 0: no budget, --batch-size rows)",
-    )
-    p.add_argument(
-        "--tensor-model-parallel-size",
-        type=int,
-        default=1,
-        help="TP of a checkpoint --model (resharded on load)",
-    )
+    add_encoder_flags(p, batch_size=32)
     p.add_argument("--name", default=None, help="model name in mteb's results (default: DIR)")
     p.add_argument(
         "--resume",
@@ -171,15 +160,11 @@ def main(argv=None) -> int:
     # Cheap checks first: bad paths and flags fail before any model or mteb import.
     if not (args.tasks or args.benchmark or args.beir_dir):
         p.error("nothing to evaluate: give --tasks, --benchmark and/or --beir-dir")
-    for flag, v in (
-        ("--batch-size", args.batch_size),
-        ("--max-length", args.max_length),
-        ("--shard-size", args.shard_size),
-    ):
-        if v < 1:
-            p.error(f"{flag} must be >= 1, got {v}")
-    if args.max_tokens is not None and args.max_tokens < 0:
-        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    from megatron_nvembed.evaluation.encoder_flags import check_encoder_flags, embedder_kwargs
+
+    check_encoder_flags(p, args)
+    if args.shard_size < 1:
+        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.index == "exact" and args.search_params:
         p.error(
             f"--search-params {args.search_params!r}: the exact search takes none (see --index)"
@@ -270,13 +255,7 @@ def main(argv=None) -> int:
     from megatron_nvembed.retrieval.search import check_index
 
     try:
-        embedder = load_embedder(
-            args.model,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            max_tokens=args.max_tokens,
-        )
+        embedder = load_embedder(args.model, **embedder_kwargs(args))
     except (FileNotFoundError, ValueError) as err:
         p.error(f"--model: {err}")
     if any(b["done"] is None for b in beir.values()):

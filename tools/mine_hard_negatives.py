@@ -33,6 +33,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megatron_nvembed.evaluation.encoder_flags import add_encoder_flags
+
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -72,22 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         "--shard-size", type=int, default=100_000, help="corpus texts per embedding shard"
     )
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per resumable chunk")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward call")
-    p.add_argument(
-        "--max-length", type=int, default=512, help="tokens per text (longer ones are truncated)"
-    )
-    p.add_argument(
-        "--tensor-model-parallel-size",
-        type=int,
-        default=1,
-        help="TP of a checkpoint teacher (resharded on load); ranks / T split the work",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; 0: no budget, --batch-size rows)",
-    )
+    add_encoder_flags(p, batch_size=64)
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--instruction",
@@ -122,14 +109,12 @@ def main(argv=None) -> int:
         "candidates",
         "shard_size",
         "chunk_size",
-        "batch_size",
     ):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_tokens is not None and args.max_tokens < 0:
-        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    if args.max_length < 2:
-        p.error(f"--max-length must be >= 2, got {args.max_length}")
+    from megatron_nvembed.evaluation.encoder_flags import check_encoder_flags, embedder_kwargs
+
+    check_encoder_flags(p, args)
     if not 0 < args.margin <= 1:
         p.error(f"--margin must be in (0, 1], got {args.margin}")
     if args.index == "exact" and args.search_params:
@@ -148,11 +133,8 @@ def main(argv=None) -> int:
         return load_embedder(
             args.model,
             allow_sentence_transformers=True,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            max_tokens=args.max_tokens,
             show_progress=False,
+            **embedder_kwargs(args),
         )
 
     try:

@@ -1,0 +1,54 @@
+"""The encoder's command-line flags, defined once for every tool that embeds
+(`tools/embed.py`, `tools/evaluate_mteb.py`, `tools/mine_hard_negatives.py`).
+
+Imports nothing heavy, so `--help` and flag errors stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_encoder_flags(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """--batch-size (rows per call at most; its default is the tool's), --max-length,
+    --max-tokens, --tensor-model-parallel-size."""
+    p.add_argument(
+        "--batch-size", type=int, default=batch_size, help="texts per forward call, at most"
+    )
+    p.add_argument("--max-length", type=int, default=512, help="tokens per text (BOS, EOS incl.)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; "
+        "0: no budget, --batch-size rows)",
+    )
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP of a checkpoint model (resharded on load); the other formats run "
+        "data-parallel only",
+    )
+
+
+def check_encoder_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`p.error` (exit 2) naming the flag, before anything is loaded."""
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length < 2:
+        p.error(f"--max-length must be >= 2 (BOS and EOS), got {args.max_length}")
+    if args.max_tokens is not None and args.max_tokens < 0:
+        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.tensor_model_parallel_size < 1:
+        p.error(f"--tensor-model-parallel-size must be >= 1, got {args.tensor_model_parallel_size}")
+
+
+def embedder_kwargs(args: argparse.Namespace) -> dict:
+    """The flags as `evaluation.encoder.load_embedder` keywords."""
+    return {
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "max_tokens": args.max_tokens,
+    }
