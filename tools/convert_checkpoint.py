@@ -4,10 +4,15 @@
   import-hf  --hf-dir SRC --save DST [--tensor-model-parallel-size N]
              [--pipeline-model-parallel-size M] [--pooling latent|mean|eos|self-attention]
              [--mask-type bidirectional|causal] [--pooling-num-latents R]
-             [--pooling-num-attention-heads H] [--pooling-head-dim D]
-  export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32]
+             [--pooling-num-attention-heads H] [--pooling-head-dim D] [--overwrite]
+  export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32] [--overwrite]
   merge-lora --load SRC --save DST [--peft-dir DIR --peft-base-model BASE
-             [--peft-target nvembed|mistral]]
+             [--peft-target nvembed|mistral]] [--overwrite]
+
+Every output folder (DST, DIR) must be new or empty: an existing non-empty one is refused
+(exit code 2) unless --overwrite is given, and then replaced whole, swapped in only once the
+conversion has succeeded. An output that is SRC, lies inside SRC or holds SRC is always refused,
+as is an output path that is a file or a symbolic link. These checks run before anything is read.
 
 import-hf reads Mistral/Llama (`*ForCausalLM` or bare `*Model`) and NV-Embed checkpoints and
 writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine).
@@ -42,7 +47,12 @@ def main(argv=None) -> int:
         help="transformers folder: config.json, *.safetensors, tokenizer.json (Mistral / Llama "
         "decoder or NV-Embed)",
     )
-    imp.add_argument("--save", required=True, help="checkpoint folder to write (replaced whole)")
+    imp.add_argument(
+        "--save",
+        required=True,
+        help="checkpoint folder to write: new or empty unless --overwrite; never --hf-dir, "
+        "inside it or around it",
+    )
     imp.add_argument(
         "--tensor-model-parallel-size", type=int, default=1, help="TP of the written shards"
     )
@@ -83,7 +93,12 @@ def main(argv=None) -> int:
     )
     exp = sub.add_parser("export-hf", help="megatron_nvembed -> NV-Embed HF format")
     exp.add_argument("--load", required=True, help="checkpoint folder (any saved TP/PP layout)")
-    exp.add_argument("--hf-dir", required=True, help="NV-Embed-format folder to write")
+    exp.add_argument(
+        "--hf-dir",
+        required=True,
+        help="NV-Embed-format folder to write: new or empty unless --overwrite; never --load, "
+        "inside it or around it",
+    )
     exp.add_argument(
         "--dtype",
         default="bfloat16",
@@ -92,8 +107,18 @@ def main(argv=None) -> int:
     )
     mrg = sub.add_parser("merge-lora", help="fold LoRA adapters into the base weights")
     mrg.add_argument("--load", required=True, help="training checkpoint with LoRA adapters")
-    mrg.add_argument("--save", required=True, help="plain checkpoint folder to write")
-    mrg.add_argument("--peft-dir", default=None, help="also write PEFT-format adapters here")
+    mrg.add_argument(
+        "--save",
+        required=True,
+        help="plain checkpoint folder to write: new or empty unless --overwrite; never --load, "
+        "inside it or around it",
+    )
+    mrg.add_argument(
+        "--peft-dir",
+        default=None,
+        help="also write PEFT-format adapters to this folder: new or empty unless --overwrite; "
+        "never --load, inside it or around it, nor --save or inside it",
+    )
     mrg.add_argument(
         "--peft-base-model",
         default=None,
@@ -107,12 +132,34 @@ def main(argv=None) -> int:
         help="nvembed: the exported NV-Embed model, trained pooling head included (default); "
         "mistral: a plain transformers MistralModel, backbone adapters only",
     )
+    for sp in (imp, exp, mrg):
+        sp.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an existing non-empty output folder whole (swapped in once the "
+            "conversion has succeeded); never allows writing over or inside the source",
+        )
     args = parser.parse_args(argv)
 
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
     try:
+        from megatron_nvembed.conversion.convert import check_conversion_paths
+
+        # Before megatron-core is set up or anything is read (the library repeats it).
+        if args.command == "import-hf":
+            check_conversion_paths("import-hf", args.hf_dir, args.save, overwrite=args.overwrite)
+        elif args.command == "export-hf":
+            check_conversion_paths("export-hf", args.load, args.hf_dir, overwrite=args.overwrite)
+        else:
+            check_conversion_paths(
+                "merge-lora",
+                args.load,
+                args.save,
+                peft_dir=args.peft_dir,
+                overwrite=args.overwrite,
+            )
         if args.command == "import-hf":
             from megatron_nvembed.conversion.convert import import_hf
 
@@ -127,6 +174,7 @@ def main(argv=None) -> int:
                 num_latents=args.pooling_num_latents,
                 num_heads=args.pooling_num_attention_heads,
                 head_dim=args.pooling_head_dim,
+                overwrite=args.overwrite,
             )
             print(
                 f"wrote {args.save} (TP={args.tensor_model_parallel_size}, "
@@ -143,6 +191,7 @@ def main(argv=None) -> int:
                 args.peft_dir,
                 peft_base_model=args.peft_base_model,
                 peft_target=args.peft_target,
+                overwrite=args.overwrite,
             )
             print(f"wrote {args.save} (LoRA rank {lora['rank']} merged)")
         else:
@@ -150,7 +199,7 @@ def main(argv=None) -> int:
             from megatron_nvembed.parallel import initialize_model_parallel
 
             initialize_model_parallel(1, 1)
-            export_hf(args.load, args.hf_dir, dtype=args.dtype)
+            export_hf(args.load, args.hf_dir, dtype=args.dtype, overwrite=args.overwrite)
             print(f"wrote {args.hf_dir}")
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,12 +3,18 @@
 Both directions write into a temporary sibling directory and rename it into place at the end, so
 a failed conversion never leaves a half-written output. Weights are read with safetensors (or
 `torch.load(weights_only=True)` for `.bin` files): loading never unpickles code.
+
+Output folders are checked before anything is read or computed (`check_conversion_paths`): an
+existing non-empty folder is replaced only with `overwrite=True` (`--overwrite`), and an output
+that is, holds or lies inside the conversion's source is always refused.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -134,13 +140,158 @@ def _import_worker(
     save_checkpoint(model, cfg, tmp_dir, iteration=0)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+# The source / output flags of each command, as the messages name them.
+_PATH_FLAGS = {
+    "import-hf": ("--hf-dir", "--save"),
+    "export-hf": ("--load", "--hf-dir"),
+    "merge-lora": ("--load", "--save"),
+}
+
+
+def _relation(path: Path, other: Path) -> str | None:
+    """How resolved `path` stands to resolved `other`: same folder, inside it, holds it, or None."""
+    if path == other:
+        return "is the same folder as"
+    if other in path.parents:
+        return "is inside"
+    if path in other.parents:
+        return "contains"
+    return None
+
+
+def check_output_dir(
+    output: str | os.PathLike,
+    flag: str,
+    sources: list[tuple[str, str | os.PathLike]],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Refuses an output folder a conversion must not write; returns its resolved path.
+
+    Reads nothing but the file system entries themselves, so it runs before any weights are
+    loaded.
+
+    Args:
+        output: the folder the conversion writes (replaced whole when it exists).
+        flag: its command-line flag, for the messages (e.g. "--hf-dir").
+        sources: (flag, path) of each folder the conversion reads.
+        overwrite: allow replacing an existing non-empty folder.
+
+    Raises:
+        ValueError, naming the flag(s) and path(s): `output` is a symbolic link, the file system
+            root, not a folder, the same folder as a source, inside one or holding one (even with
+            `overwrite`); an existing non-empty folder without `overwrite`.
+    """
+    out = Path(output)
+    if out.is_symlink():
+        raise ValueError(
+            f"{flag} {out}: is a symbolic link (to {os.readlink(out)}); give a folder path that "
+            "is not a link"
+        )
+    resolved = out.resolve()
+    if resolved.parent == resolved:
+        raise ValueError(f"{flag} {out}: is the file system root; give a folder below it")
+    for source_flag, source in sources:
+        relation = _relation(resolved, Path(source).resolve())
+        if relation is not None:
+            raise ValueError(
+                f"{flag} {out} {relation} {source_flag} {source}: a conversion never writes over "
+                f"or inside its own source, not even with --overwrite; choose another {flag}"
+            )
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{flag} {out}: exists and is not a folder; choose another path (--overwrite "
+            "replaces folders only)"
+        )
+    if out.is_dir() and not overwrite:
+        try:
+            entries = sum(1 for _ in out.iterdir())
+        except OSError as err:
+            raise ValueError(f"{flag} {out}: cannot list it ({err})") from err
+        if entries:
+            raise ValueError(
+                f"{flag} {out}: exists and is not empty ({entries} "
+                f"entr{'y' if entries == 1 else 'ies'}); pass --overwrite to replace it"
+            )
+    return resolved
+
+
+def check_conversion_paths(
+    command: str,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    peft_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """The output checks of `command` ("import-hf", "export-hf" or "merge-lora"), run by each
+    conversion before it reads anything (and by the CLI before it sets up megatron-core).
+
+    Returns:
+        `output`, resolved.
+
+    Raises:
+        ValueError: see `check_output_dir`; also a `peft_dir` equal to or inside `output` (it
+            would go when `output` is replaced).
+    """
+    source_flag, output_flag = _PATH_FLAGS[command]
+    out = check_output_dir(output, output_flag, [(source_flag, source)], overwrite=overwrite)
+    if peft_dir is not None:
+        peft = check_output_dir(
+            peft_dir, "--peft-dir", [(source_flag, source)], overwrite=overwrite
+        )
+        relation = _relation(peft, out)
+        if relation in ("is the same folder as", "is inside"):
+            raise ValueError(
+                f"--peft-dir {peft_dir} {relation} {output_flag} {output}, which is replaced "
+                "whole; choose a --peft-dir outside it"
+            )
+    return out
+
+
+def _sibling(final: Path, tag: str) -> Path:
+    """A hidden path beside `final` that does not exist yet: `.NAME.nvembed-<tag>-<random>`."""
+    while True:
+        path = final.with_name(f".{final.name}.nvembed-{tag}-{secrets.token_hex(4)}")
+        if not path.exists() and not path.is_symlink():
+            return path
+
+
+def _temp_dir_beside(final: Path) -> Path:
+    """A new empty folder next to `final` (created with its parents), to write the output in.
+
+    Its name is new each time and marked as this tool's (`.NAME.nvembed-tmp-*`), so no folder of
+    the user's (a `NAME.tmp`) is ever deleted to make room for it; the temporaries of earlier
+    runs to the same output that were killed midway are removed here.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for left in final.parent.glob(f".{glob.escape(final.name)}.nvembed-tmp-*"):
+        shutil.rmtree(left, ignore_errors=True)
+    tmp = _sibling(final, "tmp")
+    tmp.mkdir()
+    return tmp
+
+
+def _replace_dir(tmp: Path, final: Path, *, overwrite: bool, flag: str) -> None:
+    """Moves the finished `tmp` to `final`. An existing `final` is renamed aside, `tmp` renamed
+    in, then the old one deleted: at every moment one complete version exists on disk (after a
+    kill between the two renames, the old one under `.NAME.nvembed-old-*`).
+
+    Raises:
+        ValueError: `final` became non-empty since `check_output_dir` and `overwrite` is off.
+    """
+    if final.is_dir() and not overwrite and any(final.iterdir()):
+        raise ValueError(
+            f"{flag} {final}: was filled while the conversion ran; pass --overwrite to replace it"
+        )
     if final.exists():
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
+        old = _sibling(final, "old")
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)  # put the old version back
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
@@ -158,6 +309,7 @@ def import_hf(
     num_latents: int | None = None,
     num_heads: int | None = None,
     head_dim: int | None = None,
+    overwrite: bool = False,
 ) -> EmbeddingModelConfig:
     """Converts a transformers Mistral/Llama or NV-Embed checkpoint into a sharded checkpoint.
 
@@ -170,13 +322,17 @@ def import_hf(
             defaults, NV-Embed's 512 latents, 8 heads, head width = model width). Refused for a
             source that has a head (its size is the source's) and for a pooling type without
             that setting.
+        overwrite: replace an existing non-empty `save_dir` (`--overwrite`); without it such a
+            folder is refused. `save_dir` may never be, hold or lie inside `hf_dir`.
 
     Raises:
-        FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault.
+        FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault
+            (output folder: `check_output_dir`, before anything is read).
     """
     from megatron_nvembed.conversion.hf_config import config_from_hf_dir
     from megatron_nvembed.launch import run_distributed
 
+    final = check_conversion_paths("import-hf", hf_dir, save_dir, overwrite=overwrite)
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     cfg, has_head, prefix = config_from_hf_dir(hf_dir)
     state = LazyHFState(hf_dir)  # validates files before any process starts
@@ -216,10 +372,8 @@ def import_hf(
         cfg.model.mask_type = mask_type
     cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
     cfg.validate()
-    tmp = save_dir.with_name(save_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     start = time.perf_counter()
+    tmp = _temp_dir_beside(final)
     try:
         run_distributed(
             _import_worker,
@@ -232,7 +386,7 @@ def import_hf(
             seed,
         )
         copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-        _replace_dir(tmp, save_dir)
+        _replace_dir(tmp, final, overwrite=overwrite, flag="--save")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -322,6 +476,7 @@ def export_hf(
     *,
     dtype: str = "bfloat16",
     max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
 ) -> Path:
     """Writes a checkpoint in NV-Embed's HF format (weights, config, model files, tokenizer).
 
@@ -331,8 +486,12 @@ def export_hf(
     Every head and both masks are written (see `nvembed_config_json` for what NV-Embed's own
     code accepts); the tokenizer files are copied byte for byte.
 
+    `hf_dir` must be new or an empty folder unless `overwrite` (`--overwrite`: replaced whole,
+    swapped in once written); it may never be, hold or lie inside `load_dir`.
+
     Raises:
-        ValueError: unknown dtype.
+        ValueError: unknown dtype; an output folder refused by `check_output_dir` (before the
+            checkpoint is read).
     """
     from megatron_nvembed.checkpoint import load_checkpoint, read_config
     from megatron_nvembed.conversion.hf_mapping import megatron_to_hf, model_to_hf_shard
@@ -341,6 +500,7 @@ def export_hf(
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    final = check_conversion_paths("export-hf", load_dir, hf_dir, overwrite=overwrite)
     load_dir, hf_dir = Path(load_dir), Path(hf_dir)
     cfg = read_config(load_dir)
     cfg.parallel = ParallelConfig(1, 1)
@@ -348,10 +508,7 @@ def export_hf(
     load_checkpoint(model, load_dir)
     state = megatron_to_hf([[model_to_hf_shard(model)]], cfg, backbone_prefix="embedding_model.")
     state = {k: v.to(dtypes[dtype]).contiguous() for k, v in state.items()}
-    tmp = hf_dir.with_name(hf_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _temp_dir_beside(final)
     try:
         _write_safetensors_shards(state, tmp, max_shard_bytes)
         config = nvembed_config_json(cfg, dtype)
@@ -361,7 +518,7 @@ def export_hf(
         _write_sentence_transformers_files(tmp)
         if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
             raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
-        _replace_dir(tmp, hf_dir)
+        _replace_dir(tmp, final, overwrite=overwrite, flag="--hf-dir")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -375,6 +532,7 @@ def merge_lora_checkpoint(
     *,
     peft_base_model: str | None = None,
     peft_target: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Folds a checkpoint's LoRA adapters into its base weights and writes a plain checkpoint.
 
@@ -393,13 +551,18 @@ def merge_lora_checkpoint(
         peft_target: with `peft_dir`: "nvembed" (default: the exported NV-Embed model; the
             trained pooling head is saved with the adapters) or "mistral" (a plain transformers
             `MistralModel`, backbone only).
+        overwrite: replace an existing non-empty `save_dir` / `peft_dir` whole (`--overwrite`);
+            without it such a folder is refused. Neither may be, hold or lie inside `load_dir`,
+            nor `peft_dir` be or lie inside `save_dir`. Both are written beside and swapped in
+            once everything is written.
 
     Returns:
         The LoRA settings that were merged.
 
     Raises:
         ValueError: the checkpoint holds no adapters; `peft_dir` without `peft_base_model`;
-            `peft_base_model` or `peft_target` without `peft_dir`; an unknown `peft_target`.
+            `peft_base_model` or `peft_target` without `peft_dir`; an unknown `peft_target`;
+            an output folder refused by `check_conversion_paths` (before the checkpoint is read).
     """
     from megatron_nvembed.checkpoint import (
         TOKENIZER_DIR,
@@ -421,6 +584,10 @@ def merge_lora_checkpoint(
         check_peft_options(peft_base_model, peft_target)
     elif peft_base_model is not None or peft_target is not None:
         raise ValueError("--peft-base-model and --peft-target take effect with --peft-dir only")
+    final = check_conversion_paths(
+        "merge-lora", load_dir, save_dir, peft_dir=peft_dir, overwrite=overwrite
+    )
+    peft_final = Path(peft_dir).resolve() if peft_dir is not None else None
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     lora = read_lora(load_dir)
     if lora is None:
@@ -430,28 +597,32 @@ def merge_lora_checkpoint(
     model = build_model(cfg)
     apply_lora(model, lora["rank"], lora["alpha"], 0.0)
     load_checkpoint(model, load_dir, merge_adapters=False)
-    if peft_dir is not None:
-        save_peft_adapters(
-            model,
-            cfg,
-            peft_dir,
-            lora["rank"],
-            lora["alpha"],
-            lora["dropout"],
-            base_model_name_or_path=peft_base_model,
-            target=peft_target,
-        )
-    count = merge_lora(model)
-    tmp = save_dir.with_name(save_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmps: list[Path] = []
     try:
+        if peft_final is not None:
+            tmps.append(_temp_dir_beside(peft_final))
+            save_peft_adapters(
+                model,
+                cfg,
+                tmps[-1],
+                lora["rank"],
+                lora["alpha"],
+                lora["dropout"],
+                base_model_name_or_path=peft_base_model,
+                target=peft_target,
+            )
+        count = merge_lora(model)
+        tmp = _temp_dir_beside(final)
+        tmps.append(tmp)
         save_checkpoint(model, cfg, tmp, iteration=0)
         if (load_dir / TOKENIZER_DIR).is_dir():
             shutil.copytree(load_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
-        _replace_dir(tmp, save_dir)
+        if peft_final is not None:
+            _replace_dir(tmps[0], peft_final, overwrite=overwrite, flag="--peft-dir")
+        _replace_dir(tmp, final, overwrite=overwrite, flag="--save")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for t in tmps:
+            shutil.rmtree(t, ignore_errors=True)
         raise
     logger.info("merged %d adapters (rank %d) into %s", count, lora["rank"], save_dir)
     return lora

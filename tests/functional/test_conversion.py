@@ -8,13 +8,22 @@ Proves:
   and its `encode(texts, instruction=...)` equals the plain transformers reference (fp32, 1e-5),
   and so does `SentenceTransformer(..., trust_remote_code=True).encode(texts, prompt=...)`;
 - bad input (unknown architecture, missing shard, missing tokenizer) raises an error naming the
-  file, and a failed conversion leaves no output directory.
+  file, and a failed conversion leaves no output directory;
+- output folders: import-hf, export-hf and merge-lora (CLI `main`, in process) refuse an existing
+  non-empty output without --overwrite (exit 2, one `error:` line naming the flag and path, the
+  user's file untouched), and always refuse an output that is the source, lies inside it or
+  holds it, or is a file; the source stays intact and loadable; with `overwrite=True` the
+  output is replaced whole and nothing is left beside it.
 
 Run alone: pytest tests/functional/test_conversion.py
 """
 
+import hashlib
 import json
+import re
+import runpy
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +35,7 @@ from megatron_nvembed.testing import (
     save_tiny_hf_decoder,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["how do plants make food", "paris is the capital of france", "the sky is blue"]
 INSTRUCTION = "Instruct: Given a question, retrieve passages that answer it\nQuery: "
 
@@ -163,5 +173,132 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, tokenizer):
     (wrong / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="shape mismatch"):
         import_hf(wrong, tmp_path / "out4")
-    for name in ("out1", "out2", "out3", "out4", "out4.tmp"):
+    for name in ("out1", "out2", "out3", "out4"):
         assert not (tmp_path / name).exists()
+    assert not list(tmp_path.glob("*out*.*tmp*"))
+
+
+def _cli(capsys, *argv):
+    """`tools/convert_checkpoint.py` in this process: (exit code, its `error:` lines)."""
+    main = runpy.run_path(str(ROOT / "tools" / "convert_checkpoint.py"))["main"]
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _snapshot(d):
+    """{relative path: sha256} of every file under `d`."""
+    return {
+        str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(d.rglob("*"))
+        if f.is_file()
+    }
+
+
+def _user_folder(path):
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+@pytest.mark.functional
+def test_outputs_refused_before_anything_is_read(tmp_path, tokenizer, capsys):
+    src = _tiny_decoder(tmp_path, tokenizer, "mistral")
+    before = _snapshot(src)
+    fake_ckpt = _user_folder(tmp_path / "ckpt")  # never read: every refusal comes first
+    dst = _user_folder(tmp_path / "dst")
+
+    # a non-empty output, each command: refused, the user's file untouched
+    for argv, flag in (
+        (("import-hf", "--hf-dir", src, "--save", dst), "--save"),
+        (("export-hf", "--load", fake_ckpt, "--hf-dir", dst), "--hf-dir"),
+        (("merge-lora", "--load", fake_ckpt, "--save", dst), "--save"),
+        (
+            ("merge-lora", "--load", fake_ckpt, "--save", tmp_path / "new", "--peft-dir", dst),
+            "--peft-dir",
+        ),
+    ):
+        code, errors = _cli(capsys, *argv)
+        assert code == 2 and len(errors) == 1, (argv, errors)
+        assert f"{flag} {dst}: exists and is not empty (1 entry)" in errors[0]
+        assert "--overwrite" in errors[0]
+        assert (dst / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "new").exists()
+
+    # the source itself, inside it, around it: refused even with --overwrite
+    for argv, words in (
+        (
+            ("import-hf", "--hf-dir", src, "--save", src),
+            f"--save {src} is the same folder as --hf-dir {src}",
+        ),
+        (
+            ("import-hf", "--hf-dir", src, "--save", src / "sub"),
+            f"--save {src / 'sub'} is inside --hf-dir {src}",
+        ),
+        (
+            ("import-hf", "--hf-dir", src, "--save", tmp_path),
+            f"--save {tmp_path} contains --hf-dir {src}",
+        ),
+        (
+            ("export-hf", "--load", fake_ckpt, "--hf-dir", fake_ckpt / ".." / "ckpt"),
+            "is the same folder as --load",
+        ),
+        (
+            ("merge-lora", "--load", fake_ckpt, "--save", fake_ckpt / "merged"),
+            f"--save {fake_ckpt / 'merged'} is inside --load {fake_ckpt}",
+        ),
+        (
+            ("merge-lora", "--load", fake_ckpt, "--save", dst, "--peft-dir", dst / "adapters"),
+            f"--peft-dir {dst / 'adapters'} is inside --save {dst}",
+        ),
+        (
+            ("export-hf", "--load", fake_ckpt, "--hf-dir", dst / "notes.txt"),
+            f"--hf-dir {dst / 'notes.txt'}: exists and is not a folder",
+        ),
+    ):
+        code, errors = _cli(capsys, *argv, "--overwrite")
+        assert code == 2 and len(errors) == 1, (argv, errors)
+        assert words in errors[0], errors[0]
+    assert _snapshot(src) == before and not (src / "sub").exists()
+    assert _snapshot(fake_ckpt) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert (dst / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dst", "mistral"]
+
+    # the library says the same without the CLI
+    from megatron_nvembed.conversion.convert import export_hf, import_hf, merge_lora_checkpoint
+
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        import_hf(src, dst)
+    with pytest.raises(ValueError, match="is the same folder as --load"):
+        export_hf(fake_ckpt, fake_ckpt, overwrite=True)
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        merge_lora_checkpoint(fake_ckpt, dst)
+    assert _snapshot(src) == before and (dst / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.functional
+def test_overwrite_replaces_and_a_refused_source_stays_loadable(tmp_path, tokenizer):
+    from megatron_nvembed.conversion.convert import export_hf, import_hf
+
+    src = _tiny_decoder(tmp_path, tokenizer, "mistral")
+    ckpt = _user_folder(tmp_path / "ckpt")
+    import_hf(src, ckpt, overwrite=True)
+    assert not (ckpt / "notes.txt").exists() and (ckpt / "tokenizer").is_dir()
+    init_single_process_megatron()
+    ckpt_files = _snapshot(ckpt)
+    with pytest.raises(ValueError, match=re.escape(f"--hf-dir {ckpt} is the same folder as")):
+        export_hf(ckpt, ckpt, overwrite=True)
+    assert _snapshot(ckpt) == ckpt_files
+    out = _user_folder(tmp_path / "hf")
+    export_hf(ckpt, out, dtype="float32", overwrite=True)  # the refused source still loads
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    weights = _read_weights(out)
+    assert torch.equal(
+        weights["embedding_model.embed_tokens.weight"],
+        _read_weights(src)["model.embed_tokens.weight"],
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(ckpt, empty, dtype="float32")  # an empty folder needs no --overwrite
+    assert (empty / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "empty", "hf", "mistral"]

@@ -5,13 +5,15 @@ A tiny Mistral is imported; the model gets rank-4 adapters with random non-zero 
 training) and is saved with them. Then, against that model's own embeddings (max |diff| <= 1e-5):
 `merge_lora_checkpoint`'s output loaded into a plain model; the LoRA checkpoint loaded directly
 into a plain model (merged on load); `export_hf` of the LoRA checkpoint through transformers'
-`AutoModel.encode`. `merge-lora` on a checkpoint without adapters fails naming lora.json.
+`AutoModel.encode`. `merge-lora` on a checkpoint without adapters fails naming lora.json; over an
+existing output it needs `--overwrite`.
 (`--peft-dir` adapters: tests/functional/test_peft_adapters.py.)
 
 Run alone: pytest tests/functional/test_merge_lora.py
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +72,13 @@ def test_lora_checkpoint_merge_and_export(tmp_path):
     assert merged_settings == lora
     assert read_lora(tmp_path / "merged") is None
     assert (tmp_path / "merged" / "tokenizer").is_dir()
+    # an existing output is replaced only with overwrite=True (--overwrite), and then whole
+    with pytest.raises(ValueError, match=re.escape(f"--save {tmp_path / 'merged'}: exists")):
+        merge_lora_checkpoint(tmp_path / "lora", tmp_path / "merged")
+    (tmp_path / "merged" / "notes.txt").write_text("stale")
+    merge_lora_checkpoint(tmp_path / "lora", tmp_path / "merged", overwrite=True)
+    assert not (tmp_path / "merged" / "notes.txt").exists()
+    assert not list(tmp_path.glob("*merged.*"))  # no temporary or old folder left beside
 
     for source in ("merged", "lora"):  # merge-lora output; LoRA checkpoint merged on load
         plain = build_model(read_config(tmp_path / source), pg)
