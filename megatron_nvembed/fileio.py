@@ -5,6 +5,7 @@ half of one. Imports nothing of the package; everything that writes results uses
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -56,10 +57,13 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     write_with(path, write)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Removes the `.NAME.*.tmp` files a killed writer left in `folder`; returns how many."""
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> int:
+    """Removes the `.NAME.*.tmp` files a killed writer left in `folder` (only those of file
+    `name` when given: a folder other runs write other files into at this moment); returns how
+    many."""
+    pattern = f".{glob.escape(name)}.*.tmp" if name is not None else ".*.tmp"
     n = 0
-    for p in Path(folder).glob(".*.tmp"):
+    for p in Path(folder).glob(pattern):
         p.unlink(missing_ok=True)
         n += 1
     return n

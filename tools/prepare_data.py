@@ -13,7 +13,10 @@
         [--eval-column text] [--threshold T]
 
 Inputs: local .jsonl / .csv / .parquet files or a `datasets` folder saved with save_to_disk.
-Outputs are written atomically; a summary is printed (and written with --summary-json).
+Outputs are written atomically (a hidden `.OUT.*.tmp` beside OUT, renamed into place when
+complete); a run first removes the temporaries a killed run writing the same OUT left, so a rerun
+leaves exactly what an uninterrupted run does. A summary is printed (and written with
+--summary-json).
 """
 
 import argparse
@@ -53,6 +56,15 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
     from megatron_nvembed.data.records import iter_jsonl
 
     return list(iter_jsonl(p))
+
+
+def remove_own_temporaries(path: str | Path) -> int:
+    """Removes the temporaries a run killed while writing `path` left beside it (only those of
+    `path`: its folder may be shared with runs writing other files); returns how many."""
+    from megatron_nvembed.fileio import remove_stale_temporaries
+
+    path = Path(path)
+    return remove_stale_temporaries(path.parent, path.name)
 
 
 def column(rows: list[dict], name: str, path: str, flag: str) -> list:
@@ -150,6 +162,13 @@ def main(argv=None) -> int:
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging()
+    for target in filter(None, (args.output, args.summary_json)):
+        removed = remove_own_temporaries(target)
+        if removed:
+            print(
+                f"removed {removed} temporary file(s) of an interrupted run beside {target}",
+                file=sys.stderr,
+            )
     from megatron_nvembed.curation import converters as cv
     from megatron_nvembed.data.records import write_jsonl_atomic
 

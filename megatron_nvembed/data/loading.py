@@ -3,7 +3,9 @@ saved with `save_to_disk` (a `Dataset`, or a `DatasetDict`: its `train` split, o
 `folder:split`), or `datasets` names (`owner/name`, `owner/name:split`); weights as in Megatron's
 `--data-path`.
 
-Every record is validated once when a dataset is opened (errors name the file and line), and
+Every record is validated once when a dataset is opened, by `records.record_from_dict` (types,
+duplicate keys, task names resolved against Table 6; the first bad record is a ValueError naming
+file:line, the key and the cause), so a bad record stops a run before its first step, and
 only what the sampler needs is kept in memory: per record its number of positives and negatives
 and where to find it (a byte offset for JSONL, a row for Arrow-backed data). Records are read
 again on demand, so a rank holds a few bytes per record, not the texts.
@@ -25,7 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_nvembed.data.records import ReadStats, Record, record_from_dict
+from megatron_nvembed.data.records import (
+    ReadStats,
+    Record,
+    json_line_error,
+    parse_json_line,
+    record_from_dict,
+)
 from megatron_nvembed.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -147,9 +155,9 @@ class _JsonlSource(RecordSource):
         fh.seek(int(self.offsets[f][local]))
         where = f"{self.files[f]}:{int(self.lines[f][local])}"
         try:
-            obj = json.loads(fh.readline())
+            obj = parse_json_line(fh.readline())
         except ValueError as err:  # the file changed after it was indexed
-            raise ValueError(f"{where}: malformed record on re-read ({err})") from err
+            raise ValueError(f"{json_line_error(where, err)} on re-read") from err
         return record_from_dict(obj, where, require_positive=True)
 
     def __getstate__(self) -> dict:  # open files do not travel to worker processes
@@ -243,12 +251,12 @@ def _index_jsonl(files: list[Path], v: _Validator) -> _JsonlSource:
                     if not raw.strip():
                         continue
                     try:
-                        obj = json.loads(raw)
+                        obj = parse_json_line(raw)  # refuses a key that appears twice
                     except ValueError as err:
                         obj = err
                     where = f"{path}:{lineno}"
                     if isinstance(obj, ValueError):
-                        msg = f"{where}: malformed record ({obj})"
+                        msg = json_line_error(where, obj)
                         if not v.skip:
                             raise ValueError(msg) from obj
                         v.stats.skipped += 1

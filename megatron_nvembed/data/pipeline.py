@@ -138,6 +138,14 @@ def build_train_data(
     """Opens `--train-data` (`["a.jsonl"]` or `["0.3", "a.jsonl", "0.7", "b.jsonl"]`) and returns
     this rank's batches.
 
+    Every record of every dataset is validated here, before the first batch (types, duplicate
+    keys, and task names resolved against Table 6 for records without an `instruction`; see
+    `records.record_from_dict`): a bad record is a ValueError naming `file:line`, the key and the
+    cause (with `skip_bad_records`, skipped and counted). Call it before building the model, so
+    bad data stops a run before it costs anything. Nothing here needs the model: only this rank's
+    place in the data-parallel group (`dp_rank`, `dp_size`) and the tokenizer, which is first
+    used by the first batch.
+
     Args:
         train_data: the `--train-data` items (see `parse_data_paths`).
         tokenizer: a tokenizer that adds BOS.
@@ -146,7 +154,10 @@ def build_train_data(
         kwargs: `BlendedEmbeddingData` keywords (global_batch_size, micro_batch_size, ...).
 
     Raises:
-        ValueError / FileNotFoundError: as `parse_data_paths` and `load_dataset_spec`.
+        ValueError: the first bad record (`data/a.jsonl:12: key 'neg' must be a list of strings,
+            got str`, `...: key 'query' appears twice`, `...: key 'task': unknown task ...`), and
+            as `parse_data_paths`, `load_dataset_spec` and `BlendedSampler`.
+        FileNotFoundError: as `load_dataset_spec`.
     """
     pairs = parse_data_paths(train_data)
     if in_batch_negatives is not None and len(in_batch_negatives) != len(pairs):

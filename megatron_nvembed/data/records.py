@@ -1,11 +1,16 @@
 """Training records: `{"query", "pos": [...], "neg": [...], "task", "instruction"?}` in JSONL or
-Parquet, read with errors that name the file and line, and written atomically."""
+Parquet, read with errors that name the file and line, and written atomically.
+
+One function checks a record whatever its source, `record_from_dict`; JSONL lines are decoded by
+`parse_json_line`, which refuses a key that appears twice in one object. See docs/data.md,
+"Validation".
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,19 +56,84 @@ class MissingInstructionError(ValueError):
     """A record has neither `task` nor `instruction` where its query needs an instruction."""
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (`json.loads` would silently keep the last value)."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} appears twice")
+            seen.add(key)
+    return obj
+
+
+# one decoder for every line: `json.loads(..., object_pairs_hook=...)` would build one per call
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicates)
+
+
+def parse_json_line(line: bytes | str):
+    """The JSON value of one JSONL line (UTF-8 bytes or text; a leading UTF-8 BOM is ignored).
+
+    Raises:
+        DuplicateKeyError: (a ValueError) an object of the line names a key twice, e.g.
+            `key 'query' appears twice`.
+        ValueError: malformed JSON (`json.JSONDecodeError`) or bytes that are not UTF-8.
+    """
+    if isinstance(line, bytes):
+        line = line.decode("utf-8")
+    if line.startswith("\ufeff"):
+        line = line[1:]
+    return _DECODER.decode(line)
+
+
+def json_line_error(where: str, err: ValueError) -> str:
+    """The message for a line `parse_json_line` refused: `{where}: key 'query' appears twice` or
+    `{where}: malformed record (...)`."""
+    if isinstance(err, DuplicateKeyError):
+        return f"{where}: {err}"
+    return f"{where}: malformed record ({err})"
+
+
 def _type_name(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _string_list(value, key: str, where: str) -> list[str]:
+def _blank(text: str) -> bool:
+    return not text or text.isspace()
+
+
+def _string_list(value, key: str, where: str, non_blank: bool = False) -> list[str]:
     if not isinstance(value, list):
         raise ValueError(f"{where}: key {key!r} must be a list of strings, got {_type_name(value)}")
+    try:  # fast path, in C: str.isspace refuses anything but a str
+        if not any(map(str.isspace, value)) and (not non_blank or all(value)):
+            return list(value)
+    except TypeError:
+        pass
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise ValueError(
                 f"{where}: key {key!r} must be a list of strings, item {i} is {_type_name(item)}"
             )
+        if non_blank and _blank(item):
+            raise ValueError(f"{where}: key {key!r} item {i} is an empty or blank string")
     return list(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unknown_task(task: str) -> str | None:
+    """None for a Table 6 task name, else why not (cached: a dataset has few task names)."""
+    from megatron_nvembed.data.templates import get_task_definition
+
+    try:
+        get_task_definition(task, "train")
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def record_from_dict(
@@ -79,10 +149,19 @@ def record_from_dict(
             own `instruction` (training always; mining unless the instruction is given or none is
             used). Without it a record may lack both; `task` is then None.
 
+    Rules (docs/data.md, "Validation"): `query` a non-blank string; `pos` a list of non-blank
+    strings, at least one when `require_positive`; `neg` a list of strings, possibly empty;
+    `task` and `instruction` strings, `instruction` non-blank; with `needs_instruction` and no
+    `instruction`, `task` must name a Table 6 task (resolved here, once per name). With an
+    `instruction`, `task` is optional and may be any name. Null counts as absent for `pos`,
+    `neg`, `task` and `instruction` (Parquet and pandas write missing values as null).
+
     Raises:
-        ValueError: `{where}: missing key 'query'` for an absent key, `{where}: key 'query' must
-            be a string, got int` for a wrong type (null counts as a type for `query`, as absent
-            for `neg`, `task` and `instruction`), and `{where}: record has no positive (...)`.
+        ValueError: one message per record, naming `where`, the key and the cause:
+            `{where}: missing key 'query'` (absent key), `{where}: key 'neg' must be a list of
+            strings, got str` (wrong type; `..., item 2 is int` for a list item), `{where}: key
+            'pos' item 0 is an empty or blank string`, `{where}: key 'task': unknown task ...`
+            (with close names), `{where}: record has no positive (...)`.
         MissingInstructionError: (a ValueError) `needs_instruction` and neither `task` nor
             `instruction` is present.
     """
@@ -94,8 +173,15 @@ def record_from_dict(
         value = obj.get(key)
         if (key == "query" or value is not None) and not isinstance(value, str):
             raise ValueError(f"{where}: key {key!r} must be a string, got {_type_name(value)}")
+    if _blank(obj["query"]):
+        raise ValueError(f"{where}: key 'query' is an empty or blank string")
     task, instruction = obj.get("task"), obj.get("instruction")
-    if needs_instruction and task is None and not instruction:
+    if instruction is not None and _blank(instruction):
+        raise ValueError(
+            f"{where}: key 'instruction' is an empty or blank string (leave it out to use the "
+            "task's instruction)"
+        )
+    if needs_instruction and task is None and instruction is None:
         what = "missing key 'task'" if "task" not in obj else "key 'task' is null"
         raise MissingInstructionError(
             f'{where}: {what}; the query needs an instruction: add "task" (a task name, see '
@@ -106,11 +192,17 @@ def record_from_dict(
     elif obj["pos"] is None:
         pos, absent = [], "'pos' is null"
     else:
-        pos, absent = _string_list(obj["pos"], "pos", where), "'pos' is empty"
+        pos, absent = _string_list(obj["pos"], "pos", where, non_blank=True), "'pos' is empty"
     # a null "neg" (Parquet / pandas write missing lists as null) means no hard negatives yet
     neg = [] if obj.get("neg") is None else _string_list(obj["neg"], "neg", where)
     if require_positive and not pos:
         raise ValueError(f"{where}: record has no positive ({absent})")
+    if needs_instruction and instruction is None:
+        # the query's instruction comes from the task's Table 6 row: resolve it now, not when
+        # the record is first sampled
+        unknown = _unknown_task(task)
+        if unknown is not None:
+            raise ValueError(f"{where}: key 'task': {unknown}")
     extra = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
     return Record(obj["query"], pos, neg, task, instruction, extra)
 
@@ -125,11 +217,11 @@ def iter_jsonl_lines(
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = parse_json_line(line)
                 if not isinstance(obj, dict):
                     raise ValueError("expected a JSON object")
             except ValueError as err:
-                msg = f"{path}:{lineno}: malformed record ({err})"
+                msg = json_line_error(f"{path}:{lineno}", err)
                 if not skip_bad_records:
                     raise ValueError(msg) from err
                 stats.skipped += 1
@@ -201,23 +293,19 @@ def iter_records(
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    """Writes `rows` as JSONL to a temporary file beside `path`, then renames it into place.
+    """Writes `rows` as JSONL to a temporary file beside `path` (`fileio.atomic_path`: a hidden
+    `.NAME.*.tmp`), then renames it into place; on an exception the temporary is removed. A
+    process killed mid-write leaves its temporary behind: `remove_stale_temporaries` (or
+    `tools/prepare_data.py`'s rerun) clears it.
 
     Returns:
         The number of rows written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from megatron_nvembed.fileio import atomic_path
+
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n

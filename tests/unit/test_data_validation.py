@@ -1,0 +1,225 @@
+"""Record validation at open: every record of every `--train-data` file is checked when the data is
+opened (`build_train_data` / `load_dataset_spec`), before any batch, and the first bad record is
+one ValueError naming file:line, the key and the cause.
+
+- a missing key, a wrong type and a duplicated key are told apart ("missing key 'task'",
+  "key 'neg' must be a list of strings, got str", "key 'query' appears twice");
+- `neg` is a list of strings (empty allowed, null = absent); "", false, {}, numbers, a bare
+  string and non-string items are refused;
+- blank `query` / `pos` texts and a blank `instruction` are refused;
+- task names are resolved at open: an unknown task stops `build_train_data` naming file:line
+  (with close names), or is skipped and counted with `skip_bad_records`;
+- an explicit `instruction` makes `task` optional (and lets it be any name), and the query then
+  trains with that instruction;
+- the same rules hold for tools reading records (`iter_records`, `iter_jsonl`).
+
+Run alone: pytest tests/unit/test_data_validation.py
+"""
+
+import json
+
+import pytest
+
+from megatron_nvembed.data.blending import Slot
+from megatron_nvembed.data.collate import collate
+from megatron_nvembed.data.loading import load_dataset_spec
+from megatron_nvembed.data.pipeline import build_train_data
+from megatron_nvembed.data.records import ReadStats, iter_jsonl, iter_records
+from megatron_nvembed.testing import build_word_tokenizer
+
+GOOD = {"query": "what is a cat", "pos": ["a cat is an animal"], "neg": ["dogs bark"]}
+GOOD_LINE = json.dumps(dict(GOOD, task="SQuAD"))
+
+
+def _write(path, bad_line: str, before: int = 2):
+    """`before` good records, then `bad_line` (line `before + 1`), then one more good one."""
+    path.write_text("\n".join([GOOD_LINE] * before + [bad_line, GOOD_LINE]) + "\n")
+    return path
+
+
+def _open_error(path, needle: str):
+    """The message of opening `path`; asserts it names file:line and contains `needle`."""
+    with pytest.raises(ValueError) as err:
+        load_dataset_spec(str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:3: "), msg
+    assert needle in msg, msg
+    return msg
+
+
+def _without(key):
+    return {k: v for k, v in dict(GOOD, task="SQuAD").items() if k != key}
+
+
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        (_without("task"), "missing key 'task'"),
+        (_without("query"), "missing key 'query'"),
+        (_without("pos"), "record has no positive (missing key 'pos')"),
+        (dict(GOOD, task=7), "key 'task' must be a string, got int"),
+        (dict(GOOD, task="SQuAD", query=["q"]), "key 'query' must be a string, got list"),
+        (dict(GOOD, task="SQuAD", pos="a cat"), "key 'pos' must be a list of strings, got str"),
+        (dict(GOOD, task="SQuAD", pos=[1]), "key 'pos' must be a list of strings, item 0 is int"),
+        (dict(GOOD, task="SQuAD", instruction=False), "key 'instruction' must be a string"),
+    ],
+)
+def test_missing_key_and_wrong_type_name_file_line_and_key(tmp_path, row, needle):
+    path = _write(tmp_path / "a.jsonl", json.dumps(row))
+    msg = _open_error(path, needle)
+    assert "appears twice" not in msg
+    with pytest.raises(ValueError, match=f"a.jsonl:3: .*{needle[:12]}"):
+        list(iter_records(path))  # the tools' reader: the same rule
+
+
+def test_missing_key_is_not_a_wrong_type(tmp_path):
+    path = _write(tmp_path / "a.jsonl", json.dumps(_without("task")))
+    msg = _open_error(path, "task").removeprefix(f"{path}:3: ")
+    assert msg.startswith("missing key 'task'") and "must be a string" not in msg
+    path = _write(tmp_path / "b.jsonl", json.dumps(dict(GOOD, task=1)))
+    msg = _open_error(path, "task").removeprefix(f"{path}:3: ")
+    assert msg == "key 'task' must be a string, got int"
+
+
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ('{"query": "q", "query": "r", "pos": ["p"], "task": "SQuAD"}', "query"),
+        ('{"query": "q", "pos": ["p"], "task": "SQuAD", "task": "NotATask"}', "task"),
+        ('{"query": "q", "pos": ["p"], "neg": [], "neg": ["n"], "task": "SQuAD"}', "neg"),
+        ('{"query": "q", "pos": ["p"], "task": "SQuAD", "meta": {"a": 1, "a": 2}}', "a"),
+    ],
+)
+def test_duplicated_key_is_refused(tmp_path, line, key):
+    path = _write(tmp_path / "d.jsonl", line)
+    msg = _open_error(path, f"key {key!r} appears twice")
+    assert "malformed" not in msg and "must be" not in msg
+    with pytest.raises(ValueError, match=rf"d.jsonl:3: key '{key}' appears twice"):
+        list(iter_records(path))
+    with pytest.raises(ValueError, match=rf"d.jsonl:3: key '{key}' appears twice"):
+        list(iter_jsonl(path))  # raw rows of tools/prepare_data.py
+    # skippable like any bad record
+    source = load_dataset_spec(str(path), skip_bad_records=True)
+    assert (source.stats.read, source.stats.skipped) == (3, 1)
+    assert "appears twice" in source.stats.errors[0]
+
+
+@pytest.mark.parametrize(
+    "neg, got",
+    [
+        ('""', "got str"),
+        ('"dogs bark"', "got str"),
+        ("false", "got bool"),
+        ("true", "got bool"),
+        ("{}", "got dict"),
+        ("0", "got int"),
+        ("1.5", "got float"),
+        ('["dogs bark", 2]', "item 1 is int"),
+        ('[["dogs bark"]]', "item 0 is list"),
+        ("[null]", "item 0 is null"),
+    ],
+)
+def test_bad_negatives_are_refused(tmp_path, neg, got):
+    line = f'{{"query": "q", "pos": ["p"], "neg": {neg}, "task": "SQuAD"}}'
+    path = _write(tmp_path / "n.jsonl", line)
+    _open_error(path, f"key 'neg' must be a list of strings, {got}")
+
+
+def test_negatives_may_be_empty_null_or_absent(tmp_path):
+    rows = [dict(GOOD, task="SQuAD", neg=[]), dict(GOOD, task="SQuAD", neg=None), _without("neg")]
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = load_dataset_spec(str(path))
+    assert [source.counts(i) for i in range(3)] == [(1, 0)] * 3
+
+
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        (dict(GOOD, task="SQuAD", query=""), "key 'query' is an empty or blank string"),
+        (dict(GOOD, task="SQuAD", query=" \n"), "key 'query' is an empty or blank string"),
+        (dict(GOOD, task="SQuAD", pos=["ok", ""]), "key 'pos' item 1 is an empty or blank"),
+        (dict(GOOD, task="SQuAD", pos=["\t"]), "key 'pos' item 0 is an empty or blank"),
+        (dict(GOOD, task="SQuAD", pos=[]), "record has no positive ('pos' is empty)"),
+        (dict(GOOD, task="SQuAD", instruction=""), "key 'instruction' is an empty or blank"),
+        (dict(GOOD, instruction="  "), "key 'instruction' is an empty or blank"),
+    ],
+)
+def test_blank_texts_are_refused(tmp_path, row, needle):
+    _open_error(_write(tmp_path / "b.jsonl", json.dumps(row)), needle)
+
+
+def test_unknown_task_stops_build_train_data_at_open(tmp_path):
+    """The function the trainer calls refuses the data before any batch (it needs no model: the
+    tokenizer is first used by the first batch)."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(GOOD_LINE + "\n")
+    bad = _write(tmp_path / "bad.jsonl", json.dumps(dict(GOOD, task="MSMACRO")), before=2)
+    with pytest.raises(ValueError) as err:
+        build_train_data(
+            ["0.5", str(good), "0.5", str(bad)], None, global_batch_size=2, micro_batch_size=1
+        )
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}:3: key 'task': unknown task 'MSMACRO'"), msg
+    assert "did you mean MSMARCO" in msg and '"instruction"' in msg
+    # task names are matched as training matches them (case and punctuation ignored, aliases)
+    for name in ("msmarco", "Natural Question", "hotpot-qa"):
+        load_dataset_spec(str(_write(tmp_path / "t.jsonl", json.dumps(dict(GOOD, task=name)))))
+    # with skip_bad_records: skipped and counted, the rest trains
+    data = build_train_data(
+        [str(good), str(bad)],
+        None,
+        skip_bad_records=True,
+        global_batch_size=2,
+        micro_batch_size=1,
+    )
+    assert [len(s) for s in data.sources] == [1, 3]
+    assert data.sources[1].stats.skipped == 1 and "MSMACRO" in data.sources[1].stats.errors[0]
+
+
+def test_unknown_task_in_parquet_names_the_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [dict(GOOD, task="SQuAD"), dict(GOOD, task="Nope")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t.parquet: row 2: key 'task': unknown task 'Nope'"):
+        load_dataset_spec(str(tmp_path / "t.parquet"))
+
+
+def test_instruction_without_task_is_accepted_and_trains_with_it(tmp_path):
+    instruction = "Given a riddle find its answer"
+    rows = [
+        dict(GOOD, instruction=instruction),  # no task at all
+        dict(GOOD, task="my-own-task", instruction=instruction),  # a name outside Table 6
+        dict(GOOD, task=None, instruction=instruction),  # null task (Parquet / pandas)
+    ]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_train_data([str(path)], None, global_batch_size=3, micro_batch_size=3)
+    (source,) = data.sources
+    assert len(source) == 3 and source[0].task is None and source[0].instruction == instruction
+    tok = build_word_tokenizer([f"Instruct: {instruction}\nQuery: {GOOD['query']}", *GOOD["pos"]])
+    batch = collate([Slot(0, i, 0, ()) for i in range(3)], [source], tok, num_negatives=0)
+    for row in range(3):
+        text = tok.decode(batch.query["input_ids"][row], skip_special_tokens=True)
+        assert instruction in text and GOOD["query"] in text, text
+
+
+def test_tools_reader_resolves_tasks_only_when_it_uses_them(tmp_path):
+    """Mining with its own `--instruction` (needs_instruction=False) takes any task name."""
+    path = _write(tmp_path / "m.jsonl", json.dumps(dict(GOOD, task="Nope")))
+    with pytest.raises(ValueError, match=r"m.jsonl:3: key 'task': unknown task 'Nope'"):
+        list(iter_records(path))
+    assert len(list(iter_records(path, needs_instruction=False))) == 4
+    stats = ReadStats()
+    assert len(list(iter_records(path, skip_bad_records=True, stats=stats))) == 3
+    assert stats.skipped == 1
+
+
+def test_utf8_bom_on_the_first_line_is_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD_LINE + "\n").encode() * 2)
+    source = load_dataset_spec(str(path))
+    assert [r.query for r in source] == [GOOD["query"]] * 2  # re-read by offset, BOM included
+    assert len(list(iter_records(path))) == 2
