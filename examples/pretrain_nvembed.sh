@@ -11,8 +11,9 @@
 # without it: torchrun --standalone on a free port),
 # GPUS_PER_NODE or NPROC_PER_NODE (local GPU count, or 2 without GPUs), PYTHON (python3: runs the
 # flag check and the launcher), TORCHRUN ($PYTHON -m megatron_nvembed.training.torchrun: torchrun
-# that turns bad input found after the start into one error line and exit code 2, without its
-# failure traceback).
+# that turns bad input or a failed save found after the start into one error line and exit code
+# 2 or 3, without its failure traceback, and exits 0 when a SIGTERM's save succeeded on every
+# worker), TORCH_ELASTIC_SHUTDOWN_TIMEOUT (240: seconds from SIGTERM to SIGKILL of the workers).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -55,6 +56,9 @@ if ! $PYTHON -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+# On SIGTERM (preemption) torchrun forwards the signal and kills the workers this many seconds
+# later: the iteration in progress and the checkpoint save must fit (SLURM's --signal=TERM@300).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
 TORCHRUN="${TORCHRUN:-$PYTHON -m megatron_nvembed.training.torchrun}"
 
 if [[ "$STANDALONE" == "1" ]]; then

@@ -9,19 +9,27 @@ DIR/
   tokenizer/                          tokenizer files (copied by import-hf)
 ```
 Each iteration folder is written as `iter_XXXXXXX.tmp` and renamed once every rank finished.
+Saving an iteration that already exists (a finished run relaunched onto the same `--save`) moves
+the old folder aside as `iter_XXXXXXX.replaced` before the rename and deletes it after; readers
+fall back to it if a kill lands between the two renames, so there is never a moment without a
+loadable checkpoint. The shards are written by each rank's own process (`_writes_in_this_process`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import queue
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_nvembed.checkpoint_safety import CorruptCheckpointError, verify_checkpoint_folder
 from megatron_nvembed.config import EmbeddingModelConfig
 from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
 
@@ -58,8 +66,38 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     return n
 
 
-def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+REPLACED_SUFFIX = ".replaced"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that could not complete (disk full, permissions, a failed peer); the message names
+    the folder and the cause. The previous checkpoint, if any, is untouched."""
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    # torch's distributed-checkpoint errors derive from BaseException, not Exception.
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+_FAILURES = _failures()
+
+
+def _iteration_path(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """The folder of iteration `iteration` under `root`: `iter_XXXXXXX`, or, while a re-save of
+    that iteration is between its two renames (or was killed there), the complete old copy
+    `iter_XXXXXXX.replaced`."""
+    path = _iteration_path(root, iteration)
+    if not path.exists():
+        old = path.with_name(path.name + REPLACED_SUFFIX)
+        if old.is_dir():
+            return old
+    return path
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
@@ -163,38 +201,131 @@ def save_checkpoint(
             "or merge them first (megatron_nvembed.model.lora.merge_lora)"
         )
     root = Path(root)
-    final = iteration_dir(root, iteration)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root}: the checkpoint directory is an existing file, not a folder")
+    final = _iteration_path(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + REPLACED_SUFFIX)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftovers of an interrupted save
+        for left in root.glob(f"iter_*{REPLACED_SUFFIX}"):
+            # A re-save killed between its renames: the complete copy goes back in place.
+            main = left.with_name(left.name[: -len(REPLACED_SUFFIX)])
+            if main.exists():
+                shutil.rmtree(left)
+            else:
+                os.replace(left, main)
+        for left in root.glob("iter_*.tmp"):
+            shutil.rmtree(left)  # leftovers of interrupted saves (never what --load picks)
         tmp.mkdir()
     _barrier()
-    with cuda_allocations_on_cpu():
-        state = model.sharded_state_dict()
-        if optimizer is not None:
-            state["optimizer"] = optimizer.sharded_state_dict(
-                model.sharded_state_dict(), is_loading=False, metadata=OPTIMIZER_SHARDING
-            )
-        if extra_state:
-            state.update(extra_state)
-        dist_checkpointing.save(state, str(tmp))
-    if write_files is not None:
-        write_files(tmp)
+    try:
+        with cuda_allocations_on_cpu(), _writes_in_this_process():
+            state = model.sharded_state_dict()
+            if optimizer is not None:
+                state["optimizer"] = optimizer.sharded_state_dict(
+                    model.sharded_state_dict(), is_loading=False, metadata=OPTIMIZER_SHARDING
+                )
+            if extra_state:
+                state.update(extra_state)
+            dist_checkpointing.save(state, str(tmp))
+        if write_files is not None:
+            write_files(tmp)
+    except _FAILURES as err:
+        message = _save_failure(err, root, tmp)
+        if _rank() == 0:  # a failed save's shards are garbage: give the space back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(message) from err
     _barrier()
     if _rank() == 0:
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
         if has_lora(model):
             (tmp / LORA_FILE).write_text(json.dumps(lora, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        replacing = final.exists()
+        if replacing:
+            os.replace(final, old)  # readers fall back to `old` until the next rename
         os.replace(tmp, final)
         tracker_tmp = root / (TRACKER + ".tmp")
         tracker_tmp.write_text(str(iteration))
         os.replace(tracker_tmp, root / TRACKER)
+        if replacing:
+            shutil.rmtree(old)
     _barrier()
     return final
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
+def _save_failure(err: BaseException, root: Path, tmp: Path) -> str:
+    """One line for a failed save: the folder, the cause and, for a full disk, the free space."""
+    causes, e = [], err
+    while e is not None and len(causes) < 8:
+        causes.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(c) for c in causes)
+    full = any(
+        isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes
+    ) or any(s in text for s in ("No space left", "unexpected pos", "file write failed"))
+    try:
+        free = shutil.disk_usage(tmp if tmp.exists() else root).free
+    except OSError:
+        free = None
+    try:
+        previous = f"iteration {latest_iteration(root)} is intact"
+    except (FileNotFoundError, ValueError):
+        previous = "there is no earlier checkpoint"
+    cause = (
+        "no space left on device"
+        + (f" ({free / 2**20:.1f} MiB free on its filesystem)" if free is not None else "")
+        if full
+        else f"{type(causes[-1]).__name__}: {causes[-1]}"
+    )
+    return f"saving checkpoint {tmp.name} in {root} failed on rank {_rank()}: {cause}; {previous}"
+
+
+@contextmanager
+def _writes_in_this_process():
+    """Makes megatron-core's torch_dist save write every shard from the rank's own process.
+
+    megatron-core 0.16's writer hands a save's buckets to forked worker processes and collects
+    their results through a spawned multiprocessing Manager that lives on after the first save.
+    On preemption torchrun sends SIGTERM to each worker's whole process group: the Manager dies
+    with it (the next save, the one the signal asked for, fails with BrokenPipeError), and a
+    writer that dies leaves the save waiting forever. Written here, bucket after bucket, with the
+    results in an in-process queue, a save has no child to lose and any write error (disk full)
+    comes back as this rank's exception. Sequential writes cost little: the shards of one rank
+    go to one filesystem anyway.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    writer = fsa.FileSystemWriterAsync
+    saved_fn = writer.__dict__["write_preloaded_data_multiproc"]
+    saved_queue = fsa._results_queue
+
+    def write_buckets(transform_list, use_msc, rank, write_buckets, results_queue):
+        results = {}
+        for i, bucket in enumerate(write_buckets):
+            local, count = queue.Queue(), queue.Queue()
+            count.put(i)
+            extra = {"use_msc": use_msc} if use_msc else {}
+            writer.write_preloaded_data(transform_list, i, bucket, local, count, True, **extra)
+            _, out = local.get_nowait()
+            if isinstance(out, Exception):
+                results_queue.put(out)
+                return
+            results[i] = out
+        results_queue.put(results)
+
+    writer.write_preloaded_data_multiproc = staticmethod(write_buckets)
+    fsa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        writer.write_preloaded_data_multiproc = saved_fn
+        fsa._results_queue = saved_queue
 
 
 def load_checkpoint(
@@ -263,13 +394,24 @@ def load_checkpoint(
             f"{iteration_dir(root, it)}: no LoRA adapters in the checkpoint, but the model has "
             "them; load base weights before apply_lora (--pretrained-checkpoint)"
         )
+    folder = iteration_dir(root, it)
+    # Before anything is unpickled: the folder holds only data (no object that runs code) and
+    # every shard the metadata names is there in full.
+    verify_checkpoint_folder(folder)
     with cuda_allocations_on_cpu():
         request = model.sharded_state_dict()
         if optimizer is not None:
             request["optimizer"] = optimizer.sharded_state_dict(
                 model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_SHARDING
             )
-        state = dist_checkpointing.load(request, str(iteration_dir(root, it)))
+        try:
+            state = dist_checkpointing.load(request, str(folder))
+        except _FAILURES as err:
+            raise CorruptCheckpointError(
+                f"{folder}: the shards do not load into the model built from "
+                f"{folder / CONFIG_FILE} ({type(err).__name__}: {_first_line(err)}); the files "
+                "were edited, truncated, or belong to another model"
+            ) from err
         if optimizer is not None:
             optimizer.load_state_dict(state.pop("optimizer"))
         # Common (non-sharded) state of everything saved comes back too: keep what was asked.

@@ -131,6 +131,7 @@ _OTHER_PATHS: dict[str, str] = {
     "use_distributed_optimizer": "use_distributed_optimizer",
     "skip_bad_records": "skip_bad_records",
     "pack_sequences": "pack_sequences",
+    "override_opt_param_scheduler": "override_opt_param_scheduler",
 }
 
 
@@ -200,6 +201,14 @@ def build_parser(recipe: str | None = None, stage: int | None = None) -> argpars
         default=None,
         help="pack several texts per row (at most --seq-length tokens), each attending only to "
         "itself, so the backbone skips padding (THD layout on te / sdpa, a block mask on local)",
+    )
+    parser.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        default=None,
+        help="on resume, use the schedule flags (--lr, --min-lr, --lr-warmup-iters, "
+        "--lr-decay-iters / --train-iters, --lr-decay-style, --weight-decay) instead of the "
+        "checkpoint's, from the resumed iteration on; without it different values are refused",
     )
     parser.add_argument(
         "--skip-bad-records",

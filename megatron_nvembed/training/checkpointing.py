@@ -31,6 +31,7 @@ from megatron_nvembed.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from megatron_nvembed.checkpoint_safety import load_rng_file
 from megatron_nvembed.logging_utils import get_logger, log_rank0
 from megatron_nvembed.loss.grad_cache import capture_rng_state, restore_rng_state
 
@@ -103,6 +104,47 @@ def read_train_state(root) -> dict:
         raise ValueError(f"{path}: {err}") from err
 
 
+def check_schedule(root, cfg) -> None:
+    """Refuses a resume whose schedule flags differ from the checkpoint's schedule.
+
+    A resume continues the checkpoint's learning-rate and weight-decay schedule (megatron-core's
+    scheduler state). Flags that would change it (a lower `--lr` after a divergence, a longer
+    `--train-iters` moving the decay end) take effect only with `--override-opt-param-scheduler`
+    (then from the resumed iteration on, as Megatron-LM's flag of that name); without it they
+    are refused here, before the model is built, instead of being silently ignored.
+
+    Raises:
+        ValueError: naming each differing flag with both values.
+    """
+    if cfg.override_opt_param_scheduler:
+        return
+    state = read_train_state(root)
+    saved = state.get("scheduler", {})
+    mine = {
+        "max_lr": ("--lr", cfg.lr),
+        "min_lr": ("--min-lr", cfg.min_lr),
+        "lr_warmup_steps": ("--lr-warmup-iters", cfg.lr_warmup_iters),
+        "lr_decay_steps": (
+            "--lr-decay-iters (default: --train-iters)",
+            cfg.lr_decay_iters or cfg.train_iters,
+        ),
+        "lr_decay_style": ("--lr-decay-style", cfg.lr_decay_style),
+        "start_wd": ("--weight-decay", cfg.weight_decay),
+    }
+    diffs = [
+        f"{flag} {value} (checkpoint: {saved[key]})"
+        for key, (flag, value) in mine.items()
+        if key in saved and saved[key] != value
+    ]
+    if diffs:
+        raise ValueError(
+            f"--load {root}: iteration {state['iteration']} was trained with another schedule: "
+            + "; ".join(diffs)
+            + ". A resume keeps the checkpoint's schedule: pass --override-opt-param-scheduler "
+            "to apply the flags' schedule from there on, or give the checkpoint's values."
+        )
+
+
 def load_training_checkpoint(root, model, optimizer, scheduler, data, layout: dict, seed: int):
     """Restores model, optimizer, scheduler, data position and (same layout) RNG states.
 
@@ -115,11 +157,18 @@ def load_training_checkpoint(root, model, optimizer, scheduler, data, layout: di
         raise ValueError(
             f"{root}: tracker says iteration {it}, train_state.json {state['iteration']}"
         )
+    if scheduler.override_opt_param_scheduler:
+        # megatron-core keeps each parameter group's own max_lr / min_lr, restored with the
+        # optimizer state; the schedule of the flags needs them too.
+        for group in optimizer.param_groups:
+            for key in ("max_lr", "min_lr"):
+                if key in group:
+                    group[key] = getattr(scheduler, key)
     scheduler.load_state_dict(state["scheduler"])
     data.load_state_dict(state["data"])
     rng_path = _rng_file(iteration_dir(root, it), dist.get_rank())
     if state.get("layout") == layout and rng_path.is_file():
-        saved = torch.load(rng_path, weights_only=False)
+        saved = load_rng_file(rng_path)  # tensors only: a crafted file cannot run code
         from megatron_nvembed.loss.grad_cache import RngSnapshot
 
         restore_rng_state(RngSnapshot(saved["cpu"], saved["cuda"], saved["tracker"]))

@@ -1,5 +1,5 @@
 """`pretrain_nvembed.py` main: parse flags, train, exit (0 done or preempted-and-saved, 2 bad
-input, 1 aborted).
+input, 3 a checkpoint save failed (disk full...; the previous checkpoint is intact), 1 aborted).
 
 One rank speaks: messages come from global rank 0 (`setup_logging`); an error is said once
 (`_error`). `--help` and `--check-args` import neither torch nor megatron-core
@@ -15,8 +15,10 @@ import sys
 
 def check_inputs(cfg) -> None:
     """The cheap part of the input checks, before any process group: every `--train-data` item
-    and `--eval-data` folder, `--pretrained-checkpoint` and `--tokenizer` exist, and the packages
-    of the requested log sinks are installed.
+    and `--eval-data` folder, `--pretrained-checkpoint` and `--tokenizer` exist, the packages
+    of the requested log sinks are installed, `--save` is a folder (or new), and `--load` exists
+    unless it is `--save` (a job that resumes from its own `--save` starts at iteration 0 when
+    nothing is saved yet, as in Megatron-LM; any other `--load` that does not exist is a typo).
 
     Raises:
         ValueError / FileNotFoundError naming the flag.
@@ -39,10 +41,21 @@ def check_inputs(cfg) -> None:
         for path in paths:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{flag}: {path} does not exist")
+    if cfg.save and os.path.exists(cfg.save) and not os.path.isdir(cfg.save):
+        raise ValueError(f"--save: {cfg.save} is an existing file, not a checkpoint folder")
+    if cfg.load:
+        same = cfg.save and os.path.realpath(cfg.load) == os.path.realpath(cfg.save)
+        if not same and not os.path.exists(cfg.load):
+            raise FileNotFoundError(
+                f"--load: {cfg.load} does not exist (only a --load equal to --save may be new: "
+                "the run then starts at iteration 0)"
+            )
+        if os.path.exists(cfg.load) and not os.path.isdir(cfg.load):
+            raise ValueError(f"--load: {cfg.load} is a file, not a checkpoint folder")
 
 
-def _error(err: Exception) -> int:
-    """Bad input: exit code 2 and the message once. Under torchrun each worker writes it to its
+def _error(err: Exception, code: int = 2) -> int:
+    """Bad input (exit code 2) or a failed save (3): the code and the message once. Under torchrun each worker writes it to its
     error file instead (`TORCHELASTIC_ERROR_FILE`), and `training/torchrun.py` prints the first
     failed worker's: whichever rank found the problem, and before torchrun stops the others."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -54,7 +67,7 @@ def _error(err: Exception) -> int:
             json.dump({"message": str(err), "timestamp": int(time.time())}, f)
     elif int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {err}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(argv=None) -> int:
@@ -77,13 +90,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch.distributed as dist
 
+    from megatron_nvembed.checkpoint import CheckpointSaveError
     from megatron_nvembed.logging_utils import is_rank0
     from megatron_nvembed.training.trainer import train
 
     try:
+        check_inputs(cfg)
         result = train(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         return _error(err)
+    except CheckpointSaveError as err:
+        return _error(err, 3)
     finally:
         if dist.is_initialized():
             from megatron.core import parallel_state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass, field
 
 from megatron_nvembed.config import EmbeddingModelConfig
@@ -81,6 +83,10 @@ class TrainingConfig:
     save_interval: int | None = None
     log_interval: int = 10
     log_json: str | None = None
+    override_opt_param_scheduler: bool = False
+    """`--override-opt-param-scheduler`: on resume, the learning-rate / weight-decay schedule of
+    the flags replaces the checkpoint's (from the resumed iteration on). Without it a resume with
+    different schedule flags is refused (`training/checkpointing.py` `check_schedule`)."""
     max_nonfinite_steps: int = 10
     """Consecutive non-finite losses tolerated (each skips its step) before the run aborts."""
     tensorboard_dir: str | None = None
@@ -152,6 +158,22 @@ class TrainingConfig:
             )
         if self.num_negatives < 0:
             raise ValueError(f"--num-negatives must be >= 0, got {self.num_negatives}")
+        for flag, value in (
+            ("--lr", self.lr),
+            ("--min-lr", self.min_lr),
+            ("--weight-decay", self.weight_decay),
+            ("--adam-beta1", self.adam_beta1),
+            ("--adam-beta2", self.adam_beta2),
+            ("--adam-eps", self.adam_eps),
+            ("--clip-grad", self.clip_grad),
+            ("--temperature", self.temperature),
+            ("--lora-alpha", self.lora.alpha),
+            ("--lora-dropout", self.lora.dropout),
+            ("--false-negative-margin", self.false_negative_margin),
+            ("--exit-duration-in-mins", self.exit_duration_in_mins),
+        ):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}), --lr > 0")
         if self.lr_warmup_iters < 0:
@@ -205,7 +227,21 @@ class TrainingConfig:
                 f"--global-batch-size ({self.global_batch_size}) must be a multiple of "
                 f"--micro-batch-size ({self.micro_batch_size})"
             )
-        self.model.validate()
+        for flag, value in (
+            ("--tensor-model-parallel-size", self.model.parallel.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.model.parallel.pipeline_model_parallel_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.pretrained_checkpoint or self.load:
+            # The architecture will come from the checkpoint (`trainer._resolve_model_config`
+            # checks the layout against it, naming its config file): here only what does not
+            # depend on the layout.
+            arch = copy.deepcopy(self.model)
+            arch.parallel = type(arch.parallel)()
+            arch.validate()
+        else:
+            self.model.validate()
         return self
 
     def to_dict(self) -> dict:

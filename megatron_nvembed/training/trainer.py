@@ -74,8 +74,9 @@ class NonFiniteGuard:
         if self.in_row >= self.max_in_row:
             raise RuntimeError(
                 f"iteration {iteration}: {self.in_row} non-finite losses in a row "
-                f"(--max-nonfinite-steps {self.max_in_row}); aborting. Lower --lr, check the "
-                "data, or resume from the last checkpoint."
+                f"(--max-nonfinite-steps {self.max_in_row}); aborting. Check the data, or "
+                "resume from the last checkpoint with a lower --lr and "
+                "--override-opt-param-scheduler (the schedule of the flags then applies)."
             )
         return False
 
@@ -149,7 +150,15 @@ def _resolve_model_config(cfg: TrainingConfig):
         if model_cfg.model.attention_backend == "auto":
             logger.info("LoRA: attention backend 'auto' resolves to sdpa (torch SDPA kernels)")
             model_cfg.model.attention_backend = "sdpa"
-    return model_cfg.validate(), source
+    try:
+        return model_cfg.validate(), source
+    except ValueError as err:
+        if source is None:
+            raise
+        from megatron_nvembed.checkpoint import CONFIG_FILE, iteration_dir, latest_iteration
+
+        saved = iteration_dir(source, latest_iteration(source)) / CONFIG_FILE
+        raise ValueError(f"{err} (the model of {saved})") from err
 
 
 def _tokenizer_dir(cfg: TrainingConfig, source: str | None) -> Path:
@@ -218,7 +227,10 @@ def _build_optimizer(cfg: TrainingConfig, model, model_cfg):
         end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
+        # A resume keeps the checkpoint's schedule unless --override-opt-param-scheduler;
+        # `check_schedule` refuses different schedule flags before anything is built.
+        use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
     model.config.no_sync_func = ddp.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
@@ -503,6 +515,15 @@ def train(cfg: TrainingConfig) -> TrainResult:
     started = time.perf_counter()  # the clock of elapsed_s, eta_s and --exit-duration-in-mins
     cfg.validate()
     require_sink_packages(cfg)
+    resuming = ckpt.has_training_checkpoint(cfg.load)
+    own_save = bool(cfg.load and cfg.save) and Path(cfg.load).resolve() == Path(cfg.save).resolve()
+    if resuming:
+        ckpt.check_schedule(cfg.load, cfg)
+    elif cfg.load and not own_save:
+        raise FileNotFoundError(
+            f"--load {cfg.load}: holds no checkpoint (no latest_checkpointed_iteration.txt); "
+            "only a --load equal to --save may be empty (the run then starts at iteration 0)"
+        )
     model_cfg, source = _resolve_model_config(cfg)
     par = model_cfg.parallel
     pg = initialize_model_parallel(
@@ -518,13 +539,6 @@ def train(cfg: TrainingConfig) -> TrainResult:
     if source is None and model_cfg.model.vocab_size != len(tokenizer):
         # From scratch: the embedding table is sized by the tokenizer.
         model_cfg.model.vocab_size = len(tokenizer)
-
-    resuming = ckpt.has_training_checkpoint(cfg.load)
-    model, lora = build_training_model(cfg, model_cfg, pg, resuming)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    ddp, optimizer, scheduler = _build_optimizer(cfg, model, model_cfg)
-
     data = build_train_data(
         cfg.train_data,
         tokenizer,
@@ -538,6 +552,12 @@ def train(cfg: TrainingConfig) -> TrainResult:
         seed=cfg.seed,
         stage_in_batch=cfg.in_batch_negatives,
     )
+    # Data first: every record is read and checked at open, so bad data stops the run before
+    # the model is built or any weight loaded.
+    model, lora = build_training_model(cfg, model_cfg, pg, resuming)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    ddp, optimizer, scheduler = _build_optimizer(cfg, model, model_cfg)
     loss_fn = ContrastiveLoss(
         ContrastiveLossConfig(
             temperature=cfg.temperature,
@@ -599,10 +619,25 @@ def train(cfg: TrainingConfig) -> TrainResult:
     shape = flop_shape(model_cfg, cfg.lora.rank if lora else 0)
     evaluator = _build_evaluator(cfg, tokenizer, model, pg) if cfg.eval_interval else None
 
-    saved_at = [None]
+    # A run resumed from --save at its last iteration (a finished run relaunched) has nothing
+    # new to save.
+    saved_at = [iteration if resuming and own_save else None]
 
     def save(it):
         saved_at[0] = it
+        if guard.in_row:
+            # The weights are those of the last applied step, but a run whose last step was
+            # non-finite is diverging or reading bad data: its checkpoint is never the latest.
+            if rank == 0:
+                logger.warning(
+                    "iteration %d: not saving, the last step was skipped as non-finite (%d in "
+                    "a row); the latest checkpoint stays %s",
+                    it,
+                    guard.in_row,
+                    _latest_or_none(cfg.save),
+                )
+            return
+        _require_finite_weights(model, it, cfg.save)
         ckpt.save_training_checkpoint(
             cfg.save,
             it,
@@ -663,17 +698,22 @@ def train(cfg: TrainingConfig) -> TrainResult:
                     float(step.executed_tokens) * contributes,
                     float(seqs) * contributes,
                     float(useful) * contributes,
+                    0.0,
                 ],
                 dtype=torch.float64,
                 device=device,
             )
             if contributes and not math.isfinite(float(local_loss)):
                 vec[0] = float("nan")
+            # A finite loss can still come with non-finite gradients (an overflow in the
+            # backward): counted here, in the same reduction, so such a step is skipped too and
+            # the weights never take a non-finite update.
+            vec[5] = _nonfinite_grads(ddp)
             dist.all_reduce(vec)
             loss_value = float(vec[0]) / dp
             iteration += 1
             grad_norm = None
-            if guard.update(math.isfinite(loss_value), iteration):
+            if guard.update(math.isfinite(loss_value) and float(vec[5]) == 0, iteration):
                 with cuda_allocations_on_cpu():
                     _, grad_norm, _ = optimizer.step()
                 scheduler.step(increment=1)
@@ -734,6 +774,38 @@ def train(cfg: TrainingConfig) -> TrainResult:
     finally:
         sigterm.restore()
         sinks.close()
+
+
+def _nonfinite_grads(ddp) -> torch.Tensor:
+    """1.0 when this rank's gradient buffers hold a non-finite value, else 0.0 (a device tensor:
+    no host sync; it joins the step's statistics reduction)."""
+    buffers = ddp.buffers + ddp.expert_parallel_buffers
+    if not buffers:
+        return torch.zeros((), dtype=torch.float64)
+    finite = torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all()
+    return (~finite).to(torch.float64)
+
+
+def _latest_or_none(root) -> str:
+    from megatron_nvembed.checkpoint import is_checkpoint_dir, latest_iteration
+
+    if root and is_checkpoint_dir(root):
+        return f"iteration {latest_iteration(root)} in {root}"
+    return "none (nothing saved yet)"
+
+
+def _require_finite_weights(model, iteration: int, root) -> None:
+    """Refuses to save non-finite weights (every rank checks its own shard; all agree)."""
+    bad = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        bad += (~torch.isfinite(p.detach())).any().to(torch.float64)
+    dist.all_reduce(bad)
+    if bad.item() > 0:
+        raise RuntimeError(
+            f"iteration {iteration}: the model's weights hold non-finite values; not saving "
+            f"them. The latest checkpoint stays {_latest_or_none(root)}: resume from it with a "
+            "lower --lr and --override-opt-param-scheduler."
+        )
 
 
 def _exit_reason(

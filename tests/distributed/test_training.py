@@ -249,7 +249,8 @@ def _guard_worker(rank, world, data, tmp):
 
     contrastive.ContrastiveLoss.forward = nan_on_some_calls
     try:
-        result = train(_cfg(data, train_iters=5, save=str(tmp / "guard")))
+        # One schedule (--lr-decay-iters 6) for this run and the resumes below, which go to 6.
+        result = train(_cfg(data, train_iters=5, lr_decay_iters=6, save=str(tmp / "guard")))
     finally:
         contrastive.ContrastiveLoss.forward = original
     out = {"skipped": result.skipped, "losses": result.losses}
@@ -274,15 +275,29 @@ def _guard_worker(rank, world, data, tmp):
         return real_save(*args, write_files=broken, **kwargs)
 
     checkpointing.save_checkpoint = failing_save
+    from megatron_nvembed.checkpoint import CheckpointSaveError
+
     try:
-        train(_cfg(data, train_iters=6, save=str(tmp / "guard"), load=str(tmp / "guard")))
+        train(
+            _cfg(
+                data,
+                train_iters=6,
+                lr_decay_iters=6,
+                save=str(tmp / "guard"),
+                load=str(tmp / "guard"),
+            )
+        )
         out["save_error"] = None
-    except OSError as err:
+    except CheckpointSaveError as err:
         out["save_error"] = str(err)
     finally:
         checkpointing.save_checkpoint = real_save
     out["tracker"] = (tmp / "guard" / "latest_checkpointed_iteration.txt").read_text()
-    resumed = train(_cfg(data, train_iters=6, save=str(tmp / "guard"), load=str(tmp / "guard")))
+    resumed = train(
+        _cfg(
+            data, train_iters=6, lr_decay_iters=6, save=str(tmp / "guard"), load=str(tmp / "guard")
+        )
+    )
     out["resumed_from"] = min(resumed.losses)
     (tmp / "guard.json").write_text(json.dumps(out))
 

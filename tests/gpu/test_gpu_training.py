@@ -77,6 +77,8 @@ def test_tiny_recipe_bf16_on_cuda_trains_and_resumes(tmp_path):
         data,
         "--train-iters",
         "8",
+        "--lr-decay-iters",  # run a's schedule (a resume refuses another one)
+        "12",
         "--save",
         str(tmp_path / "b"),
         "--load",
