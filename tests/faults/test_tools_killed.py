@@ -1,0 +1,90 @@
+"""Conversions killed at a random moment (SIGKILL; the seed is printed, `FAULTS_SEED=N`
+replays it), then rerun: the rerun's output equals an uninterrupted run's, file for file and
+byte for byte, and nothing of the killed run is left beside it. (Mining, prepare_data and the
+corpus encoder have their own kill-and-rerun tests: tests/functional/test_mining.py,
+tests/unit/test_prepare_data.py, tests/functional/test_embed_tool.py.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_nvembed.testing import build_word_tokenizer, save_tiny_hf_decoder
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.faults
+
+
+def _convert(*args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _finish(proc) -> str:
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _files(folder: Path) -> dict[str, object]:
+    """Each file's SHA-256; for torch's `.metadata`, which also records the folder it was
+    written in, what it says of the shards (tensor and byte layouts, storage places)."""
+    out: dict[str, object] = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        if p.name == ".metadata":
+            import pickle
+
+            md = pickle.loads(p.read_bytes())  # written by the runs above
+            out[str(p.relative_to(folder))] = (md.state_dict_metadata, md.storage_data)
+        else:
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _killed_then_rerun(rng, seed, command, source, out_flag, straight: Path, out: Path) -> None:
+    started = time.time()
+    _finish(_convert(command, *source, out_flag, straight))
+    duration = time.time() - started
+    killed = _convert(command, *source, out_flag, out)
+    time.sleep(rng.uniform(0.2, 0.9) * duration)
+    killed.kill()
+    killed.communicate(timeout=60)
+    _finish(_convert(command, *source, out_flag, out))
+    assert _files(out) == _files(straight), f"{command}, seed {seed}"
+    left = sorted(p.name for p in out.parent.iterdir() if out.name in p.name)
+    assert left == [out.name], (left, seed)
+
+
+def test_conversions_killed_then_rerun_equal_an_uninterrupted_run(tmp_path):
+    seed = int(os.environ.get("FAULTS_SEED", random.randrange(2**31)))
+    print(f"FAULTS_SEED={seed}")
+    rng = random.Random(seed)
+    tokenizer = build_word_tokenizer(["how do plants make food", "the sky is blue"])
+    hf = save_tiny_hf_decoder(tmp_path / "mistral", tokenizer, "mistral")
+    _killed_then_rerun(
+        rng, seed, "import-hf", ("--hf-dir", hf), "--save", tmp_path / "ckpt", tmp_path / "ckpt2"
+    )
+    _killed_then_rerun(
+        rng,
+        seed,
+        "export-hf",
+        ("--load", tmp_path / "ckpt", "--dtype", "float32"),
+        "--hf-dir",
+        tmp_path / "hf",
+        tmp_path / "hf2",
+    )
