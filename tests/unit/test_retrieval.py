@@ -186,7 +186,9 @@ class InMemoryShards:
 
 
 def _plain_topk(q, d, k):
-    scores = q @ d.T
+    # Products summed in one fixed order per pair (no BLAS blocking): equal rows of `d` get
+    # exactly equal scores, so ties are real ties and the stable sort breaks them by row.
+    scores = (q.astype(np.float64)[:, None, :] * d.astype(np.float64)[None, :, :]).sum(-1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), order
 
