@@ -40,6 +40,7 @@ from megatron_nvembed.flops import (  # noqa: E402
     split_adapter_flops,
     train_step_flops,
 )
+from megatron_nvembed.fileio import write_atomic  # noqa: E402
 from megatron_nvembed.hardware import GPU_PEAK_BF16_TFLOPS  # noqa: E402
 
 # ----------------------------------------------------------------------------- configuration
@@ -1044,10 +1045,7 @@ def main(argv=None) -> int:
         config=config,
     )
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_atomic(out, json.dumps(report, indent=2) + "\n")
     print(summary_line(report))
     return 0
 
@@ -1130,10 +1128,7 @@ def compare_layouts(args, plan: Plan, argv=None) -> int:
         config=config,
     )
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_atomic(out, json.dumps(report, indent=2) + "\n")
     line = layouts_line(report)
     out.with_suffix(".md").write_text(layouts_markdown(report, out.name, line))
     print(line)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_nvembed.evaluation.mteb_eval import CATEGORIES  # the paper's column order
+from megatron_nvembed.fileio import write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 POOLINGS = ("eos", "mean", "latent", "self-attention")
@@ -327,18 +328,7 @@ def build_plan(
     return Plan(out, recipe, nproc, bases, base_paths, cells)
 
 
-# ------------------------------------------------------------------------------- atomic files
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------- cell status
 
 
 def is_done(out: Path, cell: str) -> bool:

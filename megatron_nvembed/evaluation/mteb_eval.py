@@ -32,6 +32,7 @@ from megatron_nvembed.data.templates import (
     get_task_definition,
     query_instruction,
 )
+from megatron_nvembed.fileio import write_atomic
 
 CATEGORIES = (
     "Retrieval",
@@ -283,14 +284,6 @@ def render_markdown(summary: dict, title: str) -> str:
             t = summary["tasks"][n]
             lines.append(f"| {n} | {t['type']} | {t['main_metric']} | {_fmt(t['main_score'])} |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path.tmp`, then renames it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_summary(out_dir: str | os.PathLike, summary: dict, title: str) -> None:

@@ -210,3 +210,37 @@ def test_margins_from_search_equal_score_margins():
     got = evaluate_embeddings(q, d, query_ids, qrels_all, corpus_ids=corpus_ids, ks=(1,))
     for key in want:
         assert abs(got[key] - want[key]) <= 1e-5, key
+
+
+def test_ranking_metrics_equal_pytrec_eval():
+    """nDCG@k (graded relevance), recall@k and MRR@k against pytrec_eval (trec_eval's C code,
+    what mteb's retrieval evaluation runs) on random rankings and qrels; MRR@k is trec_eval's
+    reciprocal rank of the run cut at k. Tolerance 1e-12."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(0)
+    docs = [f"d{i}" for i in range(60)]
+    query_ids = [f"q{i}" for i in range(40)]
+    qrels, ranked, run = {}, [], {}
+    for qid in query_ids:
+        judged = rng.choice(len(docs), size=int(rng.integers(1, 8)), replace=False)
+        qrels[qid] = {docs[j]: int(rng.integers(1, 4)) for j in judged}
+        if rng.random() < 0.3:  # a judged-but-irrelevant document
+            unjudged = [d for d in docs if d not in qrels[qid]]
+            qrels[qid][unjudged[int(rng.integers(len(unjudged)))]] = 0
+        order = [docs[j] for j in rng.permutation(len(docs))[:50]]
+        ranked.append(order)
+        run[qid] = {d: float(len(order) - r) for r, d in enumerate(order)}  # distinct scores
+    ks = (1, 10, 30)
+    ours = ranking_metrics(ranked, query_ids, qrels, ks)
+    measures = {f"ndcg_cut.{','.join(map(str, ks))}", f"recall.{','.join(map(str, ks))}"}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    scored = [q for q in query_ids if any(r > 0 for r in qrels[q].values())]
+    assert len(scored) == len(query_ids)  # every query has a relevant document: same averages
+    for k in ks:
+        for mine, theirs in ((f"ndcg_at_{k}", f"ndcg_cut_{k}"), (f"recall_at_{k}", f"recall_{k}")):
+            expected = float(np.mean([per_query[q][theirs] for q in scored]))
+            assert ours[mine] == pytest.approx(expected, abs=1e-12), (mine, k)
+        cut = {q: dict(list(run[q].items())[:k]) for q in query_ids}
+        rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+        expected = float(np.mean([rr[q]["recip_rank"] if q in rr else 0.0 for q in scored]))
+        assert ours[f"mrr_at_{k}"] == pytest.approx(expected, abs=1e-12), k
