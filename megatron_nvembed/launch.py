@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -43,10 +42,9 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) ->
     try:
         fn(rank, world_size, *args)
     finally:
-        # Importing megatron-core costs ~10 s; only clean it up where the test used it.
-        if "megatron.core.parallel_state" in sys.modules:
-            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-        dist.destroy_process_group()
+        from megatron_nvembed.parallel import destroy_parallel
+
+        destroy_parallel()
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None:

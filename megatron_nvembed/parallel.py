@@ -97,3 +97,21 @@ def pipeline_stage_info() -> tuple[bool, bool]:
         parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         parallel_state.is_pipeline_last_stage(ignore_virtual=True),
     )
+
+
+def data_parallel_group():
+    """This rank's data(+context)-parallel group (for code handed no group by its caller)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def destroy_parallel() -> None:
+    """Tears down megatron-core's model-parallel state (only if megatron-core was imported:
+    importing it costs seconds) and torch's default process group, if initialised."""
+    import sys
+
+    if "megatron.core.parallel_state" in sys.modules:
+        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

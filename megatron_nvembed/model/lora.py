@@ -135,9 +135,9 @@ def _dp_cp_group(metadata):
     in the sharded-state-dict metadata; older callers do not)."""
     group = (metadata or {}).get("dp_cp_group")
     if group is None:
-        from megatron.core import parallel_state
+        from megatron_nvembed.parallel import data_parallel_group
 
-        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        group = data_parallel_group()
     return group
 
 

@@ -88,7 +88,6 @@ def main(argv=None) -> int:
     setup_logging(note_kernels=True)
     # Tokenizers' own thread pool would fight the training processes for cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch.distributed as dist
 
     from megatron_nvembed.checkpoint import CheckpointSaveError
     from megatron_nvembed.logging_utils import is_rank0
@@ -102,11 +101,9 @@ def main(argv=None) -> int:
     except CheckpointSaveError as err:
         return _error(err, 3)
     finally:
-        if dist.is_initialized():
-            from megatron.core import parallel_state
+        from megatron_nvembed.parallel import destroy_parallel
 
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+        destroy_parallel()
     if is_rank0():
         print(f"training finished at iteration {result.iteration} ({result.exit_reason})")
     return 0
