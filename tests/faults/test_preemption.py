@@ -1,5 +1,5 @@
 """Preemption and killed ranks, through the launcher users run (`examples/pretrain_nvembed.sh`,
-torchrun, 2 gloo processes, the tiny recipe).
+torchrun, 2 gloo processes, the tiny recipe), as one job relaunched on its own `--save`.
 
 - SIGTERM to torchrun after an earlier save (torchrun forwards it to each worker's process
   group), and SIGTERM to torchrun and every worker at once (as SLURM's `--signal` delivers it):
@@ -117,66 +117,110 @@ def _tracker(save: Path) -> int:
     return int((save / "latest_checkpointed_iteration.txt").read_text())
 
 
-@pytest.mark.parametrize("target", ["torchrun", "torchrun_and_workers"])
-def test_sigterm_through_torchrun_after_a_save_saves_completely_and_exits_0(
-    synthetic, tmp_path, target
-):
-    save, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
-    proc = _launch(_args(synthetic, save, log, train_iters=100000, save_interval=2))
-    _wait_for_iterations(proc, log, 4)  # the save at iteration 2 happened
-    assert _tracker(save) >= 2
-    pids = [proc.pid] + (_workers(proc) if target == "torchrun_and_workers" else [])
-    if target == "torchrun_and_workers":
-        assert len(pids) == 3, pids
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    sent = time.time()
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out[-4000:]
-    assert time.time() - sent < 120
-    assert "SIGTERM: all 2 worker(s) of this node exited 0" in out
-    logged = _logged(log)
-    saved = _tracker(save)
-    assert saved == max(logged), (saved, sorted(logged))
-    assert not [p.name for p in save.iterdir() if p.name.endswith((".tmp", ".replaced"))]
-    state = json.loads((save / f"iter_{saved:07d}" / "train_state.json").read_text())
-    assert state["iteration"] == saved
-    assert len(list((save / f"iter_{saved:07d}" / "rng").iterdir())) == 2
-    if target != "torchrun":
-        return
-    # Complete: every shard the metadata names is there in full, and nothing unsafe (the resume
-    # of such a checkpoint: the SIGKILL test below and tests/distributed/test_training.py).
-    verify_checkpoint_folder(save / f"iter_{saved:07d}")
+def _complete(save: Path, saved: int) -> None:
+    """The checkpoint of iteration `saved` is complete: every shard its metadata names is there
+    in full (and nothing unsafe), the training state names it, each rank's RNG file exists."""
+    folder = save / f"iter_{saved:07d}"
+    verify_checkpoint_folder(folder)
+    assert json.loads((folder / "train_state.json").read_text())["iteration"] == saved
+    assert len(list((folder / "rng").iterdir())) == 2
 
 
-@pytest.mark.parametrize("victims", ["one", "all"])
-def test_sigkill_of_ranks_fails_the_launch_in_bounded_time_and_the_latest_checkpoint_resumes(
-    synthetic, tmp_path, victims
-):
+@pytest.fixture(scope="module")
+def chain(synthetic, tmp_path_factory):
+    """One job, three launches on one `--save` / `--load` folder (each launch costs the
+    megatron-core import of two processes, so the faults follow each other):
+
+    1. SIGTERM to torchrun after the save at iteration 2;
+    2. relaunch: it resumes from 1's checkpoint; SIGKILL of one rank or of both (the seed picks,
+       and when) while it saves every iteration;
+    3. relaunch: it resumes from the checkpoint the kill left; SIGTERM to torchrun and to every
+       worker at once, as SLURM's --signal delivers it.
+    """
     seed = int(os.environ.get("FAULTS_SEED", random.randrange(2**31)))
     print(f"FAULTS_SEED={seed}")
     rng = random.Random(seed)
-    save, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
-    proc = _launch(_args(synthetic, save, log, train_iters=100000, save_interval=1))
-    _wait_for_iterations(proc, log, 3)
+    tmp = tmp_path_factory.mktemp("chain")
+    save = tmp / "ckpt"
+    logs = [tmp / f"log{i}.jsonl" for i in (1, 2, 3)]  # one per launch
+    out: dict = {"seed": seed}
+
+    def sigterm(pids, proc, phase, log):
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        sent = time.time()
+        text = proc.communicate(timeout=300)[0]
+        out[phase] = {
+            "rc": proc.returncode,
+            "seconds": time.time() - sent,
+            "text": text,
+            "last_logged": max(_logged(log)),
+            "tracker": _tracker(save),
+            "left": sorted(
+                p.name for p in save.iterdir() if p.name.endswith((".tmp", ".replaced"))
+            ),
+        }
+
+    proc = _launch(_args(synthetic, save, logs[0], train_iters=100000, save_interval=2))
+    _wait_for_iterations(proc, logs[0], 4)  # the save at iteration 2 happened
+    out["sigterm_saved_before"] = _tracker(save)
+    sigterm([proc.pid], proc, "sigterm_torchrun", logs[0])
+
+    proc = _launch(_args(synthetic, save, logs[1], train_iters=100000, save_interval=1))
+    _wait_for_iterations(proc, logs[1], 3)
     time.sleep(rng.uniform(0.0, 1.5))
     workers = _workers(proc)
-    for victim in [rng.choice(workers)] if victims == "one" else workers:
+    victims = [rng.choice(workers)] if rng.random() < 0.5 else workers
+    for victim in victims:
         os.kill(victim, signal.SIGKILL)
     killed = time.time()
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode not in (0, None), out[-3000:]
-    assert time.time() - killed < 120, f"seed {seed}"
-    saved = _tracker(save)
-    folder = save / f"iter_{saved:07d}"
-    verify_checkpoint_folder(folder)
-    assert (folder / "train_state.json").is_file()
-    assert len(list((folder / "rng").iterdir())) == 2
-    if victims == "all":
-        return  # the resume of a checkpoint left by a kill is the "one" case's
-    # The latest checkpoint resumes: one more iteration from it.
-    resumed = _launch(_args(synthetic, save, log, train_iters=saved + 1))
-    out = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, f"seed {seed}: {out[-4000:]}"
-    assert f"resumed at iteration {saved}" in out
-    assert _tracker(save) == saved + 1
+    text = proc.communicate(timeout=300)[0]
+    out["sigkill"] = {
+        "victims": len(victims),
+        "rc": proc.returncode,
+        "seconds": time.time() - killed,
+        "text": text,
+        "tracker": _tracker(save),
+    }
+
+    proc = _launch(_args(synthetic, save, logs[2], train_iters=100000, save_interval=50))
+    _wait_for_iterations(proc, logs[2], 2)
+    workers = _workers(proc)
+    out["workers"] = len(workers)
+    sigterm([proc.pid, *workers], proc, "sigterm_all", logs[2])
+    return save, out
+
+
+def test_sigterm_to_torchrun_after_a_save_saves_completely_and_exits_0(chain):
+    save, out = chain
+    phase = out["sigterm_torchrun"]
+    assert out["sigterm_saved_before"] >= 2
+    assert phase["rc"] == 0, phase["text"][-4000:]
+    assert phase["seconds"] < 120
+    assert "SIGTERM: all 2 worker(s) of this node exited 0" in phase["text"]
+    assert phase["tracker"] == phase["last_logged"], phase
+    assert not phase["left"]
+    _complete(save, phase["tracker"])
+
+
+def test_sigkill_of_ranks_fails_the_launch_in_bounded_time_and_the_checkpoint_resumes(chain):
+    save, out = chain
+    kill, seed = out["sigkill"], out["seed"]
+    assert f"resumed at iteration {out['sigterm_torchrun']['tracker']}" in kill["text"], seed
+    assert kill["rc"] not in (0, None), (seed, kill["text"][-3000:])
+    assert kill["seconds"] < 120, seed
+    _complete(save, kill["tracker"])
+    # The next launch resumes from the checkpoint the kill left.
+    assert f"resumed at iteration {kill['tracker']}" in out["sigterm_all"]["text"], seed
+
+
+def test_sigterm_to_torchrun_and_every_worker_saves_completely_and_exits_0(chain):
+    save, out = chain
+    phase = out["sigterm_all"]
+    assert out["workers"] == 2
+    assert phase["rc"] == 0, phase["text"][-4000:]
+    assert phase["seconds"] < 120
+    assert "SIGTERM: all 2 worker(s) of this node exited 0" in phase["text"]
+    assert phase["tracker"] == phase["last_logged"], phase
+    assert not phase["left"]
+    _complete(save, phase["tracker"])
