@@ -110,6 +110,16 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """`--pipeline-model-parallel-size`."""
 
+    def validate(self) -> ParallelConfig:
+        """Each size a positive integer; raises ValueError naming the flag."""
+        for flag, value in (
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        return self
+
 
 @dataclass
 class EmbeddingModelConfig:
@@ -137,11 +147,10 @@ class EmbeddingModelConfig:
             ("num_layers", m.num_layers),
             ("num_attention_heads", m.num_attention_heads),
             ("num_query_groups", m.num_query_groups),
-            ("--tensor-model-parallel-size", tp),
-            ("--pipeline-model-parallel-size", pp),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        par.validate()
         if m.mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {m.mask_type!r}")
         if m.attention_backend not in ATTENTION_BACKENDS:

@@ -227,12 +227,7 @@ class TrainingConfig:
                 f"--global-batch-size ({self.global_batch_size}) must be a multiple of "
                 f"--micro-batch-size ({self.micro_batch_size})"
             )
-        for flag, value in (
-            ("--tensor-model-parallel-size", self.model.parallel.tensor_model_parallel_size),
-            ("--pipeline-model-parallel-size", self.model.parallel.pipeline_model_parallel_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        self.model.parallel.validate()
         if self.pretrained_checkpoint or self.load:
             # The architecture will come from the checkpoint (`trainer._resolve_model_config`
             # checks the layout against it, naming its config file): here only what does not

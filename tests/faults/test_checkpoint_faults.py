@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,26 @@ def synthetic(tmp_path_factory):
     return write_synthetic_retrieval(
         tmp_path_factory.mktemp("syn"), num_topics=8, train_per_topic=12
     )
+
+
+def _error(kind, call, *args, **kwargs) -> str | None:
+    """The message of the `kind` error `call` raises, or None when it raises none."""
+    try:
+        call(*args, **kwargs)
+    except kind as err:
+        return str(err)
+    return None
+
+
+@contextmanager
+def _patched(owner, name: str, value):
+    """`owner.name = value` for the block (a fault injected into one call path)."""
+    real = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield real
+    finally:
+        setattr(owner, name, real)
 
 
 def _tracker(root: Path) -> int:
@@ -62,19 +83,16 @@ def _disk_full(data, tmp: Path, out: dict) -> None:
 
     root = tmp / "full"
     train(_cfg(data, train_iters=2, lr_decay_iters=10, save=str(root)))
-    real = filesystem_async._write_item
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    filesystem_async._write_item = no_space
-    try:
-        train(_cfg(data, train_iters=3, lr_decay_iters=10, save=str(root), load=str(root)))
-        out["disk_full"] = None
-    except CheckpointSaveError as err:
-        out["disk_full"] = str(err)
-    finally:
-        filesystem_async._write_item = real
+    with _patched(filesystem_async, "_write_item", no_space):
+        out["disk_full"] = _error(
+            CheckpointSaveError,
+            train,
+            _cfg(data, train_iters=3, lr_decay_iters=10, save=str(root), load=str(root)),
+        )
     out["disk_full_tracker"] = _tracker(root)
     out["disk_full_loads"] = _all_finite(root)
     out["disk_full_left"] = sorted(p.name for p in root.iterdir())
@@ -93,14 +111,11 @@ def _resave_killed_between_renames(data, tmp: Path, out: dict) -> None:
         if str(dst).endswith(checkpoint.REPLACED_SUFFIX):
             raise KeyboardInterrupt("killed between the renames (simulated)")
 
-    checkpoint.os.replace = killed_after_first_rename
-    try:
+    with _patched(checkpoint.os, "replace", killed_after_first_rename):
         # Another --save over the same folder re-saves iteration 2.
-        train(_cfg(data, train_iters=2, save=str(root), load=None))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        checkpoint.os.replace = real_replace
+        out["resave_killed"] = _error(
+            KeyboardInterrupt, train, _cfg(data, train_iters=2, save=str(root), load=None)
+        )
     out["resave_window"] = sorted(p.name for p in root.iterdir())
     out["resave_dir"] = checkpoint.iteration_dir(root, 2).name
     out["resave_loads"] = _all_finite(root)
@@ -113,7 +128,6 @@ def _nonfinite_grads(data, tmp: Path, out: dict) -> None:
     from megatron_nvembed.training.trainer import train
 
     root = tmp / "nonfinite"
-    original = contrastive.ContrastiveLoss.forward
     calls = {"n": 0}
 
     def nan_gradient_from_iteration_3(self, *args, **kwargs):
@@ -124,11 +138,9 @@ def _nonfinite_grads(data, tmp: Path, out: dict) -> None:
             loss = loss + 0.0 * torch.sqrt(loss - loss)
         return loss
 
-    contrastive.ContrastiveLoss.forward = nan_gradient_from_iteration_3
-    try:
+    forward = nan_gradient_from_iteration_3
+    with _patched(contrastive.ContrastiveLoss, "forward", forward) as original:
         result = train(_cfg(data, train_iters=4, save=str(root), save_interval=1))
-    finally:
-        contrastive.ContrastiveLoss.forward = original
     out["nonfinite_losses"] = result.losses
     out["nonfinite_skipped"] = result.skipped
     out["nonfinite_tracker"] = _tracker(root)
@@ -142,11 +154,11 @@ def _schedule_on_resume(data, tmp: Path, out: dict) -> None:
     root = tmp / "schedule"
     base = {"lr_decay_iters": 8, "save": str(root)}
     train(_cfg(data, train_iters=3, **base))
-    try:
-        train(_cfg(data, train_iters=4, lr=1e-4, min_lr=1e-5, load=str(root), **base))
-        out["schedule_refused"] = None
-    except ValueError as err:
-        out["schedule_refused"] = str(err)
+    out["schedule_refused"] = _error(
+        ValueError,
+        train,
+        _cfg(data, train_iters=4, lr=1e-4, min_lr=1e-5, load=str(root), **base),
+    )
     log = tmp / "override.jsonl"
     train(
         _cfg(
@@ -178,11 +190,11 @@ def _crafted_rng_file(data, tmp: Path, out: dict) -> None:
             return (Path.touch, (marker,))
 
     torch.save({"cpu": Payload()}, root / "iter_0000002" / "rng" / "rank_00000.pt")
-    try:
-        train(_cfg(data, train_iters=3, lr_decay_iters=6, save=str(root), load=str(root)))
-        out["crafted_rng"] = None
-    except ValueError as err:
-        out["crafted_rng"] = str(err)
+    out["crafted_rng"] = _error(
+        ValueError,
+        train,
+        _cfg(data, train_iters=3, lr_decay_iters=6, save=str(root), load=str(root)),
+    )
     out["crafted_rng_ran"] = marker.exists()
 
 
@@ -199,11 +211,8 @@ def _damaged_checkpoints(data, tmp: Path, out: dict) -> None:
         root = tmp / damage.__name__
         shutil.copytree(good, root)
         damage(root / "iter_0000002")
-        try:
-            train(_cfg(data, train_iters=3, lr_decay_iters=6, save=str(root), load=str(root)))
-            return None
-        except ValueError as err:
-            return str(err)
+        cfg = _cfg(data, train_iters=3, lr_decay_iters=6, save=str(root), load=str(root))
+        return _error(ValueError, train, cfg)
 
     def truncated_shard(folder):
         shard = sorted(folder.glob("*.distcp"))[0]
@@ -224,17 +233,10 @@ def _damaged_checkpoints(data, tmp: Path, out: dict) -> None:
     for damage in (truncated_shard, missing_metadata, truncated_rng, edited_num_layers):
         out[f"damaged_{damage.__name__}"] = resume(damage)
     # A layout the checkpoint's model cannot take is named with the checkpoint's config file.
-    try:
-        train(
-            _cfg(
-                data,
-                pretrained_checkpoint=str(good),
-                **{"model.parallel.tensor_model_parallel_size": 3},
-            )
-        )
-        out["damaged_tp"] = None
-    except ValueError as err:
-        out["damaged_tp"] = str(err)
+    layout = {"model.parallel.tensor_model_parallel_size": 3}
+    out["damaged_tp"] = _error(
+        ValueError, train, _cfg(data, pretrained_checkpoint=str(good), **layout)
+    )
 
 
 def _bad_record_before_the_model(data, tmp: Path, out: dict) -> None:
@@ -250,15 +252,14 @@ def _bad_record_before_the_model(data, tmp: Path, out: dict) -> None:
     bad = tmp / "train.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     built = []
-    real = trainer.build_training_model
-    trainer.build_training_model = lambda *a, **k: built.append(1) or real(*a, **k)
-    try:
-        trainer.train(_cfg({**data, "train": str(bad)}, save=str(tmp / "never")))
-        out["bad_record"] = None
-    except ValueError as err:
-        out["bad_record"] = str(err)
-    finally:
-        trainer.build_training_model = real
+
+    def counting_build(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    with _patched(trainer, "build_training_model", counting_build) as real:
+        cfg = _cfg({**data, "train": str(bad)}, save=str(tmp / "never"))
+        out["bad_record"] = _error(ValueError, trainer.train, cfg)
     out["bad_record_model_built"] = bool(built)
     out["bad_record_saved"] = (tmp / "never").exists()
 
@@ -299,6 +300,7 @@ def test_full_disk_names_the_folder_and_cause_and_keeps_the_previous_checkpoint(
 
 
 def test_resave_killed_between_renames_stays_loadable_and_is_repaired(faults):
+    assert faults["resave_killed"] == "killed between the renames (simulated)"
     assert "iter_0000002" not in faults["resave_window"]
     assert "iter_0000002.replaced" in faults["resave_window"]
     assert faults["resave_dir"] == "iter_0000002.replaced" and faults["resave_loads"]

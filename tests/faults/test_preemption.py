@@ -126,6 +126,17 @@ def _complete(save: Path, saved: int) -> None:
     assert len(list((folder / "rng").iterdir())) == 2
 
 
+def _saved_and_exited_0(save: Path, phase: dict) -> None:
+    """A SIGTERM phase: launcher exit 0 within 120 s after every worker did, a complete
+    checkpoint at the last logged iteration, no temporary folder."""
+    assert phase["rc"] == 0, phase["text"][-4000:]
+    assert phase["seconds"] < 120
+    assert "SIGTERM: all 2 worker(s) of this node exited 0" in phase["text"]
+    assert phase["tracker"] == phase["last_logged"], phase
+    assert not phase["left"]
+    _complete(save, phase["tracker"])
+
+
 @pytest.fixture(scope="module")
 def chain(synthetic, tmp_path_factory):
     """One job, three launches on one `--save` / `--load` folder (each launch costs the
@@ -195,12 +206,7 @@ def test_sigterm_to_torchrun_after_a_save_saves_completely_and_exits_0(chain):
     save, out = chain
     phase = out["sigterm_torchrun"]
     assert out["sigterm_saved_before"] >= 2
-    assert phase["rc"] == 0, phase["text"][-4000:]
-    assert phase["seconds"] < 120
-    assert "SIGTERM: all 2 worker(s) of this node exited 0" in phase["text"]
-    assert phase["tracker"] == phase["last_logged"], phase
-    assert not phase["left"]
-    _complete(save, phase["tracker"])
+    _saved_and_exited_0(save, phase)
 
 
 def test_sigkill_of_ranks_fails_the_launch_in_bounded_time_and_the_checkpoint_resumes(chain):
@@ -218,9 +224,4 @@ def test_sigterm_to_torchrun_and_every_worker_saves_completely_and_exits_0(chain
     save, out = chain
     phase = out["sigterm_all"]
     assert out["workers"] == 2
-    assert phase["rc"] == 0, phase["text"][-4000:]
-    assert phase["seconds"] < 120
-    assert "SIGTERM: all 2 worker(s) of this node exited 0" in phase["text"]
-    assert phase["tracker"] == phase["last_logged"], phase
-    assert not phase["left"]
-    _complete(save, phase["tracker"])
+    _saved_and_exited_0(save, phase)
