@@ -90,7 +90,6 @@ def main(argv=None) -> int:
     if embedder.is_main:
         if args.output:
             write_single_array(shards, args.output)
-            shutil.rmtree(folder)
         st = embedder.last_encode
         print(
             f"embedded {st.rows} texts ({st.computed_rows} computed now, "
@@ -99,7 +98,9 @@ def main(argv=None) -> int:
             f"wrote {args.output or args.output_dir}"
         )
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank is done with the shards (each opened them in encode_corpus)
+    if embedder.is_main and args.output:
+        shutil.rmtree(folder)
     return 0
 
 
