@@ -1,10 +1,12 @@
 """A conversion killed at a random moment (SIGKILL; the seed is printed, `FAULTS_SEED=N`
-replays it), then rerun: the rerun's output equals an uninterrupted run's, file for file, and
-nothing of the killed run is left beside it. import-hf stands for the three commands: they share
-the write-beside-then-swap routine (`conversion/convert.py`), whose refusals and overwrite are
-tested in tests/functional/test_conversion.py. (Mining, prepare_data and the
-corpus encoder have their own kill-and-rerun tests: tests/functional/test_mining.py,
-tests/unit/test_prepare_data.py, tests/functional/test_embed_tool.py.)
+replays it), then rerun with --overwrite: the rerun's output equals an uninterrupted run's, file
+for file, and nothing of the killed run is left beside it. Between the kill and the rerun the
+output is absent or already complete (a kill after the final rename), never partial.
+import-hf stands for the three commands: they share the write-beside-then-swap routine
+(`conversion/convert.py`), whose refusals and overwrite are tested in
+tests/functional/test_conversion.py. (Mining, prepare_data and the corpus encoder have their own
+kill-and-rerun tests: tests/functional/test_mining.py, tests/unit/test_prepare_data.py,
+tests/functional/test_embed_tool.py.)
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ def _killed_then_rerun(rng, seed, command, source, out_flag, straight: Path, out
     time.sleep(rng.uniform(0.2, 0.9) * duration)
     killed.kill()
     killed.communicate(timeout=60)
-    _finish(_convert(command, *source, out_flag, out))
+    # Whatever moment the kill hit, the output is absent or complete: a kill after the swap
+    # leaves the finished folder, and a user reruns with --overwrite to be sure.
+    assert not out.exists() or _files(out) == _files(straight), f"{command}, seed {seed}"
+    _finish(_convert(command, *source, out_flag, out, "--overwrite"))
     assert _files(out) == _files(straight), f"{command}, seed {seed}"
     left = sorted(p.name for p in out.parent.iterdir() if out.name in p.name)
     assert left == [out.name], (left, seed)
