@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.0"],
     "apex": ["apex"],
-    # PEFT adapters: model.lora.load_peft_adapters, and bench/train_step.py's baseline
+    # PEFT adapters: conversion.peft_adapters.load_peft_adapters, and bench/train_step.py's baseline
     "lora": ["peft>=0.13"],
     # tools/evaluate_mteb.py (FAISS: the top-k search of --beir-dir folders)
     "eval": ["mteb>=2.0", "faiss-cpu>=1.8"],

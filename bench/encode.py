@@ -23,6 +23,9 @@ Without `--model` a random-weight Mistral-layout decoder with the given sizes an
 tokenizer is built, imported (latent-attention head of the given size) and exported in fp32.
 """
 
+# Over 400 lines: two benchmarks (throughput against sentence-transformers, memory of mining and
+# evaluation against corpus size) that share their set-up and reporting.
+
 from __future__ import annotations
 
 import argparse

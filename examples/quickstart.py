@@ -20,6 +20,9 @@ the nDCG@10 of a random ranking (chance) and what the two stages' losses mean.
 Writes `$OUT_DIR/summary.json` with `ndcg_at_10_before`, `ndcg_at_10_after` and
 `ndcg_at_10_chance`.
 Run: bash examples/quickstart.sh   (or: python examples/quickstart.py --out-dir quickstart_out)
+
+One file over 400 lines on purpose: a user reads the whole recipe, data to evaluation, top to
+bottom.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Saving an iteration that already exists (a finished run relaunched onto the same
 the old folder aside as `iter_XXXXXXX.replaced` before the rename and deletes it after; readers
 fall back to it if a kill lands between the two renames, so there is never a moment without a
 loadable checkpoint. The shards are written by each rank's own process (`_writes_in_this_process`).
+
+Over 400 lines on purpose: saving, loading and the re-save fallback share one folder protocol
+(tracker, iteration folders, `.replaced`), which is easier to check in one file.
 """
 
 from __future__ import annotations

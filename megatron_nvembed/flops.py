@@ -1,7 +1,7 @@
 """Analytic FLOP count of one NV-Embed training step (forward + backward).
 
 Used by the training log (TFLOP/s per GPU and MFU from the real token lengths of every step) and
-by `bench/train_step.py` (which checks it against torch's FLOP counter with `--check-flops`).
+by `bench/train_step.py` (through the trainer's step statistics).
 
 Conventions (one multiply-add = 2 FLOPs; only matrix products are counted: norms, activations,
 softmax, RoPE, the embedding lookup, masked mean and the optimizer are left out):

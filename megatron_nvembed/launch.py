@@ -9,8 +9,8 @@ process per TP x PP shard; tests use it for every distributed check.
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -19,13 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_nvembed.logging_utils import quiet_known_noise
-
-
-def free_port() -> int:
-    """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_nvembed.parallel import destroy_parallel, free_port  # free_port: also re-exported
 
 
 def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
@@ -42,8 +36,11 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) ->
     try:
         fn(rank, world_size, *args)
     finally:
-        from megatron_nvembed.parallel import destroy_parallel
-
+        # Objects of `fn` left in reference cycles (torch DDP's reducer among them) are freed
+        # while their process group is alive: freed at interpreter exit, after the group is
+        # destroyed, a reducer aborts the process ("terminate called without an active
+        # exception").
+        gc.collect()
         destroy_parallel()
 
 

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 
 from megatron_nvembed.cpu_support import cpu_mode, enable_cpu_support, model_parallel_seed
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that was free a moment ago (a lone process's rendezvous,
+    and `launch.run_distributed`'s)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:
@@ -31,8 +40,6 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     timeout = datetime.timedelta(minutes=timeout_minutes)
     lone = os.environ.get("WORLD_SIZE", "1") == "1" and "TORCHELASTIC_RUN_ID" not in os.environ
     if lone:
-        from megatron_nvembed.launch import free_port
-
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{free_port()}",

@@ -24,6 +24,7 @@ on both stages' data. Layout and details: docs/ablations.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -93,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _evaluate_mteb_main():
+    """tools/evaluate_mteb.py's `main`, loaded from the file beside this one (for the in-process
+    evaluations of --nproc 1)."""
+    path = Path(__file__).resolve().with_name("evaluate_mteb.py")
+    spec = importlib.util.spec_from_file_location("evaluate_mteb", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: its classes can find their module
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -107,14 +119,20 @@ def main(argv=None) -> int:
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging()
-    from megatron_nvembed.evaluation import ablation as ab
+    from megatron_nvembed.ablation.bases import derive_mask_variant
+    from megatron_nvembed.ablation.cells import finish_cell
+    from megatron_nvembed.ablation.grid import parse_grid
+    from megatron_nvembed.ablation.local import run_local
+    from megatron_nvembed.ablation.plan import build_plan
+    from megatron_nvembed.ablation.report import collect
+    from megatron_nvembed.ablation.slurm import write_slurm
 
     if args.derive_mask:
-        ab.derive_mask_variant(*args.derive_mask)
+        derive_mask_variant(*args.derive_mask)
         print(f"wrote {args.derive_mask[1]}")
         return 0
     if args.finish_cell:
-        done = ab.finish_cell(*args.finish_cell)
+        done = finish_cell(*args.finish_cell)
         print(f"{done['cell']}: done (average {done['average']})")
         return 0
 
@@ -124,8 +142,8 @@ def main(argv=None) -> int:
         if args.nproc < 1:
             p.error(f"--nproc must be >= 1, got {args.nproc}")
         try:
-            grid = ab.parse_grid(args.grid)
-            plan = ab.build_plan(
+            grid = parse_grid(args.grid)
+            plan = build_plan(
                 out=out,
                 grid=grid,
                 recipe=args.recipe,
@@ -146,7 +164,7 @@ def main(argv=None) -> int:
                 p.error(f"--eval-beir {folder}: not a directory")
         print(f"{len(plan.cells)} cells: {', '.join(plan.cells)}", flush=True)
         if args.run == "slurm":
-            written = ab.write_slurm(
+            written = write_slurm(
                 plan,
                 nodes=args.slurm_nodes,
                 gpus_per_node=args.slurm_gpus_per_node,
@@ -155,8 +173,9 @@ def main(argv=None) -> int:
             )
             print(f"wrote {len(written)} scripts; submit with: bash {written[-1]}")
         else:
-            status = ab.run_local(plan, in_process_eval=not args.eval_subprocess)
-    rows = ab.collect(out)
+            eval_main = None if args.eval_subprocess else _evaluate_mteb_main()
+            status = run_local(plan, eval_main=eval_main)
+    rows = collect(out)
     written = ".csv, .png" if rows and (out / "ablation.png").is_file() else ".csv"
     print(f"collected {len(rows)} finished cells into {out / 'ablation.md'} ({written})")
     print((out / "ablation.md").read_text())

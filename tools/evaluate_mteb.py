@@ -30,6 +30,10 @@ result files) and the finished corpus shards (a run killed while encoding comput
 missing shards); without it everything is recomputed.
 """
 
+# Over 400 lines: the command line of every evaluation mode (mteb tasks, local BEIR folders,
+# checkpoint / HF / sentence-transformers models, data-parallel) with the checks of its flags
+# before any model is loaded; the work itself is the library's.
+
 from __future__ import annotations
 
 import argparse

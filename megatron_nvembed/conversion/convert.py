@@ -7,6 +7,9 @@ a failed conversion never leaves a half-written output. Weights are read with sa
 Output folders are checked before anything is read or computed (`check_conversion_paths`): an
 existing non-empty folder is replaced only with `overwrite=True` (`--overwrite`), and an output
 that is, holds or lies inside the conversion's source is always refused.
+
+Over 400 lines: import-hf, export-hf and merge-lora, which share the output checks and the
+write-beside-then-swap routine.
 """
 
 from __future__ import annotations
@@ -544,7 +547,7 @@ def merge_lora_checkpoint(
     Args:
         peft_dir: also write the adapters in PEFT's format (adapter_config.json +
             adapter_model.safetensors) for the model the LoRA run started from
-            (`model.lora.save_peft_adapters`).
+            (`conversion.peft_adapters.save_peft_adapters`).
         peft_base_model: with `peft_dir` (required): that base model as the adapters' users
             will load it, a hub id or a path (for target "nvembed" an `export-hf` of the
             checkpoint the LoRA run started from), recorded as `base_model_name_or_path`.
@@ -571,13 +574,9 @@ def merge_lora_checkpoint(
         read_lora,
         save_checkpoint,
     )
+    from megatron_nvembed.conversion.peft_adapters import check_peft_options, save_peft_adapters
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.model.lora import (
-        apply_lora,
-        check_peft_options,
-        merge_lora,
-        save_peft_adapters,
-    )
+    from megatron_nvembed.model.lora import apply_lora, merge_lora
 
     if peft_dir is not None:  # before the checkpoint is read
         peft_target = peft_target or "nvembed"

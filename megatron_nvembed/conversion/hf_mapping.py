@@ -1,17 +1,8 @@
 """Declarative map between transformers / NV-Embed state dicts and `NVEmbedModel` shards.
 
-One table names every parameter on both sides and the transform between them:
-
-| kind         | per TP rank r of t                                                         |
-|--------------|----------------------------------------------------------------------------|
-| `replicated` | the same tensor on every rank (norms, latents, row-parallel biases)        |
-| `column`     | rows r*n/t .. (r+1)*n/t (column-parallel weight or bias)                   |
-| `row`        | columns r*n/t .. (r+1)*n/t (row-parallel weight)                           |
-| `vocab`      | vocabulary rows, zero-padded (`config.padded_vocab_size`), split over t    |
-| `qkv`        | q, k, v interleaved per query group ([q heads of group g ; k_g ; v_g]),    |
-|              | then groups split over ranks                                               |
-| `pair`       | two stacked halves split separately: [first_r ; second_r]                  |
-|              | (SwiGLU gate/up, the head's K/V, GEGLU value/gate)                         |
+One table names every parameter on both sides and the transform kind between them (`replicated`,
+`column`, `row`, `vocab`, `qkv`, `pair`); the transforms themselves, full tensors <-> one TP
+rank's shard, are `megatron_nvembed.sharding`'s (its docstring tabulates the layouts).
 
 HF-side names are those of transformers' `MistralModel` / `LlamaModel` (no `model.` prefix) for the
 backbone and NV-Embed's `latent_attention_model.*` for the head; prefixes are arguments so that
@@ -27,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_nvembed.config import EmbeddingModelConfig, padded_vocab_size
+from megatron_nvembed.sharding import shard, unshard, uses_te_names
 
 
 @dataclass(frozen=True)
@@ -85,82 +77,6 @@ TE_RENAMES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms (full tensors <-> one TP rank's shard)
-# ---------------------------------------------------------------------------------------------
-
-
-def interleave_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int
-) -> torch.Tensor:
-    """[q; k; v] rows -> megatron-core's per-query-group layout [q_g heads ; k_g ; v_g] for g."""
-    h = q.shape[1:]
-    dh = q.shape[0] // num_heads
-    qg = q.reshape(num_groups, (num_heads // num_groups) * dh, *h)
-    kg = k.reshape(num_groups, dh, *h)
-    vg = v.reshape(num_groups, dh, *h)
-    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *h)
-
-
-def split_qkv(
-    qkv: torch.Tensor, num_heads: int, num_groups: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of `interleave_qkv`."""
-    h = qkv.shape[1:]
-    per_group = qkv.shape[0] // num_groups
-    heads_per_group = num_heads // num_groups
-    dh = per_group // (heads_per_group + 2)
-    g = qkv.reshape(num_groups, per_group, *h)
-    q, k, v = torch.split(g, [heads_per_group * dh, dh, dh], dim=1)
-    return q.reshape(-1, *h), k.reshape(-1, *h), v.reshape(-1, *h)
-
-
-def shard(kind: str, tensors: list[torch.Tensor], rank: int, size: int, **kw) -> torch.Tensor:
-    """The TP shard of rank `rank` of `size` for a rule of `kind` (full tensors in HF order)."""
-    if kind == "replicated":
-        return tensors[0]
-    if kind == "column":
-        return tensors[0].chunk(size, dim=0)[rank]
-    if kind == "row":
-        return tensors[0].chunk(size, dim=1)[rank]
-    if kind == "vocab":
-        full = tensors[0]
-        rows = padded_vocab_size(full.shape[0], size)
-        if rows != full.shape[0]:
-            pad = full.new_zeros(rows - full.shape[0], *full.shape[1:])
-            full = torch.cat([full, pad], dim=0)
-        return full.chunk(size, dim=0)[rank]
-    if kind == "qkv":
-        qkv = interleave_qkv(*tensors, kw["num_heads"], kw["num_groups"])
-        return qkv.chunk(size, dim=0)[rank]
-    if kind == "pair":
-        if len(tensors) == 1:  # one stacked tensor [first ; second]
-            tensors = list(tensors[0].chunk(2, dim=0))
-        first, second = tensors
-        return torch.cat([first.chunk(size, dim=0)[rank], second.chunk(size, dim=0)[rank]], dim=0)
-    raise ValueError(f"unknown transform kind {kind!r}")
-
-
-def unshard(kind: str, shards: list[torch.Tensor], n_hf: int, **kw) -> list[torch.Tensor]:
-    """Full HF tensors (as many as the rule names) from all TP shards, in rank order."""
-    if kind == "replicated":
-        return [shards[0]]
-    if kind == "column":
-        return [torch.cat(shards, dim=0)]
-    if kind == "row":
-        return [torch.cat(shards, dim=1)]
-    if kind == "vocab":
-        return [torch.cat(shards, dim=0)[: kw["vocab_size"]]]
-    if kind == "qkv":
-        return list(split_qkv(torch.cat(shards, dim=0), kw["num_heads"], kw["num_groups"]))
-    if kind == "pair":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        first = torch.cat([h[0] for h in halves], dim=0)
-        second = torch.cat([h[1] for h in halves], dim=0)
-        return [first, second] if n_hf == 2 else [torch.cat([first, second], dim=0)]
-    raise ValueError(f"unknown transform kind {kind!r}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Whole-model maps
 # ---------------------------------------------------------------------------------------------
 
@@ -211,7 +127,10 @@ def _hf_key(tagged: str, backbone_prefix: str, head_prefix: str) -> str:
 def _transform_kwargs(cfg: EmbeddingModelConfig) -> dict:
     m = cfg.model
     return dict(
-        num_heads=m.num_attention_heads, num_groups=m.num_query_groups, vocab_size=m.vocab_size
+        num_heads=m.num_attention_heads,
+        num_groups=m.num_query_groups,
+        vocab_size=m.vocab_size,
+        vocab_rows=padded_vocab_size(m.vocab_size, cfg.parallel.tensor_model_parallel_size),
     )
 
 
@@ -292,11 +211,6 @@ def megatron_to_hf(
             for tagged, tensor in zip(hf_names, full):
                 out[_hf_key(tagged, backbone_prefix, head_prefix)] = tensor.contiguous().clone()
     return out
-
-
-def uses_te_names(model: torch.nn.Module) -> bool:
-    """True when `model` has Transformer Engine parameter names (fused norms)."""
-    return any(n.endswith("linear_qkv.layer_norm_weight") for n, _ in model.named_parameters())
 
 
 def load_hf_into_model(

@@ -38,6 +38,9 @@ Only queries get an instruction: the `instruction` argument for all, else each r
 `instruction`, else its task's template; none with `use_instruction=False`. Input records need a
 `task` (or `instruction`) only when that instruction comes from the record; a record that lacks
 it stops the run before the teacher is loaded or anything is encoded.
+
+Over 400 lines: the mining pipeline's resumable phases (corpus shards, query chunks, search, the
+positive-aware filter) and their data-parallel write-out.
 """
 
 from __future__ import annotations

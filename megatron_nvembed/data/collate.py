@@ -4,7 +4,7 @@ Candidates are laid out [b, 1 + K]: position 0 is the sampled positive, then up 
 negatives. An absent negative (the record had fewer than K) is an empty text (BOS + EOS, two
 tokens, then padding) whose `candidate_mask` entry is False: the candidate tensors always have
 b * (1 + K) rows (as GradCache and pipeline schedules want fixed shapes) at the cost of a short
-row. Candidate ids are `megatron_nvembed.loss.sequence_hash` of each row's token ids, so equal
+row. Candidate ids are `megatron_nvembed.hashing.sequence_hash` of each row's token ids, so equal
 texts (a positive that is also another query's positive) get equal ids.
 """
 
@@ -19,6 +19,7 @@ from megatron_nvembed.data.blending import Slot
 from megatron_nvembed.data.records import Record
 from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
+from megatron_nvembed.hashing import sequence_hash
 
 
 @dataclass
@@ -34,7 +35,9 @@ class EmbeddingBatch:
     candidate_ids: torch.Tensor
     """[b, 1 + K] int64 hashes of the candidates' token ids (false-negative masking)."""
     in_batch: torch.Tensor
-    """[b] bool: this query may be scored against other queries' candidates."""
+    """[b] bool: the query's dataset allows in-batch negatives (its `in_batch_negatives` flag).
+    The stage switch is the loss's (`ContrastiveLossConfig.in_batch_negatives`), not folded in
+    here: a query meets other queries' candidates when both say so."""
     dataset_index: torch.Tensor
     """[b] int64."""
     truncated: int
@@ -61,7 +64,6 @@ def collate(
     num_negatives: int = 7,
     max_length: int = 512,
     dataset_in_batch: Sequence[bool] | None = None,
-    stage_in_batch: bool = True,
     pool_mask_convention: str = "nvembed",
     pad_to_multiple_of: int | None = 8,
 ) -> EmbeddingBatch:
@@ -74,7 +76,6 @@ def collate(
         num_negatives: K.
         max_length: token limit per text.
         dataset_in_batch: per dataset, whether its queries use in-batch negatives (default all).
-        stage_in_batch: the stage switch (stage 2 turns in-batch negatives off).
         pool_mask_convention: see `tokenize_for_embedding`.
         pad_to_multiple_of: see `tokenize_for_embedding`.
 
@@ -84,8 +85,6 @@ def collate(
     Raises:
         ValueError: an empty micro-batch, or a slot whose dataset has no `dataset_in_batch` flag.
     """
-    from megatron_nvembed.loss.contrastive import sequence_hash
-
     if not slots:
         raise ValueError("collate: empty micro-batch")
     if dataset_in_batch is not None and max(s.dataset for s in slots) >= len(dataset_in_batch):
@@ -121,7 +120,7 @@ def collate(
         candidates=c,
         candidate_mask=torch.tensor(present, dtype=torch.bool),
         candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, n),
-        in_batch=torch.tensor([stage_in_batch and bool(flags[s.dataset]) for s in slots]),
+        in_batch=torch.tensor([bool(flags[s.dataset]) for s in slots]),
         dataset_index=torch.tensor([s.dataset for s in slots], dtype=torch.long),
         truncated=cut_q + cut_c,
     )

@@ -14,6 +14,9 @@ A dataset's `in_batch_negatives` flag comes from, in order: the `in_batch_negati
 (a training config), the sidecar file `<path>.meta.json` (`{"in_batch_negatives": false}`), the
 records' own `in_batch_negatives` key (all records of a dataset must agree), else True. A sidecar
 that contradicts the records is an error.
+
+Over 400 lines: every input kind (JSONL, Parquet, folders, `datasets`) behind one validated
+record source with file-and-line errors.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ class BlendedEmbeddingData:
         global_batch_size, micro_batch_size, num_negatives, dp_rank, dp_size, seed,
             composition: as `BlendedSampler`.
         max_length, pad_to_multiple_of, pool_mask_convention: as `tokenize_for_embedding`.
-        stage_in_batch: the stage switch (False in stage 2: no in-batch negatives anywhere).
         names: display names of the datasets (default: the sources' `name` or their index).
 
     Raises:
@@ -50,7 +49,6 @@ class BlendedEmbeddingData:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 1234,
-        stage_in_batch: bool = True,
         pool_mask_convention: str = "nvembed",
         composition: str = "systematic",
         names: Sequence[str] | None = None,
@@ -74,7 +72,6 @@ class BlendedEmbeddingData:
             num_negatives=num_negatives,
             max_length=max_length,
             dataset_in_batch=self.in_batch,
-            stage_in_batch=stage_in_batch,
             pool_mask_convention=pool_mask_convention,
             pad_to_multiple_of=pad_to_multiple_of,
         )

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import torch
 
-# The one tokenizer loader (tokenizer.json read unchanged; see its module): it ships inside
-# exports too, so training, tools/embed.py, tools/evaluate_mteb.py and the exported model's
-# `encode` tokenise alike.
-from megatron_nvembed.conversion.hf_files.tokenization_nvembed import load_tokenizer  # noqa: F401
+# The one tokenizer loader (tokenizer.json read unchanged; see its module) and the one pad-token
+# rule: they ship inside exports too, so training, tools/embed.py, tools/evaluate_mteb.py and the
+# exported model's `encode` tokenise and pad alike.
+from megatron_nvembed.conversion.hf_files.tokenization_nvembed import (
+    load_tokenizer,  # noqa: F401 - re-exported
+    pad_token_id,
+)
 
 POOL_MASK_CONVENTIONS = ("nvembed", "exact")
 
@@ -75,9 +78,7 @@ def tokenize_for_embedding(
     rows = tokenizer(full, add_special_tokens=True)["input_ids"]
     truncated = sum(len(r) > max_length for r in rows)
     rows = [r[:max_length] for r in rows]
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     width = max(len(r) for r in rows)
     if pad_to_multiple_of:
         width = min(-(-width // pad_to_multiple_of) * pad_to_multiple_of, max_length)

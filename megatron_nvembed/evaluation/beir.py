@@ -22,6 +22,9 @@ Evaluating: `evaluate_embeddings` (query embeddings against corpus embeddings),
 `evaluate_beir` (any embedding function, corpus embeddings in memory) and
 `evaluate_beir_sharded` (an `evaluation.encoder.Embedder`; the corpus encoded in resumable
 shards split over the data-parallel ranks, the queries split over all ranks for the search).
+
+Over 400 lines: reading BEIR folders, the metrics and the corpus-scale run (sharded encoding,
+search) that produces them.
 """
 
 from __future__ import annotations

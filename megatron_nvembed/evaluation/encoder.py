@@ -25,6 +25,9 @@ Shared by `tools/embed.py`, `tools/evaluate_mteb.py`, BEIR evaluation and hard-n
   fp32.
 
 Embeddings are the model's raw outputs (no extra normalisation here).
+
+Over 400 lines: format detection and the three embedders (checkpoint, NV-Embed HF export,
+sentence-transformers) share one batching and data-parallel driver, kept beside them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.data.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,38 +52,6 @@ MAX_TOKENS_BY_DEVICE = {"cpu": 1024, "cuda": 16384}
 [rows, heads, tokens, latents] scores in cache: with the tiny test model on 2 cores 512-1536
 tokens ran 1.5-1.7x faster than 16384 (`bench/encode.py`, docs/retrieval.md); GPUs want large
 calls (raise it until the memory is used)."""
-
-
-def length_grouped_batches(
-    lengths: list[int], batch_size: int, max_tokens: int | None = None
-) -> list[list[int]]:
-    """Indices sorted by length, cut into batches of at most `batch_size` rows and, with
-    `max_tokens`, at most `max_tokens` padded tokens (rows x the batch's longest row; a row
-    longer than the budget goes alone).
-
-    Without a budget the order is ascending (stable) and every batch but the last is full; with
-    one it is descending, so the longest (most memory-hungry) batch runs first.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_tokens is None:
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
-        width = max(longest, lengths[i])
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens):
-            batches.append(current)
-            current, width = [], lengths[i]
-        current.append(i)
-        longest = width
-    if current:
-        batches.append(current)
-    return batches
 
 
 def token_lengths(

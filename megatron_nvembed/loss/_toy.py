@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_nvembed.loss.contrastive import sequence_hash
+from megatron_nvembed.hashing import sequence_hash
 
 
 class ToyEncoder(nn.Module):

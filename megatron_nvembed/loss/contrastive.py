@@ -4,8 +4,8 @@ Inputs per rank (b local queries, n = 1 + max hard negatives, d embedding width)
 - `query` [b, d] and `candidates` [b, n, d], L2-normalised by the pooling head, so a dot product
   is a cosine score; `candidates[:, 0]` is the positive.
 - `candidate_mask` [b, n] bool: False for absent hard negatives (ragged counts).
-- `in_batch` [b] bool: this query's dataset switch AND the stage switch.
-- `candidate_ids` [b, n] int64: `sequence_hash` of each candidate's token ids.
+- `in_batch` [b] bool: this query's dataset switch (the stage switch is `in_batch_negatives`).
+- `candidate_ids` [b, n] int64: `hashing.sequence_hash` of each candidate's token ids.
 
 Visibility rule. Query i always scores its own present candidates. If `in_batch[i]` is True (and
 in-batch negatives are on for the call), it also scores every present candidate -- positive and
@@ -28,13 +28,16 @@ equal local sizes `W / B = 1 / b`: the returned value is the plain local mean. W
 (in-batch off, or no group) the rank returns its local mean; DDP's average is then the global
 mean when local sizes are equal (the data sampler guarantees this). Either way, the DP-average of
 the returned values is the global-batch mean loss, which is what the training log reports.
+
+Over 400 lines on purpose: the config, the statistics record and the loss all implement the
+visibility rule above; split, the rule would be read in three places.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -42,9 +45,9 @@ from torch import nn
 
 from megatron_nvembed.logging_utils import get_logger, log_rank0
 from megatron_nvembed.loss.gather import (
-    _AllGatherWithGrad,
-    _gather_sizes,
-    _padded_all_gather,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    gather_row_counts,
     group_size,
 )
 
@@ -76,10 +79,10 @@ class ContrastiveLossConfig:
         Raises:
             ValueError: naming the offending field.
         """
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+        if not isinstance(self.temperature, int | float) or not self.temperature > 0:
             raise ValueError(f"temperature (--temperature) must be > 0, got {self.temperature!r}")
         m = self.false_negative_margin
-        if m is not None and not (isinstance(m, (int, float)) and 0.0 < m <= 1.0):
+        if m is not None and not (isinstance(m, int | float) and 0.0 < m <= 1.0):
             raise ValueError(f"false_negative_margin must be None or in (0, 1], got {m!r}")
         for name in ("in_batch_negatives", "mask_identical_positives"):
             if not isinstance(getattr(self, name), bool):
@@ -89,14 +92,18 @@ class ContrastiveLossConfig:
 
 @dataclass
 class ContrastiveStats:
-    """What one or more loss calls scored; feeds the per-iteration training log."""
+    """What one or more loss calls scored; feeds the per-iteration training log.
+
+    The per-query counts and (on CUDA) the gather timing stay on the device: nothing here reads
+    a device value back while the step runs. The properties below read them, which the trainer
+    does only when it logs (after the step's statistics reduction has synchronised).
+    """
 
     local_queries: int
     """Queries scored on this rank (summed over merged calls)."""
-    candidates_per_query_mean: float
-    """Candidates (positive included) each query's softmax ran over, mean over local queries."""
-    candidates_per_query_min: int
-    candidates_per_query_max: int
+    counts: torch.Tensor
+    """[3] float64 on the loss's device: (sum, min, max) over local queries of the candidates
+    (positive included) each query's softmax ran over."""
     pool_queries: int
     """Queries whose candidates formed the in-batch pool of one call (all DP ranks); 0 when no
     in-batch candidates were gathered."""
@@ -106,28 +113,51 @@ class ContrastiveStats:
     """Candidate embeddings received by the gather (pool_queries x n, summed over calls)."""
     gather_bytes: int
     """Bytes the gathers returned on this rank (embeddings + masks/ids), summed over calls."""
-    gather_seconds: float
-    """Wall time spent in the gathers, summed over calls."""
+    gather_timings: list = field(default_factory=list)
+    """One per gather: seconds (host clock; gloo is synchronous) or a pair of CUDA events."""
     calls: int = 1
     """Loss calls merged into this record (micro-batches without GradCache; 1 with it)."""
+
+    @property
+    def candidates_per_query_mean(self) -> float:
+        return float(self.counts[0]) / max(self.local_queries, 1)
+
+    @property
+    def candidates_per_query_min(self) -> int:
+        return int(self.counts[1]) if self.local_queries else 0
+
+    @property
+    def candidates_per_query_max(self) -> int:
+        return int(self.counts[2]) if self.local_queries else 0
+
+    @property
+    def gather_seconds(self) -> float:
+        """Time spent in the gathers, summed over calls (CUDA: between events around them)."""
+        return sum(
+            t if isinstance(t, float) else t[0].elapsed_time(t[1]) / 1e3
+            for t in self.gather_timings
+        )
 
     @staticmethod
     def merge(stats: Sequence[ContrastiveStats]) -> ContrastiveStats:
         """Combines the stats of several calls (e.g. one per micro-batch) into one record."""
         if not stats:
             raise ValueError("ContrastiveStats.merge needs at least one record")
-        q = sum(s.local_queries for s in stats)
-        mean = sum(s.candidates_per_query_mean * s.local_queries for s in stats) / max(q, 1)
+        present = [s.counts for s in stats if s.local_queries]
+        counts = stats[0].counts
+        if present:
+            stacked = torch.stack(present)  # [calls, 3]
+            counts = torch.stack(
+                [stacked[:, 0].sum(), stacked[:, 1].min(), stacked[:, 2].max()]
+            )  # [3]
         return ContrastiveStats(
-            local_queries=q,
-            candidates_per_query_mean=mean,
-            candidates_per_query_min=min(s.candidates_per_query_min for s in stats),
-            candidates_per_query_max=max(s.candidates_per_query_max for s in stats),
+            local_queries=sum(s.local_queries for s in stats),
+            counts=counts,
             pool_queries=max(s.pool_queries for s in stats),
             dp_size=max(s.dp_size for s in stats),
             gathered_embeddings=sum(s.gathered_embeddings for s in stats),
             gather_bytes=sum(s.gather_bytes for s in stats),
-            gather_seconds=sum(s.gather_seconds for s in stats),
+            gather_timings=[t for s in stats for t in s.gather_timings],
             calls=sum(s.calls for s in stats),
         )
 
@@ -179,8 +209,13 @@ def _check_inputs(query, candidates, candidate_mask, in_batch, candidate_ids) ->
         )
     if not query.is_floating_point() or not candidates.is_floating_point():
         raise ValueError("query and candidates must be floating-point embeddings")
-    if b and not bool(candidate_mask[:, 0].all()):
-        raise ValueError("every query needs its positive: candidate_mask[:, 0] must be all True")
+    if b:
+        # Checked where the mask lives, with no host round trip: on the CPU this raises at once,
+        # on a GPU it fails the stream (the error surfaces at the step's statistics read).
+        torch._assert_async(
+            candidate_mask[:, 0].all(),
+            "every query needs its positive: candidate_mask[:, 0] must be all True",
+        )
 
 
 def contrastive_loss(
@@ -191,7 +226,7 @@ def contrastive_loss(
     temperature: float = 0.02,
     in_batch: torch.Tensor | None = None,
     candidate_ids: torch.Tensor | None = None,
-    use_in_batch: bool = True,
+    in_batch_negatives: bool = True,
     false_negative_margin: float | None = None,
     mask_identical_positives: bool = True,
     group: dist.ProcessGroup | None = None,
@@ -206,8 +241,10 @@ def contrastive_loss(
         in_batch: [b] bool per-query switch (default: all True).
         candidate_ids: [b, n] int64 token-id hashes (`sequence_hash`); required when in-batch
             candidates are scored with `mask_identical_positives`.
-        use_in_batch: stage switch; False scores own candidates only and skips the gather. Must be
-            equal on every rank of `group` (it decides whether collectives run).
+        in_batch_negatives: the stage switch (`ContrastiveLossConfig.in_batch_negatives`, the
+            trainer's `--in-batch-negatives`; applied here only): False scores own candidates
+            only and skips the gather. Must be equal on every rank of `group` (it decides
+            whether collectives run).
         false_negative_margin: None, or m in (0, 1]: exclude negatives scoring above m x positive.
         mask_identical_positives: exclude in-batch candidates identical to the query's positive.
         group: the data-parallel group to gather candidates over (None: this process only). Every
@@ -217,15 +254,17 @@ def contrastive_loss(
         (loss scalar in the compute dtype (float32 or float64), ContrastiveStats).
 
     Raises:
-        ValueError: on inconsistent shapes, a missing positive, a bad temperature or margin, or
-            identical-positive masking requested without `candidate_ids`.
+        ValueError: on inconsistent shapes, a bad temperature or margin, or identical-positive
+            masking requested without `candidate_ids`.
+        RuntimeError: a query without its positive (`candidate_mask[:, 0]` False), checked on
+            the mask's device: at once on the CPU, at the next synchronisation on a GPU.
     """
     _check_inputs(query, candidates, candidate_mask, in_batch, candidate_ids)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if false_negative_margin is not None and not 0.0 < false_negative_margin <= 1.0:
         raise ValueError(f"false_negative_margin must be in (0, 1], got {false_negative_margin}")
-    if use_in_batch and mask_identical_positives and candidate_ids is None:
+    if in_batch_negatives and mask_identical_positives and candidate_ids is None:
         raise ValueError(
             "mask_identical_positives needs candidate_ids (sequence_hash of the candidates' "
             "token ids); pass them or set mask_identical_positives=False"
@@ -246,11 +285,11 @@ def contrastive_loss(
         own_keep[:, 1:] &= own[:, 1:].detach() <= false_negative_margin * pos
     logits, keeps = [own], [own_keep]
 
-    world = group_size(group) if use_in_batch else 1
-    pool_queries, gathered, gather_bytes, gather_seconds = 0, 0, 0, 0.0
+    world = group_size(group) if in_batch_negatives else 1
+    pool_queries, gathered, gather_bytes, timings = 0, 0, 0, []
     total_queries = b
-    if use_in_batch:
-        start = time.perf_counter()
+    if in_batch_negatives:
+        start = _clock(device)
         ids = candidate_ids if candidate_ids is not None else torch.zeros_like(candidate_mask)
         # Masks, switches and hashes travel together as one int64 tensor: one collective.
         meta = torch.cat(
@@ -258,14 +297,11 @@ def contrastive_loss(
         )  # [b, 2n + 1]
         flat = candidates.reshape(b * n, d)  # [b*n, d]
         if world > 1:
-            rank = dist.get_rank(group)  # rank within the DP group orders the concatenation
-            sizes = _gather_sizes(b, group, device)  # queries per rank
-            all_meta = _padded_all_gather(meta, group, sizes)  # [B, 2n + 1]
-            all_c = _AllGatherWithGrad.apply(flat, group, [s * n for s in sizes], rank)  # [B*n, d]
-            first = sum(sizes[:rank])  # global index of this rank's first query
-            if device.type == "cuda":  # time the transfer, not just its launch
-                torch.cuda.synchronize(device)
-            gather_seconds = time.perf_counter() - start
+            sizes = gather_row_counts(b, group, device)  # queries per rank: one exchange for both
+            all_meta = all_gather_no_grad(meta, group, sizes=sizes)  # [B, 2n + 1]
+            all_c, offset = all_gather_with_grad(flat, group, sizes=[s * n for s in sizes])
+            first = offset // n  # global index of this rank's first query; all_c is [B*n, d]
+            timings.append(_elapsed(start, device))
             gather_bytes = (
                 all_c.numel() * all_c.element_size() + all_meta.numel() * all_meta.element_size()
             )
@@ -297,19 +333,39 @@ def contrastive_loss(
         loss = per_query.sum() * (world / max(total_queries, 1))
     else:
         loss = per_query.sum() / max(b, 1)
-    counts = keep_all.sum(dim=1)  # [b] candidates each query was scored against
+    counts = keep_all.sum(dim=1).to(torch.float64)  # [b] candidates each query was scored against
+    if b:
+        summary = torch.stack([counts.sum(), counts.min(), counts.max()])  # [3], on the device
+    else:
+        summary = torch.zeros(3, dtype=torch.float64, device=device)
     stats = ContrastiveStats(
         local_queries=b,
-        candidates_per_query_mean=float(counts.float().mean()) if b else 0.0,
-        candidates_per_query_min=int(counts.min()) if b else 0,
-        candidates_per_query_max=int(counts.max()) if b else 0,
+        counts=summary,
         pool_queries=pool_queries,
         dp_size=world,
         gathered_embeddings=gathered if world > 1 else 0,
         gather_bytes=gather_bytes,
-        gather_seconds=gather_seconds,
+        gather_timings=timings,
     )
     return loss, stats
+
+
+def _clock(device: torch.device):
+    """A start mark: a recorded CUDA event on CUDA (no synchronisation), else the host clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed(start, device: torch.device):
+    """Seconds since `start` (host clock), or the (start, end) CUDA event pair read later."""
+    if device.type == "cuda":
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        return (start, end)
+    return time.perf_counter() - start
 
 
 class ContrastiveLoss(nn.Module):
@@ -360,7 +416,7 @@ class ContrastiveLoss(nn.Module):
             temperature=c.temperature,
             in_batch=in_batch,
             candidate_ids=candidate_ids,
-            use_in_batch=c.in_batch_negatives,
+            in_batch_negatives=c.in_batch_negatives,
             false_negative_margin=c.false_negative_margin,
             mask_identical_positives=c.mask_identical_positives,
             group=self.group,
@@ -379,42 +435,3 @@ class ContrastiveLoss(nn.Module):
         merged = ContrastiveStats.merge(self._pending)
         self._pending = []
         return merged
-
-
-def sequence_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Deterministic int64 hash of each row's real tokens, equal on every process and device.
-
-    Padding (attention_mask 0) is ignored wherever it sits, so the same text padded to different
-    widths hashes equal. Integer arithmetic only (wrapping int64), no Python `hash()`, so the
-    value does not depend on PYTHONHASHSEED.
-
-    Args:
-        input_ids: [m, s] token ids.
-        attention_mask: [m, s], 1 for real tokens.
-
-    Returns:
-        [m] int64. Equal token sequences hash equal; different ones collide with probability
-        about 2^-64 per pair (a collision only hides one in-batch negative).
-    """
-    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids and attention_mask must both be [m, s], got {tuple(input_ids.shape)} "
-            f"and {tuple(attention_mask.shape)}"
-        )
-    real = attention_mask.bool()
-    # Position of each real token among the real tokens of its row (padding may sit anywhere).
-    pos = torch.cumsum(real.long(), dim=1) - 1  # [m, s]
-    x = _mix64(input_ids.long() * 0x9E3779B1 + pos * 0x85EBCA77 + 1)  # [m, s] per-token words
-    x = torch.where(real, x, torch.zeros_like(x))
-    length = real.long().sum(dim=1)  # [m]
-    # A sum of position-keyed mixed words is order-sensitive (the position is inside the mix).
-    return _mix64(x.sum(dim=1) ^ length)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """A SplitMix64-style finaliser on wrapping int64 (arithmetic shifts masked to logical)."""
-    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
-    x = x * -7723592293110705685  # 0x94D049BB133111EB as signed int64
-    x = x ^ ((x >> 29) & 0x7FFFFFFFF)
-    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as signed int64
-    return x ^ ((x >> 32) & 0xFFFFFFFF)

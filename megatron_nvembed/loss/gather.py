@@ -27,7 +27,20 @@ def group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def _gather_sizes(rows: int, group: dist.ProcessGroup, device: torch.device) -> list[int]:
+def gather_row_counts(rows: int, group: dist.ProcessGroup, device: torch.device) -> list[int]:
+    """Every rank's row count, in rank order within `group` (one small all_gather).
+
+    A caller gathering several tensors whose row counts are proportional (e.g. b queries and
+    b x n candidates) exchanges the counts once and passes them as `sizes` to the gathers below.
+
+    Args:
+        rows: this rank's row count.
+        group: the process group (at least two ranks; callers check `group_size` first).
+        device: where the collective runs (the device of the tensors to gather).
+
+    Returns:
+        [n_0, n_1, ...] with one entry per rank of `group`.
+    """
     n = torch.tensor([rows], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, n, group=group)
@@ -61,13 +74,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def all_gather_with_grad(
-    x: torch.Tensor, group: dist.ProcessGroup | None
+    x: torch.Tensor, group: dist.ProcessGroup | None, *, sizes: list[int] | None = None
 ) -> tuple[torch.Tensor, int]:
     """Concatenates `x` from every rank of `group` along dim 0, differentiably.
 
     Args:
         x: [n_r, ...] this rank's rows (n_r may differ between ranks; trailing dims may not).
         group: the data-parallel group; None, or a group of one rank, is the identity.
+        sizes: every rank's row count (`gather_row_counts`), when the caller already has them;
+            None gathers them here.
 
     Returns:
         (gathered [sum_r n_r, ...] in rank order within `group`, offset of this rank's rows in it).
@@ -76,20 +91,25 @@ def all_gather_with_grad(
     if group_size(group) == 1:
         return x, 0
     rank = dist.get_rank(group)  # rank *within* the group: it orders the concatenation
-    sizes = _gather_sizes(x.shape[0], group, x.device)
+    if sizes is None:
+        sizes = gather_row_counts(x.shape[0], group, x.device)
     out = _AllGatherWithGrad.apply(x, group, sizes, rank)
     return out, sum(sizes[:rank])
 
 
-def all_gather_no_grad(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def all_gather_no_grad(
+    x: torch.Tensor, group: dist.ProcessGroup | None, *, sizes: list[int] | None = None
+) -> torch.Tensor:
     """Concatenation of `x` over `group` (rank order), for tensors that need no gradient.
 
-    Booleans travel as uint8 (gloo has no boolean collectives). Rows may differ between ranks.
+    Booleans travel as uint8 (gloo has no boolean collectives). Rows may differ between ranks;
+    `sizes` as in `all_gather_with_grad`.
     """
     if group_size(group) == 1:
         return x
     with torch.no_grad():
-        sizes = _gather_sizes(x.shape[0], group, x.device)
+        if sizes is None:
+            sizes = gather_row_counts(x.shape[0], group, x.device)
         if x.dtype == torch.bool:
             return _padded_all_gather(x.to(torch.uint8), group, sizes).bool()
         return _padded_all_gather(x, group, sizes)

@@ -8,65 +8,26 @@ the state it had in phase 1 (dropout masks replay exactly) and backpropagates th
 embedding gradients. Parameter gradients equal those of the uncached computation; the price is
 one extra forward per micro-batch.
 
-The pieces are usable on their own, for drivers that own the forward loop (a pipeline schedule):
-`RngReplay` records and replays generator states, `embedding_gradients` runs the loss on cached
-embeddings, and `surrogate_loss` turns cached gradients into a scalar whose backward delivers
-them, i.e. the "loss" to hand a pipeline schedule's last stage in phase 2. `grad_cache_step`
-composes them for the plain (no pipeline) case. See docs/loss.md for the pipeline recipe.
+`grad_cache_step` is the one routine: the trainer (megatron-core's pipeline schedules as its
+driver), the tests and the benchmark call it. It is built from `RngReplay` (records and replays
+generator states), `embedding_gradients` (the loss on cached embeddings) and `surrogate_loss` (a
+scalar whose backward delivers cached gradients: the phase-2 "loss" of a driver that can only
+backpropagate a scalar). A driver runs a step function over the micro-batches under
+megatron-core's schedule contract (`Driver`); `run_in_order` is the one for a model in one
+piece. See docs/loss.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-
-@dataclass
-class RngSnapshot:
-    """Generator states that dropout may draw from."""
-
-    cpu: torch.Tensor
-    cuda: torch.Tensor | None
-    tracker: dict[str, torch.Tensor] | None
-    """megatron-core's tensor-parallel RNG tracker states (dropout inside TP regions)."""
-
-
-def _megatron_tracker():
-    # Only if megatron-core is already in use: never import it from the loss package.
-    mod = sys.modules.get("megatron.core.tensor_parallel.random")
-    if mod is None or getattr(mod, "_CUDA_RNG_STATE_TRACKER", None) is None:
-        return None
-    return mod.get_cuda_rng_tracker()
-
-
-def capture_rng_state() -> RngSnapshot:
-    """The current CPU, CUDA (if initialised) and megatron tracker (if in use) generator states."""
-    cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = torch.cuda.get_rng_state()
-    tracker = _megatron_tracker()
-    states = None
-    if tracker is not None:
-        states = {k: v.clone() for k, v in tracker.get_states().items()}
-    return RngSnapshot(cpu=torch.get_rng_state(), cuda=cuda, tracker=states)
-
-
-def restore_rng_state(state: RngSnapshot) -> None:
-    """Sets every generator captured in `state` back to it."""
-    torch.set_rng_state(state.cpu)
-    if state.cuda is not None:
-        torch.cuda.set_rng_state(state.cuda)
-    if state.tracker is not None:
-        tracker = _megatron_tracker()
-        if tracker is None:
-            raise RuntimeError("megatron's RNG tracker was captured but is no longer available")
-        tracker.set_states({k: v.clone() for k, v in state.tracker.items()})
+from megatron_nvembed.rng import RngSnapshot, capture_rng_state, restore_rng_state
 
 
 class RngReplay:
@@ -163,86 +124,137 @@ def surrogate_loss(
     return total * scale
 
 
+StepFunction = Callable[[int, Any], tuple[torch.Tensor, Callable | None]]
+"""(index, micro-batch) -> (output, loss function of the output or None): one micro-batch's
+forward, in megatron-core's `forward_step_func` shape (the loss function returns
+`(loss, info dict)`)."""
+
+Driver = Callable[[StepFunction, Sequence[Any], bool], list]
+"""(step function, micro-batches, forward_only) -> what the last stage produced: runs the step
+function over the micro-batches in order with megatron-core's schedule contract. Forward-only,
+it returns the outputs; training, it backpropagates each micro-batch's loss divided by the
+number of micro-batches and returns the loss functions' info dicts. `run_in_order` is the
+driver of a model in one piece; the trainer's `ScheduleDriver` (training/step.py) runs
+megatron-core's pipeline schedules."""
+
+
+def run_in_order(
+    step_fn: StepFunction,
+    micro_batches: Sequence[Any],
+    forward_only: bool,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> list:
+    """The `Driver` of a model that is not split into pipeline stages.
+
+    Args:
+        no_sync: optional context-manager factory (e.g. DDP's `no_sync`), entered around every
+            micro-batch's training forward/backward but the last, so that gradients are reduced
+            across ranks once, after the last micro-batch.
+    """
+    out = []
+    m = len(micro_batches)
+    for i, mb in enumerate(micro_batches):
+        quiet = no_sync is not None and not forward_only and i < m - 1
+        with no_sync() if quiet else contextlib.nullcontext():
+            output, loss_of = step_fn(i, mb)
+            if forward_only or loss_of is None:
+                out.append(output)
+                continue
+            loss, info = loss_of(output)
+            (loss / m).backward()
+            out.append(info)
+    return out
+
+
 @dataclass
 class GradCacheResult:
     """What one `grad_cache_step` did."""
 
-    loss: torch.Tensor
-    """This rank's loss (detached), as `loss_fn` returned it."""
+    loss: torch.Tensor | None
+    """This rank's loss (detached) as `loss_fn` returned it; None off the last pipeline stage."""
     micro_batches: int
-    replay_max_diff: float
-    """Largest |phase-2 embedding - phase-1 embedding|; 0.0 when the forward replayed exactly
-    (anything else means randomness or nondeterminism the RNG capture does not cover, and the
-    gradients are those of slightly different embeddings)."""
-    embed_seconds: float
-    """Phase 1 (forwards without autograd)."""
-    loss_seconds: float
-    """Loss and embedding gradients (includes the cross-rank gather)."""
-    backward_seconds: float
-    """Phase 2 (forwards with autograd + backward)."""
+    replay_diff: torch.Tensor | None
+    """Largest |phase-2 embedding - phase-1 embedding| over the micro-batches (a 0-dim tensor,
+    left on the device: reading it is a host sync the training step does not do); None off the
+    last stage. 0 when the forward replayed exactly; anything else means randomness or
+    nondeterminism the RNG capture does not cover, and the gradients are those of slightly
+    different embeddings."""
+
+    @property
+    def replay_max_diff(self) -> float:
+        return 0.0 if self.replay_diff is None else float(self.replay_diff)
 
 
 def grad_cache_step(
-    encode_fn: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+    forward: Callable[[int, Any], torch.Tensor],
     micro_batches: Sequence[Any],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    sizes: Callable[[Any], tuple[int, int]],
+    drive: Driver = run_in_order,
+    last_stage: bool = True,
 ) -> GradCacheResult:
-    """One GradCache forward/backward over this rank's micro-batches; gradients land in `.grad`.
+    """One GradCache forward/backward over this rank's micro-batches; gradients land where the
+    driver's backward puts them (`.grad`, or DDP's buffers).
+
+    Phase 1 runs `forward` on every micro-batch through `drive` forward-only, recording the
+    generator states; the last stage computes `loss_fn` over all of this rank's embeddings and
+    the loss's gradient with respect to each; phase 2 replays every forward through `drive`
+    training, the last stage's loss being `surrogate_loss` of the cached gradients (scaled by the
+    micro-batch count, which the driver divides by).
 
     Args:
-        encode_fn: micro-batch -> (query embeddings [b_i, d], candidate embeddings [b_i, n, d]).
-            It is called twice per micro-batch (without, then with autograd).
+        forward: (index, micro-batch) -> rows [b_i + b_i * n, d]: its queries, then its
+            candidates query by query (the last stage's output; other stages return their
+            activations). Called twice per micro-batch, without then with autograd.
         micro_batches: this rank's micro-batches of the global batch, in order.
         loss_fn: (all queries [sum b_i, d], all candidates [sum b_i, n, d]) -> scalar loss; it
-            may gather across data-parallel ranks (pass the DP group to the loss).
-        no_sync: optional context-manager factory (e.g. DDP's `model.no_sync`), entered around
-            every micro-batch's phase-2 forward/backward but the last, so that gradients are
-            reduced across ranks once, after the last micro-batch.
+            may gather across data-parallel ranks (every rank calls it).
+        sizes: micro-batch -> (b_i queries, n candidates per query).
+        drive: runs a step function over the micro-batches (`Driver`).
+        last_stage: whether this process holds the last pipeline stage (the embeddings).
 
     Returns:
-        GradCacheResult (loss, replay check, phase timings).
+        GradCacheResult.
 
     Raises:
         ValueError: when `micro_batches` is empty.
     """
     if not micro_batches:
         raise ValueError("grad_cache_step needs at least one micro-batch")
+    m = len(micro_batches)
     rng = RngReplay()
-    t0 = time.perf_counter()
-    queries, candidates = [], []
+
+    def embed(i, mb):
+        rng.record(i)
+        return forward(i, mb), None
+
     with torch.no_grad():
-        for i, mb in enumerate(micro_batches):
-            rng.record(i)
-            q, c = encode_fn(mb)
-            queries.append(q)
-            candidates.append(c)
+        cached = drive(embed, micro_batches, True)
     rng.end_recording()
-    t1 = time.perf_counter()
-    loss, grads_q, grads_c = embedding_gradients(loss_fn, queries, candidates)
-    t2 = time.perf_counter()
-    replay_diff = 0.0
-    for i, mb in enumerate(micro_batches):
+    loss, grads, diff = None, [], None
+    if last_stage:
+        queries, candidates = [], []
+        for out, mb in zip(cached, micro_batches):
+            b, n = sizes(mb)
+            queries.append(out[:b])  # [b, d]
+            candidates.append(out[b:].reshape(b, n, -1))  # [b, n, d]
+        loss, grad_q, grad_c = embedding_gradients(loss_fn, queries, candidates)
+        grads = [torch.cat([q, c.flatten(0, 1)]) for q, c in zip(grad_q, grad_c)]  # as `forward`
+        del queries, candidates
+        diff = torch.zeros((), dtype=torch.float32)
+
+    def replay_loss(i, out):
+        nonlocal diff
+        with torch.no_grad():
+            gap = (out - cached[i]).abs().amax().float() if out.numel() else diff
+            diff = torch.maximum(diff.to(gap.device), gap)
+        cached[i] = None  # the phase-1 copy is not needed once replayed
+        return surrogate_loss([out], [grads[i]], scale=m), {}
+
+    def replay(i, mb):
         rng.replay(i)
-        last = i == len(micro_batches) - 1
-        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        with ctx:
-            q, c = encode_fn(mb)
-            with torch.no_grad():
-                replay_diff = max(
-                    replay_diff,
-                    float((q - queries[i]).abs().max()) if q.numel() else 0.0,
-                    float((c - candidates[i]).abs().max()) if c.numel() else 0.0,
-                )
-            torch.autograd.backward([q, c], [grads_q[i].to(q.dtype), grads_c[i].to(c.dtype)])
-        queries[i] = candidates[i] = None  # free the cached copy as soon as it is replayed
+        return forward(i, mb), partial(replay_loss, i)
+
+    drive(replay, micro_batches, False)
     rng.finish()
-    t3 = time.perf_counter()
-    return GradCacheResult(
-        loss=loss,
-        micro_batches=len(micro_batches),
-        replay_max_diff=replay_diff,
-        embed_seconds=t1 - t0,
-        loss_seconds=t2 - t1,
-        backward_seconds=t3 - t2,
-    )
+    return GradCacheResult(loss=loss, micro_batches=m, replay_diff=diff)

@@ -110,6 +110,7 @@ class NVEmbedModel(MegatronModule):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
+        layout: PackedLayout | None = None,
     ) -> torch.Tensor:
         """Backbone only (this stage's layers).
 
@@ -119,6 +120,8 @@ class NVEmbedModel(MegatronModule):
             segment_ids: [b, s] packed rows (see `megatron_nvembed.data.packing`): 0 = padding,
                 1..k = the k-th text of the row. Each text attends only to itself and its RoPE
                 positions restart at 0. None: one text per row.
+            layout: `packed_layout(segment_ids)` when the caller computed it already (the
+                trainer does, on the host, so the step reads nothing back from the device).
 
         Returns:
             [s, b, h]: this stage's output (after the final norm on the last stage). With
@@ -136,7 +139,7 @@ class NVEmbedModel(MegatronModule):
                     f"attention_mask {tuple(attention_mask.shape)}"
                 )
             if self.backend in THD_BACKENDS:
-                return self._encode_thd(input_ids, segment_ids)
+                return self._encode_thd(input_ids, segment_ids, layout)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
@@ -152,12 +155,14 @@ class NVEmbedModel(MegatronModule):
             rotary = rotary[:, 0, 0][positions.t()].unsqueeze(2)  # [s, b, 1, d]
         return self.decoder(hidden_states=decoder_input, attention_mask=mask, rotary_pos_emb=rotary)
 
-    def _encode_thd(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    def _encode_thd(
+        self, input_ids: torch.Tensor, segment_ids: torch.Tensor, layout: PackedLayout | None
+    ) -> torch.Tensor:
         """Packed rows as megatron-core's THD layout: the micro-batch's real tokens as one
         sequence [t, 1, h] with `cu_seqlens` marking the texts; the attention kernel attends
         within each text only (Transformer Engine's fused THD kernels, or `SDPAttention`'s
         varlen path) and RoPE restarts at each text. Padding is not computed at all."""
-        layout = packed_layout(segment_ids)
+        layout = layout or packed_layout(segment_ids)
         decoder_input = None
         if self.pre_process:
             tokens = input_ids[layout.rows, layout.cols].unsqueeze(0)  # [1, t]
@@ -185,6 +190,7 @@ class NVEmbedModel(MegatronModule):
         attention_mask: torch.Tensor,
         pool_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        layout: PackedLayout | None = None,
     ) -> torch.Tensor:
         """Embeds a batch.
 
@@ -196,12 +202,13 @@ class NVEmbedModel(MegatronModule):
             segment_ids: [b, s] packed rows (see `megatron_nvembed.data.packing.pack_batch`):
                 0 = padding, 1..k = the k-th text of the row, each text contiguous. None: one
                 text per row.
+            layout: `packed_layout(segment_ids)`, if computed already (see `encode_hidden`).
 
         Returns:
             [b, d] embeddings on the last pipeline stage ([n_texts, d] with `segment_ids`, in
             packed order: row-major by (row, segment)); [s, b, h] activations elsewhere.
         """
-        hidden = self.encode_hidden(input_ids, attention_mask, segment_ids)
+        hidden = self.encode_hidden(input_ids, attention_mask, segment_ids, layout)
         if not self.post_process:
             return hidden
         if pool_mask is None:
@@ -210,11 +217,13 @@ class NVEmbedModel(MegatronModule):
             if self.backend in THD_BACKENDS and getattr(self.pooling, "token_wise", False):
                 # Latent / mean / EOS pooling work token by token until the per-text mean:
                 # they pool the THD tokens as they are, so the head computes no padding either.
-                layout = packed_layout(segment_ids)
+                layout = layout or packed_layout(segment_ids)
                 ends = layout.cu_seqlens[1:].long() - 1
                 pool = pool_mask[layout.rows, layout.cols]
                 return self.pooling.forward_packed(hidden, layout.text, ends, pool)
-            hidden, attention_mask, pool_mask = unpack_hidden(hidden, segment_ids, pool_mask)
+            hidden, attention_mask, pool_mask = unpack_hidden(
+                hidden, segment_ids, pool_mask, layout
+            )
         return self.pooling(hidden, attention_mask, pool_mask)
 
 
@@ -237,6 +246,16 @@ class PackedLayout:
     max_len: int
     """Longest text."""
 
+    def to(self, device) -> PackedLayout:
+        """The same layout with its tensors on `device`."""
+        move = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return PackedLayout(
+            **{
+                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in move.items()
+            }
+        )
+
 
 def packed_layout(segment_ids: torch.Tensor) -> PackedLayout:
     """The token layout of packed rows (see `megatron_nvembed.data.packing`).
@@ -258,7 +277,10 @@ def packed_layout(segment_ids: torch.Tensor) -> PackedLayout:
 
 
 def unpack_hidden(
-    hidden: torch.Tensor, segment_ids: torch.Tensor, pool_mask: torch.Tensor
+    hidden: torch.Tensor,
+    segment_ids: torch.Tensor,
+    pool_mask: torch.Tensor,
+    layout: PackedLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed final states -> one right-padded row per text, for the pooling head.
 
@@ -267,12 +289,13 @@ def unpack_hidden(
             real tokens of the rows in row-major order).
         segment_ids: [b, s], 0 = padding, 1..k = the k-th text of the row (contiguous).
         pool_mask: [b, s] packed pool mask.
+        layout: `packed_layout(segment_ids)`, if computed already.
 
     Returns:
         hidden [max_len, n, h], attention_mask [n, max_len], pool_mask [n, max_len], with the n
         texts in packed order (row-major by (row, segment)); padding states are zero.
     """
-    layout = packed_layout(segment_ids)
+    layout = layout or packed_layout(segment_ids)
     t = layout.rows.numel()
     if hidden.shape[:2] == (t, 1):
         tokens = hidden[:, 0]  # THD (for one full row the two layouts coincide)

@@ -28,6 +28,7 @@ from megatron.core.utils import divide
 from torch import nn
 
 from megatron_nvembed.config import PoolingConfig
+from megatron_nvembed.sharding import shard
 
 
 def masked_mean(hidden_bsh: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
@@ -68,9 +69,11 @@ def segment_mean(
 
 
 def _finish(emb: torch.Tensor, normalize: bool) -> torch.Tensor:
-    # Normalise in fp32: bf16 norms of 4096-wide vectors lose several digits.
+    # Normalise in at least fp32: bf16 norms of 4096-wide vectors lose several digits (and a
+    # float64 model keeps float64).
     if normalize:
-        return F.normalize(emb.float(), p=2, dim=-1).to(emb.dtype)
+        wide = torch.promote_types(emb.dtype, torch.float32)
+        return F.normalize(emb.to(wide), p=2, dim=-1).to(emb.dtype)
     return emb
 
 
@@ -183,8 +186,6 @@ class AttentionPooling(MegatronModule):
         layout, so a fresh head is the same function at every TP size (megatron-core's CPU
         initialisation cuts the full weight into contiguous rows, which for these two layouts
         would depend on the TP size)."""
-        from megatron_nvembed.conversion.hf_mapping import shard
-
         tp = 1 if tp_group is None else tp_group.size()
         rank = 0 if tp_group is None else tp_group.rank()
         for layer in (self.to_kv, self.ff_in):

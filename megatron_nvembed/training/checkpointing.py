@@ -33,7 +33,7 @@ from megatron_nvembed.checkpoint import (
 )
 from megatron_nvembed.checkpoint_safety import load_rng_file
 from megatron_nvembed.logging_utils import get_logger, log_rank0
-from megatron_nvembed.loss.grad_cache import capture_rng_state, restore_rng_state
+from megatron_nvembed.rng import RngSnapshot, capture_rng_state, restore_rng_state
 
 logger = get_logger(__name__)
 TRAIN_STATE = "train_state.json"
@@ -169,8 +169,6 @@ def load_training_checkpoint(root, model, optimizer, scheduler, data, layout: di
     rng_path = _rng_file(iteration_dir(root, it), dist.get_rank())
     if state.get("layout") == layout and rng_path.is_file():
         saved = load_rng_file(rng_path)  # tensors only: a crafted file cannot run code
-        from megatron_nvembed.loss.grad_cache import RngSnapshot
-
         restore_rng_state(RngSnapshot(saved["cpu"], saved["cuda"], saved["tracker"]))
         log_rank0(logger, "resumed at iteration %d with every rank's RNG state", it)
     else:

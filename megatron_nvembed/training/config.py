@@ -156,6 +156,11 @@ class TrainingConfig:
                 "--length-bucket-size and --pack-sequences are two answers to padding; pick one "
                 "(packing removes more of it)"
             )
+        if self.length_bucket_size and self.model.parallel.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                "--length-bucket-size needs --pipeline-model-parallel-size 1 (a pipeline moves "
+                "each micro-batch as one tensor); use --pack-sequences with pipelines"
+            )
         if self.num_negatives < 0:
             raise ValueError(f"--num-negatives must be >= 0, got {self.num_negatives}")
         for flag, value in (
@@ -229,7 +234,7 @@ class TrainingConfig:
             )
         self.model.parallel.validate()
         if self.pretrained_checkpoint or self.load:
-            # The architecture will come from the checkpoint (`trainer._resolve_model_config`
+            # The architecture will come from the checkpoint (`setup.resolve_model_config`
             # checks the layout against it, naming its config file): here only what does not
             # depend on the layout.
             arch = copy.deepcopy(self.model)

@@ -1,7 +1,7 @@
 """Where the training scalars go: the JSON log (`--log-json`), TensorBoard (`--tensorboard-dir`)
 and Weights & Biases (`--wandb-project`).
 
-The loop builds one record per logged iteration (`trainer._log_record`) and one per validation
+The loop builds one record per logged iteration (`metrics.log_record`) and one per validation
 (`{"iteration", "eval": {set: metrics}}`); `Sinks.write(record, step)` hands that same record to
 every configured sink, so the JSON log, TensorBoard and W&B always carry the same values. A
 scalar's TensorBoard tag / W&B key is its JSON key, nested keys joined by "/"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
 from megatron_nvembed.evaluation.beir import MARGINS, evaluate_embeddings, load_beir
 from megatron_nvembed.logging_utils import SPEAKER, get_logger
@@ -50,10 +51,11 @@ class Validator:
         self.max_queries = None if cfg.eval_iters is None else cfg.eval_iters * cfg.eval_batch_size
 
     def _encode(self, texts: list[str], instruction: str) -> np.ndarray | None:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-grouped batches
+        # Length-grouped batches (characters stand in for tokens: no second tokenisation).
+        groups = length_grouped_batches([len(t) for t in texts], self.cfg.eval_batch_size)
+        order = [i for idx in groups for i in idx]
         batches = []
-        for start in range(0, len(order), self.cfg.eval_batch_size):
-            idx = order[start : start + self.cfg.eval_batch_size]
+        for idx in groups:
             enc, _ = tokenize_for_embedding(
                 self.tokenizer,
                 [texts[i] for i in idx],

@@ -21,6 +21,8 @@ positive across the rank boundary) directly.
 Run alone: pytest tests/distributed/test_loss_distributed.py
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -108,7 +110,12 @@ def _check_gather_primitive(rank):
 
 
 def _check_dp2(rank, world_size):
-    from megatron_nvembed.loss import ContrastiveLoss, ContrastiveLossConfig, grad_cache_step
+    from megatron_nvembed.loss import (
+        ContrastiveLoss,
+        ContrastiveLossConfig,
+        grad_cache_step,
+        run_in_order,
+    )
     from megatron_nvembed.loss._toy import encode, slice_batch, toy_batch
 
     _check_gather_primitive(rank)
@@ -149,17 +156,22 @@ def _check_dp2(rank, world_size):
     local = slice_batch(batch, 4 * rank, 4 * rank + 4)
     loss_mod = ContrastiveLoss(ContrastiveLossConfig(temperature=T), world, GLOBAL_B)
     result = grad_cache_step(
-        lambda mb: encode(ddp, mb),
+        lambda i, mb: _rows(*encode(ddp, mb)),
         [slice_batch(local, 0, 2), slice_batch(local, 2, 4)],
         lambda q, c: loss_mod(
             q, c, local["candidate_mask"], local["in_batch"], local["candidate_ids"]
         ),
-        no_sync=ddp.no_sync,
+        lambda mb: tuple(mb["c_ids"].shape[:2]),
+        drive=partial(run_in_order, no_sync=ddp.no_sync),
     )
     grads = {n: p.grad for n, p in model.named_parameters()}
     _assert_matches(_mean_over(result.loss.item(), world), grads, ref_loss, ref_grads, "GradCache")
     assert result.replay_max_diff == 0.0
     assert loss_mod.pop_stats().pool_queries == GLOBAL_B
+
+
+def _rows(q, c):  # [b, d], [b, n, d] -> [b + b * n, d], the rows grad_cache_step splits
+    return torch.cat([q, c.flatten(0, 1)])
 
 
 def _check_tp2_dp2(rank, world_size):
@@ -205,24 +217,19 @@ def _pp_rows(n_queries, n_cand, width, seed):
 
 
 def _check_pp2_grad_cache(rank, world_size):
-    from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
-
-    from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
-    from megatron_nvembed.loss import (
-        RngReplay,
-        contrastive_loss,
-        embedding_gradients,
-        surrogate_loss,
-    )
+    from megatron_nvembed.loss import contrastive_loss, grad_cache_step
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.rng import capture_rng_state
     from megatron_nvembed.testing import tiny_model_config
+    from megatron_nvembed.training.step import ScheduleDriver
 
     pg = initialize_model_parallel(1, 2, seed=7)
     last = rank == 1
     cfg = tiny_model_config(pooling="latent", pp=2, num_layers=2)
     model = build_model(cfg, pg, params_dtype=torch.float64)
-    schedule = get_forward_backward_func(pp_size=2)
+    drive = ScheduleDriver([model], pp_size=2)  # the trainer's driver
+    assert capture_rng_state().tracker is not None, "megatron's RNG tracker is not captured"
     b, n, m = 8, 3, 4  # queries, candidates per query, micro-batches
     per = b // m
     rows = [_pp_rows(per, n, 10, seed=i) for i in range(m)]  # [per + per*n, 10] each
@@ -231,70 +238,36 @@ def _check_pp2_grad_cache(rank, world_size):
     in_batch = torch.tensor([True, True, False, True, True, True, True, True])
     ids = torch.arange(b * n).view(b, n)  # all texts distinct
 
-    def split(out, k):  # [k + k*n, d] -> queries [k, d], candidates [k, n, d]
-        return out[:k], out[k:].view(k, n, -1)
-
     def loss_fn(q, c):
         return contrastive_loss(
             q, c, mask, temperature=T, in_batch=in_batch, candidate_ids=ids, group=None
         )[0]
 
-    def run(micro, forward_step, forward_only):
-        with cuda_allocations_on_cpu():
-            return schedule(
-                forward_step_func=forward_step,
-                data_iterator=iter(list(enumerate(micro))),
-                model=[model],
-                num_microbatches=len(micro),
-                seq_length=micro[0]["input_ids"].shape[1],
-                micro_batch_size=micro[0]["input_ids"].shape[0],
-                forward_only=forward_only,
-            )
+    def forward(i, mb):
+        return model(mb["input_ids"], mb["attention_mask"])
 
     # Direct: the whole batch is one pipeline micro-batch, every activation kept.
     whole = {k: torch.cat([r[k][:per] for r in rows] + [r[k][per:] for r in rows]) for k in rows[0]}
 
-    def direct_step(it, stage):
-        _, mb = next(it)
-        out = stage(mb["input_ids"], mb["attention_mask"])
-        return out, lambda o: (loss_fn(*split(o, b)), {})
+    def direct_step(i, mb):
+        return forward(i, mb), lambda o: (loss_fn(o[:b], o[b:].view(b, n, -1)), {})
 
-    run([whole], direct_step, forward_only=False)
+    drive(direct_step, [whole], False)
     ref = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    # GradCache phase 1: forward-only schedule, generator state recorded per micro-batch.
-    rng = RngReplay()
-
-    def embed_step(it, stage):
-        i, mb = next(it)
-        rng.record(i)
-        return stage(mb["input_ids"], mb["attention_mask"]), None
-
-    with torch.no_grad():
-        outs = run(rows, embed_step, forward_only=True)
-    rng.end_recording()
-    if last:
-        parts = [split(o, per) for o in outs]
-        _, gq, gc = embedding_gradients(loss_fn, [p[0] for p in parts], [p[1] for p in parts])
-        grads = [torch.cat([gq[i], gc[i].reshape(per * n, -1)]) for i in range(m)]
-
-    # Phase 2: the training schedule replays each forward; the last stage backpropagates the
-    # cached gradients (scale m undoes the schedule's division by the micro-batch count).
-    def replay_step(it, stage):
-        i, mb = next(it)
-        rng.replay(i)
-        out = stage(mb["input_ids"], mb["attention_mask"])
-        return out, lambda o: (surrogate_loss([o], [grads[i]], scale=m), {})
-
-    run(rows, replay_step, forward_only=False)
-    rng.finish()
-    assert rng._states[0].tracker is not None, "megatron's RNG tracker was not captured"
+    # GradCache, the trainer's routine: phase 1 the forward-only schedule, phase 2 the 1F1B
+    # schedule with the cached gradients delivered through `surrogate_loss` on the last stage.
+    result = grad_cache_step(
+        forward, rows, loss_fn, lambda mb: (per, n), drive=drive, last_stage=last
+    )
     for k, p in model.named_parameters():
-        assert _rel(p.grad, ref[k]) <= RTOL, (
-            f"stage {rank}: grad of {k} differs ({_rel(p.grad, ref[k])})"
-        )
+        assert (
+            _rel(p.grad, ref[k]) <= RTOL
+        ), f"stage {rank}: grad of {k} differs ({_rel(p.grad, ref[k])})"
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+    if last:
+        assert result.replay_max_diff == 0.0 and result.loss is not None
 
 
 @pytest.mark.distributed

@@ -181,7 +181,8 @@ def _handoff_worker(rank, world, data, tmp):
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.training.recipes import get_recipe
-    from megatron_nvembed.training.trainer import _resolve_model_config, build_training_model, train
+    from megatron_nvembed.training.setup import build_training_model, resolve_model_config
+    from megatron_nvembed.training.trainer import train
 
     tmp = Path(tmp)
     stage1 = _cfg(data, save=str(tmp / "stage1"), **{"lora.rank": 4, "lora.alpha": 8.0})
@@ -194,7 +195,7 @@ def _handoff_worker(rank, world, data, tmp):
     stage2.save = str(tmp / "stage2")
     stage2.log_json = str(tmp / "stage2.jsonl")
     # The stage-2 model as training starts == the stage-1 result with its adapters merged.
-    model_cfg, _ = _resolve_model_config(stage2)
+    model_cfg, _ = resolve_model_config(stage2)
     pg = initialize_model_parallel(1, 1, seed=stage2.seed)
     fresh, lora = build_training_model(stage2, model_cfg, pg, resuming=False)
     merged = build_model(read_config(tmp / "stage1"), pg)
@@ -388,7 +389,8 @@ def _validation_worker(rank, world, data, tmp):
     from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
-    from megatron_nvembed.training.trainer import _load_tokenizer, train
+    from megatron_nvembed.training.setup import load_tokenizer
+    from megatron_nvembed.training.trainer import train
 
     tmp = Path(tmp)
     cfg = _cfg(
@@ -406,7 +408,7 @@ def _validation_worker(rank, world, data, tmp):
     model = build_model(read_config(tmp / "ckpt"), pg)
     load_checkpoint(model, tmp / "ckpt")
     model.eval()
-    tok = _load_tokenizer(cfg, None)
+    tok = load_tokenizer(cfg, None)
     beir = load_beir(data["eval"])
 
     def embed(texts, instruction):

@@ -54,7 +54,7 @@ def _sinks_worker(rank, world, data, tmp):
         def emit(self, rec):
             lines.append(rec.getMessage())
 
-    trainer_log = logging.getLogger("megatron_nvembed.training.trainer")
+    trainer_log = logging.getLogger("megatron_nvembed.training")  # the loop and its log
     trainer_log.setLevel(logging.INFO)
     trainer_log.addHandler(Collect())
     batches: list[int] = []  # batches per embedding call: queries, corpus, per validation

@@ -1,5 +1,7 @@
 """`--pack-sequences` and `--length-bucket-size` in the training loop (CPU, gloo): packed and
-length-bucketed micro-batches train exactly as padded ones.
+length-bucketed micro-batches train exactly as padded ones, on both CPU attention backends
+(sdpa's THD rows, local's block-diagonal mask); and `train()` with GradCache equals `train()`
+without it where the two must agree (in-batch negatives off), losses and updated weights.
 
 Run alone: pytest tests/distributed/test_training_packing.py
 """
@@ -10,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_nvembed.testing import (
     run_distributed,
@@ -55,12 +58,50 @@ def _packing_worker(rank, world, data, tmp):
             result = train(_cfg(data, pack_sequences=pack, log_json=str(log), **extra))
             out[key] = result.losses
     packing.pack_batch = original
+    # The local backend (a block-diagonal mask instead of THD rows), packed and padded.
+    for pack in (False, True):
+        key = f"local_{'packed' if pack else 'padded'}"
+        cfg = _cfg(data, pack_sequences=pack, **{"model.model.attention_backend": "local"})
+        out[key] = train(cfg).losses
+    out.update(_grad_cache_and_direct(data))
     log = Path(tmp) / "dp2_direct_buckets.jsonl"
     result = train(_cfg(data, grad_cache=False, length_bucket_size=3, log_json=str(log)))
     out["dp2_direct_buckets"] = result.losses
     out["seen"] = seen
     if rank == world - 1:
         (Path(tmp) / "packing.json").write_text(json.dumps(out))
+
+
+def _grad_cache_and_direct(data) -> dict:
+    """Stage 2 (in-batch negatives off, so both paths score each query against the same
+    candidates) at DP=2 with 2 micro-batches per rank, trained with GradCache and without:
+    the losses of each run, and how far the updated weights of the two runs are apart."""
+    from megatron_nvembed.training import setup
+    from megatron_nvembed.training.trainer import train
+
+    real_build, runs, out = setup.build, {}, {}
+
+    def keeping(cfg):  # the run's model, and its weights before the first step
+        run = real_build(cfg)
+        runs[cfg.grad_cache] = (run, [p.detach().clone() for p in run.model.parameters()])
+        return run
+
+    setup.build = keeping
+    try:
+        for grad_cache in (True, False):
+            cfg = _cfg(data, grad_cache=grad_cache, in_batch=False)
+            assert cfg.global_batch_size // (cfg.micro_batch_size * 2) >= 2
+            out[f"stage2_grad_cache_{grad_cache}"] = train(cfg).losses
+    finally:
+        setup.build = real_build
+    (cached, start), (direct, _) = runs[True], runs[False]
+    pairs = list(zip(cached.model.parameters(), direct.model.parameters(), start))
+    out["stage2_weight_rel_diff"] = max(
+        float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b, _ in pairs
+    )
+    # the comparison is of trained weights, not of the initial ones
+    out["stage2_weights_moved"] = any(not torch.equal(b, w0) for _, b, w0 in pairs)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -137,16 +178,25 @@ def test_pack_sequences_logs_executed_tokens_and_the_same_model_flops(runs):
             assert flops_per_iteration(a) > 0
 
 
-def test_pack_sequences_flag_keeps_every_backend():
-    """Packing runs on every backend (THD on te / sdpa, a block mask on local): the flag leaves
-    the attention backend as asked."""
-    from megatron_nvembed.training.arguments import parse_args
-    from megatron_nvembed.training.trainer import _resolve_model_config
+def test_pack_sequences_trains_like_padding_on_each_cpu_backend(runs):
+    """The local backend (block-diagonal mask, padded rows; the runs above use sdpa's THD
+    rows) at DP=2 with GradCache: packed training logs the losses of padded training within
+    1e-5 relative over 3 steps."""
+    out = json.loads((runs / "packing.json").read_text())
+    for it in ("1", "2", "3"):
+        assert out["local_packed"][it] == pytest.approx(out["local_padded"][it], rel=1e-5), it
+    assert out["local_padded"]["2"] != pytest.approx(out["dp2_gradcache_padded"]["2"], rel=1e-12)
 
-    base = ["--recipe", "tiny", "--train-data", "x.jsonl", "--lora-rank", "0"]
-    assert parse_args(base).pack_sequences is False
-    for backend in ("te", "sdpa", "local", "auto"):
-        cfg = parse_args([*base, "--pack-sequences", "--attention-backend", backend])
-        assert cfg.pack_sequences is True
-        model_cfg, _ = _resolve_model_config(cfg)
-        assert model_cfg.model.attention_backend == backend
+
+def test_train_with_grad_cache_equals_direct_at_dp2_with_two_micro_batches(runs):
+    """`train()` itself, GradCache on and off, DP=2, 2 micro-batches per rank, in-batch
+    negatives off (stage 2: each query sees its own candidates on both paths): the same loss at
+    each of 3 steps (rel 1e-6) and the same updated weights (max |diff| / max |w| <= 1e-5 per
+    tensor; float32, the two paths sum in different orders)."""
+    out = json.loads((runs / "packing.json").read_text())
+    cached, direct = out["stage2_grad_cache_True"], out["stage2_grad_cache_False"]
+    assert sorted(cached) == ["1", "2", "3"]
+    for it in ("1", "2", "3"):
+        assert cached[it] == pytest.approx(direct[it], rel=1e-6), it
+    assert out["stage2_weights_moved"]
+    assert out["stage2_weight_rel_diff"] <= 1e-5

@@ -242,7 +242,7 @@ def _damaged_checkpoints(data, tmp: Path, out: dict) -> None:
 def _bad_record_before_the_model(data, tmp: Path, out: dict) -> None:
     """A record that would be sampled late (line 90 of 96) stops the run at open, naming its
     file and line, before the model is built."""
-    from megatron_nvembed.training import trainer
+    from megatron_nvembed.training import setup, trainer
 
     lines = Path(data["train"]).read_text().splitlines()
     record = json.loads(lines[89])
@@ -257,7 +257,7 @@ def _bad_record_before_the_model(data, tmp: Path, out: dict) -> None:
         built.append(1)
         return real(*args, **kwargs)
 
-    with _patched(trainer, "build_training_model", counting_build) as real:
+    with _patched(setup, "build_training_model", counting_build) as real:
         cfg = _cfg({**data, "train": str(bad)}, save=str(tmp / "never"))
         out["bad_record"] = _error(ValueError, trainer.train, cfg)
     out["bad_record_model_built"] = bool(built)

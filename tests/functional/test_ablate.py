@@ -26,7 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_nvembed.evaluation import ablation as ab
+from megatron_nvembed.ablation.bases import derive_mask_variant
+from megatron_nvembed.ablation.grid import MASKS, POOLINGS, SCHEDULES, cell_name, parse_grid
+from megatron_nvembed.ablation.plan import build_plan, combine_data
+from megatron_nvembed.ablation.steps import render_argv
+from megatron_nvembed.checkpoint import CONFIG_FILE, iteration_dir, latest_iteration
 
 pytest.importorskip("mteb")
 pytest.importorskip("matplotlib")
@@ -166,16 +170,14 @@ def test_slurm_writes_a_script_per_unfinished_cell(grid_run):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     sdir = out / "slurm"
     scripts = sorted(p.stem for p in sdir.glob("*.sbatch"))
-    expected = {
-        ab.cell_name(s, p, m) for s in ab.SCHEDULES for p in ab.POOLINGS for m in ab.MASKS
-    } - set(CELLS)
+    expected = {cell_name(s, p, m) for s in SCHEDULES for p in POOLINGS for m in MASKS} - set(CELLS)
     assert len(expected) == 20
     assert scripts == sorted([*expected, "bases"])
     submit = (sdir / "submit_all.sh").read_text()
     assert submit.count("--dependency=afterok:$BASES") == 20
     for path in [*sdir.glob("*.sbatch"), sdir / "submit_all.sh"]:
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
-    two = (sdir / f"{ab.cell_name('two-stage', 'eos', 'causal')}.sbatch").read_text()
+    two = (sdir / f"{cell_name('two-stage', 'eos', 'causal')}.sbatch").read_text()
     assert "#SBATCH --nodes=2" in two
     assert two.count("srun --kill-on-bad-exit=1 bash -c") == 2  # stage 1, stage 2
     assert "NODE_RANK=$SLURM_NODEID bash" in two and "examples/pretrain_nvembed.sh" in two
@@ -183,7 +185,13 @@ def test_slurm_writes_a_script_per_unfinished_cell(grid_run):
     assert "--stage 2" in two and "tools/evaluate_mteb.py" in two
     bases = (sdir / "bases.sbatch").read_text()
     assert bases.count("import-hf") == 4 and bases.count("--derive-mask") == 4
-    assert not (out / "cells" / ab.cell_name("two-stage", "eos", "causal") / "done.json").exists()
+    assert not (out / "cells" / cell_name("two-stage", "eos", "causal") / "done.json").exists()
+
+
+def _stored_config(checkpoint: Path) -> dict:
+    """The model config file of a checkpoint's latest iteration, as stored."""
+    path = iteration_dir(checkpoint, latest_iteration(checkpoint)) / CONFIG_FILE
+    return json.loads(path.read_text())
 
 
 @pytest.mark.functional
@@ -191,58 +199,57 @@ def test_mask_variant_matches_import_config(grid_run, tmp_path):
     out = grid_run["out"]
     src = out / "bases" / "mean_bidirectional"
     before = (src / "iter_0000000" / "nvembed_config.json").read_text()
-    ab.derive_mask_variant(src, tmp_path / "v", "causal")
+    derive_mask_variant(src, tmp_path / "v", "causal")
     assert (src / "iter_0000000" / "nvembed_config.json").read_text() == before
-    derived = ab.read_checkpoint_config(tmp_path / "v")
+    derived = _stored_config(tmp_path / "v")
     original = json.loads(before)
     assert derived["model"].pop("mask_type") == "causal"
     assert original["model"].pop("mask_type") == "bidirectional"
     assert derived == original
     # the grid's derived base is what the ablation trained from
-    assert ab.read_checkpoint_config(out / "bases" / "mean_causal")["model"]["mask_type"] == (
-        "causal"
-    )
+    assert _stored_config(out / "bases" / "mean_causal")["model"]["mask_type"] == "causal"
     # --base-checkpoint: the checkpoint itself for its mask, a mask variant for the other one
     kw = dict(recipe="tiny", stage1_data=["a"], stage2_data=[], eval_beir=["e"])
-    plan = ab.build_plan(
+    plan = build_plan(
         out=tmp_path / "o",
-        grid=ab.parse_grid(["pooling=mean", "schedule=single-stage-inbatch"]),
+        grid=parse_grid(["pooling=mean", "schedule=single-stage-inbatch"]),
         base_checkpoint=str(src),
         **kw,
     )
     assert plan.base_paths["mean_bidirectional"] == str(src.resolve())
     assert plan.bases["mean_bidirectional"] == []
     assert [s.kind for s in plan.bases["mean_causal"]] == ["derive"]
-    assert plan.bases["mean_causal"][0].argv[-3:] == [
+    derive = plan.bases["mean_causal"][0]
+    assert (derive.src, derive.dst, derive.mask) == (
         str(src.resolve()),
         str((tmp_path / "o" / "bases" / "mean_causal").resolve()),
         "causal",
-    ]
+    )
     with pytest.raises(ValueError, match="has 'mean' pooling; pooling \\['latent'\\] needs"):
-        ab.build_plan(
+        build_plan(
             out=tmp_path / "o",
-            grid=ab.parse_grid(["pooling=mean,latent", "schedule=single-stage-inbatch"]),
+            grid=parse_grid(["pooling=mean,latent", "schedule=single-stage-inbatch"]),
             base_checkpoint=str(src),
             **kw,
         )
 
 
 def test_grid_and_data_errors(tmp_path):
-    assert ab.parse_grid(["mask=causal"])["pooling"] == list(ab.POOLINGS)
-    assert ab.parse_grid(["pooling=latent,mean"])["pooling"] == ["mean", "latent"]
+    assert parse_grid(["mask=causal"])["pooling"] == list(POOLINGS)
+    assert parse_grid(["pooling=latent,mean"])["pooling"] == ["mean", "latent"]
     for bad in (["pooling=cls"], ["size=1"], ["mask=causal", "mask=causal"], ["pooling"]):
         with pytest.raises(ValueError, match="--grid"):
-            ab.parse_grid(bad)
-    assert ab.combine_data(["a", "b"], ["b", "c"]) == ["a", "b", "c"]
-    assert ab.combine_data(["1", "a", "3", "b"], ["c"]) == ["0.5", "a", "1.5", "b", "1.0", "c"]
-    kw = dict(out=tmp_path / "o", grid=ab.parse_grid([]), recipe="tiny", eval_beir=["e"])
+            parse_grid(bad)
+    assert combine_data(["a", "b"], ["b", "c"]) == ["a", "b", "c"]
+    assert combine_data(["1", "a", "3", "b"], ["c"]) == ["0.5", "a", "1.5", "b", "1.0", "c"]
+    kw = dict(out=tmp_path / "o", grid=parse_grid([]), recipe="tiny", eval_beir=["e"])
     with pytest.raises(ValueError, match="--base-hf .*no config.json"):
-        ab.build_plan(**kw, stage1_data=["a"], stage2_data=["b"], base_hf=str(tmp_path))
+        build_plan(**kw, stage1_data=["a"], stage2_data=["b"], base_hf=str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="two-stage needs --stage2-data"):
-        ab.build_plan(**kw, stage1_data=["a"], stage2_data=[], base_hf=str(tmp_path))
+        build_plan(**kw, stage1_data=["a"], stage2_data=[], base_hf=str(tmp_path))
     with pytest.raises(ValueError, match="--recipe 'nope' is unknown"):
-        ab.build_plan(
+        build_plan(
             **{**kw, "recipe": "nope"}, stage1_data=["a"], stage2_data=["b"], base_hf=str(tmp_path)
         )
 
@@ -250,9 +257,9 @@ def test_grid_and_data_errors(tmp_path):
 def test_schedule_commands(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    plan = ab.build_plan(
+    plan = build_plan(
         out=tmp_path / "out",
-        grid=ab.parse_grid(["pooling=eos", "mask=causal"]),
+        grid=parse_grid(["pooling=eos", "mask=causal"]),
         recipe="tiny_stage1",
         stage1_data=["0.25", "s1a.jsonl", "0.75", "s1b.jsonl"],
         stage2_data=["s2.jsonl"],
@@ -265,10 +272,15 @@ def test_schedule_commands(tmp_path):
     out = (tmp_path / "out").resolve()
     base = str(out / "bases" / "eos_causal")
     assert [s.kind for s in plan.bases["eos_causal"]] == ["import"]
-    assert plan.bases["eos_causal"][0].argv[-4:] == ["--pooling", "eos", "--mask-type", "causal"]
+    assert render_argv(plan.bases["eos_causal"][0])[-4:] == [
+        "--pooling",
+        "eos",
+        "--mask-type",
+        "causal",
+    ]
 
     def argv(cell, i):
-        return plan.cells[cell]["steps"][i]["argv"]
+        return render_argv(plan.cells[cell].steps[i])
 
     two = "two-stage_eos_causal"
     s1, s2, ev = argv(two, 0), argv(two, 1), argv(two, 2)

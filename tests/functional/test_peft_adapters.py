@@ -147,7 +147,7 @@ def lora_run(tmp_path_factory):
 def test_nvembed_adapters_reproduce_merged_export(lora_run):
     from peft import AutoPeftModel, PeftModel
 
-    from megatron_nvembed.model.lora import load_peft_adapters
+    from megatron_nvembed.conversion.peft_adapters import load_peft_adapters
 
     d, batch = lora_run["dir"], lora_run["batch"]
     config = json.loads((d / "adapters" / "adapter_config.json").read_text())
@@ -172,7 +172,7 @@ def test_mistral_adapters_reproduce_merged_backbone(lora_run):
     from safetensors import safe_open
     from transformers import MistralModel
 
-    from megatron_nvembed.model.lora import load_peft_adapters
+    from megatron_nvembed.conversion.peft_adapters import load_peft_adapters
 
     d, batch = lora_run["dir"], lora_run["batch"]
     with safe_open(str(d / "adapters_m" / "adapter_model.safetensors"), "pt") as f:
@@ -200,8 +200,9 @@ def test_mistral_adapters_reproduce_merged_backbone(lora_run):
 def _save_at_tp2(rank, world_size, lora_dir, out_dir, base_model):
     from megatron_nvembed.checkpoint import load_checkpoint, read_config, read_lora
     from megatron_nvembed.config import ParallelConfig
+    from megatron_nvembed.conversion.peft_adapters import save_peft_adapters
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.model.lora import apply_lora, save_peft_adapters
+    from megatron_nvembed.model.lora import apply_lora
     from megatron_nvembed.parallel import initialize_model_parallel
 
     pg = initialize_model_parallel(2, 1)
@@ -245,7 +246,7 @@ def test_mismatched_adapters_fail_loudly(lora_run, tmp_path):
     from transformers import MistralModel
 
     from megatron_nvembed.conversion.convert import merge_lora_checkpoint
-    from megatron_nvembed.model.lora import load_peft_adapters
+    from megatron_nvembed.conversion.peft_adapters import load_peft_adapters
 
     d, batch = lora_run["dir"], lora_run["batch"]
     plain = MistralModel.from_pretrained(d / "src").eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_nvembed.evaluation import ablation as ab
+from megatron_nvembed.ablation import report
 
 ROOT = Path(__file__).resolve().parents[2]
 CELL = "single-stage-no-inbatch_mean_bidirectional"
@@ -55,8 +55,8 @@ def _setup_extras() -> dict[str, list[str]]:
 
 
 def test_message_names_an_extra_that_brings_matplotlib():
-    names = re.findall(r"\.\[(\w+)\]", ab.PLOT_SKIPPED_MESSAGE)
-    assert len(names) == 1, ab.PLOT_SKIPPED_MESSAGE
+    names = re.findall(r"\.\[(\w+)\]", report.PLOT_SKIPPED_MESSAGE)
+    assert len(names) == 1, report.PLOT_SKIPPED_MESSAGE
     reqs = _setup_extras().get(names[0])
     assert reqs is not None, f"setup.py has no extra {names[0]!r}"
     assert any(re.match(r"matplotlib\b", r) for r in reqs), reqs
@@ -66,12 +66,12 @@ def test_collect_without_matplotlib_skips_the_plot_with_one_line(tmp_path, monke
     _finished_cell(tmp_path)
     (tmp_path / "ablation.png").write_bytes(b"a plot of an earlier collection")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert not ab.plotting_available()
+    assert not report.plotting_available()
 
-    rows = ab.collect(tmp_path)
+    rows = report.collect(tmp_path)
 
     assert [r["cell"] for r in rows] == [CELL]
-    assert capsys.readouterr().out.splitlines() == [ab.PLOT_SKIPPED_MESSAGE]
+    assert capsys.readouterr().out.splitlines() == [report.PLOT_SKIPPED_MESSAGE]
     table = (tmp_path / "ablation.md").read_text()
     assert "| mean | bidirectional | 50.00 | 50.00 | 50.00 |" in table
     assert (tmp_path / "ablation.csv").read_text().splitlines()[1].startswith(CELL + ",")
@@ -86,7 +86,7 @@ def test_ablate_collect_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert main(["--collect", "--out", str(tmp_path)]) == 0
 
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ab.PLOT_SKIPPED_MESSAGE
+    assert lines[0] == report.PLOT_SKIPPED_MESSAGE
     assert lines[1] == f"collected 1 finished cells into {tmp_path / 'ablation.md'} (.csv)"
     assert not (tmp_path / "ablation.png").exists()
 
@@ -95,7 +95,7 @@ def test_collect_with_matplotlib_writes_the_png_silently(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     _finished_cell(tmp_path)
 
-    ab.collect(tmp_path)
+    report.collect(tmp_path)
 
     assert capsys.readouterr().out == ""
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,6 +18,7 @@ Run alone: pytest tests/unit/test_contrastive_loss.py
 
 import contextlib
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from megatron_nvembed.loss import (
     ContrastiveStats,
     contrastive_loss,
     grad_cache_step,
+    run_in_order,
     sequence_hash,
     surrogate_loss,
 )
@@ -78,7 +80,7 @@ def _loop_reference(q, c, mask, in_batch, ids, margin=None, identical=True, t=T)
 def test_in_batch_off_equals_hand_computed_softmax():
     q, c = _unit(3, 4), _unit(3, 3, 4, seed=1)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    loss, stats = contrastive_loss(q, c, mask, temperature=T, use_in_batch=False)
+    loss, stats = contrastive_loss(q, c, mask, temperature=T, in_batch_negatives=False)
     want = []
     for i in range(3):
         s = [float(q[i] @ c[i, j]) for j in range(3) if mask[i, j]]
@@ -131,7 +133,7 @@ def test_false_negative_margin_drops_high_scoring_negatives():
     c = torch.tensor([[[0.8, 0.6], [0.9, 0.436], [0.1, 0.995]]], dtype=torch.float64)
     mask = torch.ones(1, 3, dtype=torch.bool)
     loss, stats = contrastive_loss(
-        q, c, mask, temperature=T, use_in_batch=False, false_negative_margin=0.95
+        q, c, mask, temperature=T, in_batch_negatives=False, false_negative_margin=0.95
     )
     # 0.9 > 0.95 * 0.8 = 0.76 is dropped; 0.1 is kept
     assert stats.candidates_per_query_max == 2
@@ -141,6 +143,7 @@ def test_false_negative_margin_drops_high_scoring_negatives():
 @pytest.mark.parametrize("margin", [None, 0.3])
 def test_all_rules_together_equal_loop_reference(margin):
     batch = toy_batch(8, 3, seed=5)
+    torch.manual_seed(1)  # weights under which the shared positive scores > 0 for both queries
     q, c = encode(ToyEncoder(), batch)
     loss, stats = contrastive_loss(
         q,
@@ -193,13 +196,27 @@ def test_low_precision_embeddings_are_scored_in_float32():
     assert qb.grad.dtype == torch.bfloat16 and torch.isfinite(qb.grad.float()).all()
 
 
+def _rows(q, c):  # [b, d], [b, n, d] -> [b + b * n, d], the layout grad_cache_step splits
+    return torch.cat([q, c.flatten(0, 1)])
+
+
+def _sizes(mb):
+    return tuple(mb["c_ids"].shape[:2])
+
+
 def _direct_or_cached(cached, micro, loss_fn, no_sync=None):
     torch.manual_seed(0)
     model = ToyEncoder(dropout=0.3)
     torch.manual_seed(123)
     result = None
     if cached:
-        result = grad_cache_step(lambda mb: encode(model, mb), micro, loss_fn, no_sync=no_sync)
+        result = grad_cache_step(
+            lambda i, mb: _rows(*encode(model, mb)),
+            micro,
+            loss_fn,
+            _sizes,
+            drive=partial(run_in_order, no_sync=no_sync),
+        )
         loss = result.loss
     else:
         parts = [encode(model, mb) for mb in micro]  # keeps every activation
@@ -247,15 +264,15 @@ def test_grad_cache_detects_randomness_it_cannot_replay():
     model = ToyEncoder()
     side = torch.Generator().manual_seed(0)  # not a generator GradCache captures
 
-    def encode_noisy(mb):
+    def encode_noisy(i, mb):
         q, c = encode(model, mb)
-        return q + 1e-3 * torch.rand(q.shape, generator=side, dtype=q.dtype), c
+        return _rows(q + 1e-3 * torch.rand(q.shape, generator=side, dtype=q.dtype), c)
 
     def loss_fn(q, c):
         return contrastive_loss(q, c, batch["candidate_mask"], mask_identical_positives=False)[0]
 
     micro = [slice_batch(batch, 0, 2), slice_batch(batch, 2, 4)]
-    assert grad_cache_step(encode_noisy, micro, loss_fn).replay_max_diff > 1e-5
+    assert grad_cache_step(encode_noisy, micro, loss_fn, _sizes).replay_max_diff > 1e-5
 
 
 def test_surrogate_loss_delivers_the_given_gradients():
@@ -304,11 +321,12 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="candidate_ids"):  # rule on, ids missing: never silent
         ContrastiveLoss(ContrastiveLossConfig())(q, c, mask)
     with pytest.raises(ValueError, match="candidate_mask"):
-        contrastive_loss(q, c, mask[:, :2], use_in_batch=False)
-    with pytest.raises(ValueError, match="positive"):
-        contrastive_loss(q, c, torch.zeros(2, 3, dtype=torch.bool), use_in_batch=False)
+        contrastive_loss(q, c, mask[:, :2], in_batch_negatives=False)
+    # checked on the device (no host read in the step): on the CPU it raises at once
+    with pytest.raises(RuntimeError, match="positive"):
+        contrastive_loss(q, c, torch.zeros(2, 3, dtype=torch.bool), in_batch_negatives=False)
     with pytest.raises(ValueError, match="query"):
-        contrastive_loss(q[:1], c, mask, use_in_batch=False)
+        contrastive_loss(q[:1], c, mask, in_batch_negatives=False)
     # stage 2 (in-batch off) needs no ids
     ContrastiveLoss(ContrastiveLossConfig(in_batch_negatives=False))(q, c, mask)
 

@@ -6,7 +6,9 @@
   own truncation (ids compared exactly); dynamic padding to the micro-batch's longest row rounded
   up to 8 and capped at `max_length`; the pool mask of both conventions on a hand-checked
   SentencePiece-style example, where the instruction's trailing "▁" merges into the first query
-  word; one instruction per text or one for all; bad arguments name the argument.
+  word; one instruction per text or one for all; bad arguments name the argument;
+- `pad_token_id`, the one pad-token rule: the tokenizer's pad token, else EOS, else None; rows
+  are padded with it.
 (The word-level hand-built layout checks are in test_tokenization.py.)
 
 Run alone: pytest tests/unit/test_data_tokenization.py
@@ -15,7 +17,7 @@ Run alone: pytest tests/unit/test_data_tokenization.py
 import pytest
 import torch
 
-from megatron_nvembed.data.tokenization import tokenize_for_embedding
+from megatron_nvembed.data.tokenization import pad_token_id, tokenize_for_embedding
 from megatron_nvembed.data.toy_tokenizer import build_toy_tokenizer
 
 INSTR = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
@@ -120,3 +122,18 @@ def test_instruction_per_text_and_errors(tok):
         tokenize_for_embedding(tok, ["a"], pad_to_multiple_of=0)
     with pytest.raises(ValueError, match="no texts"):
         tokenize_for_embedding(tok, [])
+
+
+def test_pad_token_falls_back_to_eos(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    def variant(**specials):
+        return PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, **specials)
+
+    no_pad = variant(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert no_pad.pad_token_id is None and pad_token_id(no_pad) == tok.eos_token_id
+    batch, _ = tokenize_for_embedding(no_pad, ["a cat", "a cat is an animal that purrs"])
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.eos_token_id).all()
+    own_pad = variant(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    assert pad_token_id(own_pad) == tok.unk_token_id  # a pad token of its own wins
+    assert pad_token_id(variant(unk_token="<unk>")) is None

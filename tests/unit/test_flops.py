@@ -1,8 +1,5 @@
 """megatron_nvembed/flops.py against hand counts (exact integer equality); the module imports
-nothing but the standard library, so this runs in well under a second.
-
-`python bench/train_step.py --check-flops` compares the same counter with
-torch.utils.flop_counter on the real models' training step (docs/benchmarks.md)."""
+nothing but the standard library, so this runs in well under a second."""
 
 from megatron_nvembed import flops
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.data.templates import get_task_definition
-from megatron_nvembed.evaluation.encoder import detect_model_format, length_grouped_batches
+from megatron_nvembed.evaluation.encoder import detect_model_format
 from megatron_nvembed.evaluation.mteb_eval import (
     CATEGORIES,
     MtebEncoder,

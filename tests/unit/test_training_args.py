@@ -88,13 +88,13 @@ def test_bad_settings_name_the_flag(argv, message):
 
 
 def test_lora_picks_sdpa_and_refuses_transformer_engine():
-    from megatron_nvembed.training.trainer import _resolve_model_config
+    from megatron_nvembed.training.setup import resolve_model_config
 
     cfg = parse_args(["--recipe", "tiny", "--train-data", "a", "--lora-rank", "4"])
-    model_cfg, _ = _resolve_model_config(cfg)
+    model_cfg, _ = resolve_model_config(cfg)
     assert model_cfg.model.attention_backend == "sdpa"
     cfg = parse_args(
         ["--recipe", "tiny", "--train-data", "a", "--lora-rank", "4", "--attention-backend", "te"]
     )
     with pytest.raises(ValueError, match="--attention-backend te with --lora-rank"):
-        _resolve_model_config(cfg)
+        resolve_model_config(cfg)

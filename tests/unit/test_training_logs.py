@@ -78,7 +78,7 @@ def test_sinks_get_the_same_record_and_all_close():
 
 
 def test_log_line_has_consumed_samples_elapsed_and_eta():
-    from megatron_nvembed.training.trainer import _log_line
+    from megatron_nvembed.training.metrics import log_line
 
     cfg = parse_args(["--recipe", "tiny", "--train-data", "a.jsonl", "--train-iters", "100"])
     record = {
@@ -98,7 +98,7 @@ def test_log_line_has_consumed_samples_elapsed_and_eta():
         "elapsed_s": 3725.4,
         "eta_s": 30.0,
     }
-    line = _log_line(record, None, cfg)
+    line = log_line(record, None, cfg)
     assert f"consumed samples {40 * cfg.global_batch_size}" in line
     assert "elapsed 1:02:05" in line and "ETA 0:00:30" in line
 

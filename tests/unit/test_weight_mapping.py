@@ -1,8 +1,9 @@
-"""The HF <-> Megatron weight map is bit-exact and its fused layouts are the ones megatron-core uses.
+"""The HF <-> Megatron weight map is bit-exact; its fused layouts are the ones megatron-core uses.
 
 Pure tensor tests (no process group): HF -> shards -> HF for every TP x PP split in
 {1, 2, 4} x {1, 2}, for the Mistral (no prefix), *ForCausalLM (`model.`) and NV-Embed
-(`embedding_model.` + `latent_attention_model.`) layouts; and hand-checked QKV / gate-up layouts.
+(`embedding_model.` + `latent_attention_model.`) layouts; and hand-checked QKV / gate-up /
+vocabulary-padding layouts of `megatron_nvembed.sharding`, the transforms the map applies.
 
 Run alone: pytest tests/unit/test_weight_mapping.py
 """
@@ -12,6 +13,7 @@ import itertools
 import pytest
 import torch
 
+from megatron_nvembed import sharding
 from megatron_nvembed.conversion import hf_mapping as hm
 from megatron_nvembed.testing import tiny_model_config
 
@@ -102,24 +104,31 @@ def test_qkv_layout_is_per_query_group():
     q = torch.tensor([[10.0], [11.0], [12.0], [13.0]])  # heads 0..3
     k = torch.tensor([[20.0], [21.0]])  # groups 0, 1
     v = torch.tensor([[30.0], [31.0]])
-    qkv = hm.interleave_qkv(q, k, v, num_heads=4, num_groups=2)
+    qkv = sharding.interleave_qkv(q, k, v, num_heads=4, num_groups=2)
     assert qkv.flatten().tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
     # TP=2: each rank holds whole query groups.
-    assert hm.shard("qkv", [q, k, v], 1, 2, num_heads=4, num_groups=2).flatten().tolist() == [
-        12,
-        13,
-        21,
-        31,
-    ]
+    rank1 = sharding.shard("qkv", [q, k, v], 1, 2, num_heads=4, num_groups=2)
+    assert rank1.flatten().tolist() == [12, 13, 21, 31]
 
 
 def test_pair_layout_splits_each_half():
     gate = torch.arange(4.0).view(4, 1)
     up = torch.arange(10.0, 14.0).view(4, 1)
-    assert hm.shard("pair", [gate, up], 0, 2).flatten().tolist() == [0, 1, 10, 11]
-    assert hm.shard("pair", [gate, up], 1, 2).flatten().tolist() == [2, 3, 12, 13]
+    assert sharding.shard("pair", [gate, up], 0, 2).flatten().tolist() == [0, 1, 10, 11]
+    assert sharding.shard("pair", [gate, up], 1, 2).flatten().tolist() == [2, 3, 12, 13]
     stacked = torch.cat([gate, up])  # NV-Embed stores [K ; V] and [value ; gate] stacked
-    assert torch.equal(hm.shard("pair", [stacked], 1, 2), hm.shard("pair", [gate, up], 1, 2))
+    assert torch.equal(
+        sharding.shard("pair", [stacked], 1, 2), sharding.shard("pair", [gate, up], 1, 2)
+    )
+
+
+def test_vocab_rows_are_padded_then_split_and_stripped_back():
+    full = torch.arange(5.0).view(5, 1)
+    parts = [sharding.shard("vocab", [full], r, 2, vocab_rows=8) for r in range(2)]
+    assert [p.flatten().tolist() for p in parts] == [[0, 1, 2, 3], [4, 0, 0, 0]]
+    assert torch.equal(sharding.unshard("vocab", parts, 1, vocab_size=5)[0], full)
+    with pytest.raises(ValueError, match="exceeds the 4 allocated"):
+        sharding.shard("vocab", [full], 0, 2, vocab_rows=4)
 
 
 def test_missing_key_is_named():

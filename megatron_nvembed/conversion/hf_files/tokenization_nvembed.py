@@ -86,6 +86,21 @@ def _llama_post_processor(tok: Tokenizer, bos: str, eos: str, add_bos: bool, add
     )
 
 
+def pad_token_id(tokenizer) -> int | None:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS.
+
+    Mistral / Llama tokenizers ship without a pad token and NV-Embed pads with EOS; the pad id
+    never reaches pooling or attention (the attention mask is 0 there). The one place this
+    fallback is decided: `load_tokenizer` sets it, and the training package pads with it.
+
+    Returns:
+        The id, or None when the tokenizer has neither a pad nor an EOS token.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id
+
+
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """Loads the tokenizer of a model folder for NV-Embed-style embedding.
 
@@ -124,6 +139,6 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
     )
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token_id = pad_token_id(tok)
     tok.name_or_path = name_or_path
     return tok

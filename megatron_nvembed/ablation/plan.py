@@ -1,0 +1,264 @@
+"""The plan of an ablation: every step of every base checkpoint and of every cell, as typed steps
+(`steps.py`), checked before anything runs.
+
+Per cell: the base checkpoint with the cell's pooling and mask (imported once per pooling, the
+other mask a mask variant), the training runs of its schedule and the evaluation of the final
+checkpoint. Schedules: `two-stage` (stage 1 on the stage-1 data, then stage 2 on the stage-2 data
+from its weights), `single-stage-inbatch` (the stage-1 recipe on all data) and
+`single-stage-no-inbatch` (the same with `--no-in-batch-negatives`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_nvembed.ablation.grid import Cell, base_name, cells
+from megatron_nvembed.ablation.steps import (
+    DeriveStep,
+    EvalStep,
+    ImportStep,
+    TrainStep,
+    step_record,
+)
+from megatron_nvembed.checkpoint import TRACKER, is_checkpoint_dir, read_config
+
+BaseStep = ImportStep | DeriveStep
+
+
+@dataclass
+class CellPlan:
+    """A cell with the steps that make it."""
+
+    cell: Cell
+    """The cell's grid values."""
+    recipe: str
+    """Training recipe without its stage suffix."""
+    base: str
+    """The base checkpoint folder its first training run starts from."""
+    steps: list[TrainStep | EvalStep]
+    """Training runs, then the evaluation."""
+    beir_sets: list[str]
+    """Names of the local BEIR sets it is evaluated on (columns of the report)."""
+
+    @property
+    def final_checkpoint(self) -> str:
+        return [s for s in self.steps if isinstance(s, TrainStep)][-1].save
+
+    def record(self) -> dict:
+        """The cell's plan.json: its settings and the command line of each step."""
+        return {
+            "cell": self.cell.name,
+            "schedule": self.cell.schedule,
+            "pooling": self.cell.pooling,
+            "mask": self.cell.mask,
+            "recipe": self.recipe,
+            "base": self.base,
+            "base_name": self.cell.base,
+            "final_checkpoint": self.final_checkpoint,
+            "beir_sets": self.beir_sets,
+            "steps": [step_record(s) for s in self.steps],
+        }
+
+
+@dataclass
+class Plan:
+    """Every step of a grid under one output folder."""
+
+    out: Path
+    """The grid's output folder (absolute)."""
+    recipe: str
+    """Training recipe without its stage suffix."""
+    nproc: int
+    """Processes per node of training and evaluation."""
+    bases: dict[str, list[BaseStep]]
+    """Base name -> the steps that make it, in order (empty: the given checkpoint itself)."""
+    base_paths: dict[str, str]
+    """Base name -> its checkpoint folder."""
+    cells: dict[str, CellPlan]
+    """Cell name -> its plan, in grid order."""
+
+
+def combine_data(stage1: Sequence[str], stage2: Sequence[str]) -> list[str]:
+    """The `--train-data` of the single-stage schedules: every dataset of both stages.
+
+    Args:
+        stage1, stage2: `--train-data` values (paths, or weight/path pairs) of the two stages.
+
+    Returns:
+        Paths only on both sides: the union of the paths (equal weights). Otherwise each side's
+        weights rescaled to sum to its number of datasets (a dataset weighs 1 on average, as in
+        an unweighted list), and the pairs of both sides concatenated.
+
+    Raises:
+        ValueError: naming `--train-data` on a malformed weight/path list.
+    """
+    from megatron_nvembed.data.loading import parse_data_paths
+
+    if not stage2:
+        return list(stage1)
+    if not (_weighted(stage1) or _weighted(stage2)):
+        return list(dict.fromkeys([*stage1, *stage2]))
+    out: list[str] = []
+    for tokens in (stage1, stage2):
+        pairs = parse_data_paths(list(tokens))
+        total = sum(w for w, _ in pairs)
+        out += [t for w, p in pairs for t in (repr(w * len(pairs) / total), p)]
+    return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _weighted(tokens: Sequence[str]) -> bool:
+    return bool(tokens) and _is_number(tokens[0])
+
+
+def _absolute_data(tokens: Sequence[str]) -> tuple[str, ...]:
+    """Data paths made absolute (the steps run from the repository root); weights and names
+    that are not local paths (`datasets` hub names) are kept."""
+    return tuple(
+        t if _is_number(t) or not Path(t).exists() else str(Path(t).resolve()) for t in tokens
+    )
+
+
+@dataclass(frozen=True)
+class _Data:
+    """`--train-data` values of the schedules (absolute paths)."""
+
+    stage1: tuple[str, ...]
+    stage2: tuple[str, ...]
+    both: tuple[str, ...]
+    """Both stages' data, for the single-stage schedules (`combine_data`)."""
+
+
+def _plan_bases(
+    out: Path, grid: Mapping[str, Sequence[str]], base_hf: str | None, base_checkpoint: str | None
+) -> tuple[dict[str, list[BaseStep]], dict[str, str]]:
+    """The steps of every base checkpoint: with `base_hf`, import-hf for the first mask of each
+    pooling and a mask variant of it for the other mask; with `base_checkpoint`, the checkpoint
+    itself for its mask and a mask variant of it for the other."""
+    bases: dict[str, list[BaseStep]] = {}
+    paths: dict[str, str] = {}
+    if base_checkpoint is not None:
+        ckpt = str(Path(base_checkpoint).resolve())
+        cfg = read_config(base_checkpoint)
+        wrong = [p for p in grid["pooling"] if p != cfg.pooling.type]
+        if wrong:
+            raise ValueError(
+                f"--base-checkpoint {base_checkpoint} has {cfg.pooling.type!r} pooling; pooling "
+                f"{wrong} needs a new head: use --base-hf, or --grid pooling={cfg.pooling.type}"
+            )
+    for pooling in grid["pooling"]:
+        for mask in grid["mask"]:
+            name = base_name(pooling, mask)
+            path = str(out / "bases" / name)
+            paths[name] = path
+            if base_checkpoint is not None:
+                if cfg.model.mask_type == mask:
+                    paths[name], bases[name] = ckpt, []
+                else:
+                    bases[name] = [DeriveStep(f"derive_{name}", ckpt, path, mask)]
+            elif mask == grid["mask"][0]:
+                hf_dir = str(Path(base_hf).resolve())
+                bases[name] = [ImportStep(f"import_{name}", hf_dir, path, pooling, mask)]
+            else:
+                first = bases[base_name(pooling, grid["mask"][0])]
+                bases[name] = [*first, DeriveStep(f"derive_{name}", first[0].output, path, mask)]
+    return bases, paths
+
+
+def _train_steps(
+    cdir: Path, schedule: str, recipe: str, base: str, data: _Data, extra: tuple[str, ...]
+) -> list[TrainStep]:
+    """The training runs of a cell under its schedule, each saving into `cdir/<step name>`."""
+    if schedule == "two-stage":
+        one = TrainStep("stage1", recipe, 1, base, data.stage1, str(cdir / "stage1"), extra=extra)
+        two = TrainStep(
+            "stage2", recipe, 2, one.save, data.stage2, str(cdir / "stage2"), extra=extra
+        )
+        return [one, two]
+    in_batch = schedule == "single-stage-inbatch"
+    return [TrainStep("train", recipe, 1, base, data.both, str(cdir / "train"), in_batch, extra)]
+
+
+def build_plan(
+    *,
+    out: str | os.PathLike,
+    grid: Mapping[str, Sequence[str]],
+    recipe: str,
+    stage1_data: Sequence[str],
+    stage2_data: Sequence[str],
+    base_hf: str | None = None,
+    base_checkpoint: str | None = None,
+    eval_beir: Sequence[str] = (),
+    tasks: Sequence[str] = (),
+    instruction: str | None = None,
+    nproc: int = 1,
+    extra: Sequence[str] = (),
+) -> Plan:
+    """Every step of every base and cell of `grid`.
+
+    Args:
+        out: the grid's output folder.
+        grid: the selected axis values (`grid.parse_grid`).
+        recipe: training recipe, with or without its `_stage1` / `_stage2` suffix.
+        stage1_data, stage2_data: `--train-data` values of the two stages.
+        base_hf, base_checkpoint: exactly one: a transformers folder to import, or a checkpoint.
+        eval_beir, tasks, instruction: what each final checkpoint is evaluated on.
+        nproc: processes per node of training and evaluation.
+        extra: more training flags, given to every training run last.
+
+    Returns:
+        The plan; nothing is written.
+
+    Raises:
+        ValueError: naming the flag (missing data for a schedule, a base checkpoint whose pooling
+            differs from a selected pooling, an unknown recipe, nothing to evaluate, ...).
+        FileNotFoundError: `base_checkpoint` has no model config.
+    """
+    out = Path(out).resolve()
+    if (base_hf is None) == (base_checkpoint is None):
+        raise ValueError("give exactly one of --base-hf and --base-checkpoint")
+    if base_hf is not None and not (Path(base_hf) / "config.json").is_file():
+        raise ValueError(f"--base-hf {base_hf}: no config.json (not a transformers model folder)")
+    if base_checkpoint is not None and not is_checkpoint_dir(base_checkpoint):
+        raise ValueError(f"--base-checkpoint {base_checkpoint}: no {TRACKER} (not a checkpoint)")
+    if not stage1_data:
+        raise ValueError("--stage1-data is required")
+    if "two-stage" in grid["schedule"] and not stage2_data:
+        raise ValueError("schedule two-stage needs --stage2-data")
+    if not (eval_beir or tasks):
+        raise ValueError("nothing to evaluate: give --eval-beir and/or --tasks")
+    recipe = recipe.removesuffix("_stage1").removesuffix("_stage2")
+    from megatron_nvembed.training.recipes import get_recipe
+
+    get_recipe(recipe, 1)  # unknown recipe -> ValueError naming --recipe
+    stage1, stage2 = _absolute_data(stage1_data), _absolute_data(stage2_data)
+    data = _Data(stage1, stage2, tuple(combine_data(stage1, stage2)))
+    bases, base_paths = _plan_bases(out, grid, base_hf, base_checkpoint)
+    beir_dirs = tuple(str(Path(d).resolve()) for d in eval_beir)
+    plans = {}
+    for cell in cells(grid):
+        cdir = out / "cells" / cell.name
+        base = base_paths[cell.base]
+        steps: list[TrainStep | EvalStep] = []
+        steps += _train_steps(cdir, cell.schedule, recipe, base, data, tuple(extra))
+        evaluate = EvalStep(
+            model=steps[-1].save,
+            out=str(cdir / "eval"),
+            run_name=f"ablation/{cell.name}",
+            beir_dirs=beir_dirs,
+            tasks=tuple(tasks),
+            instruction=instruction,
+        )
+        beir_sets = [Path(d).name for d in beir_dirs]
+        plans[cell.name] = CellPlan(cell, recipe, base, [*steps, evaluate], beir_sets)
+    return Plan(out, recipe, nproc, bases, base_paths, plans)

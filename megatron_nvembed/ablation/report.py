@@ -1,0 +1,162 @@
+"""The report of a grid: `ablation.md` (the paper's Tables 2-4: one table per schedule, rows
+pooling x mask, scores x 100), `ablation.csv` (the same values unscaled, one row per cell) and
+`ablation.png` (grouped bars; needs matplotlib) from every finished cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from megatron_nvembed.ablation.cells import DONE_FILE, SUMMARY
+from megatron_nvembed.ablation.grid import order_key
+from megatron_nvembed.evaluation.mteb_eval import CATEGORIES  # the paper's column order
+from megatron_nvembed.fileio import write_atomic
+
+# matplotlib is optional: the `ablate` extra of setup.py brings it (with mteb for the evaluations).
+PLOT_SKIPPED_MESSAGE = (
+    "ablation.png skipped: matplotlib is not installed (pip install -e '.[ablate]' adds it)"
+)
+
+
+def load_results(out: str | os.PathLike) -> list[dict]:
+    """Every finished cell of `out`.
+
+    Returns:
+        Each cell's done.json with its evaluation summary.json under `eval`, in grid order
+        (schedule, pooling, mask).
+    """
+    rows = []
+    for done_path in sorted(Path(out).glob(f"cells/*/{DONE_FILE}")):
+        done = json.loads(done_path.read_text())
+        summary = json.loads((done_path.parent / SUMMARY).read_text())
+        rows.append({**done, "eval": summary})
+    return sorted(rows, key=order_key)
+
+
+def table_columns(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The categories with at least one task in some cell (paper order), and the local BEIR sets."""
+    cats = [
+        c
+        for c in CATEGORIES
+        if any(r["eval"]["categories"].get(c, {}).get("num_tasks") for r in rows)
+    ]
+    beir = list(dict.fromkeys(b for r in rows for b in r.get("beir_sets", [])))
+    return cats, beir
+
+
+def _values(row: dict, cats: list[str], beir: list[str]) -> list[float | None]:
+    ev = row["eval"]
+    vals = [ev["categories"].get(c, {}).get("average") for c in cats]
+    vals.append(ev["average"]["score"])
+    vals += [ev["tasks"].get(b, {}).get("ndcg_at_10") for b in beir]
+    return vals
+
+
+def render_csv(rows: list[dict]) -> str:
+    """`ablation.csv`: one row per cell, the summary.json values unscaled."""
+    cats, beir = table_columns(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    beir_cols = [f"ndcg_at_10:{b}" for b in beir]
+    w.writerow(["cell", "schedule", "pooling", "mask", *cats, "Average", *beir_cols])
+    for r in rows:
+        vals = ["" if v is None else repr(float(v)) for v in _values(r, cats, beir)]
+        w.writerow([r["cell"], r["schedule"], r["pooling"], r["mask"], *vals])
+    return buf.getvalue()
+
+
+def render_markdown(rows: list[dict]) -> str:
+    """`ablation.md`: the paper's Tables 2-4 layout: one table per schedule, rows pooling x mask,
+    MTEB category columns (scores x 100), then nDCG@10 per local BEIR set."""
+    cats, beir = table_columns(rows)
+    lines = ["# Ablation: pooling x attention mask x training schedule", ""]
+    if not rows:
+        return "\n".join([*lines, "No finished cell yet.", ""])
+    lines.append(
+        "Scores x 100 from each cell's `eval/summary.json` (mteb main scores; category = mean of "
+        "its tasks, Average = mean over all tasks of the seven categories)."
+    )
+    head = ["Pooling", "Mask", *[f"{c} ({_ntasks(rows, c)})" for c in cats], "Average"]
+    head += [f"{b} nDCG@10" for b in beir]
+    for schedule in dict.fromkeys(r["schedule"] for r in rows):
+        lines += ["", f"## {schedule}", ""]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for r in rows:
+            if r["schedule"] != schedule:
+                continue
+            vals = ["-" if v is None else f"{100 * v:.2f}" for v in _values(r, cats, beir)]
+            lines.append("| " + " | ".join([r["pooling"], r["mask"], *vals]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ntasks(rows: list[dict], cat: str) -> int:
+    return max(r["eval"]["categories"].get(cat, {}).get("num_tasks", 0) for r in rows)
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported (render_png needs it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def render_png(rows: list[dict]) -> bytes:
+    """`ablation.png`: grouped bars, one group per category (and Average), one bar per variant.
+
+    Raises:
+        ImportError: matplotlib is not installed (see plotting_available).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats, _ = table_columns(rows)
+    cols = [*cats, "Average"]
+    n = max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(max(7.0, len(cols) * (1.0 + 0.25 * n)), 4.5))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        vals = _values(r, cats, [])
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
+        ys = [float("nan") if v is None else 100 * v for v in vals]
+        ax.bar(xs, ys, width, label=f"{r['schedule']} / {r['pooling']} / {r['mask']}")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols)
+    ax.set_ylabel("score x 100")
+    ax.set_title("Ablation: category scores per variant")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def collect(out: str | os.PathLike) -> list[dict]:
+    """Writes OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png (each atomically) from every
+    finished cell. Without matplotlib the plot is skipped with a one-line message naming the
+    extra to install, and an ablation.png of an earlier collection is removed (it would disagree
+    with the new table).
+
+    Returns:
+        The rows (`load_results`).
+    """
+    out = Path(out)
+    rows = load_results(out)
+    write_atomic(out / "ablation.md", render_markdown(rows))
+    write_atomic(out / "ablation.csv", render_csv(rows))
+    if rows:
+        if plotting_available():
+            write_atomic(out / "ablation.png", render_png(rows))
+        else:
+            (out / "ablation.png").unlink(missing_ok=True)
+            print(PLOT_SKIPPED_MESSAGE, flush=True)
+    return rows

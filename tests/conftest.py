@@ -1,0 +1,18 @@
+"""Test tiers as markers: every test carries the marker of its folder (`unit`, `distributed`,
+`functional`, `gpu`, `faults`, `compat`), so `pytest -m unit` runs the fast tier and
+`pytest -m "not faults and not compat"` leaves out the slow ones. A test may carry more
+markers of its own (a functional test that starts gloo processes is also `distributed`)."""
+
+from pathlib import Path
+
+import pytest
+
+TIERS = ("unit", "distributed", "functional", "gpu", "faults", "compat")
+_ROOT = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(_ROOT).parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
