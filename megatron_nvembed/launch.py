@@ -9,7 +9,6 @@ process per TP x PP shard; tests use it for every distributed check.
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -36,11 +35,6 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) ->
     try:
         fn(rank, world_size, *args)
     finally:
-        # Objects of `fn` left in reference cycles (torch DDP's reducer among them) are freed
-        # while their process group is alive: freed at interpreter exit, after the group is
-        # destroyed, a reducer aborts the process ("terminate called without an active
-        # exception").
-        gc.collect()
         destroy_parallel()
 
 

@@ -6,7 +6,9 @@ receive the groups they need as arguments.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import os
 import socket
 
@@ -34,6 +36,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     """
     if dist.is_initialized():
         return
+    # Tools that open a group here (the encoder under torchrun) may end without closing it: a
+    # group left to interpreter exit can abort the process (SIGABRT) after its work succeeded.
+    atexit.register(destroy_parallel)
     backend = "gloo" if cpu_mode() else "nccl"
     if not cpu_mode():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -115,9 +120,16 @@ def data_parallel_group():
 
 def destroy_parallel() -> None:
     """Tears down megatron-core's model-parallel state (only if megatron-core was imported:
-    importing it costs seconds) and torch's default process group, if initialised."""
+    importing it costs seconds) and torch's default process group, if initialised. Safe to call
+    twice.
+
+    Objects left in reference cycles (torch DDP's reducer among them) are collected first, while
+    their process group is alive: freed at interpreter exit, after the group is destroyed, they
+    abort the process ("terminate called without an active exception").
+    """
     import sys
 
+    gc.collect()
     if "megatron.core.parallel_state" in sys.modules:
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
     if dist.is_initialized():
