@@ -108,15 +108,16 @@ def micro_batch(
         return cap if to_cap else bucket_width(max(len(t) for t, _ in texts), 8, cap)
 
     b = len(queries)
-    c = padded(passages, width(passages))
+    q, c = padded(queries, width(queries)), padded(passages, width(passages))
     return EmbeddingBatch(
-        query=padded(queries, width(queries)),
+        query=q,
         candidates=c,
         candidate_mask=torch.ones(b, len(passages) // b, dtype=torch.bool),
         candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, -1),
         in_batch=torch.ones(b, dtype=torch.bool),
         dataset_index=torch.zeros(b, dtype=torch.long),
         truncated=truncated,
+        query_ids=sequence_hash(q["input_ids"], q["attention_mask"]),
     )
 
 

@@ -369,6 +369,8 @@ def load_checkpoint(
             "num_attention_heads",
             "num_query_groups",
             "kv_channels",
+            "add_qkv_bias",
+            "qk_layernorm",
             "type",
             "num_latents",
             "num_heads",

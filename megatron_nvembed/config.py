@@ -7,6 +7,7 @@ raises `ValueError` naming the setting (as its command-line flag where there is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -38,7 +39,7 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 @dataclass
 class ModelConfig:
-    """The decoder backbone (Mistral/Llama family: RoPE, RMSNorm, SwiGLU, GQA)."""
+    """The decoder backbone (Mistral/Llama/Qwen2/Qwen3 family: RoPE, RMSNorm, SwiGLU, GQA)."""
 
     vocab_size: int = 32000
     """Tokenizer vocabulary size (padded internally to a multiple of the TP size)."""
@@ -56,8 +57,23 @@ class ModelConfig:
     """Head width; None means hidden_size // num_attention_heads."""
     rotary_base: float = 10000.0
     """RoPE theta."""
+    rope_scaling_factor: float | None = None
+    """Llama 3.x RoPE frequency scaling (transformers' `rope_type: llama3`): the factor that
+    low frequencies are divided by; None means plain RoPE (the three settings below unused)."""
+    rope_scaling_low_freq_factor: float = 1.0
+    """Llama 3.x scaling: wavelengths above original_max_position_embeddings / this are scaled."""
+    rope_scaling_high_freq_factor: float = 4.0
+    """Llama 3.x scaling: wavelengths below original_max_position_embeddings / this are kept;
+    those in between are interpolated."""
+    rope_scaling_original_max_position_embeddings: int = 8192
+    """Llama 3.x scaling: the context length the model was pre-trained with."""
     norm_epsilon: float = 1e-5
-    """RMSNorm epsilon."""
+    """RMSNorm epsilon (also of the per-head Q/K norms with `qk_layernorm`)."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2 / Qwen2.5); the output projection and
+    the MLP stay bias-free."""
+    qk_layernorm: bool = False
+    """RMSNorm over each head's width on the queries and keys, before RoPE (Qwen3)."""
     mask_type: MaskType = "bidirectional"
     """`bidirectional` (NV-Embed: causal mask removed) or `causal` (ablations)."""
     attention_backend: AttentionBackend = "auto"
@@ -79,6 +95,43 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    """The Llama 3.x RoPE scaling settings; raises ValueError naming the field."""
+    defaults = ModelConfig.__dataclass_fields__
+    others = (
+        "rope_scaling_low_freq_factor",
+        "rope_scaling_high_freq_factor",
+        "rope_scaling_original_max_position_embeddings",
+    )
+    if m.rope_scaling_factor is None:
+        for name in others:
+            if getattr(m, name) != defaults[name].default:
+                raise ValueError(
+                    f"{name} is set ({getattr(m, name)!r}) but rope_scaling_factor is None "
+                    "(no RoPE scaling): set rope_scaling_factor too, or leave it out"
+                )
+        return
+    for name in ("rope_scaling_factor", "rope_scaling_low_freq_factor"):
+        value = getattr(m, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    high = m.rope_scaling_high_freq_factor
+    if (
+        isinstance(high, bool)
+        or not isinstance(high, int | float)
+        or not high > m.rope_scaling_low_freq_factor
+    ):
+        raise ValueError(
+            f"rope_scaling_high_freq_factor must be a number > rope_scaling_low_freq_factor "
+            f"({m.rope_scaling_low_freq_factor}), got {high!r}"
+        )
+    orig = m.rope_scaling_original_max_position_embeddings
+    if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+        raise ValueError(
+            f"rope_scaling_original_max_position_embeddings must be an integer >= 1, got {orig!r}"
+        )
 
 
 @dataclass
@@ -151,6 +204,18 @@ class EmbeddingModelConfig:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         par.validate()
+        if m.kv_channels is not None and (
+            not isinstance(m.kv_channels, int)
+            or isinstance(m.kv_channels, bool)
+            or m.kv_channels < 1
+        ):
+            raise ValueError(
+                f"kv_channels must be a positive integer or None, got {m.kv_channels!r}"
+            )
+        for name, value in (("add_qkv_bias", m.add_qkv_bias), ("qk_layernorm", m.qk_layernorm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        _validate_rope_scaling(m)
         if m.mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {m.mask_type!r}")
         if m.attention_backend not in ATTENTION_BACKENDS:
@@ -228,3 +293,54 @@ class EmbeddingModelConfig:
                 raise ValueError(f"unknown key(s) in config section {key!r}: {sorted(bad)}")
             kwargs[key] = klass(**values)
         return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Matryoshka:
+    """Prefix widths and their weights (`--matryoshka-dims`, `--matryoshka-weights`)."""
+
+    dims: tuple[int, ...]
+    """Prefix widths, each in [1, embedding width]; distinct."""
+    weights: tuple[float, ...] = ()
+    """One weight per width, finite and > 0 (empty: 1.0 each)."""
+
+    def validate(self, width: int | None = None) -> Matryoshka:
+        """Checks the widths (against the embedding `width` when given) and weights; returns
+        self, with the default weights filled in.
+
+        Raises:
+            ValueError: naming --matryoshka-dims or --matryoshka-weights.
+        """
+        dims = tuple(self.dims)
+        if not dims:
+            raise ValueError("--matryoshka-dims needs at least one width")
+        for k in dims:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"--matryoshka-dims: widths must be integers >= 1, got {k!r}")
+            if width is not None and k > width:
+                raise ValueError(
+                    f"--matryoshka-dims: width {k} exceeds the embedding width {width}"
+                )
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"--matryoshka-dims: widths must be distinct, got {list(dims)}")
+        weights = tuple(self.weights) or (1.0,) * len(dims)
+        if len(weights) != len(dims):
+            raise ValueError(
+                f"--matryoshka-weights: {len(weights)} weight(s) for {len(dims)} width(s) in "
+                "--matryoshka-dims; give one per width"
+            )
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, int | float):
+                raise ValueError(f"--matryoshka-weights: weights must be numbers, got {w!r}")
+            if not (math.isfinite(w) and w > 0):
+                raise ValueError(f"--matryoshka-weights: weights must be finite and > 0, got {w}")
+        return Matryoshka(dims, tuple(float(w) for w in weights))
+
+    def terms(self) -> list[tuple[int, float]]:
+        """(width, weight) of every term of the loss."""
+        weights = self.weights or (1.0,) * len(self.dims)
+        return list(zip(self.dims, weights))
+
+
+BATCH_COMPOSITIONS = ("systematic", "multinomial", "homogeneous")
+"""How datasets make up a global batch (`--batch-composition`; `data/blending.py`)."""

@@ -23,10 +23,19 @@ from megatron_nvembed.conversion.hf_files.modeling_nvembed import (
 
 
 def mistral_config(cfg: EmbeddingModelConfig):
-    """A transformers `MistralConfig` with the backbone sizes of `cfg`."""
+    """A transformers `MistralConfig` with the backbone sizes of `cfg`.
+
+    Raises:
+        ValueError: a backbone feature MistralModel lacks (`add_qkv_bias`, `qk_layernorm`,
+            `rope_scaling_factor`); such backbones are compared with transformers' own
+            Qwen2Model / Qwen3Model / LlamaModel (`testing.tiny_hf_backbone`).
+    """
     from transformers import MistralConfig
 
     m = cfg.model
+    for name in ("add_qkv_bias", "qk_layernorm", "rope_scaling_factor"):
+        if getattr(m, name) not in (False, None):
+            raise ValueError(f"the Mistral reference has no {name} (set to {getattr(m, name)!r})")
     return MistralConfig(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,

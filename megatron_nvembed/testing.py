@@ -44,6 +44,78 @@ def tiny_model_config(
     )
 
 
+QWEN_KINDS = ("qwen2", "qwen3")
+TINY_HF_KINDS = ("qwen2", "qwen3", "llama3")
+"""Backbones of `tiny_hf_backbone`: Qwen2, Qwen3 and Llama 3.x (RoPE scaling of type llama3)."""
+LLAMA3_TINY_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+"""`tiny_hf_backbone("llama3")`'s scaling: with head width 16 and theta 1e6, the frequencies
+fall in all three of the scaling's bands (kept, interpolated, divided by the factor)."""
+
+
+def tiny_hf_backbone(
+    kind: str,
+    num_layers: int = 2,
+    vocab_size: int = 101,
+    seed: int = 0,
+    num_key_value_heads: int = 2,
+):
+    """A tiny random transformers `Qwen2Model` (Q/K/V biases), `Qwen3Model` (per-head Q/K
+    RMSNorm, head_dim 24 != hidden 64 / 4 heads) or `LlamaModel` with Llama 3.x RoPE scaling
+    (`LLAMA3_TINY_ROPE`); 4 heads (GQA with the default 2 key/value heads), RoPE theta 1e6,
+    eager attention, fp32, in eval mode.
+
+    Every parameter is random (weights ~ 0.15 N(0, 1), biases ~ 0.2 N(0, 1), norm weights
+    ~ 1 + 0.1 N(0, 1)), so that parity tests exercise each of them.
+    """
+    from transformers import (
+        LlamaConfig,
+        LlamaModel,
+        Qwen2Config,
+        Qwen2Model,
+        Qwen3Config,
+        Qwen3Model,
+    )
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    if kind == "qwen2":
+        model = Qwen2Model(Qwen2Config(**common))
+    elif kind == "qwen3":
+        model = Qwen3Model(Qwen3Config(**common, head_dim=24))
+    elif kind == "llama3":
+        model = LlamaModel(LlamaConfig(**common, rope_scaling=dict(LLAMA3_TINY_ROPE)))
+    else:
+        raise ValueError(f"kind must be one of {TINY_HF_KINDS}, got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith(".bias"):
+                p.copy_(0.2 * noise)
+            elif p.dim() == 1:
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.15 * noise)
+    return model.float().eval()
+
+
 def random_padded_batch(
     lengths: list[int],
     instruction_lengths: list[int] | None = None,
@@ -128,8 +200,10 @@ def build_word_tokenizer(texts: list[str]):
 
 
 def save_tiny_hf_decoder(out_dir, tokenizer, kind: str = "mistral", seed: int = 0):
-    """Saves a tiny random `MistralForCausalLM` (kind="mistral") or bare `LlamaModel`
-    (kind="llama") with a tokenizer into `out_dir`, as transformers would publish it.
+    """Saves a tiny random `MistralForCausalLM` (kind="mistral"), bare `LlamaModel`
+    (kind="llama") or bare `Qwen2Model` / `Qwen3Model` / Llama 3.x `LlamaModel` (kind="qwen2" /
+    "qwen3" / "llama3", see `tiny_hf_backbone`) with a tokenizer into `out_dir`, as transformers
+    would publish it.
 
     Args:
         tokenizer: a tokenizer object (saved with `save_pretrained`) or a tokenizer folder
@@ -159,11 +233,14 @@ def save_tiny_hf_decoder(out_dir, tokenizer, kind: str = "mistral", seed: int = 
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif kind == "llama":
         model = LlamaModel(LlamaConfig(**common))
+    elif kind in TINY_HF_KINDS:
+        model = tiny_hf_backbone(kind, vocab_size=len(tokenizer), seed=seed)
     else:
-        raise ValueError(f"kind must be 'mistral' or 'llama', got {kind!r}")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+        raise ValueError(f"kind must be 'mistral', 'llama' or one of {TINY_HF_KINDS}, got {kind!r}")
+    if kind not in TINY_HF_KINDS:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     if tokenizer_dir is None:
         tokenizer.save_pretrained(out_dir)

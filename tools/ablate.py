@@ -1,24 +1,33 @@
 #!/usr/bin/env python3
-"""Ablation grid of the NV-Embed paper (Tables 2-4): pooling x attention mask x training schedule.
+"""Ablation grid of the NV-Embed paper (Tables 2-4): pooling x attention mask x training schedule
+(x objective).
 
   python tools/ablate.py (--base-hf DIR | --base-checkpoint DIR)
       --stage1-data D [D ...] [--stage2-data D [D ...]]
       [--eval-beir DIR ...] [--tasks NAME ...] [--instruction TEXT]
       [--grid pooling=eos,mean,latent,self-attention mask=bidirectional,causal
-              schedule=two-stage,single-stage-inbatch,single-stage-no-inbatch]
+              schedule=two-stage,single-stage-inbatch,single-stage-no-inbatch
+              objective=infonce,qq-dd,homogeneous]
+      [--objective NAME="TRAINING FLAGS" ...]
       [--recipe tiny] --out OUT [--run local|slurm] [--nproc N] [--collect]
       [-- extra training flags, e.g. --train-iters 4 --lr-warmup-iters 1]
 
-Per cell (OUT/cells/<schedule>_<pooling>_<mask>/): a base checkpoint with the cell's pooling and
-mask (tools/convert_checkpoint.py import-hf once per pooling, shared by the cells; the other
-mask is the same checkpoint with its config's mask changed), training with
-examples/pretrain_nvembed.sh (NPROC_PER_NODE=--nproc) under the schedule, evaluation of the final
+Per cell (OUT/cells/<schedule>_<pooling>_<mask>[_<objective>]/): a base checkpoint with the
+cell's pooling and mask (tools/convert_checkpoint.py import-hf once per pooling, shared by the
+cells of every schedule and objective; the other mask is the same checkpoint with its config's
+mask changed), training with examples/pretrain_nvembed.sh (NPROC_PER_NODE=--nproc) under the
+schedule with the objective's training flags (before the `--` flags), evaluation of the final
 checkpoint with tools/evaluate_mteb.py, then done.json (atomic). Run again, finished cells are
 skipped and unfinished ones continue (finished steps skipped, training resumed through --load).
 --run slurm writes OUT/slurm/{bases.sbatch,<cell>.sbatch,submit_all.sh} and runs nothing.
 --collect only gathers. Every run ends by writing OUT/ablation.{md,csv,png} from the finished
 cells. Data flags take paths or weight/path pairs like --train-data; single-stage schedules train
-on both stages' data. Layout and details: docs/ablations.md.
+on both stages' data. The objective axis is not swept unless named: a grid without
+`objective=` trains the default objective (infonce: the recipe's loss, no extra flags) and names
+its cells as before. Objectives: infonce, qq-dd (--query-query-negatives
+--document-document-negatives), homogeneous (--batch-composition homogeneous), and those of
+--objective, e.g. --objective matryoshka="--matryoshka-dims 2048 1024 512" (widths up to the
+model's hidden size). Layout and details: docs/ablations.md.
 """
 
 from __future__ import annotations
@@ -65,8 +74,18 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="AXIS=V1,V2",
-        help="restrict an axis (pooling, mask, schedule) to these values; an axis not named "
-        "keeps all",
+        help="restrict an axis (pooling, mask, schedule, objective) to these values; an axis "
+        "not named keeps all, except objective, which keeps infonce only",
+    )
+    p.add_argument(
+        "--objective",
+        nargs="+",
+        default=[],
+        action="extend",
+        metavar="NAME=FLAGS",
+        help="define an objective for --grid objective=: its training flags, split like a shell "
+        "command line, e.g. matryoshka='--matryoshka-dims 2048 1024 512' (built in: infonce, "
+        "qq-dd, homogeneous)",
     )
     p.add_argument("--recipe", default="tiny", help="training recipe (stage suffix optional)")
     p.add_argument("--out", required=True, help="output folder: cells/, slurm/, ablation.*")
@@ -121,7 +140,7 @@ def main(argv=None) -> int:
     setup_logging()
     from megatron_nvembed.ablation.bases import derive_mask_variant
     from megatron_nvembed.ablation.cells import finish_cell
-    from megatron_nvembed.ablation.grid import parse_grid
+    from megatron_nvembed.ablation.grid import parse_grid, parse_objectives
     from megatron_nvembed.ablation.local import run_local
     from megatron_nvembed.ablation.plan import build_plan
     from megatron_nvembed.ablation.report import collect
@@ -142,7 +161,8 @@ def main(argv=None) -> int:
         if args.nproc < 1:
             p.error(f"--nproc must be >= 1, got {args.nproc}")
         try:
-            grid = parse_grid(args.grid)
+            objectives = parse_objectives(args.objective)
+            grid = parse_grid(args.grid, objectives)
             plan = build_plan(
                 out=out,
                 grid=grid,
@@ -156,6 +176,7 @@ def main(argv=None) -> int:
                 instruction=args.instruction,
                 nproc=args.nproc,
                 extra=extra,
+                objectives=objectives,
             )
         except (ValueError, FileNotFoundError) as err:
             p.error(str(err))

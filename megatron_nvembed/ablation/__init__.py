@@ -1,10 +1,13 @@
-"""Ablation grid (NV-Embed paper Tables 2-4): pooling x attention mask x training schedule.
+"""Ablation grid (NV-Embed paper Tables 2-4): pooling x attention mask x training schedule, and
+an objective axis (named sets of training flags) that is swept only when `--grid` names it.
 
 Each cell imports (or reuses) a base checkpoint with its pooling and mask, trains it with
-`examples/pretrain_nvembed.sh` under its schedule and evaluates the final checkpoint with
-`tools/evaluate_mteb.py`. `tools/ablate.py` is the command line. Modules, by job:
+`examples/pretrain_nvembed.sh` under its schedule with its objective's flags and evaluates the
+final checkpoint with `tools/evaluate_mteb.py`. `tools/ablate.py` is the command line. Modules,
+by job:
 
-- `grid`: the axes, `--grid`, the cells and their names;
+- `grid`: the axes, the objectives table (`OBJECTIVES`, `--objective`), `--grid`, the cells and
+  their names;
 - `steps`: one typed dataclass per kind of command, and `render_argv`, the one place a step
   becomes a command line;
 - `plan`: the steps of every base checkpoint and cell (`build_plan`);
@@ -17,7 +20,7 @@ Layout of `OUT`:
 ```
 OUT/
   bases/<pooling>_<mask>/      shared imported base checkpoints (import-hf, or a mask variant)
-  cells/<cell>/
+  cells/<cell>/                 <schedule>_<pooling>_<mask>[_<objective> unless the default]
     plan.json                  the cell's settings and the commands of its steps
     steps/<step>.done          a finished step (skipped when the grid is run again)
     logs/<step>.log            each step's output

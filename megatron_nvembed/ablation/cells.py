@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from megatron_nvembed.ablation.grid import DEFAULT_OBJECTIVE
 from megatron_nvembed.fileio import write_atomic
 
 PLAN_FILE = "plan.json"
@@ -54,7 +55,8 @@ def finish_cell(out: str | os.PathLike, cell: str) -> dict:
     """Writes the cell's done.json (atomically) from its plan.json and evaluation summary.
 
     Returns:
-        The done.json content: the cell's settings, final checkpoint, category scores, average
+        The done.json content: the cell's settings (objective and its flags included),
+        final checkpoint, category scores, average
         and seconds per finished step.
 
     Raises:
@@ -70,7 +72,11 @@ def finish_cell(out: str | os.PathLike, cell: str) -> dict:
         if marker.is_file():
             seconds[s["name"]] = json.loads(marker.read_text() or "{}").get("seconds")
     done = {
-        **{k: plan[k] for k in ("cell", "schedule", "pooling", "mask", "recipe", "beir_sets")},
+        **{k: plan[k] for k in ("cell", "schedule", "pooling", "mask")},
+        # a plan.json written before the objective axis existed: the default objective
+        "objective": plan.get("objective", DEFAULT_OBJECTIVE),
+        "objective_flags": plan.get("objective_flags", []),
+        **{k: plan[k] for k in ("recipe", "beir_sets")},
         "checkpoint": plan["final_checkpoint"],
         "summary": str(summary_path),
         "categories": {c: v["average"] for c, v in summary["categories"].items()},

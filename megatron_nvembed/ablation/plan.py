@@ -2,25 +2,31 @@
 (`steps.py`), checked before anything runs.
 
 Per cell: the base checkpoint with the cell's pooling and mask (imported once per pooling, the
-other mask a mask variant), the training runs of its schedule and the evaluation of the final
-checkpoint. Schedules: `two-stage` (stage 1 on the stage-1 data, then stage 2 on the stage-2 data
-from its weights), `single-stage-inbatch` (the stage-1 recipe on all data) and
-`single-stage-no-inbatch` (the same with `--no-in-batch-negatives`).
+other mask a mask variant; shared by the cells of every schedule and objective), the training
+runs of its schedule with its objective's flags and the evaluation of the final checkpoint.
+Schedules: `two-stage` (stage 1 on the stage-1 data, then stage 2 on the stage-2 data from its
+weights), `single-stage-inbatch` (the stage-1 recipe on all data) and
+`single-stage-no-inbatch` (the same with `--no-in-batch-negatives`). Objectives
+(`grid.OBJECTIVES`, `--objective`): training flags given to each training run of the cell through
+`TrainStep.extra`, before the user's `-- FLAGS` (so those win).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_nvembed.ablation.grid import Cell, base_name, cells
+from megatron_nvembed.ablation.grid import DEFAULT_OBJECTIVE, OBJECTIVES, Cell, base_name, cells
 from megatron_nvembed.ablation.steps import (
     DeriveStep,
     EvalStep,
     ImportStep,
     TrainStep,
+    render_argv,
     step_record,
 )
 from megatron_nvembed.checkpoint import TRACKER, is_checkpoint_dir, read_config
@@ -42,6 +48,8 @@ class CellPlan:
     """Training runs, then the evaluation."""
     beir_sets: list[str]
     """Names of the local BEIR sets it is evaluated on (columns of the report)."""
+    objective_flags: tuple[str, ...] = ()
+    """The training flags of the cell's objective (in every training run, before `-- FLAGS`)."""
 
     @property
     def final_checkpoint(self) -> str:
@@ -54,6 +62,8 @@ class CellPlan:
             "schedule": self.cell.schedule,
             "pooling": self.cell.pooling,
             "mask": self.cell.mask,
+            "objective": self.cell.objective,
+            "objective_flags": list(self.objective_flags),
             "recipe": self.recipe,
             "base": self.base,
             "base_name": self.cell.base,
@@ -189,6 +199,106 @@ def _train_steps(
     return [TrainStep("train", recipe, 1, base, data.both, str(cdir / "train"), in_batch, extra)]
 
 
+_SET_BY_THE_GRID = {
+    "recipe": "--recipe",
+    "stage": "--stage",
+    "pretrained_checkpoint": "--pretrained-checkpoint",
+    "train_data": "--train-data",
+    "save": "--save",
+    "load": "--load",
+    "log_json": "--log-json",
+    "in_batch_negatives": "--in-batch-negatives (the schedule axis)",
+}
+"""Training flags (by argparse dest) that the grid sets per cell: no objective may set them."""
+
+
+def _training_parser() -> argparse.ArgumentParser:
+    """The trainer's flag parser (`pretrain_nvembed.py`), raising instead of exiting, with
+    `--recipe` defaulting to None so that giving it shows."""
+    from megatron_nvembed.training.arguments import build_parser
+
+    parser = build_parser()
+    parser.exit_on_error = False
+    parser.set_defaults(recipe=None)
+    return parser
+
+
+def check_objective(
+    name: str, flags: Sequence[str], parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Checks an objective's flags against the trainer's flag parser.
+
+    Args:
+        name: the objective's name (for the messages).
+        flags: its training flags.
+        parser: `_training_parser()` (made when None).
+
+    Returns:
+        The flags parsed (flags not given are None).
+
+    Raises:
+        ValueError: naming `--objective` on a flag the trainer does not know, a malformed value,
+            or a flag the grid sets per cell (recipe, stage, data, checkpoints, in-batch
+            negatives: the schedule axis).
+    """
+    parser = _training_parser() if parser is None else parser
+    where = f"--objective {name}={shlex.join(flags)}"
+    try:
+        args, unknown = parser.parse_known_args(list(flags))
+    except argparse.ArgumentError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if unknown:
+        raise ValueError(f"{where}: not training flags of examples/pretrain_nvembed.sh: {unknown}")
+    owned = [flag for dest, flag in _SET_BY_THE_GRID.items() if getattr(args, dest) is not None]
+    if owned:
+        raise ValueError(f"{where}: the grid sets {', '.join(owned)} per cell, not an objective")
+    return args
+
+
+def _check_in_batch(
+    cell: Cell, steps: Sequence[TrainStep], objective: argparse.Namespace, parser
+) -> None:
+    """Refuses a cell whose objective (or `-- FLAGS`) turns on query-query / document-document
+    negatives in a training run without in-batch negatives: the trainer would refuse that run.
+
+    Raises:
+        ValueError: naming `--grid objective=` (or `-- FLAGS`), the flag, the cell and the run.
+    """
+    for step in steps:
+        try:
+            args, _ = parser.parse_known_args(render_argv(step, program=False))
+        except argparse.ArgumentError as err:
+            # the grid's and the objective's flags parse (checked): the error is in -- FLAGS
+            raise ValueError(f"-- FLAGS: {err}") from None
+        in_batch = step.stage == 1 if args.in_batch_negatives is None else args.in_batch_negatives
+        if in_batch:
+            continue
+        for dest, flag in (
+            ("query_query_negatives", "--query-query-negatives"),
+            ("document_document_negatives", "--document-document-negatives"),
+        ):
+            if not getattr(args, dest):
+                continue
+            source = (
+                f"--grid objective={cell.objective}" if getattr(objective, dest) else "-- FLAGS"
+            )
+            drop = (
+                f"leave schedule {cell.schedule} out of --grid "
+                "(single-stage-inbatch keeps them on)"
+            )
+            if not step.in_batch_negatives:
+                why, fix = f"schedule {cell.schedule} turns them off", drop
+            elif args.in_batch_negatives is None:
+                why, fix = "stage 2 turns them off", drop
+            else:
+                why = "--no-in-batch-negatives in -- FLAGS turns them off"
+                fix = "drop --no-in-batch-negatives from -- FLAGS"
+            raise ValueError(
+                f"{source}: {flag} needs in-batch negatives, and {why} in run {step.name!r} of "
+                f"cell {cell.name}: {fix}"
+            )
+
+
 def build_plan(
     *,
     out: str | os.PathLike,
@@ -203,6 +313,7 @@ def build_plan(
     instruction: str | None = None,
     nproc: int = 1,
     extra: Sequence[str] = (),
+    objectives: Mapping[str, Sequence[str]] = OBJECTIVES,
 ) -> Plan:
     """Every step of every base and cell of `grid`.
 
@@ -215,13 +326,16 @@ def build_plan(
         eval_beir, tasks, instruction: what each final checkpoint is evaluated on.
         nproc: processes per node of training and evaluation.
         extra: more training flags, given to every training run last.
+        objectives: objective name -> training flags (`grid.parse_objectives`): each training
+            run of a cell gets its objective's flags, before `extra`.
 
     Returns:
         The plan; nothing is written.
 
     Raises:
         ValueError: naming the flag (missing data for a schedule, a base checkpoint whose pooling
-            differs from a selected pooling, an unknown recipe, nothing to evaluate, ...).
+            differs from a selected pooling, an unknown recipe, nothing to evaluate, an
+            objective's flag the trainer does not know or that cannot hold in a cell's run, ...).
         FileNotFoundError: `base_checkpoint` has no model config.
     """
     out = Path(out).resolve()
@@ -241,6 +355,12 @@ def build_plan(
     from megatron_nvembed.training.recipes import get_recipe
 
     get_recipe(recipe, 1)  # unknown recipe -> ValueError naming --recipe
+    chosen = list(grid.get("objective", [DEFAULT_OBJECTIVE]))
+    unknown = [o for o in chosen if o not in objectives]
+    if unknown:
+        raise ValueError(f"--grid objective={','.join(unknown)}: not among {list(objectives)}")
+    parser = _training_parser()
+    parsed = {o: check_objective(o, objectives[o], parser) for o in chosen}
     stage1, stage2 = _absolute_data(stage1_data), _absolute_data(stage2_data)
     data = _Data(stage1, stage2, tuple(combine_data(stage1, stage2)))
     bases, base_paths = _plan_bases(out, grid, base_hf, base_checkpoint)
@@ -249,8 +369,10 @@ def build_plan(
     for cell in cells(grid):
         cdir = out / "cells" / cell.name
         base = base_paths[cell.base]
-        steps: list[TrainStep | EvalStep] = []
-        steps += _train_steps(cdir, cell.schedule, recipe, base, data, tuple(extra))
+        flags = tuple(objectives[cell.objective])
+        train = _train_steps(cdir, cell.schedule, recipe, base, data, (*flags, *extra))
+        _check_in_batch(cell, train, parsed[cell.objective], parser)
+        steps: list[TrainStep | EvalStep] = [*train]
         evaluate = EvalStep(
             model=steps[-1].save,
             out=str(cdir / "eval"),
@@ -260,5 +382,5 @@ def build_plan(
             instruction=instruction,
         )
         beir_sets = [Path(d).name for d in beir_dirs]
-        plans[cell.name] = CellPlan(cell, recipe, base, [*steps, evaluate], beir_sets)
+        plans[cell.name] = CellPlan(cell, recipe, base, [*steps, evaluate], beir_sets, flags)
     return Plan(out, recipe, nproc, bases, base_paths, plans)

@@ -1,6 +1,8 @@
 """The report of a grid: `ablation.md` (the paper's Tables 2-4: one table per schedule, rows
 pooling x mask, scores x 100), `ablation.csv` (the same values unscaled, one row per cell) and
-`ablation.png` (grouped bars; needs matplotlib) from every finished cell.
+`ablation.png` (grouped bars; needs matplotlib) from every finished cell. The objective axis
+shows (a column of both tables, part of each bar's label) when a finished cell has another
+objective than the default one; a cell recorded without an objective has the default one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 
 from megatron_nvembed.ablation.cells import DONE_FILE, SUMMARY
-from megatron_nvembed.ablation.grid import order_key
+from megatron_nvembed.ablation.grid import DEFAULT_OBJECTIVE, order_key
 from megatron_nvembed.evaluation.mteb_eval import CATEGORIES  # the paper's column order
 from megatron_nvembed.fileio import write_atomic
 
@@ -27,14 +29,21 @@ def load_results(out: str | os.PathLike) -> list[dict]:
 
     Returns:
         Each cell's done.json with its evaluation summary.json under `eval`, in grid order
-        (schedule, pooling, mask).
+        (schedule, objective, pooling, mask); a done.json without `objective` (written before
+        the axis existed) gets DEFAULT_OBJECTIVE.
     """
     rows = []
     for done_path in sorted(Path(out).glob(f"cells/*/{DONE_FILE}")):
         done = json.loads(done_path.read_text())
         summary = json.loads((done_path.parent / SUMMARY).read_text())
-        rows.append({**done, "eval": summary})
+        rows.append({"objective": DEFAULT_OBJECTIVE, **done, "eval": summary})
     return sorted(rows, key=order_key)
+
+
+def shows_objective(rows: list[dict]) -> bool:
+    """Whether the report has an objective column: some row has a non-default objective (a grid
+    that does not name the axis gets the same report as before the axis existed)."""
+    return any(r.get("objective", DEFAULT_OBJECTIVE) != DEFAULT_OBJECTIVE for r in rows)
 
 
 def table_columns(rows: list[dict]) -> tuple[list[str], list[str]]:
@@ -62,25 +71,31 @@ def render_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     beir_cols = [f"ndcg_at_10:{b}" for b in beir]
-    w.writerow(["cell", "schedule", "pooling", "mask", *cats, "Average", *beir_cols])
+    objective = ["objective"] if shows_objective(rows) else []
+    w.writerow(["cell", "schedule", "pooling", "mask", *objective, *cats, "Average", *beir_cols])
     for r in rows:
         vals = ["" if v is None else repr(float(v)) for v in _values(r, cats, beir)]
-        w.writerow([r["cell"], r["schedule"], r["pooling"], r["mask"], *vals])
+        settings = [r["schedule"], r["pooling"], r["mask"]]
+        settings += [r.get("objective", DEFAULT_OBJECTIVE)] if objective else []
+        w.writerow([r["cell"], *settings, *vals])
     return buf.getvalue()
 
 
 def render_markdown(rows: list[dict]) -> str:
-    """`ablation.md`: the paper's Tables 2-4 layout: one table per schedule, rows pooling x mask,
-    MTEB category columns (scores x 100), then nDCG@10 per local BEIR set."""
+    """`ablation.md`: the paper's Tables 2-4 layout: one table per schedule, rows (objective x)
+    pooling x mask, MTEB category columns (scores x 100), then nDCG@10 per local BEIR set."""
     cats, beir = table_columns(rows)
-    lines = ["# Ablation: pooling x attention mask x training schedule", ""]
+    objective = shows_objective(rows)
+    title = "training schedule x objective" if objective else "training schedule"
+    lines = [f"# Ablation: pooling x attention mask x {title}", ""]
     if not rows:
         return "\n".join([*lines, "No finished cell yet.", ""])
     lines.append(
         "Scores x 100 from each cell's `eval/summary.json` (mteb main scores; category = mean of "
         "its tasks, Average = mean over all tasks of the seven categories)."
     )
-    head = ["Pooling", "Mask", *[f"{c} ({_ntasks(rows, c)})" for c in cats], "Average"]
+    head = ["Objective"] if objective else []
+    head += ["Pooling", "Mask", *[f"{c} ({_ntasks(rows, c)})" for c in cats], "Average"]
     head += [f"{b} nDCG@10" for b in beir]
     for schedule in dict.fromkeys(r["schedule"] for r in rows):
         lines += ["", f"## {schedule}", ""]
@@ -90,7 +105,9 @@ def render_markdown(rows: list[dict]) -> str:
             if r["schedule"] != schedule:
                 continue
             vals = ["-" if v is None else f"{100 * v:.2f}" for v in _values(r, cats, beir)]
-            lines.append("| " + " | ".join([r["pooling"], r["mask"], *vals]) + " |")
+            settings = [r.get("objective", DEFAULT_OBJECTIVE)] if objective else []
+            settings += [r["pooling"], r["mask"]]
+            lines.append("| " + " | ".join([*settings, *vals]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,11 +140,15 @@ def render_png(rows: list[dict]) -> bytes:
     n = max(1, len(rows))
     fig, ax = plt.subplots(figsize=(max(7.0, len(cols) * (1.0 + 0.25 * n)), 4.5))
     width = 0.8 / max(1, len(rows))
+    objective = shows_objective(rows)
     for i, r in enumerate(rows):
         vals = _values(r, cats, [])
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
         ys = [float("nan") if v is None else 100 * v for v in vals]
-        ax.bar(xs, ys, width, label=f"{r['schedule']} / {r['pooling']} / {r['mask']}")
+        label = f"{r['schedule']} / {r['pooling']} / {r['mask']}"
+        if objective:
+            label += f" / {r.get('objective', DEFAULT_OBJECTIVE)}"
+        ax.bar(xs, ys, width, label=label)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols)
     ax.set_ylabel("score x 100")

@@ -4,9 +4,10 @@ One table names every parameter on both sides and the transform kind between the
 `column`, `row`, `vocab`, `qkv`, `pair`); the transforms themselves, full tensors <-> one TP
 rank's shard, are `megatron_nvembed.sharding`'s (its docstring tabulates the layouts).
 
-HF-side names are those of transformers' `MistralModel` / `LlamaModel` (no `model.` prefix) for the
-backbone and NV-Embed's `latent_attention_model.*` for the head; prefixes are arguments so that
-`*ForCausalLM` (`model.`) and NV-Embed (`embedding_model.`) layouts use the same table. Pipeline
+HF-side names are those of transformers' `MistralModel` / `LlamaModel` / `Qwen2Model` /
+`Qwen3Model` (no `model.` prefix) for the backbone and NV-Embed's `latent_attention_model.*` for
+the head; prefixes are arguments so that `*ForCausalLM` (`model.`) and NV-Embed
+(`embedding_model.`) layouts use the same table. Pipeline
 stages hold layers `p*L/P .. (p+1)*L/P - 1` under local indices.
 """
 
@@ -41,6 +42,17 @@ LAYER_RULES = (
     Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
     Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "pair"),
     Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "row"),
+)
+# Qwen2's Q/K/V biases: fused like the weights (per query group, then split over TP ranks).
+QKV_BIAS_RULE = Rule(
+    "self_attention.linear_qkv.bias",
+    ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "qkv",
+)
+# Qwen3's per-head Q/K RMSNorm weights ([head_dim], shared by every head): on every TP rank.
+QK_NORM_RULES = (
+    Rule("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "replicated"),
+    Rule("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "replicated"),
 )
 EMBEDDING_RULE = Rule("embedding.word_embeddings.weight", ("embed_tokens.weight",), "vocab")
 FINAL_NORM_RULE = Rule("decoder.final_layernorm.weight", ("norm.weight",), "replicated")
@@ -81,6 +93,14 @@ TE_RENAMES = {
 # ---------------------------------------------------------------------------------------------
 
 
+def layer_rules(cfg: EmbeddingModelConfig) -> list[Rule]:
+    """Rules of one decoder layer for this backbone (Q/K/V biases and Q/K norms when present)."""
+    extra = [QKV_BIAS_RULE] if cfg.model.add_qkv_bias else []
+    if cfg.model.qk_layernorm:
+        extra += QK_NORM_RULES
+    return [*LAYER_RULES[:2], *extra, *LAYER_RULES[2:]]
+
+
 def head_rules(cfg: EmbeddingModelConfig) -> list[Rule]:
     """Rules of the pooling head (none for parameter-free pooling)."""
     if cfg.pooling.type == "latent":
@@ -106,7 +126,7 @@ def stage_rules(
         out.append((EMBEDDING_RULE.megatron, tuple("b:" + n for n in EMBEDDING_RULE.hf), "vocab"))
     for local in range(per_stage):
         glob = pp_rank * per_stage + local
-        for rule in LAYER_RULES:
+        for rule in layer_rules(cfg):
             name = TE_RENAMES.get(rule.megatron, rule.megatron) if te_names else rule.megatron
             hf = tuple(f"b:layers.{glob}.{n}" for n in rule.hf)
             out.append((f"decoder.layers.{local}.{name}", hf, rule.kind))

@@ -285,6 +285,8 @@ def _mine_blocks(
             num_negatives=opt.num_negatives,
         )
         rec.neg = negs
+        if rec.pos_scores is not None:  # a teacher's scores of the replaced negatives
+            rec.pos_scores = rec.neg_scores = None
         if with_ids:
             rec.extra["neg_ids"] = [corpus_row(i).id for i in neg_rows]
         else:

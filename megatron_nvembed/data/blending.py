@@ -8,6 +8,11 @@ per-dataset read positions it starts from are themselves fixed by the batches be
      expectation exactly w_k G (systematic sampling: one uniform offset, G evenly spaced points
      over the cumulative weights), then the slots are shuffled so every rank's slice mixes tasks;
    - `"multinomial"`: every slot draws its dataset independently (more batch-to-batch variance);
+   - `"homogeneous"` (batching by task): the whole global batch comes from one dataset, drawn
+     with probability w_k, so every rank's slice, and every in-batch negative, is from the
+     query's own dataset; the share of batches per dataset is w_k in expectation. One dataset
+     per global batch rather than per rank keeps the data independent of the number of ranks
+     (and a resume at another DP size exact);
 2. its examples: each dataset is read along its own stream, a fresh seeded permutation per pass
    over that dataset (seeded by (seed, dataset, pass));
 3. per slot, a positive (one of `pos`) and up to K hard negatives (without replacement from
@@ -24,8 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_nvembed.config import BATCH_COMPOSITIONS
+
 _MIX = 0x9E3779B97F4A7C15 & ((1 << 63) - 1)
-COMPOSITIONS = ("systematic", "multinomial")
+COMPOSITIONS = BATCH_COMPOSITIONS
 
 
 def _seed(*parts: int) -> int:
@@ -98,7 +105,9 @@ class BlendedSampler:
                 f"--micro-batch-size {micro_batch_size} x data-parallel size {dp_size}"
             )
         if composition not in COMPOSITIONS:
-            raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
+            raise ValueError(
+                f"--batch-composition must be one of {COMPOSITIONS}, got {composition!r}"
+            )
         self.sizes = [int(n) for n in dataset_sizes]
         total = float(sum(weights))
         self.weights = torch.tensor([w / total for w in weights], dtype=torch.float64)  # [D]
@@ -141,7 +150,7 @@ class BlendedSampler:
             ("data seed", self.seed, state["seed"]),
             ("--global-batch-size", self.G, state.get("global_batch_size", self.G)),
             ("--train-data dataset sizes", self.sizes, state.get("dataset_sizes", self.sizes)),
-            ("composition", self.composition, state.get("composition", self.composition)),
+            ("--batch-composition", self.composition, state.get("composition", self.composition)),
         ]
         for what, ours, theirs in checks:
             if ours != theirs:
@@ -175,6 +184,8 @@ class BlendedSampler:
         g = torch.Generator().manual_seed(_seed(self.seed, t, 0xB1E4D))
         if self.composition == "multinomial":
             return torch.multinomial(self.weights, self.G, replacement=True, generator=g).tolist()
+        if self.composition == "homogeneous":
+            return [int(torch.multinomial(self.weights, 1, generator=g))] * self.G
         # systematic sampling: points u, u+1, ..., u+G-1 over the cumulative quotas G*cumsum(w)
         edges = torch.cumsum(self.weights, 0) * self.G  # [D]
         last = int(torch.nonzero(self.weights > 0).max())

@@ -5,7 +5,8 @@ negatives. An absent negative (the record had fewer than K) is an empty text (BO
 tokens, then padding) whose `candidate_mask` entry is False: the candidate tensors always have
 b * (1 + K) rows (as GradCache and pipeline schedules want fixed shapes) at the cost of a short
 row. Candidate ids are `megatron_nvembed.hashing.sequence_hash` of each row's token ids, so equal
-texts (a positive that is also another query's positive) get equal ids.
+texts (a positive that is also another query's positive) get equal ids; query ids the same of
+each query's token ids.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class EmbeddingBatch:
     """[b] int64."""
     truncated: int
     """Texts cut at the maximum length."""
+    query_ids: torch.Tensor | None = None
+    """[b] int64 hashes of the queries' token ids, instruction included (the loss's
+    query-query term leaves out identical queries)."""
+    teacher_scores: torch.Tensor | None = None
+    """[b, 1 + K] float32 teacher scores of the candidates (the records' `pos_scores` /
+    `neg_scores`, distillation); NaN for a record without scores and for absent negatives."""
 
     def to(self, device) -> EmbeddingBatch:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
@@ -53,6 +60,8 @@ class EmbeddingBatch:
             self.in_batch.to(device),
             self.dataset_index.to(device),
             self.truncated,
+            None if self.query_ids is None else self.query_ids.to(device),
+            None if self.teacher_scores is None else self.teacher_scores.to(device),
         )
 
 
@@ -100,12 +109,19 @@ def collate(
         pad_to_multiple_of=pad_to_multiple_of,
         convention=pool_mask_convention,
     )
-    texts, present = [], []
+    texts, present, teacher = [], [], []
+    nan = float("nan")
     for slot, rec in zip(slots, recs):
-        row = [rec.pos[slot.positive]] + [rec.neg[i] for i in slot.negatives[:num_negatives]]
+        chosen = slot.negatives[:num_negatives]
+        row = [rec.pos[slot.positive]] + [rec.neg[i] for i in chosen]
         pad = num_negatives + 1 - len(row)
         texts += row + [""] * pad
         present.append([True] * len(row) + [False] * pad)
+        if rec.pos_scores is None:
+            teacher.append([nan] * (num_negatives + 1))
+        else:
+            scores = [rec.pos_scores[slot.positive]] + [rec.neg_scores[i] for i in chosen]
+            teacher.append(scores + [nan] * pad)
     c, cut_c = tokenize_for_embedding(
         tokenizer, texts, None, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
     )
@@ -123,4 +139,6 @@ def collate(
         in_batch=torch.tensor([bool(flags[s.dataset]) for s in slots]),
         dataset_index=torch.tensor([s.dataset for s in slots], dtype=torch.long),
         truncated=cut_q + cut_c,
+        query_ids=sequence_hash(q["input_ids"], q["attention_mask"]),
+        teacher_scores=torch.tensor(teacher, dtype=torch.float32),
     )

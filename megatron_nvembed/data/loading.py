@@ -112,6 +112,7 @@ class RecordSource(Sequence):
         num_positives, num_negatives: [n] int32, per record.
         in_batch_negatives: the dataset's flag (see the module docstring).
         stats: counts of the validating read (read, skipped).
+        scored_records: records carrying teacher scores (`pos_scores` / `neg_scores`).
     """
 
     name: str
@@ -119,6 +120,7 @@ class RecordSource(Sequence):
     num_negatives: np.ndarray
     in_batch_negatives: bool
     stats: ReadStats
+    scored_records: int = 0
 
     def __len__(self) -> int:
         return len(self.num_positives)
@@ -205,6 +207,7 @@ class _Validator:
         self.dataset, self.skip, self.stats = dataset, skip_bad_records, stats
         self.n_pos: list[int] = []
         self.n_neg: list[int] = []
+        self.scored = 0
         self.flag: bool | None = None
         self.flag_where = ""
 
@@ -233,6 +236,7 @@ class _Validator:
         self.stats.read += 1
         self.n_pos.append(len(rec.pos))
         self.n_neg.append(len(rec.neg))
+        self.scored += rec.pos_scores is not None
         return True
 
 
@@ -471,6 +475,7 @@ def load_dataset_spec(
     source.stats = stats
     source.num_positives = np.asarray(v.n_pos, dtype=np.int32)
     source.num_negatives = np.asarray(v.n_neg, dtype=np.int32)
+    source.scored_records = v.scored
     flag = v.flag
     if "in_batch_negatives" in meta:
         if flag is not None and flag != meta["in_batch_negatives"]:

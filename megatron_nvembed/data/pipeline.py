@@ -173,8 +173,9 @@ def build_train_data(
     # What was opened; `summary()` (what was read) belongs at the end of training.
     s = data.sampler
     logger.info(
-        "data: %d dataset(s) blended into global batches of %d queries (%s)",
+        "data: %d dataset(s) %s global batches of %d queries (%s)",
         len(data.names),
+        "drawn by weight as whole" if s.composition == "homogeneous" else "blended into",
         s.G,
         ", ".join(f"{n} weight {float(w):.3f}" for n, w in zip(data.names, s.weights)),
     )

@@ -1,5 +1,5 @@
-"""Training records: `{"query", "pos": [...], "neg": [...], "task", "instruction"?}` in JSONL or
-Parquet, read with errors that name the file and line, and written atomically.
+"""Training records: `{"query", "pos": [...], "neg": [...], "task", "instruction"?, "pos_scores"?,
+"neg_scores"?}` in JSONL or Parquet, read with errors that name the file and line, and written atomically.
 
 One function checks a record whatever its source, `record_from_dict`; JSONL lines are decoded by
 `parse_json_line`, which refuses a key that appears twice in one object. See docs/data.md,
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECORD_KEYS = ("query", "pos", "neg", "task", "instruction")
+RECORD_KEYS = ("query", "pos", "neg", "task", "instruction", "pos_scores", "neg_scores")
 
 
 @dataclass
@@ -31,6 +32,11 @@ class Record:
     instruction: str | None = None
     extra: dict = field(default_factory=dict)
     """Other keys of the input line (e.g. "id", "in_batch_negatives"), preserved on write."""
+    pos_scores: list[float] | None = None
+    """A teacher's score of each positive (e.g. a reranker's logit), for distillation; with
+    `neg_scores`, or None for neither."""
+    neg_scores: list[float] | None = None
+    """The teacher's score of each hard negative (same order as `neg`)."""
 
     def to_json(self) -> dict:
         out = {"query": self.query, "pos": self.pos, "neg": self.neg}
@@ -38,6 +44,8 @@ class Record:
             out["task"] = self.task
         if self.instruction is not None:
             out["instruction"] = self.instruction
+        if self.pos_scores is not None:
+            out["pos_scores"], out["neg_scores"] = self.pos_scores, self.neg_scores
         out.update(self.extra)
         return out
 
@@ -124,6 +132,43 @@ def _string_list(value, key: str, where: str, non_blank: bool = False) -> list[s
     return list(value)
 
 
+def _scores(obj: dict, pos: list[str], neg: list[str], where: str):
+    """`pos_scores` / `neg_scores` of a record: both or neither, finite numbers, one per text."""
+    given = {k: obj.get(k) for k in ("pos_scores", "neg_scores") if obj.get(k) is not None}
+    if not given:
+        return None, None
+    if len(given) == 1:
+        (key,) = given
+        other = "neg_scores" if key == "pos_scores" else "pos_scores"
+        raise ValueError(
+            f"{where}: key {key!r} without {other!r}: teacher scores come for the positives and "
+            "the hard negatives together (an empty list where there are none)"
+        )
+    out = []
+    for key, texts in (("pos_scores", pos), ("neg_scores", neg)):
+        value = given[key]
+        if not isinstance(value, list):
+            raise ValueError(
+                f"{where}: key {key!r} must be a list of numbers, got {_type_name(value)}"
+            )
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                raise ValueError(
+                    f"{where}: key {key!r} must be a list of numbers, item {i} is "
+                    f"{_type_name(item)}"
+                )
+            if not math.isfinite(item):
+                raise ValueError(f"{where}: key {key!r} item {i} is not finite ({item})")
+        text_key = key.split("_")[0]
+        if len(value) != len(texts):
+            raise ValueError(
+                f"{where}: key {key!r} has {len(value)} score(s) for {len(texts)} {text_key!r} "
+                "text(s); give one per text, in the same order"
+            )
+        out.append([float(v) for v in value])
+    return out[0], out[1]
+
+
 @functools.lru_cache(maxsize=4096)
 def _unknown_task(task: str) -> str | None:
     """None for a Table 6 task name, else why not (cached: a dataset has few task names)."""
@@ -153,8 +198,10 @@ def record_from_dict(
     strings, at least one when `require_positive`; `neg` a list of strings, possibly empty;
     `task` and `instruction` strings, `instruction` non-blank; with `needs_instruction` and no
     `instruction`, `task` must name a Table 6 task (resolved here, once per name). With an
-    `instruction`, `task` is optional and may be any name. Null counts as absent for `pos`,
-    `neg`, `task` and `instruction` (Parquet and pandas write missing values as null).
+    `instruction`, `task` is optional and may be any name. `pos_scores` / `neg_scores` (teacher
+    scores for distillation): both or neither, lists of finite numbers (not booleans), one per
+    `pos` / `neg` text. Null counts as absent for `pos`, `neg`, `task`, `instruction` and the
+    scores (Parquet and pandas write missing values as null).
 
     Raises:
         ValueError: one message per record, naming `where`, the key and the cause:
@@ -203,8 +250,9 @@ def record_from_dict(
         unknown = _unknown_task(task)
         if unknown is not None:
             raise ValueError(f"{where}: key 'task': {unknown}")
+    pos_scores, neg_scores = _scores(obj, pos, neg, where)
     extra = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
-    return Record(obj["query"], pos, neg, task, instruction, extra)
+    return Record(obj["query"], pos, neg, task, instruction, extra, pos_scores, neg_scores)
 
 
 def iter_jsonl_lines(

@@ -24,7 +24,9 @@ Shared by `tools/embed.py`, `tools/evaluate_mteb.py`, BEIR evaluation and hard-n
 - On GPUs NV-Embed-format folders run in bf16 (checkpoints in their training dtype); on CPU in
   fp32.
 
-Embeddings are the model's raw outputs (no extra normalisation here).
+Embeddings are the model's raw outputs (no extra normalisation here), except with
+`truncate_dim` (`--truncate-dim`): then the first `truncate_dim` coordinates, L2-normalised
+again (`loss.matryoshka.prefix`, the same prefix the Matryoshka loss trains).
 
 Over 400 lines: format detection and the three embedders (checkpoint, NV-Embed HF export,
 sentence-transformers) share one batching and data-parallel driver, kept beside them.
@@ -43,6 +45,7 @@ import torch
 
 from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.data.tokenization import load_tokenizer
+from megatron_nvembed.loss.matryoshka import prefix
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +95,6 @@ class Embedder:
     """
 
     tokenizer = None
-    dim: int
     dp_rank: int = 0
     dp_size: int = 1
     dp_group = None
@@ -109,7 +111,15 @@ class Embedder:
         max_length: int = 512,
         show_progress: bool = True,
         max_tokens: int | None = None,
+        truncate_dim: int | None = None,
     ):
+        """
+        Args:
+            truncate_dim: keep the first `truncate_dim` coordinates of every embedding,
+                L2-normalised again (`--truncate-dim`: a Matryoshka-trained width); None: all.
+        """
+        if truncate_dim is not None and truncate_dim < 1:
+            raise ValueError(f"--truncate-dim must be >= 1, got {truncate_dim}")
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         if max_length < 2:
@@ -120,7 +130,22 @@ class Embedder:
         self.max_length = max_length
         self.max_tokens = max_tokens
         self.show_progress = show_progress
+        self.truncate_dim = truncate_dim
         self.stats = EmbedStats()
+
+    @property
+    def dim(self) -> int:
+        """Width of the embeddings returned (`truncate_dim` when set)."""
+        return self.truncate_dim or self.model_dim
+
+    @dim.setter
+    def dim(self, width: int) -> None:
+        """Subclasses set the model's own embedding width."""
+        if self.truncate_dim is not None and self.truncate_dim > width:
+            raise ValueError(
+                f"--truncate-dim {self.truncate_dim} exceeds the model's embedding width {width}"
+            )
+        self.model_dim = width
 
     @property
     def token_budget(self) -> int | None:
@@ -148,7 +173,10 @@ class Embedder:
 
     def identity(self) -> dict:
         """What determines this embedder's outputs (for caches of corpus embeddings)."""
-        return {"kind": self.kind, "source": self.source, "max_length": self.max_length}
+        out = {"kind": self.kind, "source": self.source, "max_length": self.max_length}
+        if self.truncate_dim is not None:
+            out["truncate_dim"] = self.truncate_dim
+        return out
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -186,7 +214,7 @@ class Embedder:
         with torch.inference_mode():
             for idx in batches:
                 emb = self._embed_batch([texts[i] for i in idx], [instructions[i] for i in idx])
-                emb = emb.float().cpu().numpy()
+                emb = prefix(emb.float(), self.truncate_dim).cpu().numpy()
                 if out is not None:
                     out[idx] = emb
                 else:
@@ -424,7 +452,7 @@ class SentenceTransformerEmbedder(Embedder):
         return token_lengths(self.tokenizer, texts, instructions, eos=False)
 
     def _embed_batch(self, texts, instructions):
-        out = torch.empty(len(texts), self.dim)
+        out = torch.empty(len(texts), self.model_dim)
         for prompt in dict.fromkeys(instructions):
             rows = [i for i, p in enumerate(instructions) if p == prompt]
             out[rows] = (
@@ -479,6 +507,7 @@ def load_embedder(
     batch_size: int = 128,
     max_length: int = 512,
     max_tokens: int | None = None,
+    truncate_dim: int | None = None,
     show_progress: bool = True,
     allow_sentence_transformers: bool = False,
 ) -> Embedder:
@@ -489,6 +518,7 @@ def load_embedder(
         batch_size=batch_size,
         max_length=max_length,
         max_tokens=max_tokens,
+        truncate_dim=truncate_dim,
         show_progress=show_progress,
     )
     if kind == "megatron":

@@ -11,7 +11,7 @@ import argparse
 
 def add_encoder_flags(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     """--batch-size (rows per call at most; its default is the tool's), --max-length,
-    --max-tokens, --tensor-model-parallel-size."""
+    --max-tokens, --truncate-dim, --tensor-model-parallel-size."""
     p.add_argument(
         "--batch-size", type=int, default=batch_size, help="texts per forward call, at most"
     )
@@ -22,6 +22,13 @@ def add_encoder_flags(p: argparse.ArgumentParser, *, batch_size: int) -> None:
         default=None,
         help="padded tokens per forward call (default: 1024 on CPU, 16384 on GPUs; "
         "0: no budget, --batch-size rows)",
+    )
+    p.add_argument(
+        "--truncate-dim",
+        type=int,
+        default=None,
+        help="keep the first N coordinates of each embedding, L2-normalised again (a width the "
+        "model was trained at with --matryoshka-dims; default: all)",
     )
     p.add_argument(
         "--tensor-model-parallel-size",
@@ -40,6 +47,8 @@ def check_encoder_flags(p: argparse.ArgumentParser, args: argparse.Namespace) ->
         p.error(f"--max-length must be >= 2 (BOS and EOS), got {args.max_length}")
     if args.max_tokens is not None and args.max_tokens < 0:
         p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.truncate_dim is not None and args.truncate_dim < 1:
+        p.error(f"--truncate-dim must be >= 1, got {args.truncate_dim}")
     if args.tensor_model_parallel_size < 1:
         p.error(f"--tensor-model-parallel-size must be >= 1, got {args.tensor_model_parallel_size}")
 
@@ -51,4 +60,5 @@ def embedder_kwargs(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "max_tokens": args.max_tokens,
+        "truncate_dim": args.truncate_dim,
     }

@@ -16,12 +16,14 @@ from megatron_nvembed.loss.grad_cache import (
     run_in_order,
     surrogate_loss,
 )
+from megatron_nvembed.loss.matryoshka import Matryoshka
 
 __all__ = [
     "ContrastiveLoss",
     "ContrastiveLossConfig",
     "ContrastiveStats",
     "GradCacheResult",
+    "Matryoshka",
     "RngReplay",
     "all_gather_no_grad",
     "all_gather_with_grad",

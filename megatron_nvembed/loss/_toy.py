@@ -46,6 +46,9 @@ def toy_batch(b: int, n: int, seed: int, vocab: int = 50, s: int = 6) -> dict[st
     in_batch = torch.ones(b, dtype=torch.bool)
     in_batch[2] = False
     hashes = sequence_hash(c_ids.reshape(b * n, s), c_tok.reshape(b * n, s)).view(b, n)
+    teacher = torch.randn(b, n, generator=g, dtype=torch.float64) * 4  # a reranker's logits
+    teacher[~c_mask] = float("nan")
+    teacher[b // 2] = float("nan")  # one query without teacher scores
     return {
         "q_ids": q_ids,
         "q_tok": torch.ones(b, s, dtype=torch.long),
@@ -54,6 +57,8 @@ def toy_batch(b: int, n: int, seed: int, vocab: int = 50, s: int = 6) -> dict[st
         "candidate_mask": c_mask,
         "in_batch": in_batch,
         "candidate_ids": hashes,
+        "query_ids": sequence_hash(q_ids, torch.ones_like(q_ids)),
+        "teacher_scores": teacher,
     }
 
 

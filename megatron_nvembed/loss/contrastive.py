@@ -6,17 +6,30 @@ Inputs per rank (b local queries, n = 1 + max hard negatives, d embedding width)
 - `candidate_mask` [b, n] bool: False for absent hard negatives (ragged counts).
 - `in_batch` [b] bool: this query's dataset switch (the stage switch is `in_batch_negatives`).
 - `candidate_ids` [b, n] int64: `hashing.sequence_hash` of each candidate's token ids.
+- `query_ids` [b] int64: the same hash of each query's token ids (query-query term only).
+- `teacher_scores` [b, n] float: a teacher's score of each candidate, NaN where none
+  (distillation term only).
 
 Visibility rule. Query i always scores its own present candidates. If `in_batch[i]` is True (and
 in-batch negatives are on for the call), it also scores every present candidate -- positive and
 hard negatives -- of every *other* query j in the global batch (all ranks of the data-parallel
-group) with `in_batch[j]` True. Excluded from those in-batch candidates: any whose hash equals
-query i's own positive's (`mask_identical_positives`). With `false_negative_margin = m`, any
-negative (own or in-batch) whose score exceeds `m x` query i's positive score is excluded too.
-A query with `in_batch` False sees only its own candidates, even inside a blended batch.
+group) with `in_batch[j]` True. Excluded, own or in-batch: any negative whose hash equals query
+i's own positive's (`mask_identical_positives`). With `false_negative_margin = m`, any negative
+whose score exceeds `m x` query i's positive score is excluded too. A query with `in_batch`
+False sees only its own candidates, even inside a blended batch.
+
+Optional in-batch terms of the denominator, each a switch: `query_query` adds the other visible
+queries q_j (score q_i . q_j; with `mask_identical_positives`, not a q_j identical to q_i or
+whose positive is identical to q_i's); `document_document` adds the visible in-batch candidates
+again, scored against q_i's positive (p_i . c). The margin rule compares every term's scores
+with `m x` q_i . p_i. With `matryoshka` the loss is the weighted sum of this loss over prefix
+widths of the embeddings (`matryoshka.py`). With `distill_weight = w > 0`, each query with
+teacher scores adds `w x KL(softmax(t / T_d) || softmax(s / T))` over its own present candidates
+(not those identical to its positive): t the teacher's scores, T_d `distill_temperature`, s the
+student's cosine scores (at each Matryoshka width).
 
 Loss of query i: `logsumexp_{c in C_i}(s_ic / T) - s_ip / T` with s = cosine score, T the
-temperature. Scores are computed in float32 (or float64 if the inputs are float64): with T = 0.02
+temperature, C_i every score kept for query i (positive included). Scores are computed in float32 (or float64 if the inputs are float64): with T = 0.02
 a bf16 score would be off by up to ~0.2 in the logit.
 
 Reduction and data parallelism. When candidates are gathered over a group of W ranks holding B
@@ -35,6 +48,7 @@ visibility rule above; split, the rule would be read in three places.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,6 +64,8 @@ from megatron_nvembed.loss.gather import (
     gather_row_counts,
     group_size,
 )
+from megatron_nvembed.loss.matryoshka import Matryoshka, prefix
+from megatron_nvembed.loss.matryoshka import terms as matryoshka_terms
 
 logger = get_logger(__name__)
 
@@ -71,7 +87,19 @@ class ContrastiveLossConfig:
     false_negative_margin: float | None = None
     """Exclude negatives scoring above this fraction of the query's positive score (None: off)."""
     mask_identical_positives: bool = True
-    """Exclude in-batch candidates whose token ids equal the query's own positive's."""
+    """Exclude negatives (own or in-batch) whose token ids equal the query's positive's; with
+    `query_query`, also queries identical to the query or sharing its positive."""
+    query_query: bool = False
+    """Other in-batch queries are negatives too (`--query-query-negatives`)."""
+    document_document: bool = False
+    """In-batch candidates are negatives of the query's positive too, p_i . c
+    (`--document-document-negatives`)."""
+    matryoshka: Matryoshka | None = None
+    """The loss over prefix widths of the embedding (`--matryoshka-dims`); None: full width."""
+    distill_weight: float = 0.0
+    """Weight of the KL term towards the teacher's scores (`--distill-weight`; 0: off)."""
+    distill_temperature: float = 1.0
+    """Temperature of the teacher's scores in that term (`--distill-temperature`)."""
 
     def validate(self) -> ContrastiveLossConfig:
         """Checks every field; returns self.
@@ -84,9 +112,21 @@ class ContrastiveLossConfig:
         m = self.false_negative_margin
         if m is not None and not (isinstance(m, int | float) and 0.0 < m <= 1.0):
             raise ValueError(f"false_negative_margin must be None or in (0, 1], got {m!r}")
-        for name in ("in_batch_negatives", "mask_identical_positives"):
+        for name in (
+            "in_batch_negatives",
+            "mask_identical_positives",
+            "query_query",
+            "document_document",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if (self.query_query or self.document_document) and not self.in_batch_negatives:
+            raise ValueError(
+                "query_query / document_document are in-batch terms: they need in_batch_negatives"
+            )
+        if self.matryoshka is not None:
+            self.matryoshka = self.matryoshka.validate()
+        _check_distill(self.distill_weight, self.distill_temperature)
         return self
 
 
@@ -191,6 +231,18 @@ class ContrastiveStats:
         return " | ".join(parts)
 
 
+def _check_distill(weight, temperature) -> None:
+    for flag, value in (("--distill-weight", weight), ("--distill-temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{flag} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be finite, got {value}")
+    if weight < 0:
+        raise ValueError(f"--distill-weight must be >= 0 (0: off), got {weight}")
+    if not temperature > 0:
+        raise ValueError(f"--distill-temperature must be > 0, got {temperature}")
+
+
 def _check_inputs(query, candidates, candidate_mask, in_batch, candidate_ids) -> None:
     if candidates.dim() != 3:
         raise ValueError(f"candidates must be [b, n, d], got shape {tuple(candidates.shape)}")
@@ -226,9 +278,16 @@ def contrastive_loss(
     temperature: float = 0.02,
     in_batch: torch.Tensor | None = None,
     candidate_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
+    teacher_scores: torch.Tensor | None = None,
     in_batch_negatives: bool = True,
     false_negative_margin: float | None = None,
     mask_identical_positives: bool = True,
+    query_query: bool = False,
+    document_document: bool = False,
+    matryoshka: Matryoshka | None = None,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 1.0,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, ContrastiveStats]:
     """InfoNCE loss of this rank's queries (rules and reduction: see the module docstring).
@@ -241,21 +300,34 @@ def contrastive_loss(
         in_batch: [b] bool per-query switch (default: all True).
         candidate_ids: [b, n] int64 token-id hashes (`sequence_hash`); required when in-batch
             candidates are scored with `mask_identical_positives`.
+        query_ids: [b] int64 token-id hashes of the queries; required for `query_query` with
+            `mask_identical_positives`.
+        teacher_scores: [b, n] teacher scores of the candidates, NaN where a query has none;
+            required when `distill_weight` > 0.
         in_batch_negatives: the stage switch (`ContrastiveLossConfig.in_batch_negatives`, the
             trainer's `--in-batch-negatives`; applied here only): False scores own candidates
             only and skips the gather. Must be equal on every rank of `group` (it decides
             whether collectives run).
         false_negative_margin: None, or m in (0, 1]: exclude negatives scoring above m x positive.
-        mask_identical_positives: exclude in-batch candidates identical to the query's positive.
+        mask_identical_positives: exclude candidates (own hard negatives and in-batch ones)
+            identical to the query's positive, and with `query_query` other queries identical
+            to the query or sharing its positive.
+        query_query: add the other in-batch queries as negatives (score q_i . q_j).
+        document_document: add the in-batch candidates as negatives of the query's positive
+            (score p_i . c), beside the query's own score against them.
+        matryoshka: the loss summed over prefix widths (`matryoshka.py`); None: full width.
+        distill_weight: weight of the KL term towards `teacher_scores` (0: off).
+        distill_temperature: the teacher scores' temperature in that term.
         group: the data-parallel group to gather candidates over (None: this process only). Every
-            rank of the group must call with the same `n`, `d` and dtype.
+            rank of the group must call with the same `n`, `d`, dtype and settings.
 
     Returns:
         (loss scalar in the compute dtype (float32 or float64), ContrastiveStats).
 
     Raises:
-        ValueError: on inconsistent shapes, a bad temperature or margin, or identical-positive
-            masking requested without `candidate_ids`.
+        ValueError: on inconsistent shapes, a bad temperature or margin, identical-positive
+            masking requested without `candidate_ids` / `query_ids`, query-query or
+            document-document terms without in-batch negatives, or a Matryoshka width above d.
         RuntimeError: a query without its positive (`candidate_mask[:, 0]` False), checked on
             the mask's device: at once on the CPU, at the next synchronisation on a GPU.
     """
@@ -269,7 +341,28 @@ def contrastive_loss(
             "mask_identical_positives needs candidate_ids (sequence_hash of the candidates' "
             "token ids); pass them or set mask_identical_positives=False"
         )
+    if (query_query or document_document) and not in_batch_negatives:
+        raise ValueError(
+            "query-query and document-document negatives are in-batch terms: they need "
+            "in_batch_negatives (--in-batch-negatives)"
+        )
+    if query_query and mask_identical_positives and query_ids is None:
+        raise ValueError(
+            "query_query with mask_identical_positives needs query_ids (sequence_hash of the "
+            "queries' token ids)"
+        )
+    _check_distill(distill_weight, distill_temperature)
+    if distill_weight and teacher_scores is None:
+        raise ValueError("distill_weight > 0 needs teacher_scores (the records' pos/neg_scores)")
+    if teacher_scores is not None and teacher_scores.shape != candidate_mask.shape:
+        shape, want = tuple(teacher_scores.shape), tuple(candidate_mask.shape)
+        raise ValueError(f"teacher_scores must be [b, n] = {want}, got {shape}")
+    if query_ids is not None and query_ids.shape != query.shape[:1]:
+        shape = tuple(query_ids.shape)
+        raise ValueError(f"query_ids must be [b] = {tuple(query.shape[:1])}, got {shape}")
     b, n, d = candidates.shape
+    if matryoshka is not None:
+        matryoshka = matryoshka.validate(width=d)
     device = query.device
     candidate_mask = candidate_mask.bool()
     in_batch = (
@@ -277,63 +370,104 @@ def contrastive_loss(
     )
     compute = torch.promote_types(query.dtype, torch.float32)
 
-    q = query.to(compute)  # [b, d]
-    own = torch.einsum("bd,bnd->bn", q, candidates.to(compute))  # [b, n] cosine scores
-    pos = own[:, :1].detach()  # [b, 1]; the margin rule is a selection, not a gradient path
     own_keep = candidate_mask.clone()  # [b, n]
-    if false_negative_margin is not None:
-        own_keep[:, 1:] &= own[:, 1:].detach() <= false_negative_margin * pos
-    logits, keeps = [own], [own_keep]
-
+    if mask_identical_positives and candidate_ids is not None:
+        own_keep[:, 1:] &= candidate_ids[:, 1:] != candidate_ids[:, :1]
+    if distill_weight:
+        # The teacher's distribution over each query's own present candidates (identical copies
+        # of the positive left out), once for every width.
+        teacher = teacher_scores.to(compute)
+        has_teacher = torch.isfinite(teacher[:, 0])  # [b]
+        distill_keep = own_keep & torch.isfinite(teacher)  # [b, n]
+        target = torch.log_softmax(
+            (teacher.nan_to_num(0.0) / distill_temperature).masked_fill(~distill_keep, _EXCLUDED),
+            dim=1,
+        )  # [b, n] log-probabilities; ~0 probability where excluded
+    q_all = c_all = None  # gathered queries [B, d] / candidates [B*n, d] (in-batch terms)
+    keep_cross = keep_qq = None
     world = group_size(group) if in_batch_negatives else 1
     pool_queries, gathered, gather_bytes, timings = 0, 0, 0, []
     total_queries = b
     if in_batch_negatives:
         start = _clock(device)
         ids = candidate_ids if candidate_ids is not None else torch.zeros_like(candidate_mask)
+        qids = query_ids if query_ids is not None else torch.zeros_like(in_batch)
         # Masks, switches and hashes travel together as one int64 tensor: one collective.
         meta = torch.cat(
-            [candidate_mask.long(), in_batch.long()[:, None], ids.long()], dim=1
-        )  # [b, 2n + 1]
+            [candidate_mask.long(), in_batch.long()[:, None], ids.long(), qids.long()[:, None]],
+            dim=1,
+        )  # [b, 2n + 2]
         flat = candidates.reshape(b * n, d)  # [b*n, d]
         if world > 1:
-            sizes = gather_row_counts(b, group, device)  # queries per rank: one exchange for both
-            all_meta = all_gather_no_grad(meta, group, sizes=sizes)  # [B, 2n + 1]
-            all_c, offset = all_gather_with_grad(flat, group, sizes=[s * n for s in sizes])
-            first = offset // n  # global index of this rank's first query; all_c is [B*n, d]
+            sizes = gather_row_counts(b, group, device)  # queries per rank: one exchange for all
+            all_meta = all_gather_no_grad(meta, group, sizes=sizes)  # [B, 2n + 2]
+            c_all, offset = all_gather_with_grad(flat, group, sizes=[s * n for s in sizes])
+            if query_query:
+                q_all, _ = all_gather_with_grad(query, group, sizes=sizes)  # [B, d]
+            first = offset // n  # global index of this rank's first query; c_all is [B*n, d]
             timings.append(_elapsed(start, device))
-            gather_bytes = (
-                all_c.numel() * all_c.element_size() + all_meta.numel() * all_meta.element_size()
+            gather_bytes = sum(
+                t.numel() * t.element_size() for t in (c_all, all_meta, q_all) if t is not None
             )
         else:
-            all_meta, all_c, first = meta, flat, 0
+            all_meta, c_all, q_all, first = meta, flat, query, 0
         big_b = all_meta.shape[0]
         total_queries, pool_queries, gathered = big_b, big_b, big_b * n
         all_mask = all_meta[:, :n].bool()  # [B, n]
         all_inb = all_meta[:, n].bool()  # [B]
-        all_ids = all_meta[:, n + 1 :]  # [B, n]
+        all_ids = all_meta[:, n + 1 : 2 * n + 1]  # [B, n]
+        all_qids = all_meta[:, 2 * n + 1]  # [B]
 
-        cross = q @ all_c.to(compute).T  # [b, B*n]
-        keep = (all_mask & all_inb[:, None]).reshape(1, big_b * n) & in_batch[:, None]  # [b, B*n]
-        # [B*n]: the global query each gathered column belongs to
-        owner = torch.arange(big_b, device=device).repeat_interleave(n)
         mine = torch.arange(b, device=device) + first  # [b] global index of each local query
-        keep = keep & (owner[None, :] != mine[:, None])  # own candidates are scored above
+        others = torch.arange(big_b, device=device)[None, :] != mine[:, None]  # [b, B]
+        visible = others & all_inb[None, :] & in_batch[:, None]  # [b, B]: query j's texts
+        # [b, B*n]: present candidates of visible queries (own candidates are scored above)
+        keep_cross = (visible[:, :, None] & all_mask[None]).reshape(b, big_b * n)
         if mask_identical_positives:
-            keep = keep & (all_ids.reshape(1, big_b * n) != candidate_ids[:, :1].long())
-        if false_negative_margin is not None:
-            keep = keep & (cross.detach() <= false_negative_margin * pos)
-        logits.append(cross)
-        keeps.append(keep)
+            keep_cross = keep_cross & (all_ids.reshape(1, big_b * n) != candidate_ids[:, :1])
+        if query_query:
+            keep_qq = visible  # [b, B]
+            if mask_identical_positives:
+                keep_qq = keep_qq & (all_qids[None, :] != query_ids.long()[:, None])
+                keep_qq = keep_qq & (all_ids[None, :, 0] != candidate_ids[:, :1])
 
-    keep_all = torch.cat(keeps, dim=1)  # [b, n (+ B*n)]
-    scores = (torch.cat(logits, dim=1) / temperature).masked_fill(~keep_all, _EXCLUDED)
-    per_query = torch.logsumexp(scores, dim=1) - scores[:, 0]  # [b]
-    if world > 1:
-        loss = per_query.sum() * (world / max(total_queries, 1))
-    else:
-        loss = per_query.sum() / max(b, 1)
-    counts = keep_all.sum(dim=1).to(torch.float64)  # [b] candidates each query was scored against
+    loss = None
+    counts = None
+    for width, weight in matryoshka_terms(matryoshka):
+        q = prefix(query.to(compute), width)  # [b, d']
+        c = prefix(candidates.to(compute), width)  # [b, n, d']
+        own = torch.einsum("bd,bnd->bn", q, c)  # [b, n] cosine scores
+        pos = own[:, :1].detach()  # [b, 1]; the margin rule is a selection, not a gradient path
+        blocks = [(own, own_keep)]  # (scores, which of them count) per block of columns
+        if in_batch_negatives:
+            cands = prefix(c_all.to(compute), width)  # [B*n, d']
+            blocks.append((q @ cands.T, keep_cross))  # [b, B*n]
+            if query_query:
+                blocks.append((q @ prefix(q_all.to(compute), width).T, keep_qq))  # [b, B]
+            if document_document:
+                blocks.append((c[:, 0] @ cands.T, keep_cross))  # [b, B*n]: p_i . c
+        if false_negative_margin is not None:
+            # Every negative, whatever its term, against m x this width's positive score.
+            below = [s.detach() <= false_negative_margin * pos for s, _ in blocks]
+            below[0][:, 0] = True  # the positive itself
+            blocks = [(s, k & ok) for (s, k), ok in zip(blocks, below)]
+        keep_all = torch.cat([k for _, k in blocks], dim=1)  # [b, n (+ in-batch columns)]
+        scores = torch.cat([s for s, _ in blocks], dim=1) / temperature
+        scores = scores.masked_fill(~keep_all, _EXCLUDED)
+        per_query = torch.logsumexp(scores, dim=1) - scores[:, 0]  # [b]
+        if distill_weight:
+            student = torch.log_softmax(
+                (own / temperature).masked_fill(~distill_keep, _EXCLUDED), dim=1
+            )  # [b, n]
+            kl = (target.exp() * (target - student)).masked_fill(~distill_keep, 0.0).sum(dim=1)
+            per_query = per_query + distill_weight * torch.where(has_teacher, kl, 0.0)
+        if world > 1:
+            term = per_query.sum() * (world / max(total_queries, 1))
+        else:
+            term = per_query.sum() / max(b, 1)
+        loss = weight * term if loss is None else loss + weight * term
+        if counts is None:  # candidates each query was scored against (the first width's)
+            counts = keep_all.sum(dim=1).to(torch.float64)  # [b]
     if b:
         summary = torch.stack([counts.sum(), counts.min(), counts.max()])  # [3], on the device
     else:
@@ -399,6 +533,8 @@ class ContrastiveLoss(nn.Module):
         candidate_mask: torch.Tensor,
         in_batch: torch.Tensor | None = None,
         candidate_ids: torch.Tensor | None = None,
+        query_ids: torch.Tensor | None = None,
+        teacher_scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of this rank's queries (shapes as in `contrastive_loss`).
 
@@ -416,9 +552,16 @@ class ContrastiveLoss(nn.Module):
             temperature=c.temperature,
             in_batch=in_batch,
             candidate_ids=candidate_ids,
+            query_ids=query_ids,
+            teacher_scores=teacher_scores,
             in_batch_negatives=c.in_batch_negatives,
             false_negative_margin=c.false_negative_margin,
             mask_identical_positives=c.mask_identical_positives,
+            query_query=c.query_query,
+            document_document=c.document_document,
+            matryoshka=c.matryoshka,
+            distill_weight=c.distill_weight,
+            distill_temperature=c.distill_temperature,
             group=self.group,
         )
         self.last_stats = stats

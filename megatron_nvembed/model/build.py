@@ -13,7 +13,13 @@ from megatron_nvembed.cpu_support import cpu_mode
 def transformer_config(
     cfg: EmbeddingModelConfig, *, params_dtype: torch.dtype | None = None
 ) -> TransformerConfig:
-    """The megatron-core TransformerConfig for a Mistral/Llama-style embedding backbone."""
+    """The megatron-core TransformerConfig for a Mistral/Llama/Qwen-style embedding backbone.
+
+    Qwen2's Q/K/V biases are megatron-core's `add_qkv_bias` (no bias elsewhere); Qwen3's per-head
+    Q/K RMSNorm is `qk_layernorm` (megatron-core normalises each head of the queries and keys over
+    `kv_channels`, with `layernorm_epsilon`, before applying RoPE, as Qwen3 does); the layer spec
+    supplies the norm modules (`specs.get_layer_spec`).
+    """
     m, par = cfg.model, cfg.parallel
     dtype = params_dtype or (torch.bfloat16 if m.bf16 else torch.float32)
     on_cpu = cpu_mode()
@@ -29,7 +35,8 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,

@@ -86,9 +86,20 @@ class NVEmbedModel(MegatronModule):
             use_cpu_initialization=config.use_cpu_initialization,
             cp_group=pg_collection.cp,
         )
+        if m.rope_scaling_factor is not None:
+            # Llama 3.x frequency scaling with all four of the checkpoint's settings
+            # (megatron-core's `rope_scaling` option fixes three of them to Llama 3.1's values).
+            rope = self.rotary_pos_emb
+            rope.inv_freq = rope._apply_scaling(
+                rope.inv_freq,
+                factor=m.rope_scaling_factor,
+                low_freq_factor=m.rope_scaling_low_freq_factor,
+                high_freq_factor=m.rope_scaling_high_freq_factor,
+                original_max_position_embeddings=m.rope_scaling_original_max_position_embeddings,
+            )
         self.decoder = TransformerBlock(
             config=config,
-            spec=get_layer_spec(self.backend, m.mask_type),
+            spec=get_layer_spec(self.backend, m.mask_type, qk_layernorm=m.qk_layernorm),
             pre_process=pre_process,
             post_process=post_process,
             pg_collection=pg_collection,

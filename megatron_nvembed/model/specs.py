@@ -1,7 +1,7 @@
 """Layer specs for the embedding backbone: bidirectional (padding mask) or causal, per backend.
 
-`get_layer_spec(backend, mask_type)` is the one place that turns megatron-core's GPT layer spec
-into an embedding layer spec. It always builds a fresh spec (megatron-core's spec functions
+`get_layer_spec(backend, mask_type, qk_layernorm)` is the one place that turns megatron-core's GPT
+layer spec into an embedding layer spec. It always builds a fresh spec (megatron-core's spec functions
 return new objects; we deep-copy anyway so no shared spec is ever mutated).
 """
 
@@ -54,13 +54,16 @@ def attn_mask_type_for(backend: str, mask_type: str) -> AttnMaskType:
     return AttnMaskType.padding_causal if backend == "te" else AttnMaskType.causal
 
 
-def get_layer_spec(backend: str, mask_type: str) -> ModuleSpec:
-    """A Mistral/Llama decoder layer spec (RMSNorm, SwiGLU, GQA, RoPE) for embedding models.
+def get_layer_spec(backend: str, mask_type: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """A Mistral/Llama/Qwen decoder layer spec (RMSNorm, SwiGLU, GQA, RoPE) for embedding models.
 
     Args:
         backend: `te`, `sdpa` or `local` (use `resolve_backend` first).
         mask_type: `bidirectional` (padding mask only: every token sees every real token) or
             `causal` (ablations).
+        qk_layernorm: per-head RMSNorm modules on the queries and keys (Qwen3): Transformer
+            Engine's norm on `te`, `torch.nn.RMSNorm` (megatron-core's `WrappedTorchNorm`) on
+            `sdpa` / `local`. The TransformerConfig must set `qk_layernorm` to match.
 
     Returns:
         A new `ModuleSpec` for `TransformerBlock`.
@@ -68,9 +71,11 @@ def get_layer_spec(backend: str, mask_type: str) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     elif backend in ("sdpa", "local"):
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            normalization="RMSNorm", qk_layernorm=qk_layernorm
+        )
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
     spec = copy.deepcopy(spec)

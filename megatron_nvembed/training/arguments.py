@@ -77,6 +77,26 @@ _FLAGS: list[tuple[str, str, type, str]] = [
         "exclude negatives scoring above this fraction of the positive's score",
     ),
     (
+        "--batch-composition",
+        "batch_composition",
+        str,
+        "systematic or multinomial (datasets blended in every global batch by weight), or "
+        "homogeneous (each global batch from one dataset, drawn by weight)",
+    ),
+    (
+        "--distill-weight",
+        "distill_weight",
+        float,
+        "weight of the KL term towards the records' teacher scores (pos_scores / neg_scores; "
+        "0: off)",
+    ),
+    (
+        "--distill-temperature",
+        "distill_temperature",
+        float,
+        "temperature of the teacher scores in the distillation term",
+    ),
+    (
         "--pretrained-checkpoint",
         "pretrained_checkpoint",
         str,
@@ -132,6 +152,10 @@ _OTHER_PATHS: dict[str, str] = {
     "skip_bad_records": "skip_bad_records",
     "pack_sequences": "pack_sequences",
     "override_opt_param_scheduler": "override_opt_param_scheduler",
+    "matryoshka_dims": "matryoshka_dims",
+    "matryoshka_weights": "matryoshka_weights",
+    "query_query_negatives": "query_query_negatives",
+    "document_document_negatives": "document_document_negatives",
 }
 
 
@@ -188,6 +212,34 @@ def build_parser(recipe: str | None = None, stage: int | None = None) -> argpars
         action=argparse.BooleanOptionalAction,
         default=None,
         help="score other queries' candidates too (default: on in stage 1, off in stage 2)",
+    )
+    parser.add_argument(
+        "--matryoshka-dims",
+        nargs="+",
+        type=int,
+        default=None,
+        help="train the embedding's prefixes too: the loss summed over these widths, each "
+        "prefix L2-normalised (e.g. 4096 2048 1024 512 256; docs/loss.md)",
+    )
+    parser.add_argument(
+        "--matryoshka-weights",
+        nargs="+",
+        type=float,
+        default=None,
+        help="one weight per --matryoshka-dims width (default 1 each)",
+    )
+    parser.add_argument(
+        "--query-query-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="other in-batch queries are negatives too (needs in-batch negatives)",
+    )
+    parser.add_argument(
+        "--document-document-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-batch documents are negatives of the query's positive too, scored against "
+        "it (needs in-batch negatives)",
     )
     parser.add_argument(
         "--use-distributed-optimizer",

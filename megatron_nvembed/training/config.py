@@ -6,7 +6,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 
-from megatron_nvembed.config import EmbeddingModelConfig
+from megatron_nvembed.config import BATCH_COMPOSITIONS, EmbeddingModelConfig, Matryoshka
 
 
 @dataclass
@@ -72,6 +72,21 @@ class TrainingConfig:
     # loss
     temperature: float = 0.02
     false_negative_margin: float | None = None
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """`--matryoshka-dims`: the loss summed over these prefix widths (empty: full width only)."""
+    matryoshka_weights: list[float] = field(default_factory=list)
+    """`--matryoshka-weights`: one per width (empty: 1 each)."""
+    query_query_negatives: bool = False
+    """`--query-query-negatives`: other in-batch queries are negatives too."""
+    document_document_negatives: bool = False
+    """`--document-document-negatives`: in-batch documents are negatives of the positive too."""
+    batch_composition: str = "systematic"
+    """`--batch-composition`: how datasets mix in a global batch: systematic / multinomial
+    (blended), homogeneous (one dataset per global batch; `data/blending.py`)."""
+    distill_weight: float = 0.0
+    """`--distill-weight`: weight of the KL term towards the records' teacher scores (0: off)."""
+    distill_temperature: float = 1.0
+    """`--distill-temperature`: temperature of the teacher scores in that term."""
     grad_cache: bool = True
     """In-batch negatives over the whole global batch (GradCache); off: one micro-batch per DP
     rank (the log says so)."""
@@ -125,6 +140,24 @@ class TrainingConfig:
         """The stage switch of in-batch negatives (each dataset's own switch is ANDed in)."""
         return self.stage == 1 if self.in_batch is None else self.in_batch
 
+    def matryoshka(self, width: int | None = None) -> Matryoshka | None:
+        """The `Matryoshka` of `--matryoshka-dims` / `--matryoshka-weights` (None: off).
+
+        Args:
+            width: the embedding width to check the widths against (the model's hidden size;
+                None: not checked).
+
+        Raises:
+            ValueError: naming the flag (weights without widths, a width above `width`, ...).
+        """
+        if not self.matryoshka_dims:
+            if self.matryoshka_weights:
+                raise ValueError("--matryoshka-weights needs --matryoshka-dims")
+            return None
+        return Matryoshka(tuple(self.matryoshka_dims), tuple(self.matryoshka_weights)).validate(
+            width=width
+        )
+
     def validate(self) -> TrainingConfig:
         """Checks fields that do not need the process groups; raises ValueError naming the flag."""
         if self.stage not in (1, 2):
@@ -175,10 +208,37 @@ class TrainingConfig:
             ("--lora-alpha", self.lora.alpha),
             ("--lora-dropout", self.lora.dropout),
             ("--false-negative-margin", self.false_negative_margin),
+            ("--distill-weight", self.distill_weight),
+            ("--distill-temperature", self.distill_temperature),
             ("--exit-duration-in-mins", self.exit_duration_in_mins),
         ):
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{flag} must be a finite number, got {value}")
+        # --matryoshka-dims / --matryoshka-weights; the widths against the recipe's model only
+        # when it is the one trained (a checkpoint's width is checked once it is read)
+        from_scratch = self.pretrained_checkpoint is None and self.load is None
+        self.matryoshka(self.model.model.hidden_size if from_scratch else None)
+        if self.batch_composition not in BATCH_COMPOSITIONS:
+            raise ValueError(
+                f"--batch-composition must be one of {BATCH_COMPOSITIONS}, got "
+                f"{self.batch_composition!r}"
+            )
+        if self.distill_weight < 0:
+            raise ValueError(f"--distill-weight must be >= 0 (0: off), got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        if (
+            self.query_query_negatives or self.document_document_negatives
+        ) and not self.in_batch_negatives:
+            flag = (
+                "--query-query-negatives"
+                if self.query_query_negatives
+                else "--document-document-negatives"
+            )
+            raise ValueError(
+                f"{flag} adds in-batch terms; it needs in-batch negatives (stage 1 or "
+                "--in-batch-negatives)"
+            )
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}), --lr > 0")
         if self.lr_warmup_iters < 0:

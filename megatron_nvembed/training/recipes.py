@@ -8,6 +8,12 @@ with in-batch negatives, stage 2 lr 1.5e-5 for 18k steps without them. Stage 2 s
 stage-1 weights (`--pretrained-checkpoint STAGE1_SAVE`: adapters are merged into the base, new
 adapters are trained) with a different `--train-data` blend.
 
+`nvembed_llama3_8b_stage1` / `_stage2`: the same two stages and Table 5 settings on a Llama 3.1 8B
+backbone (grouped-query attention, RoPE theta 500000 with the llama3 frequency scaling), the
+shape of its public config.json. As for every recipe, a run from `--pretrained-checkpoint` takes
+the architecture from that checkpoint (`import-hf` of the Llama folder); the recipe's shape is
+what `--help --recipe` shows and what a run from scratch builds.
+
 `tiny` / `tiny_stage2` run on a laptop CPU in seconds (the quickstart and the tests).
 """
 
@@ -37,12 +43,34 @@ def _mistral_7b() -> EmbeddingModelConfig:
     )
 
 
-def nvembed_mistral_7b_stage1() -> TrainingConfig:
+def _llama3_8b() -> EmbeddingModelConfig:
+    return EmbeddingModelConfig(
+        model=ModelConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            ffn_hidden_size=14336,
+            num_layers=32,
+            num_attention_heads=32,
+            num_query_groups=8,
+            rotary_base=500000.0,
+            rope_scaling_factor=8.0,
+            rope_scaling_low_freq_factor=1.0,
+            rope_scaling_high_freq_factor=4.0,
+            rope_scaling_original_max_position_embeddings=8192,
+            norm_epsilon=1e-5,
+            mask_type="bidirectional",
+            bf16=True,
+        ),
+        pooling=PoolingConfig(type="latent", num_latents=512, num_heads=8, head_dim=None),
+    )
+
+
+def nvembed_mistral_7b_stage1(model: EmbeddingModelConfig | None = None) -> TrainingConfig:
     """NV-Embed stage 1 (Table 5): retrieval data, in-batch + 7 mined hard negatives."""
     return TrainingConfig(
         recipe="nvembed_mistral_7b_stage1",
         stage=1,
-        model=_mistral_7b(),
+        model=model or _mistral_7b(),
         lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.1),
         num_negatives=7,
         seq_length=512,
@@ -70,6 +98,20 @@ def nvembed_mistral_7b_stage2() -> TrainingConfig:
     cfg.stage = 2
     cfg.train_iters = 18000
     cfg.lr = 1.5e-5
+    return cfg
+
+
+def nvembed_llama3_8b_stage1() -> TrainingConfig:
+    """NV-Embed stage 1 (Table 5) on Llama 3.1 8B."""
+    cfg = nvembed_mistral_7b_stage1(_llama3_8b())
+    cfg.recipe = "nvembed_llama3_8b_stage1"
+    return cfg
+
+
+def nvembed_llama3_8b_stage2() -> TrainingConfig:
+    """NV-Embed stage 2 (Table 5) on Llama 3.1 8B, from the stage-1 weights."""
+    cfg = nvembed_mistral_7b_stage2()
+    cfg.recipe, cfg.model = "nvembed_llama3_8b_stage2", _llama3_8b()
     return cfg
 
 
@@ -123,6 +165,8 @@ def tiny_stage2() -> TrainingConfig:
 RECIPES: dict[str, Callable[[], TrainingConfig]] = {
     "nvembed_mistral_7b_stage1": nvembed_mistral_7b_stage1,
     "nvembed_mistral_7b_stage2": nvembed_mistral_7b_stage2,
+    "nvembed_llama3_8b_stage1": nvembed_llama3_8b_stage1,
+    "nvembed_llama3_8b_stage2": nvembed_llama3_8b_stage2,
     "tiny": tiny,
     "tiny_stage1": tiny,
     "tiny_stage2": tiny_stage2,

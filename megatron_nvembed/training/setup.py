@@ -179,6 +179,10 @@ def build(cfg: TrainingConfig) -> Run:
 
     resuming, own_save = check_load_and_save(cfg)
     model_cfg, source = resolve_model_config(cfg)
+    try:  # the widths against the model trained
+        cfg.matryoshka(model_cfg.model.hidden_size)
+    except ValueError as err:
+        raise ValueError(f"{err} (the model of {source})" if source else str(err)) from None
     par = model_cfg.parallel
     pg = initialize_model_parallel(
         par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed
@@ -201,7 +205,13 @@ def build(cfg: TrainingConfig) -> Run:
         dp_rank=pg.dp.rank(),
         dp_size=dp,
         seed=cfg.seed,
+        composition=cfg.batch_composition,
     )
+    if cfg.distill_weight and not any(src.scored_records for src in data.sources):
+        raise ValueError(
+            f"--distill-weight {cfg.distill_weight}: no record of --train-data carries teacher "
+            'scores ("pos_scores" / "neg_scores", docs/data.md); nothing to distil'
+        )
     model, lora = build_training_model(cfg, model_cfg, pg, resuming)
     ddp, optimizer, scheduler = build_optimizer(cfg, model, model_cfg)
     loss_fn = build_loss(cfg, pg)
@@ -225,6 +235,11 @@ def build_loss(cfg: TrainingConfig, pg):
             temperature=cfg.temperature,
             in_batch_negatives=cfg.in_batch_negatives,
             false_negative_margin=cfg.false_negative_margin,
+            query_query=cfg.query_query_negatives,
+            document_document=cfg.document_document_negatives,
+            matryoshka=cfg.matryoshka(),  # widths checked against the model in `build`
+            distill_weight=cfg.distill_weight,
+            distill_temperature=cfg.distill_temperature,
         ),
         group=pg.dp,
         global_batch_size=cfg.global_batch_size,

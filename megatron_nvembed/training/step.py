@@ -51,6 +51,10 @@ class ModelBatch:
     """Token positions the decoder computes in one pass (padding included; THD: real tokens)."""
     lengths: list[int]
     """Real tokens of each non-empty text, queries and candidates (statistics)."""
+    query_ids: torch.Tensor | None = None
+    """[b] int64 hashes of the queries (the loss's query-query term)."""
+    teacher_scores: torch.Tensor | None = None
+    """[b, n] float32 teacher scores, NaN where none (the loss's distillation term)."""
 
     def to(self, device) -> ModelBatch:
         """The same batch on `device` (one copy of every tensor)."""
@@ -65,6 +69,8 @@ class ModelBatch:
             candidate_mask=move(self.candidate_mask),
             candidate_ids=move(self.candidate_ids),
             in_batch=move(self.in_batch),
+            query_ids=move(self.query_ids),
+            teacher_scores=move(self.teacher_scores),
         )
 
 
@@ -160,6 +166,8 @@ def plan_micro_batch(
         in_batch=mb.in_batch,
         positions=positions,
         lengths=[n for n in lengths if n],
+        query_ids=mb.query_ids,
+        teacher_scores=mb.teacher_scores,
     )
 
 
@@ -248,7 +256,7 @@ class StepRunner:
             b, n = mb.candidate_mask.shape
             loss = self.loss_fn(
                 out[:b], out[b:].reshape(b, n, -1), mb.candidate_mask, mb.in_batch,
-                mb.candidate_ids,
+                mb.candidate_ids, mb.query_ids, mb.teacher_scores,
             )  # fmt: skip
             # A copy: megatron-core's schedule divides the returned loss by the micro-batch
             # count in place, which a detached view would share.
@@ -264,10 +272,15 @@ class StepRunner:
         mask = torch.cat([mb.candidate_mask for mb in micro_batches])
         in_batch = torch.cat([mb.in_batch for mb in micro_batches])
         ids = torch.cat([mb.candidate_ids for mb in micro_batches])
+        qids, teacher = (
+            None if getattr(micro_batches[0], key) is None
+            else torch.cat([getattr(mb, key) for mb in micro_batches])
+            for key in ("query_ids", "teacher_scores")
+        )  # fmt: skip
         result = grad_cache_step(
             self.forward,
             micro_batches,
-            lambda q, c: self.loss_fn(q, c, mask, in_batch, ids),
+            lambda q, c: self.loss_fn(q, c, mask, in_batch, ids, qids, teacher),
             self.sizes,
             drive=self.drive,
             last_stage=self.last_stage,

@@ -10,6 +10,9 @@ positive across the rank boundary) directly.
   part of the global batch (4 + 4, and 3 + 5), parameter gradients averaged as DDP does: loss and
   every parameter gradient equal the reference. GradCache with 2 micro-batches per rank under real
   `DistributedDataParallel` (its `no_sync` for the first micro-batch) equals it too.
+- The optional objectives (query-query and document-document negatives, Matryoshka widths, the
+  margin, distillation towards teacher scores) at DP=2 with unequal halves, and with GradCache under DDP, equal the one-process
+  computation (the queries are gathered with exact gradients too).
 - TP=2 x DP=2 (4 processes; TP peers {0,1}, {2,3} hold the same data; DP groups {0,2}, {1,3}):
   gathering over the DP group equals the reference; gathering over the world group duplicates
   every candidate and gives a different loss and different gradients.
@@ -42,7 +45,7 @@ def _setup(seed=0):
     return model, toy_batch(GLOBAL_B, 3, seed=1)
 
 
-def _loss(q, c, batch, group):
+def _loss(q, c, batch, group, **objectives):
     from megatron_nvembed.loss import contrastive_loss
 
     return contrastive_loss(
@@ -52,16 +55,34 @@ def _loss(q, c, batch, group):
         temperature=T,
         in_batch=batch["in_batch"],
         candidate_ids=batch["candidate_ids"],
+        query_ids=batch["query_ids"],
+        teacher_scores=batch["teacher_scores"],
         group=group,
+        **objectives,
     )
 
 
-def _reference(batch):
+def _objectives():
+    """Every optional term on: query-query and document-document negatives, Matryoshka widths
+    with weights, the false-negative margin, distillation towards teacher scores."""
+    from megatron_nvembed.loss import Matryoshka
+
+    return dict(
+        query_query=True,
+        document_document=True,
+        matryoshka=Matryoshka((8, 4, 2), (1.0, 0.5, 0.25)),
+        false_negative_margin=0.8,
+        distill_weight=0.5,
+        distill_temperature=2.0,
+    )
+
+
+def _reference(batch, **objectives):
     from megatron_nvembed.loss._toy import encode
 
     model, _ = _setup()
     q, c = encode(model, batch)
-    loss, stats = _loss(q, c, batch, None)
+    loss, stats = _loss(q, c, batch, None, **objectives)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, stats
 
@@ -150,6 +171,21 @@ def _check_dp2(rank, world_size):
             ref_stats.candidates_per_query_max,
         )
 
+    # The optional objectives gather queries too; DP=2 (unequal halves) equals one process.
+    objectives = _objectives()
+    obj_loss, obj_grads, _ = _reference(batch, **objectives)
+    assert abs(obj_loss - ref_loss) > 1e-3 * abs(ref_loss), "the objectives changed nothing"
+    local = slice_batch(batch, (0, 3)[rank], (3, 8)[rank])
+    model, _ = _setup()
+    q, c = encode(model, local)
+    loss, _ = _loss(q, c, local, world, **objectives)
+    loss.backward()
+    _ddp_average(model, world)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    _assert_matches(
+        _mean_over(loss.item(), world), grads, obj_loss, obj_grads, "DP=2 with objectives"
+    )
+
     # GradCache, 2 micro-batches per rank, under real DDP (its averaging, its no_sync).
     model, _ = _setup()
     ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=world)
@@ -168,6 +204,40 @@ def _check_dp2(rank, world_size):
     _assert_matches(_mean_over(result.loss.item(), world), grads, ref_loss, ref_grads, "GradCache")
     assert result.replay_max_diff == 0.0
     assert loss_mod.pop_stats().pool_queries == GLOBAL_B
+
+    # GradCache with every objective on (the trainer's ContrastiveLoss settings).
+    model, _ = _setup()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=world)
+    settings = ContrastiveLossConfig(
+        temperature=T,
+        query_query=True,
+        document_document=True,
+        matryoshka=objectives["matryoshka"],
+        false_negative_margin=objectives["false_negative_margin"],
+        distill_weight=objectives["distill_weight"],
+        distill_temperature=objectives["distill_temperature"],
+    )
+    loss_mod = ContrastiveLoss(settings, world, GLOBAL_B)
+    local = slice_batch(batch, 4 * rank, 4 * rank + 4)
+    result = grad_cache_step(
+        lambda i, mb: _rows(*encode(ddp, mb)),
+        [slice_batch(local, 0, 2), slice_batch(local, 2, 4)],
+        lambda q, c: loss_mod(
+            q,
+            c,
+            local["candidate_mask"],
+            local["in_batch"],
+            local["candidate_ids"],
+            local["query_ids"],
+            local["teacher_scores"],
+        ),  # fmt: skip
+        lambda mb: tuple(mb["c_ids"].shape[:2]),
+        drive=partial(run_in_order, no_sync=ddp.no_sync),
+    )
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    _assert_matches(
+        _mean_over(result.loss.item(), world), grads, obj_loss, obj_grads, "GradCache objectives"
+    )
 
 
 def _rows(q, c):  # [b, d], [b, n, d] -> [b + b * n, d], the rows grad_cache_step splits

@@ -8,6 +8,12 @@ instructions, in fp32:
 - HF -> Megatron shards -> HF is bit-exact (shards gathered from both ranks).
 PP=2 runs two micro-batches through megatron-core's pipeline schedule.
 
+Qwen2 (Q/K/V biases), Qwen3 (per-head Q/K RMSNorm, head_dim 24 != 64 / 4 heads, GQA) and Llama 3.x
+(rope_scaling llama3) backbones imported from tiny random transformers `Qwen2Model` /
+`Qwen3Model` / `LlamaModel`: at TP=2 and at PP=2 the final hidden states (causal mask,
+right-padded batch up to 40 tokens, real positions) equal transformers' `last_hidden_state`:
+max |diff| <= 1e-5; HF -> shards -> HF is bit-exact (biases and norms included).
+
 Run alone: pytest tests/distributed/test_model_parallel_parity.py
 """
 
@@ -106,11 +112,97 @@ def _check_pp2(rank, world_size):
             assert torch.equal(back[k], src[k]), f"{pooling}: round trip changed {k}"
 
 
+def _hf_backbone_pair(kind, pg, tp_rank, pp_rank, tp=1, pp=1):
+    """A tiny transformers backbone and this rank's megatron stage loaded from it."""
+    from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig, PoolingConfig
+    from megatron_nvembed.conversion import hf_mapping as hm
+    from megatron_nvembed.conversion.hf_config import model_config_from_hf
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.testing import tiny_hf_backbone
+
+    hf = tiny_hf_backbone(kind, num_layers=2 * pp)
+    m = model_config_from_hf(hf.config.to_dict(), f"tiny {kind} config")
+    m.mask_type = "causal"
+    cfg = EmbeddingModelConfig(model=m, pooling=PoolingConfig(type="mean"))
+    cfg.parallel = ParallelConfig(tp, pp)
+    model = build_model(cfg, pg).eval()
+    src = hf.state_dict()
+    hm.load_hf_into_model(model, src, cfg, tp_rank, pp_rank, include_head=False)
+    return hf, cfg, model, src
+
+
+HF_BACKBONE_BATCH = dict(lengths=[13, 40, 9, 2], seed=4)
+
+
+def _want_hidden(hf, batch):
+    with torch.no_grad():
+        out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.last_hidden_state  # [b, s, h]
+
+
+def _check_hf_backbones_tp2(rank, world_size):
+    from megatron_nvembed.conversion import hf_mapping as hm
+    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.testing import TINY_HF_KINDS, random_padded_batch
+
+    pg = initialize_model_parallel(2, 1, seed=7)
+    batch = random_padded_batch(**HF_BACKBONE_BATCH)
+    real = batch["attention_mask"].bool()
+    for kind in TINY_HF_KINDS:
+        hf, cfg, model, src = _hf_backbone_pair(kind, pg, rank, 0, tp=2)
+        with torch.no_grad():
+            got = model.encode_hidden(batch["input_ids"], batch["attention_mask"]).transpose(0, 1)
+        diff = (got - _want_hidden(hf, batch))[real].abs().max().item()
+        assert diff <= TOL, f"{kind}: TP=2 hidden states differ by {diff} on rank {rank}"
+
+        shards = [None, None]
+        dist.all_gather_object(shards, hm.model_to_hf_shard(model))
+        back = hm.megatron_to_hf([shards], cfg)
+        assert set(back) == set(src)
+        for k in src:
+            assert torch.equal(back[k], src[k]), f"{kind}: round trip changed {k}"
+
+
+def _check_hf_backbones_pp2(rank, world_size):
+    from megatron_nvembed.conversion import hf_mapping as hm
+    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.testing import TINY_HF_KINDS, random_padded_batch
+
+    pg = initialize_model_parallel(1, 2, seed=7)
+    batch = random_padded_batch(**HF_BACKBONE_BATCH)
+    real = batch["attention_mask"].bool()
+    for kind in TINY_HF_KINDS:
+        hf, cfg, model, src = _hf_backbone_pair(kind, pg, 0, rank, pp=2)
+        assert model.pre_process == (rank == 0) and model.post_process == (rank == 1)
+        # Stage 0's output goes to stage 1 by hand: this checks the hidden states themselves
+        # (the pipeline schedule is exercised by the pooled checks above).
+        shape = (batch["input_ids"].shape[1], batch["input_ids"].shape[0], 64)
+        with torch.no_grad():
+            if rank == 0:
+                dist.send(model.encode_hidden(batch["input_ids"], batch["attention_mask"]), 1)
+            else:
+                received = torch.empty(shape)
+                dist.recv(received, 0)
+                model.set_input_tensor(received)
+                got = model.encode_hidden(batch["input_ids"], batch["attention_mask"])
+                diff = (got.transpose(0, 1) - _want_hidden(hf, batch))[real].abs().max().item()
+                assert diff <= TOL, f"{kind}: PP=2 hidden states differ by {diff}"
+
+        stages = [None, None]
+        dist.all_gather_object(stages, hm.model_to_hf_shard(model))
+        back = hm.megatron_to_hf([[stages[0]], [stages[1]]], cfg)
+        assert set(back) == set(src)
+        for k in src:
+            assert torch.equal(back[k], src[k]), f"{kind}: round trip changed {k}"
+
+
 def _check_tp2_then_pp2(rank, world_size):
     # One process group for both layouts: importing megatron-core dominates a process's cost,
     # and each check builds its own model-parallel groups.
     _check_tp2(rank, world_size)
+    _check_hf_backbones_tp2(rank, world_size)
     _check_pp2(rank, world_size)
+    _check_hf_backbones_pp2(rank, world_size)
 
 
 @pytest.mark.distributed

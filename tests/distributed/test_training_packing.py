@@ -1,7 +1,9 @@
 """`--pack-sequences` and `--length-bucket-size` in the training loop (CPU, gloo): packed and
 length-bucketed micro-batches train exactly as padded ones, on both CPU attention backends
 (sdpa's THD rows, local's block-diagonal mask); and `train()` with GradCache equals `train()`
-without it where the two must agree (in-batch negatives off), losses and updated weights.
+without it where the two must agree (in-batch negatives off), losses and updated weights; each
+imported backbone (Qwen2, Qwen3, Llama 3.x) trains with LoRA, packing, GradCache and the
+optional loss terms as it does padded on the direct path.
 
 Run alone: pytest tests/distributed/test_training_packing.py
 """
@@ -33,7 +35,33 @@ def _cfg(data, **overrides):
     return tiny_training_config(data, **{"train_iters": 3, "seq_length": 24, **overrides})
 
 
-def _packing_worker(rank, world, data, tmp):
+def _backbones(data, backbones: dict) -> dict:
+    """Per imported backbone (Qwen2, Qwen3, Llama 3.x): LoRA + packing + GradCache over 2
+    micro-batches per rank, and LoRA on the direct path with one padded micro-batch per rank (the
+    same in-batch pool); both with every Matryoshka / query-query / document-document term."""
+    from megatron_nvembed.training.trainer import train
+
+    out = {}
+    for kind, ckpt in backbones.items():
+        common = {
+            "pretrained_checkpoint": ckpt,
+            "tokenizer": None,
+            "lora.rank": 4,
+            "lora.dropout": 0.0,
+            "model.model.mask_type": "bidirectional",
+            "matryoshka_dims": [64, 16],
+            "query_query_negatives": True,
+            "document_document_negatives": True,
+        }
+        for name, extra in (
+            ("gc_packed", {"grad_cache": True, "micro_batch_size": 2, "pack_sequences": True}),
+            ("direct_padded", {"grad_cache": False, "micro_batch_size": 4}),
+        ):
+            out[f"{kind}_{name}"] = train(_cfg(data, **common, **extra)).losses
+    return out
+
+
+def _packing_worker(rank, world, data, tmp, backbones):
     from megatron_nvembed.data import packing
     from megatron_nvembed.training.trainer import train
 
@@ -64,6 +92,7 @@ def _packing_worker(rank, world, data, tmp):
         cfg = _cfg(data, pack_sequences=pack, **{"model.model.attention_backend": "local"})
         out[key] = train(cfg).losses
     out.update(_grad_cache_and_direct(data))
+    out.update(_backbones(data, backbones))
     log = Path(tmp) / "dp2_direct_buckets.jsonl"
     result = train(_cfg(data, grad_cache=False, length_bucket_size=3, log_json=str(log)))
     out["dp2_direct_buckets"] = result.losses
@@ -107,8 +136,16 @@ def _grad_cache_and_direct(data) -> dict:
 @pytest.fixture(scope="module")
 def runs(synthetic, tmp_path_factory):
     """Every layout trained packed and padded once (2 processes); the tests read the outputs."""
+    from megatron_nvembed.conversion.convert import import_hf
+    from megatron_nvembed.testing import TINY_HF_KINDS, save_tiny_hf_decoder
+
     tmp = tmp_path_factory.mktemp("packing")
-    run_distributed(_packing_worker, 2, synthetic, str(tmp))
+    backbones = {}
+    for kind in TINY_HF_KINDS:  # tiny random Qwen2, Qwen3, Llama 3.x folders, imported
+        src = save_tiny_hf_decoder(tmp / f"hf_{kind}", synthetic["tokenizer"], kind)
+        backbones[kind] = str(tmp / f"ckpt_{kind}")
+        import_hf(src, backbones[kind], pooling="latent", num_latents=16, num_heads=2)
+    run_distributed(_packing_worker, 2, synthetic, str(tmp), backbones)
     return tmp
 
 
@@ -126,6 +163,23 @@ def test_pack_sequences_trains_like_padding(runs):
         assert sorted(padded) == ["1", "2", "3"]
         for it in ("1", "2", "3"):
             assert packed[it] == pytest.approx(padded[it], rel=1e-5), (name, it)
+
+
+def test_every_backbone_trains_with_lora_packing_and_grad_cache(runs):
+    """Qwen2 (Q/K/V biases), Qwen3 (Q/K norms, head width 24 != 64 / 4) and Llama 3.x (RoPE
+    scaling), imported from transformers folders, at DP=2 with LoRA, a bidirectional mask, the
+    latent head and every Matryoshka / query-query / document-document term: packed rows with
+    GradCache over 2 micro-batches per rank log the same losses over 3 steps as padded rows on
+    the direct path with one micro-batch per rank (rel 1e-5), and the backbones differ."""
+    out = json.loads((runs / "packing.json").read_text())
+    firsts = []
+    for kind in ("qwen2", "qwen3", "llama3"):
+        cached, direct = out[f"{kind}_gc_packed"], out[f"{kind}_direct_padded"]
+        assert sorted(direct) == ["1", "2", "3"]
+        for it in ("1", "2", "3"):
+            assert cached[it] == pytest.approx(direct[it], rel=1e-5), (kind, it)
+        firsts.append(direct["1"])
+    assert len({round(x, 6) for x in firsts}) == 3
 
 
 def test_length_buckets_train_like_one_call_and_compute_less_padding(runs):

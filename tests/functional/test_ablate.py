@@ -9,13 +9,15 @@
 - Rerun: finished cells are skipped (done.json and summary.json untouched); a cell whose
   done.json and evaluation marker were removed redoes only its evaluation (its training step is
   kept) and gets the same scores.
-- --run slurm on the same OUT with the whole grid: bases.sbatch, one script per unfinished cell
-  (8 of 12), submit_all.sh; every script passes `bash -n` and launches examples/pretrain_nvembed.sh
-  through srun with the allocation mapped as examples/pretrain_nvembed.slurm does.
+- --run slurm on the same OUT with the whole grid and three objectives (infonce, homogeneous and
+  one of --objective): bases.sbatch (the same bases: objectives share them), one script per
+  unfinished cell, submit_all.sh; every script passes `bash -n` and launches
+  examples/pretrain_nvembed.sh through srun with the allocation mapped as
+  examples/pretrain_nvembed.slurm does, with its objective's flags.
 - Fast checks: the mask variant of a base equals import-hf's config except mask_type and leaves
   its source untouched; grid errors name the flag.
 
-Run alone: pytest tests/functional/test_ablate.py   (4.5 to 5 minutes on 2 busy cores)
+Run alone: pytest tests/functional/test_ablate.py   (2.5 to 5 minutes on 2 busy cores)
 """
 
 import csv
@@ -27,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from megatron_nvembed.ablation.bases import derive_mask_variant
+from megatron_nvembed.ablation.cells import is_done
 from megatron_nvembed.ablation.grid import MASKS, POOLINGS, SCHEDULES, cell_name, parse_grid
 from megatron_nvembed.ablation.plan import build_plan, combine_data
 from megatron_nvembed.ablation.steps import render_argv
@@ -166,15 +169,33 @@ def test_rerun_skips_finished_cells_and_redoes_unfinished(grid_run):
 @pytest.mark.functional
 def test_slurm_writes_a_script_per_unfinished_cell(grid_run):
     out = grid_run["out"]
-    proc = _ablate(*grid_run["common"], "--run", "slurm", "--slurm-nodes", "2", timeout=300)
+    objectives = ["--grid", "objective=infonce,homogeneous,mat"]
+    objectives += ["--objective", "mat=--matryoshka-dims 16 8"]
+    proc = _ablate(
+        *grid_run["common"], *objectives, "--run", "slurm", "--slurm-nodes", "2", timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     sdir = out / "slurm"
     scripts = sorted(p.stem for p in sdir.glob("*.sbatch"))
-    expected = {cell_name(s, p, m) for s in SCHEDULES for p in POOLINGS for m in MASKS} - set(CELLS)
-    assert len(expected) == 20
+    every = {
+        cell_name(s, p, m, o)
+        for s in SCHEDULES
+        for p in POOLINGS
+        for m in MASKS
+        for o in ("infonce", "homogeneous", "mat")
+    }
+    expected = {c for c in every if not is_done(out, c)}
+    assert set(CELLS) <= every - expected and len(every) == 72
     assert scripts == sorted([*expected, "bases"])
     submit = (sdir / "submit_all.sh").read_text()
-    assert submit.count("--dependency=afterok:$BASES") == 20
+    assert submit.count("--dependency=afterok:$BASES") == len(expected)
+    mat = (sdir / f"{cell_name('two-stage', 'eos', 'causal', 'mat')}.sbatch").read_text()
+    assert mat.count("--matryoshka-dims 16 8") == 2  # both training runs, not the evaluation
+    assert "_causal_mat/stage2" in mat and "bases/eos_causal " in mat  # the shared base
+    homogeneous = cell_name("single-stage-inbatch", "eos", "causal", "homogeneous")
+    assert "--batch-composition homogeneous" in (sdir / f"{homogeneous}.sbatch").read_text()
+    plain = (sdir / f"{cell_name('single-stage-inbatch', 'eos', 'causal')}.sbatch").read_text()
+    assert "--batch-composition" not in plain and "--matryoshka-dims" not in plain
     for path in [*sdir.glob("*.sbatch"), sdir / "submit_all.sh"]:
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
     two = (sdir / f"{cell_name('two-stage', 'eos', 'causal')}.sbatch").read_text()

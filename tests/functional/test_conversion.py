@@ -136,6 +136,16 @@ def test_round_trips_resharding_and_hf_loading(tmp_path, tokenizer):
     assert (st_emb - want).abs().max().item() <= 1e-5
     st_docs = st.encode(TEXTS, prompt_name="document", convert_to_tensor=True)
     assert (st_docs - hf_model.encode(TEXTS)).abs().max().item() <= 1e-5
+    # A Matryoshka width through sentence-transformers' own truncation: the renormalised prefix.
+    st_short = st.encode(
+        TEXTS,
+        prompt=INSTRUCTION,
+        convert_to_tensor=True,
+        truncate_dim=16,
+        normalize_embeddings=True,
+    )
+    prefix = torch.nn.functional.normalize(want[:, :16], dim=-1)
+    assert st_short.shape[1] == 16 and (st_short - prefix).abs().max().item() <= 1e-5
 
 
 @pytest.mark.functional

@@ -6,6 +6,8 @@ then embeds a JSONL of queries (with instructions) and documents (without), at T
 load) and at DP=2, in shards of 2 lines (so both ranks compute shards). Each output row must equal
 `AutoModel(...).encode` of that line within 1e-5, and DP=2 must equal one process exactly.
 A malformed input line is an error naming the file and line, before the model loads.
+`--truncate-dim 16` gives the first 16 coordinates of those embeddings, L2-normalised again
+(1e-5); `--truncate-dim 0` is refused naming the flag (exit 2).
 
 Kill and resume: `tools/embed.py --output-dir` on the export is SIGKILLed at a random moment
 (the seed is printed) once some shards exist; the rerun computes only the missing shards (the
@@ -92,6 +94,16 @@ def test_embed_tool_matches_exported_model(tmp_path):
         assert not (tmp_path / f"emb_tp{tp}_n{nproc}.npy.shards").exists()
         outputs[(tp, nproc)] = got
     np.testing.assert_array_equal(outputs[(1, 2)], outputs[(1, 1)])
+
+    # --truncate-dim: the first 16 coordinates of the export's embeddings, L2-normalised again
+    out = tmp_path / "emb_d16.npy"
+    proc = _torchrun("--load", ckpt, "--input", inp, "--output", out, "--truncate-dim", 16, nproc=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prefix = want[:, :16] / np.linalg.norm(want[:, :16], axis=1, keepdims=True)
+    got = np.load(out)
+    assert got.shape == (len(ROWS), 16) and np.abs(got - prefix).max() <= 1e-5
+    proc = _torchrun("--load", ckpt, "--input", inp, "--output", out, "--truncate-dim", 0, nproc=1)
+    assert proc.returncode == 2 and "--truncate-dim" in proc.stderr
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')

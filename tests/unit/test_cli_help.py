@@ -49,6 +49,7 @@ ENTRY_POINTS = [
     ("tools/prepare_data.py", "sts"),
     ("tools/prepare_data.py", "decontaminate"),
     ("tools/mine_hard_negatives.py",),
+    ("tools/merge_checkpoints.py",),
     ("examples/pretrain_nvembed.py",),
 ]
 

@@ -63,11 +63,10 @@ def _loop_reference(q, c, mask, in_batch, ids, margin=None, identical=True, t=T)
             for j in range(n):
                 if (k, j) == (i, 0) or not mask[k, j]:
                     continue
-                if k != i:
-                    if not (in_batch[i] and in_batch[k]):
-                        continue
-                    if identical and ids[k, j] == ids[i, 0]:
-                        continue
+                if k != i and not (in_batch[i] and in_batch[k]):
+                    continue
+                if identical and ids[k, j] == ids[i, 0]:  # own or in-batch
+                    continue
                 s = float(q[i] @ c[k, j])
                 if margin is not None and s > margin * pos:
                     continue

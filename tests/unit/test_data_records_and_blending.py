@@ -12,7 +12,9 @@
   a zero weight is never drawn; identical global batches at DP sizes 1, 2 and 4 (rank slices
   concatenate to the DP=1 batch); each pass over a dataset reads every record once, reshuffled
   per pass; exact resume from a state_dict, also at another DP size; a state from other settings
-  is refused naming the setting; hard negatives drawn without replacement, fewer when fewer exist.
+  is refused naming the setting; hard negatives drawn without replacement, fewer when fewer exist;
+  "homogeneous" (batching by task): one dataset per global batch, drawn by weight (within 4
+  standard errors over 600 batches), the same at DP sizes 1 and 2, resumable.
 
 Run alone: pytest tests/unit/test_data_records_and_blending.py
 """
@@ -246,10 +248,36 @@ def test_resume_refuses_other_settings():
         (dict(G=48), "--global-batch-size"),
         (dict(seed=4), "data seed"),
         (dict(weights=(0.4, 0.4, 0.2)), "--train-data weights"),
-        (dict(composition="multinomial"), "composition"),
+        (dict(composition="multinomial"), "--batch-composition"),
+        (dict(composition="homogeneous"), "--batch-composition"),
     ]:
         with pytest.raises(ValueError, match=flag):
             _sampler(**kwargs).load_state_dict(state)
+
+
+def test_homogeneous_batches_come_from_one_dataset_by_weight():
+    """Batching by task: every global batch (so every rank's slice) from one dataset; the share
+    of batches per dataset within 4 standard errors of its weight over 600 batches; identical
+    at DP sizes 1 and 2; resumable; a zero weight is never drawn."""
+    s, n = _sampler(composition="homogeneous", G=4, mbs=1), 600
+    counts = [0, 0, 0]
+    for _ in range(n):
+        datasets = {slot.dataset for slot in s.global_batch()}
+        assert len(datasets) == 1
+        counts[datasets.pop()] += 1
+    for k, w in enumerate((0.5, 0.3, 0.2)):
+        assert abs(counts[k] / n - w) <= 4 * math.sqrt(w * (1 - w) / n), counts
+    ref = _sampler(composition="homogeneous")
+    batches = [ref.global_batch() for _ in range(6)]
+    ranks = [_sampler(r, 2, composition="homogeneous") for r in range(2)]
+    for t in range(3):
+        joined = [slot for r in ranks for mb in r.next_micro_batches() for slot in mb]
+        assert joined == batches[t]
+    resumed = _sampler(composition="homogeneous")
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert [resumed.global_batch() for _ in range(3)] == batches[3:]
+    zero = _sampler(weights=(0.6, 0.0, 0.4), composition="homogeneous")
+    assert all(slot.dataset != 1 for _ in range(50) for slot in zero.global_batch())
 
 
 def test_negatives_and_positives_are_sampled_within_bounds():

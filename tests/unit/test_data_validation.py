@@ -223,3 +223,44 @@ def test_utf8_bom_on_the_first_line_is_read(tmp_path):
     source = load_dataset_spec(str(path))
     assert [r.query for r in source] == [GOOD["query"]] * 2  # re-read by offset, BOM included
     assert len(list(iter_records(path))) == 2
+
+
+@pytest.mark.parametrize(
+    "scores, needle",
+    [
+        ({"pos_scores": [1.0]}, "key 'pos_scores' without 'neg_scores'"),
+        ({"neg_scores": [1.0]}, "key 'neg_scores' without 'pos_scores'"),
+        ({"pos_scores": 1.0, "neg_scores": [0.5]}, "key 'pos_scores' must be a list of numbers"),
+        ({"pos_scores": [True], "neg_scores": [0.5]}, "item 0 is bool"),
+        ({"pos_scores": ["1"], "neg_scores": [0.5]}, "item 0 is str"),
+        ({"pos_scores": [1.0], "neg_scores": [1e400]}, "key 'neg_scores' item 0 is not finite"),
+        ({"pos_scores": [1.0, 2.0], "neg_scores": [0.5]}, "2 score(s) for 1 'pos' text(s)"),
+        ({"pos_scores": [1.0], "neg_scores": []}, "0 score(s) for 1 'neg' text(s)"),
+    ],
+)
+def test_teacher_scores_are_checked_at_open(tmp_path, scores, needle):
+    """`pos_scores` / `neg_scores` (distillation): both or neither, finite numbers, one per text."""
+    line = json.dumps(dict(GOOD, task="SQuAD", **scores))
+    path = _write(tmp_path / "s.jsonl", line)
+    _open_error(path, needle)
+
+
+def test_teacher_scores_follow_the_sampled_texts(tmp_path):
+    """Each candidate gets its own text's score; records without scores and absent negatives get
+    NaN; the dataset counts its scored records."""
+    rows = [
+        dict(GOOD, task="SQuAD", pos=["a", "b"], neg=["c", "d"], pos_scores=[1.0, 2.0],
+             neg_scores=[3.0, 4.0]),
+        dict(GOOD, task="SQuAD"),
+    ]  # fmt: skip
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = load_dataset_spec(str(path))
+    assert source.scored_records == 1
+    tok = build_word_tokenizer(["what is a cat a b c d cat is an animal dogs bark"])
+    slots = [Slot(0, 0, 1, (1,)), Slot(0, 1, 0, (0,))]
+    batch = collate(slots, [source], tok, num_negatives=2)
+    got = batch.teacher_scores.tolist()
+    assert got[0][:2] == [2.0, 4.0] and got[0][2] != got[0][2]  # "b", "d", then absent: NaN
+    assert all(v != v for v in got[1])
+    assert source[0].to_json()["neg_scores"] == [3.0, 4.0]

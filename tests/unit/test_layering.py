@@ -46,8 +46,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("components", ("model", "loss", "data", "curation", "conversion", "retrieval")),
     # Built on components: checkpoints merge LoRA adapters on load (model.lora), the conversion
-    # driver builds models and writes checkpoints, the reference runs conversion's HF files.
-    ("assembly", ("checkpoint", "conversion.convert", "reference")),
+    # driver and the checkpoint merge build models and write checkpoints, the reference runs
+    # conversion's HF files.
+    ("assembly", ("checkpoint", "conversion.convert", "conversion.merge", "reference")),
     ("entry points", ("training", "evaluation", "ablation", "testing")),
 )
 BOTTOM = LAYERS[0][1]

@@ -30,7 +30,9 @@ Cases (each query is mined in every parametrisation):
 - q3: an ordinary query;
 and `num_negatives` = the corpus size (every eligible document, in order), a `candidates` pool
 smaller than the corpus, the paper's margin 0.95, several corpus shards (ties across shards) and
-several query chunks and teacher blocks.
+several query chunks and teacher blocks. The input records carry teacher scores
+(`pos_scores` / `neg_scores`), which the output must not: they scored the negatives mining
+replaces.
 
 Run alone: pytest -q -p no:cacheprovider tests/unit/test_mining_exact.py
 """
@@ -149,7 +151,19 @@ def test_mining_equals_brute_force(tmp_path, num_negatives, candidates, shard_si
         "".join(json.dumps({"id": f"d{i:02d}", "text": t}) + "\n" for i, t in enumerate(texts))
     )
     (tmp_path / "q.jsonl").write_text(
-        "".join(json.dumps({"query": q, "pos": pos, "neg": []}) + "\n" for q, _, pos in queries)
+        "".join(
+            json.dumps(
+                {
+                    "query": q,
+                    "pos": pos,
+                    "neg": [],
+                    "pos_scores": [1.0] * len(pos),
+                    "neg_scores": [],
+                }
+            )
+            + "\n"
+            for q, _, pos in queries
+        )  # fmt: skip
     )
     summary = mine_hard_negatives(
         tmp_path / "q.jsonl",
@@ -176,6 +190,8 @@ def test_mining_equals_brute_force(tmp_path, num_negatives, candidates, shard_si
         )
         assert rec["neg_ids"] == [f"d{r:02d}" for r in rows], q
         assert rec["neg"] == [texts[r] for r in rows], q
+        # teacher scores belonged to the replaced negatives: not written back
+        assert "pos_scores" not in rec and "neg_scores" not in rec, q
         short += len(rows) < num_negatives
         d_pos_total += d_pos
         d_margin_total += d_margin

@@ -20,6 +20,30 @@ def test_paper_recipes_carry_table5_values():
     assert set(RECIPES) >= {"nvembed_mistral_7b_stage1", "nvembed_mistral_7b_stage2", "tiny"}
 
 
+def test_llama3_recipes_are_table5_on_llama_3_1_8b():
+    """The Llama recipes differ from the Mistral ones in the backbone only (Llama 3.1 8B's
+    config.json: 128256 tokens, RoPE theta 500000, llama3 scaling 8 / 1 / 4 / 8192); both
+    stages validate and `--stage` picks between them."""
+    for stage in (1, 2):
+        mistral = get_recipe("nvembed_mistral_7b", stage)
+        llama = get_recipe("nvembed_llama3_8b", stage)
+        assert llama.recipe == f"nvembed_llama3_8b_stage{stage}"
+        m = llama.model.model
+        assert (m.vocab_size, m.hidden_size, m.ffn_hidden_size, m.num_layers) == (
+            128256, 4096, 14336, 32,
+        )  # fmt: skip
+        assert (m.num_attention_heads, m.num_query_groups, m.rotary_base) == (32, 8, 500000.0)
+        assert (
+            m.rope_scaling_factor, m.rope_scaling_low_freq_factor,
+            m.rope_scaling_high_freq_factor, m.rope_scaling_original_max_position_embeddings,
+        ) == (8.0, 1.0, 4.0, 8192)  # fmt: skip
+        llama.model.validate()
+        for field in ("lr", "train_iters", "global_batch_size", "num_negatives", "lora",
+                      "weight_decay", "temperature", "in_batch_negatives", "seq_length"):  # fmt: skip
+            assert getattr(llama, field) == getattr(mistral, field), field
+        assert llama.model.pooling == mistral.model.pooling
+
+
 def test_flags_override_only_what_is_given():
     cfg = parse_args(
         [
@@ -98,3 +122,64 @@ def test_lora_picks_sdpa_and_refuses_transformer_engine():
     )
     with pytest.raises(ValueError, match="--attention-backend te with --lora-rank"):
         resolve_model_config(cfg)
+
+
+def test_batch_composition_reaches_the_data(monkeypatch, tmp_path):
+    """--batch-composition is handed to the data pipeline as its composition (the sampler's
+    behaviour is tested in test_data_records_and_blending.py); the data is built before any
+    model, so a stand-in pipeline that stops the build sees it first."""
+    import megatron_nvembed.data.pipeline as pipeline
+    import megatron_nvembed.parallel as parallel
+    from megatron_nvembed.testing import build_word_tokenizer
+    from megatron_nvembed.training import setup
+    from megatron_nvembed.training.arguments import parse_args
+
+    class _Group:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    class _Stop(Exception):
+        pass
+
+    def fake_data(*args, **kwargs):
+        raise _Stop(kwargs["composition"])
+
+    tok = tmp_path / "tok"
+    build_word_tokenizer(["a b c"]).save_pretrained(tok)
+    monkeypatch.setattr(pipeline, "build_train_data", fake_data)
+    monkeypatch.setattr(
+        parallel, "initialize_model_parallel", lambda *a, **k: type("PG", (), {"dp": _Group()})
+    )
+    for value in ("homogeneous", "multinomial"):
+        cfg = parse_args(["--train-data", "x.jsonl", "--tokenizer", str(tok),
+                          "--batch-composition", value])  # fmt: skip
+        with pytest.raises(_Stop, match=value):
+            setup.build(cfg)
+
+
+def test_matryoshka_widths_are_checked_against_the_checkpoints_model(monkeypatch):
+    """With --pretrained-checkpoint the model's width is the checkpoint's, not the recipe's: a
+    width the recipe allows but the checkpoint's model does not is refused when the checkpoint's
+    config is read, naming the flag and the checkpoint, before anything else is built."""
+    import megatron_nvembed.parallel as parallel
+    from megatron_nvembed.testing import tiny_model_config
+    from megatron_nvembed.training import setup
+
+    narrow = tiny_model_config(pooling="mean")
+    narrow.model.hidden_size = 32
+    monkeypatch.setattr(setup, "check_load_and_save", lambda cfg: (False, False))
+    monkeypatch.setattr(setup, "resolve_model_config", lambda cfg: (narrow, "ckpt/base"))
+
+    def never(*args, **kwargs):
+        raise AssertionError("process groups initialised before the widths were checked")
+
+    monkeypatch.setattr(parallel, "initialize_model_parallel", never)
+    cfg = parse_args(["--train-data", "x.jsonl", "--pretrained-checkpoint", "ckpt/base",
+                      "--matryoshka-dims", "64", "16"])  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"--matryoshka-dims: width 64 exceeds .* 32 \(the model of ckpt/base\)"
+    ):
+        setup.build(cfg)

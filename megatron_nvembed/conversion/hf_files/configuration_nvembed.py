@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 from transformers.models.mistral.configuration_mistral import MistralConfig
+from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+
+try:
+    from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
+except ImportError:  # transformers before 4.51: no Qwen3 backbones
+    Qwen3Config = None
 
 
 class LatentAttentionConfig(PretrainedConfig):
@@ -55,6 +61,23 @@ class BidirectionalMistralConfig(MistralConfig):
     model_type = "bidir_mistral"
 
 
+class BidirectionalQwen2Config(Qwen2Config):
+    """A Qwen2 config whose model runs with a padding-only (bidirectional) mask."""
+
+    model_type = "bidir_qwen2"
+
+
+if Qwen3Config is not None:
+
+    class BidirectionalQwen3Config(Qwen3Config):
+        """A Qwen3 config whose model runs with a padding-only (bidirectional) mask."""
+
+        model_type = "bidir_qwen3"
+
+else:
+    BidirectionalQwen3Config = None
+
+
 def head_config(values: dict) -> LatentAttentionConfig:
     """The head's config class for its pooling type (latent: NV-Embed's own)."""
     values = {k: v for k, v in values.items() if k != "model_type"}
@@ -63,17 +86,27 @@ def head_config(values: dict) -> LatentAttentionConfig:
     return PoolingHeadConfig(**values)
 
 
-def backbone_config(values: dict) -> MistralConfig:
-    """The backbone's config: `bidir_mistral` (padding-only mask) or `mistral` (causal), so that
-    any loader that builds the backbone from its model_type applies the right mask."""
+def backbone_config(values: dict) -> PretrainedConfig:
+    """The backbone's config: `bidir_mistral` / `bidir_qwen2` / `bidir_qwen3` (padding-only
+    mask) or `mistral` / `qwen2` / `qwen3` (causal), so that any loader that builds the backbone
+    from its model_type applies the right mask."""
     values = dict(values)
     kind = values.pop("model_type", "bidir_mistral")
-    return MistralConfig(**values) if kind == "mistral" else BidirectionalMistralConfig(**values)
+    classes = {
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "bidir_qwen2": BidirectionalQwen2Config,
+        "qwen3": Qwen3Config,
+        "bidir_qwen3": BidirectionalQwen3Config,
+    }
+    if kind in ("qwen3", "bidir_qwen3") and Qwen3Config is None:
+        raise ValueError(f"text_config model_type {kind!r} needs transformers >= 4.51 (Qwen3)")
+    return classes.get(kind, BidirectionalMistralConfig)(**values)
 
 
 class NVEmbedConfig(PretrainedConfig):
-    """Top-level config: a Mistral backbone (`mask_type` "b": bidirectional, "c": causal) plus
-    the pooling head."""
+    """Top-level config: a Mistral, Qwen2 or Qwen3 backbone (`mask_type` "b": bidirectional,
+    "c": causal) plus the pooling head."""
 
     model_type = "nvembed"
     is_composition = False
@@ -81,7 +114,7 @@ class NVEmbedConfig(PretrainedConfig):
     def __init__(
         self,
         latent_attention_config: dict | LatentAttentionConfig | None = None,
-        text_config: dict | MistralConfig | None = None,
+        text_config: dict | PretrainedConfig | None = None,
         padding_side: str = "right",
         add_pad_token: bool = True,
         is_mask_instruction: bool = True,

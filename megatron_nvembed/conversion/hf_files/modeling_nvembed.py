@@ -2,9 +2,10 @@
 
 Self-contained (torch + transformers, and the two files beside it): it is copied next to exported
 weights and loaded with `AutoModel.from_pretrained(path, trust_remote_code=True)` under
-transformers 4.42 and 5. State-dict keys follow NV-Embed's layout: `embedding_model.*` (a Mistral
-backbone run with a padding-only mask, i.e. bidirectionally, or causally when the config's
-`mask_type` is "c") and `latent_attention_model.*` (the pooling head; none for mean / EOS).
+transformers 4.42 and 5 (a Qwen3 backbone needs 4.51 or later). State-dict keys follow NV-Embed's
+layout: `embedding_model.*` (a Mistral, Qwen2 or Qwen3 backbone run with a padding-only mask, i.e.
+bidirectionally, or causally when the config's `mask_type` is "c") and `latent_attention_model.*`
+(the pooling head; none for mean / EOS).
 
 `encode(texts, instruction="", max_length=512)` follows NV-Embed's conventions: text =
 instruction + text + EOS, BOS added by the tokenizer, right padding, and the first
@@ -18,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import MistralModel, PreTrainedModel
+from transformers import MistralModel, PreTrainedModel, Qwen2Config, Qwen2Model
 
-from .configuration_nvembed import LatentAttentionConfig, NVEmbedConfig
+from .configuration_nvembed import LatentAttentionConfig, NVEmbedConfig, Qwen3Config
 from .tokenization_nvembed import load_tokenizer
 
 
@@ -145,12 +146,29 @@ def padding_mask_4d(attention_mask, causal: bool, dtype):
     return out.masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def backbone_model(text) -> nn.Module:
+    """transformers' model for the backbone config: Qwen3Model, Qwen2Model or MistralModel."""
+    if Qwen3Config is not None and isinstance(text, Qwen3Config):
+        from transformers import Qwen3Model
+
+        return Qwen3Model(text)
+    if isinstance(text, Qwen2Config):
+        return Qwen2Model(text)
+    return MistralModel(text)
+
+
 class NVEmbedModel(PreTrainedModel):
-    """Mistral backbone (bidirectional, or causal for mask_type "c") + pooling head."""
+    """Mistral / Qwen2 / Qwen3 backbone (bidirectional, or causal for mask_type "c") + pooling
+    head."""
 
     config_class = NVEmbedConfig
     base_model_prefix = ""
-    _no_split_modules = ["MistralDecoderLayer", "LatentAttentionModel"]
+    _no_split_modules = [
+        "MistralDecoderLayer",
+        "Qwen2DecoderLayer",
+        "Qwen3DecoderLayer",
+        "LatentAttentionModel",
+    ]
 
     def __init__(self, config: NVEmbedConfig):
         super().__init__(config)
@@ -158,7 +176,7 @@ class NVEmbedModel(PreTrainedModel):
         text._attn_implementation = (
             "eager" if text._attn_implementation is None else text._attn_implementation
         )
-        self.embedding_model = MistralModel(text)
+        self.embedding_model = backbone_model(text)
         self.latent_attention_model = LatentAttentionModel(config.latent_attention_config)
         self.tokenizer = None
         self.post_init()
