@@ -48,7 +48,6 @@ def _backbones(data, backbones: dict) -> dict:
             "tokenizer": None,
             "lora.rank": 4,
             "lora.dropout": 0.0,
-            "model.model.mask_type": "bidirectional",
             "matryoshka_dims": [64, 16],
             "query_query_negatives": True,
             "document_document_negatives": True,
@@ -144,7 +143,10 @@ def runs(synthetic, tmp_path_factory):
     for kind in TINY_HF_KINDS:  # tiny random Qwen2, Qwen3, Llama 3.x folders, imported
         src = save_tiny_hf_decoder(tmp / f"hf_{kind}", synthetic["tokenizer"], kind)
         backbones[kind] = str(tmp / f"ckpt_{kind}")
-        import_hf(src, backbones[kind], pooling="latent", num_latents=16, num_heads=2)
+        import_hf(
+            src, backbones[kind], pooling="latent", mask_type="bidirectional", num_latents=16,
+            num_heads=2,
+        )  # fmt: skip
     run_distributed(_packing_worker, 2, synthetic, str(tmp), backbones)
     return tmp
 
