@@ -379,3 +379,16 @@ def tiny_training_config(data: dict, **overrides):
             raise AttributeError(f"TrainingConfig has no setting {key!r}")
         setattr(obj, leaf, value)
     return cfg
+
+
+def backbone_hidden_states(model, batch: dict):
+    """Final hidden states [b, s, h] of our model's decoder (no pooling head), without grad."""
+    with torch.no_grad():
+        return model.encode_hidden(batch["input_ids"], batch["attention_mask"]).transpose(0, 1)
+
+
+def hf_hidden_states(hf, batch: dict):
+    """transformers' `last_hidden_state` [b, s, h] of the same batch, without grad."""
+    with torch.no_grad():
+        out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.last_hidden_state

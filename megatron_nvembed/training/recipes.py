@@ -44,25 +44,14 @@ def _mistral_7b() -> EmbeddingModelConfig:
 
 
 def _llama3_8b() -> EmbeddingModelConfig:
-    return EmbeddingModelConfig(
-        model=ModelConfig(
-            vocab_size=128256,
-            hidden_size=4096,
-            ffn_hidden_size=14336,
-            num_layers=32,
-            num_attention_heads=32,
-            num_query_groups=8,
-            rotary_base=500000.0,
-            rope_scaling_factor=8.0,
-            rope_scaling_low_freq_factor=1.0,
-            rope_scaling_high_freq_factor=4.0,
-            rope_scaling_original_max_position_embeddings=8192,
-            norm_epsilon=1e-5,
-            mask_type="bidirectional",
-            bf16=True,
-        ),
-        pooling=PoolingConfig(type="latent", num_latents=512, num_heads=8, head_dim=None),
-    )
+    """The Mistral-7B recipe's model with Llama 3.1 8B's vocabulary and RoPE (same widths, layers
+    and heads)."""
+    cfg = _mistral_7b()
+    m = cfg.model
+    m.vocab_size, m.rotary_base, m.rope_scaling_factor = 128256, 500000.0, 8.0
+    m.rope_scaling_low_freq_factor, m.rope_scaling_high_freq_factor = 1.0, 4.0
+    m.rope_scaling_original_max_position_embeddings = 8192
+    return cfg
 
 
 def nvembed_mistral_7b_stage1(model: EmbeddingModelConfig | None = None) -> TrainingConfig:

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.testing import run_distributed
+from megatron_nvembed.testing import hf_hidden_states, run_distributed
 
 TOL = 1e-5
 POOLINGS = ("latent", "mean", "self-attention")
@@ -134,12 +134,6 @@ def _hf_backbone_pair(kind, pg, tp_rank, pp_rank, tp=1, pp=1):
 HF_BACKBONE_BATCH = dict(lengths=[13, 40, 9, 2], seed=4)
 
 
-def _want_hidden(hf, batch):
-    with torch.no_grad():
-        out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.last_hidden_state  # [b, s, h]
-
-
 def _check_hf_backbones_tp2(rank, world_size):
     from megatron_nvembed.conversion import hf_mapping as hm
     from megatron_nvembed.parallel import initialize_model_parallel
@@ -152,7 +146,7 @@ def _check_hf_backbones_tp2(rank, world_size):
         hf, cfg, model, src = _hf_backbone_pair(kind, pg, rank, 0, tp=2)
         with torch.no_grad():
             got = model.encode_hidden(batch["input_ids"], batch["attention_mask"]).transpose(0, 1)
-        diff = (got - _want_hidden(hf, batch))[real].abs().max().item()
+        diff = (got - hf_hidden_states(hf, batch))[real].abs().max().item()
         assert diff <= TOL, f"{kind}: TP=2 hidden states differ by {diff} on rank {rank}"
 
         shards = [None, None]
@@ -185,7 +179,7 @@ def _check_hf_backbones_pp2(rank, world_size):
                 dist.recv(received, 0)
                 model.set_input_tensor(received)
                 got = model.encode_hidden(batch["input_ids"], batch["attention_mask"])
-                diff = (got.transpose(0, 1) - _want_hidden(hf, batch))[real].abs().max().item()
+                diff = (got.transpose(0, 1) - hf_hidden_states(hf, batch))[real].abs().max().item()
                 assert diff <= TOL, f"{kind}: PP=2 hidden states differ by {diff}"
 
         stages = [None, None]

@@ -19,7 +19,11 @@ import pytest
 import torch
 
 from megatron_nvembed.config import ParallelConfig
-from megatron_nvembed.testing import init_single_process_megatron
+from megatron_nvembed.testing import (
+    backbone_hidden_states,
+    hf_hidden_states,
+    init_single_process_megatron,
+)
 
 TOL = 1e-5
 
@@ -27,17 +31,6 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def pg():
     return init_single_process_megatron()
-
-
-def _hidden(model, batch):
-    with torch.no_grad():
-        return model.encode_hidden(batch["input_ids"], batch["attention_mask"]).transpose(0, 1)
-
-
-def _want(hf, batch):
-    with torch.no_grad():
-        out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.last_hidden_state
 
 
 TEXTS = ["how do plants make food", "paris is the capital of france", "the sky is blue"]
@@ -70,7 +63,12 @@ def test_import_forward_export_reload(tmp_path, pg):
         load_checkpoint(model, ckpt)
         if mask_type == "causal":
             hf = AutoModel.from_pretrained(src, attn_implementation="eager").eval()
-            diff = (_hidden(model, batch) - _want(hf, batch))[real].abs().max().item()
+            diff = (
+                (backbone_hidden_states(model, batch) - hf_hidden_states(hf, batch))[real]
+                .abs()
+                .max()
+                .item()
+            )
             assert diff <= TOL, f"{kind}: imported checkpoint's hidden states differ by {diff}"
 
         export_hf(ckpt, out, dtype="float32")

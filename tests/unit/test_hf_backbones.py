@@ -33,6 +33,8 @@ from megatron_nvembed.conversion.hf_config import model_config_from_hf, text_con
 from megatron_nvembed.testing import (
     QWEN_KINDS,
     TINY_HF_KINDS,
+    backbone_hidden_states,
+    hf_hidden_states,
     init_single_process_megatron,
     random_padded_batch,
     tiny_hf_backbone,
@@ -55,17 +57,6 @@ def _cfg(hf, mask_type="causal", backend="sdpa", tp=1, pp=1) -> EmbeddingModelCo
     )
 
 
-def _hidden(model, batch):
-    with torch.no_grad():
-        return model.encode_hidden(batch["input_ids"], batch["attention_mask"]).transpose(0, 1)
-
-
-def _want(hf, batch):
-    with torch.no_grad():
-        out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.last_hidden_state
-
-
 @pytest.mark.parametrize("backend", ["sdpa", "local"])
 @pytest.mark.parametrize("kind", TINY_HF_KINDS)
 def test_hidden_states_match_transformers(pg, kind, backend):
@@ -85,8 +76,8 @@ def test_hidden_states_match_transformers(pg, kind, backend):
         assert not any(n.endswith("linear_qkv.bias") for n in params)
     batch = random_padded_batch(**BATCH)
     real = batch["attention_mask"].bool()
-    want = _want(hf, batch)
-    diff = (_hidden(model, batch) - want)[real].abs().max().item()
+    want = hf_hidden_states(hf, batch)
+    diff = (backbone_hidden_states(model, batch) - want)[real].abs().max().item()
     assert diff <= TOL, f"{kind}/{backend}: hidden states differ by {diff}"
     # The feature under test is live: without the Q/K/V biases (Qwen2), with other Q/K norm
     # weights (Qwen3; doubled: the attention scores x4) or without the scaling (Llama 3), the
@@ -100,7 +91,7 @@ def test_hidden_states_match_transformers(pg, kind, backend):
         cfg.model.rope_scaling_original_max_position_embeddings = 8192
         model = build_model(cfg, pg).eval()
     hm.load_hf_into_model(model, state, cfg, 0, 0, include_head=False)
-    assert (_hidden(model, batch) - want)[real].abs().max().item() > 1e-2
+    assert (backbone_hidden_states(model, batch) - want)[real].abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("tp,pp", list(itertools.product([1, 2, 4], [1, 2])))
@@ -276,7 +267,9 @@ def test_text_config_is_the_same_architecture_for_transformers(kind):
     rebuilt.load_state_dict(hf.state_dict(), strict=True)
     batch = random_padded_batch(**BATCH)
     real = batch["attention_mask"].bool()
-    assert (_want(rebuilt, batch) - _want(hf, batch))[real].abs().max().item() <= TOL
+    assert (hf_hidden_states(rebuilt, batch) - hf_hidden_states(hf, batch))[
+        real
+    ].abs().max().item() <= TOL
     # Read back, the written config gives the same backbone.
     assert model_config_from_hf(text, "text_config") == cfg.model.__class__(
         **{**cfg.model.__dict__, "mask_type": "bidirectional", "attention_backend": "auto"}
