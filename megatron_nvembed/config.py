@@ -1,7 +1,7 @@
 """Typed configuration for the embedding model, one small dataclass per concern.
 
 Each component receives only its own slice (the backbone `ModelConfig`, the head `PoolingConfig`,
-the parallel layout `ParallelConfig`). `validate()` checks fields and cross-field constraints and
+the parallel layout `ParallelConfig`, the query format `PromptConfig`). `validate()` checks fields and cross-field constraints and
 raises `ValueError` naming the setting (as its command-line flag where there is one).
 """
 
@@ -154,6 +154,42 @@ class PoolingConfig:
     """L2-normalise the output embedding."""
 
 
+DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
+"""NV-Embed's query prefix; `{instruction}` is the task definition."""
+QWEN3_EMBEDDING_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:"
+"""Qwen3-Embedding's query prefix (no space after "Query:")."""
+
+
+def check_query_template(template) -> str:
+    """`template` if it is a string holding `{instruction}` exactly once and no other field.
+
+    Raises:
+        ValueError: naming `--query-template`.
+    """
+    import string
+
+    if not isinstance(template, str):
+        raise ValueError(f"--query-template must be a string, got {template!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ValueError(f"--query-template {template!r}: {err}") from None
+    if fields != ["instruction"]:
+        raise ValueError(
+            f"--query-template {template!r} must hold the field {{instruction}} exactly once and "
+            f"no other (found {fields}); write literal braces as {{{{ }}}}"
+        )
+    return template
+
+
+@dataclass
+class PromptConfig:
+    """How a query is written for this model (saved with it, as sentence-transformers' prompts)."""
+
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    """The query prefix; `{instruction}` is replaced by the task definition. Documents get none."""
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel layout (data parallel is whatever is left of the world size)."""
@@ -181,6 +217,7 @@ class EmbeddingModelConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
 
     def validate(self) -> EmbeddingModelConfig:
         """Checks every field and cross-field constraint.
@@ -204,6 +241,7 @@ class EmbeddingModelConfig:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         par.validate()
+        check_query_template(self.prompts.query_template)
         if m.kv_channels is not None and (
             not isinstance(m.kv_channels, int)
             or isinstance(m.kv_channels, bool)
@@ -281,7 +319,12 @@ class EmbeddingModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> EmbeddingModelConfig:
         """Builds a config from `to_dict()` output; unknown keys raise ValueError naming them."""
-        sections = {"model": ModelConfig, "pooling": PoolingConfig, "parallel": ParallelConfig}
+        sections = {
+            "model": ModelConfig,
+            "pooling": PoolingConfig,
+            "parallel": ParallelConfig,
+            "prompts": PromptConfig,
+        }
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"unknown config section(s): {sorted(unknown)}")

@@ -5,7 +5,8 @@
              [--pipeline-model-parallel-size M] [--pooling latent|mean|eos|self-attention]
              [--mask-type bidirectional|causal] [--pooling-num-latents R]
              [--pooling-num-attention-heads H] [--pooling-head-dim D] [--overwrite]
-  export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32] [--overwrite]
+  export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32]
+             [--format nvembed|sentence-transformers] [--overwrite]
   merge-lora --load SRC --save DST [--peft-dir DIR --peft-base-model BASE
              [--peft-target nvembed|mistral]] [--overwrite]
 
@@ -105,6 +106,14 @@ def main(argv=None) -> int:
         choices=["bfloat16", "float16", "float32"],
         help="dtype of the written weights",
     )
+    exp.add_argument(
+        "--format",
+        default="nvembed",
+        choices=["nvembed", "sentence-transformers"],
+        help="nvembed: NV-Embed's format, every head and mask (default); sentence-transformers: "
+        "that library's native layout (plain transformers backbone + Pooling + Normalize, no "
+        "remote code) for eos-pooled causal models such as a Qwen3-Embedding fine-tune",
+    )
     mrg = sub.add_parser("merge-lora", help="fold LoRA adapters into the base weights")
     mrg.add_argument("--load", required=True, help="training checkpoint with LoRA adapters")
     mrg.add_argument(
@@ -199,7 +208,13 @@ def main(argv=None) -> int:
             from megatron_nvembed.parallel import initialize_model_parallel
 
             initialize_model_parallel(1, 1)
-            export_hf(args.load, args.hf_dir, dtype=args.dtype, overwrite=args.overwrite)
+            export_hf(
+                args.load,
+                args.hf_dir,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                format=args.format,
+            )
             print(f"wrote {args.hf_dir}")
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

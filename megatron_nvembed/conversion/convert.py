@@ -27,6 +27,8 @@ import torch
 
 from megatron_nvembed.checkpoint import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.conversion.hf_config import text_config_dict
+from megatron_nvembed.conversion.st_layout import write_st_layout
 from megatron_nvembed.data.templates import format_query_instruction
 from megatron_nvembed.logging_utils import get_logger
 
@@ -42,8 +44,13 @@ HF_MODEL_FILES = (
 # sentence-transformers prompts: `encode(texts, prompt_name="query")` adds the NV-Embed query
 # prefix of this task definition (the paper's retrieval wording); documents get none. Prompts are
 # complete prefixes, as the exported model's `encode(instruction=...)` takes (docs/data.md).
+# The prefix follows the model's query template (`config.PromptConfig`).
 ST_QUERY_DEFINITION = "Given a question, retrieve passages that answer the question"
 ST_PROMPTS = {"query": format_query_instruction(ST_QUERY_DEFINITION), "document": ""}
+EXPORT_FORMATS = ("nvembed", "sentence-transformers")
+"""`export-hf --format`: NV-Embed's format (every head and mask; model code shipped in the folder)
+or sentence-transformers' native layout (a plain transformers backbone + Pooling + Normalize
+modules; last-token pooling and a causal mask only, loaded without remote code)."""
 
 
 class LazyHFState(Mapping):
@@ -423,7 +430,9 @@ def _write_safetensors_shards(state: dict[str, torch.Tensor], out: Path, max_byt
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_sentence_transformers_files(out: Path, max_seq_length: int = 512) -> None:
+def _write_sentence_transformers_files(
+    out: Path, query_template: str, max_seq_length: int = 512
+) -> None:
     """modules.json and configs so `SentenceTransformer(out, trust_remote_code=True)` loads."""
     modules = [
         {
@@ -434,7 +443,11 @@ def _write_sentence_transformers_files(out: Path, max_seq_length: int = 512) -> 
         }
     ]
     (out / "modules.json").write_text(json.dumps(modules, indent=2))
-    st_config = {"prompts": ST_PROMPTS, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    prompts = {
+        "query": format_query_instruction(ST_QUERY_DEFINITION, query_template),
+        "document": "",
+    }
+    st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (out / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
     (out / "nvembed_sentence_transformers_config.json").write_text(
         json.dumps({"max_seq_length": max_seq_length}, indent=2)
@@ -473,6 +486,35 @@ def nvembed_config_json(cfg: EmbeddingModelConfig, dtype: str) -> dict:
     }
 
 
+def check_st_exportable(cfg: EmbeddingModelConfig, tokenizer_dir: Path) -> None:
+    """Refuses a model that sentence-transformers' native layout would not compute alike.
+
+    Raises:
+        ValueError: naming `--format` and what differs.
+    """
+    from megatron_nvembed.data.tokenization import load_tokenizer, special_token_layout
+
+    what = "--format sentence-transformers"
+    if cfg.pooling.type != "eos":
+        raise ValueError(
+            f"{what}: the checkpoint's pooling head is {cfg.pooling.type!r}; the layout holds "
+            "last-token (eos) pooling only (export other heads with --format nvembed)"
+        )
+    if cfg.model.mask_type != "causal":
+        raise ValueError(
+            f"{what}: the checkpoint was trained with a {cfg.model.mask_type} mask; a plain "
+            "transformers decoder runs causal (export with --format nvembed)"
+        )
+    _, suffix = special_token_layout(load_tokenizer(tokenizer_dir))
+    if not suffix:
+        raise ValueError(
+            f"{what}: the tokenizer in {tokenizer_dir} appends no end token by itself, so "
+            "sentence-transformers would pool the last text token where training pooled the EOS "
+            "(use a tokenizer whose post-processor appends it, as Qwen3-Embedding's does, or "
+            "--format nvembed)"
+        )
+
+
 def export_hf(
     load_dir: str | os.PathLike,
     hf_dir: str | os.PathLike,
@@ -480,21 +522,27 @@ def export_hf(
     dtype: str = "bfloat16",
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    format: str = "nvembed",
 ) -> Path:
-    """Writes a checkpoint in NV-Embed's HF format (weights, config, model files, tokenizer).
+    """Writes a checkpoint in NV-Embed's HF format (weights, config, model files, tokenizer), or
+    with `format="sentence-transformers"` in that library's native layout (`st_layout`).
 
     Must run in one process with megatron-core's parallel state at TP = PP = 1 (the CLI does
     this); the checkpoint is resharded on load, so any saved layout works.
 
     Every head and both masks are written (see `nvembed_config_json` for what NV-Embed's own
-    code accepts); the tokenizer files are copied byte for byte.
+    code accepts); the tokenizer files are copied byte for byte. The sentence-transformers layout
+    holds what a plain transformers decoder + its Pooling module compute: an `eos`-pooled causal
+    model whose tokenizer appends its end token itself (as Qwen3-Embedding's does; otherwise the
+    library would pool the last text token, not the EOS trained on); anything else is refused,
+    naming what differs, before the weights are read.
 
     `hf_dir` must be new or an empty folder unless `overwrite` (`--overwrite`: replaced whole,
     swapped in once written); it may never be, hold or lie inside `load_dir`.
 
     Raises:
-        ValueError: unknown dtype; an output folder refused by `check_output_dir` (before the
-            checkpoint is read).
+        ValueError: unknown dtype or format; a model the format cannot hold; an output folder
+            refused by `check_output_dir` (before the checkpoint is read).
     """
     from megatron_nvembed.checkpoint import load_checkpoint, read_config
     from megatron_nvembed.conversion.hf_mapping import megatron_to_hf, model_to_hf_shard
@@ -503,22 +551,33 @@ def export_hf(
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"--format must be one of {EXPORT_FORMATS}, got {format!r}")
     final = check_conversion_paths("export-hf", load_dir, hf_dir, overwrite=overwrite)
     load_dir, hf_dir = Path(load_dir), Path(hf_dir)
     cfg = read_config(load_dir)
+    st = format == "sentence-transformers"
+    if st:
+        check_st_exportable(cfg, load_dir / TOKENIZER_DIR)
     cfg.parallel = ParallelConfig(1, 1)
     model = build_model(cfg)
     load_checkpoint(model, load_dir)
-    state = megatron_to_hf([[model_to_hf_shard(model)]], cfg, backbone_prefix="embedding_model.")
+    prefix = "" if st else "embedding_model."
+    state = megatron_to_hf([[model_to_hf_shard(model)]], cfg, backbone_prefix=prefix)
     state = {k: v.to(dtypes[dtype]).contiguous() for k, v in state.items()}
     tmp = _temp_dir_beside(final)
     try:
         _write_safetensors_shards(state, tmp, max_shard_bytes)
-        config = nvembed_config_json(cfg, dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in HF_MODEL_FILES:
-            shutil.copy2(HF_FILES_DIR / name, tmp / name)
-        _write_sentence_transformers_files(tmp)
+        if st:
+            config = dict(text_config_dict(cfg), torch_dtype=dtype)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            write_st_layout(tmp, cfg, ST_QUERY_DEFINITION)
+        else:
+            config = nvembed_config_json(cfg, dtype)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            for name in HF_MODEL_FILES:
+                shutil.copy2(HF_FILES_DIR / name, tmp / name)
+            _write_sentence_transformers_files(tmp, cfg.prompts.query_template)
         if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
             raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
         _replace_dir(tmp, final, overwrite=overwrite, flag="--hf-dir")

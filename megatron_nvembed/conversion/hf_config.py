@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from megatron_nvembed.config import EmbeddingModelConfig, ModelConfig, PoolingConfig
+from megatron_nvembed.conversion.st_layout import read_st_layout
 
 BACKBONE_TYPES = (
     "mistral",
@@ -150,7 +151,9 @@ def model_config_from_hf(text: dict, where: str) -> ModelConfig:
 
 
 def config_from_hf_dir(hf_dir: str | Path) -> tuple[EmbeddingModelConfig, bool, str]:
-    """Reads `hf_dir/config.json`.
+    """Reads `hf_dir/config.json`, and for a sentence-transformers folder of a plain decoder
+    (Qwen3-Embedding's layout) its pooling, normalisation and query prompt (`st_layout`): the
+    model is then causal with the matching head and query template.
 
     Returns:
         (config, has_pooling_head, backbone key prefix).
@@ -182,8 +185,15 @@ def config_from_hf_dir(hf_dir: str | Path) -> tuple[EmbeddingModelConfig, bool, 
         if raw.get("mask_type", "b") == "c" or text["model_type"] in ("mistral", "qwen2", "qwen3"):
             model.mask_type = "causal"
         return EmbeddingModelConfig(model=model, pooling=pooling), True, "embedding_model."
-    model = model_config_from_hf(raw, str(path))
-    return EmbeddingModelConfig(model=model), False, ""
+    cfg = EmbeddingModelConfig(model=model_config_from_hf(raw, str(path)))
+    st = read_st_layout(hf_dir)
+    if st is not None:  # a sentence-transformers embedding model (e.g. Qwen3-Embedding)
+        cfg.pooling.type = st["pooling"]
+        cfg.pooling.normalize = st["normalize"]
+        cfg.model.mask_type = "causal"  # a plain transformers decoder runs causal
+        if st["query_template"] is not None:
+            cfg.prompts.query_template = st["query_template"]
+    return cfg, False, ""
 
 
 def latent_attention_config_dict(cfg: EmbeddingModelConfig) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.blending import Slot
 from megatron_nvembed.data.records import Record
 from megatron_nvembed.data.templates import query_instruction
@@ -75,6 +76,7 @@ def collate(
     dataset_in_batch: Sequence[bool] | None = None,
     pool_mask_convention: str = "nvembed",
     pad_to_multiple_of: int | None = 8,
+    query_template: str = DEFAULT_QUERY_TEMPLATE,
 ) -> EmbeddingBatch:
     """Tokenises a micro-batch of slots (see `BlendedSampler`).
 
@@ -87,6 +89,7 @@ def collate(
         dataset_in_batch: per dataset, whether its queries use in-batch negatives (default all).
         pool_mask_convention: see `tokenize_for_embedding`.
         pad_to_multiple_of: see `tokenize_for_embedding`.
+        query_template: the model's query prefix (`config.PromptConfig`).
 
     Returns:
         An `EmbeddingBatch` (shapes on its fields).
@@ -100,7 +103,7 @@ def collate(
         raise ValueError(f"dataset_in_batch has {len(dataset_in_batch)} flags; a slot needs more")
     recs = [datasets[s.dataset][s.index] for s in slots]
     queries = [r.query for r in recs]
-    instructions = [query_instruction(r.task, r.instruction) for r in recs]
+    instructions = [query_instruction(r.task, r.instruction, template=query_template) for r in recs]
     q, cut_q = tokenize_for_embedding(
         tokenizer,
         queries,

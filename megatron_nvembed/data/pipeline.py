@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.blending import BlendedSampler
 from megatron_nvembed.data.collate import EmbeddingBatch, collate
 from megatron_nvembed.data.loading import load_dataset_spec, parse_data_paths
@@ -29,6 +30,7 @@ class BlendedEmbeddingData:
         global_batch_size, micro_batch_size, num_negatives, dp_rank, dp_size, seed,
             composition: as `BlendedSampler`.
         max_length, pad_to_multiple_of, pool_mask_convention: as `tokenize_for_embedding`.
+        query_template: the model's query prefix (`config.PromptConfig`).
         names: display names of the datasets (default: the sources' `name` or their index).
 
     Raises:
@@ -52,6 +54,7 @@ class BlendedEmbeddingData:
         pool_mask_convention: str = "nvembed",
         composition: str = "systematic",
         names: Sequence[str] | None = None,
+        query_template: str = DEFAULT_QUERY_TEMPLATE,
     ):
         self.sources = list(sources)
         self.tokenizer = tokenizer
@@ -74,6 +77,7 @@ class BlendedEmbeddingData:
             dataset_in_batch=self.in_batch,
             pool_mask_convention=pool_mask_convention,
             pad_to_multiple_of=pad_to_multiple_of,
+            query_template=query_template,
         )
         self.truncated = 0  # texts cut at max_length on this rank
         self.texts = 0  # texts tokenised on this rank

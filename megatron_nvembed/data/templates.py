@@ -1,6 +1,8 @@
 """Task definitions (paper Tables 6 and 7) and NV-Embed's query instruction template.
 
-Queries get `"Instruct: {task_definition}\\nQuery: "`; documents never get an instruction.
+Queries get `"Instruct: {task_definition}\\nQuery: "` (or a model's own query template, e.g.
+Qwen3-Embedding's `"Instruct: {task_definition}\\nQuery:"`; `config.PromptConfig`); documents never
+get an instruction.
 Task names are matched ignoring case and punctuation ("TREC-COVID" == "TRECCOVID"), the JSON's
 `aliases` add the tables' own spellings ("Natural Question", "NQ"), and every STS evaluation task
 uses Table 7's shared "STS" instruction.
@@ -13,6 +15,8 @@ import functools
 import json
 import re
 from pathlib import Path
+
+from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
 
 _FILE = Path(__file__).with_name("task_definitions.json")
 SPLITS = ("train", "eval")
@@ -70,16 +74,22 @@ def get_task_definition(task: str, split: str = "train") -> str:
     )
 
 
-def format_query_instruction(task_definition: str) -> str:
-    """NV-Embed's query prefix for a task definition."""
-    return f"Instruct: {task_definition}\nQuery: "
+def format_query_instruction(task_definition: str, template: str = DEFAULT_QUERY_TEMPLATE) -> str:
+    """The query prefix for a task definition (default: NV-Embed's template)."""
+    return template.format(instruction=task_definition)
 
 
-def query_instruction(task: str, instruction: str | None = None, split: str = "train") -> str:
-    """The instruction prefix of a query: the record's own `instruction` (a task definition or a
-    complete "Instruct: ...\\nQuery: " prefix) when given, else the task's template."""
+def query_instruction(
+    task: str,
+    instruction: str | None = None,
+    split: str = "train",
+    template: str = DEFAULT_QUERY_TEMPLATE,
+) -> str:
+    """The instruction prefix of a query: the record's own `instruction` (a task definition, or a
+    complete prefix starting with "Instruct:", kept as written) when given, else the task's
+    definition, each put into `template`."""
     if instruction:
         if instruction.startswith("Instruct:"):
             return instruction
-        return format_query_instruction(instruction)
-    return format_query_instruction(get_task_definition(task, split))
+        return format_query_instruction(instruction, template)
+    return format_query_instruction(get_task_definition(task, split), template)

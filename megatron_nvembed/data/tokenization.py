@@ -1,13 +1,24 @@
-"""NV-Embed tokenisation: instruction + text + EOS, BOS from the tokenizer, right padding, and
-the pool mask that leaves the instruction out of pooling (with NV-Embed's exact off-by-one).
+"""Embedding tokenisation: instruction + text + end token, the tokenizer's own special tokens,
+right padding, and the pool mask that leaves the instruction out of pooling (with NV-Embed's exact
+off-by-one).
+
+Two end-token conventions, told apart by what the tokenizer itself adds (`special_token_layout`):
+- NV-Embed (Mistral / Llama tokenizers: BOS added, nothing appended): the EOS token's text is
+  appended to every text, as NV-Embed's released code does. Truncation keeps the first
+  `max_length` tokens (BOS included), as its `truncation=True` does: a truncated text loses its EOS.
+- Qwen3-Embedding (no BOS; its tokenizer's post-processor appends `<|endoftext|>`): nothing is
+  appended, and truncation cuts the text, never the appended token, as the tokenizer's own
+  `truncation=True` does, so the last token (the one last-token pooling reads) is always it.
 
 See shared/reference/nvembed-format.md: `pool_mask = attention_mask`, then the first
 `len(tokenizer.tokenize(instruction))` positions are zeroed; that count excludes BOS, so BOS and
-all but the last instruction token are masked. `convention="exact"` masks BOS and every
-instruction token instead.
+all but the last instruction token are masked. `convention="exact"` masks the leading special
+tokens and every instruction token instead. Truncated texts are counted.
 
-Truncation keeps the first `max_length` tokens (BOS included), as the released model's
-`truncation=True` does: a truncated text loses its EOS. Truncated texts are counted.
+Right padding is the layout of the whole package; a tokenizer saved with left padding (as
+Qwen3-Embedding's is) gives the same pooled state under a causal mask: RoPE attention depends on
+relative positions only, and the padding is masked out (tested against transformers with left
+padding in tests/functional/test_qwen3_embedding.py).
 """
 
 from __future__ import annotations
@@ -25,6 +36,25 @@ from megatron_nvembed.conversion.hf_files.tokenization_nvembed import (
 POOL_MASK_CONVENTIONS = ("nvembed", "exact")
 
 
+def special_token_layout(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single text by itself (its
+    post-processor): ([BOS], []) for Mistral / Llama, ([], [<|endoftext|>]) for Qwen3-Embedding.
+
+    Raises:
+        ValueError: the tokenizer inserts special tokens inside the text (not a prefix/suffix).
+    """
+    probe = "a b"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    raise ValueError(
+        f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its special tokens are not a "
+        "prefix and a suffix of the text; embedding tokenisation supports only those"
+    )
+
+
 def tokenize_for_embedding(
     tokenizer,
     texts: list[str],
@@ -37,11 +67,12 @@ def tokenize_for_embedding(
     """Tokenises a batch for `NVEmbedModel`.
 
     Args:
-        tokenizer: a transformers tokenizer that adds BOS (pad token defaults to EOS).
+        tokenizer: a transformers tokenizer (pad token defaults to EOS); the special tokens it adds
+            by itself decide the end-token convention (see the module docstring).
         texts: the texts.
         instructions: one instruction for all, one per text, or None (documents). An instruction
             is the complete prefix, e.g. `"Instruct: ...\\nQuery: "` (see `templates`).
-        max_length: truncation length in tokens (BOS and EOS included).
+        max_length: truncation length in tokens (special tokens and EOS included).
         pad_to_multiple_of: pad the batch to its longest row rounded up to this, capped at
             `max_length` (None: to the longest row exactly).
         convention: `"nvembed"` (default, NV-Embed's off-by-one) or `"exact"`.
@@ -68,16 +99,29 @@ def tokenize_for_embedding(
         instructions = [instructions or ""] * len(texts)
     if len(instructions) != len(texts):
         raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
-    eos = tokenizer.eos_token
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; NV-Embed appends one to every text")
-    full = [ins + t + eos for ins, t in zip(instructions, texts)]
-    # One pass without truncation: the lengths give the truncation count, and cutting the id list
-    # at max_length equals the tokenizer's own truncation for a single sequence whose only
-    # special token is the leading BOS.
+    prefix, suffix = special_token_layout(tokenizer)
+    if max_length <= len(prefix) + len(suffix):
+        raise ValueError(
+            f"max_length {max_length} leaves no room for text beside the tokenizer's "
+            f"{len(prefix) + len(suffix)} special tokens"
+        )
+    if suffix:  # the tokenizer appends its end token itself (Qwen3-Embedding)
+        full = [ins + t for ins, t in zip(instructions, texts)]
+    else:
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token; NV-Embed appends one to every text")
+        full = [ins + t + eos for ins, t in zip(instructions, texts)]
+    # One pass without truncation: the lengths give the truncation count. Cutting the id list at
+    # max_length equals the tokenizer's own truncation when it only prepends (BOS); when it
+    # appends, the text is cut before the appended tokens, which stay, as its truncation does.
     rows = tokenizer(full, add_special_tokens=True)["input_ids"]
     truncated = sum(len(r) > max_length for r in rows)
-    rows = [r[:max_length] for r in rows]
+    if suffix:
+        keep = max_length - len(suffix)
+        rows = [r if len(r) <= max_length else r[:keep] + suffix for r in rows]
+    else:
+        rows = [r[:max_length] for r in rows]
     pad_id = pad_token_id(tokenizer)
     width = max(len(r) for r in rows)
     if pad_to_multiple_of:
@@ -88,7 +132,8 @@ def tokenize_for_embedding(
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     pool = mask.clone()  # [b, s]
-    extra = 1 if convention == "exact" else 0  # "exact" also removes the last instruction token
+    # "exact" also removes the last instruction token (NV-Embed's count omits the leading BOS)
+    extra = len(prefix) if convention == "exact" else 0
     n_tokens: dict[str, int] = {}  # a micro-batch usually shares a few instructions
     for i, ins in enumerate(instructions):
         if ins:

@@ -119,7 +119,21 @@ _FLAGS: list[tuple[str, str, type, str]] = [
         "non-finite losses in a row before aborting (each skips its step)",
     ),
     ("--eval-interval", "eval_interval", int, "iterations between validations"),
-    ("--eval-instruction", "eval_instruction", str, "query instruction for --eval-data"),
+    (
+        "--eval-instruction",
+        "eval_instruction",
+        str,
+        "query instruction for --eval-data (a task definition, or a complete prefix starting "
+        "with 'Instruct:')",
+    ),
+    (
+        "--query-template",
+        "query_template",
+        str,
+        "the model's query prefix, {instruction} replaced by the task definition (default: the "
+        "checkpoint's; NV-Embed's 'Instruct: {instruction}\\nQuery: ' for a new model); saved with "
+        "the model and written into exports' prompts",
+    ),
     ("--eval-batch-size", "eval_batch_size", int, "texts per forward call in validation"),
     (
         "--eval-iters",

@@ -6,7 +6,12 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 
-from megatron_nvembed.config import BATCH_COMPOSITIONS, EmbeddingModelConfig, Matryoshka
+from megatron_nvembed.config import (
+    BATCH_COMPOSITIONS,
+    EmbeddingModelConfig,
+    Matryoshka,
+    check_query_template,
+)
 
 
 @dataclass
@@ -83,6 +88,10 @@ class TrainingConfig:
     batch_composition: str = "systematic"
     """`--batch-composition`: how datasets mix in a global batch: systematic / multinomial
     (blended), homogeneous (one dataset per global batch; `data/blending.py`)."""
+    query_template: str | None = None
+    """`--query-template`: the model's query prefix, `{instruction}` replaced by the task
+    definition (default: the checkpoint's, NV-Embed's `"Instruct: {instruction}\\nQuery: "` for a
+    new model); saved with the model and written into exports' prompts."""
     distill_weight: float = 0.0
     """`--distill-weight`: weight of the KL term towards the records' teacher scores (0: off)."""
     distill_temperature: float = 1.0
@@ -127,6 +136,8 @@ class TrainingConfig:
     """BEIR-format folders (corpus.jsonl, queries.jsonl, qrels/test.tsv) for in-training
     validation."""
     eval_instruction: str | None = None
+    """`--eval-instruction`: the query instruction of `eval_data` (a task definition, put into the
+    model's query template, or a complete prefix starting with "Instruct:")."""
     eval_batch_size: int = 32
     eval_iters: int | None = None
     """`--eval-iters N`: each validation scores the first N x `eval_batch_size` queries of each
@@ -218,6 +229,8 @@ class TrainingConfig:
         # when it is the one trained (a checkpoint's width is checked once it is read)
         from_scratch = self.pretrained_checkpoint is None and self.load is None
         self.matryoshka(self.model.model.hidden_size if from_scratch else None)
+        if self.query_template is not None:
+            check_query_template(self.query_template)
         if self.batch_composition not in BATCH_COMPOSITIONS:
             raise ValueError(
                 f"--batch-composition must be one of {BATCH_COMPOSITIONS}, got "

@@ -14,6 +14,18 @@ shape of its public config.json. As for every recipe, a run from `--pretrained-c
 the architecture from that checkpoint (`import-hf` of the Llama folder); the recipe's shape is
 what `--help --recipe` shows and what a run from scratch builds.
 
+`qwen3_embedding_8b`: fine-tuning a released Qwen3-Embedding model (or a Qwen3 backbone) the way
+it was built: causal attention, last-token (`eos`) pooling of the `<|endoftext|>` its tokenizer
+appends, L2-normalised, Qwen3-Embedding's query prefix `"Instruct: {instruction}\nQuery:"`, and
+the query-query and document-document terms beside query-document in the InfoNCE denominator;
+LoRA rank 16 / alpha 32, lr 1e-5 for 2000 steps (100 warm-up, linear decay), temperature 0.05
+(sentence-transformers' MultipleNegativesRankingLoss default scale 20), 7 hard negatives, global
+batch 128, texts cut at 512 tokens. These are fine-tuning settings of this project, not the values
+Qwen3-Embedding was trained with. The shape is Qwen3-8B's public config.json (Q/K RMSNorm, head
+width 128); import the checkpoint with `import-hf` (a sentence-transformers folder such as
+Qwen3-Embedding's gives the eos head, causal mask and query template by itself; a base Qwen3 needs
+`--pooling eos --mask-type causal`).
+
 `tiny` / `tiny_stage2` run on a laptop CPU in seconds (the quickstart and the tests).
 """
 
@@ -21,7 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from megatron_nvembed.config import EmbeddingModelConfig, ModelConfig, PoolingConfig
+from megatron_nvembed.config import (
+    QWEN3_EMBEDDING_QUERY_TEMPLATE,
+    EmbeddingModelConfig,
+    ModelConfig,
+    PoolingConfig,
+    PromptConfig,
+)
 from megatron_nvembed.training.config import LoRAConfig, TrainingConfig
 
 
@@ -52,6 +70,29 @@ def _llama3_8b() -> EmbeddingModelConfig:
     m.rope_scaling_low_freq_factor, m.rope_scaling_high_freq_factor = 1.0, 4.0
     m.rope_scaling_original_max_position_embeddings = 8192
     return cfg
+
+
+def _qwen3_8b_embedding() -> EmbeddingModelConfig:
+    """Qwen3-8B's shape (Qwen3-Embedding-8B's backbone), causal, eos pooling, Qwen3-Embedding's
+    query template."""
+    return EmbeddingModelConfig(
+        model=ModelConfig(
+            vocab_size=151936,
+            hidden_size=4096,
+            ffn_hidden_size=12288,
+            num_layers=36,
+            num_attention_heads=32,
+            num_query_groups=8,
+            kv_channels=128,
+            rotary_base=1000000.0,
+            norm_epsilon=1e-6,
+            qk_layernorm=True,
+            mask_type="causal",
+            bf16=True,
+        ),
+        pooling=PoolingConfig(type="eos", normalize=True),
+        prompts=PromptConfig(query_template=QWEN3_EMBEDDING_QUERY_TEMPLATE),
+    )
 
 
 def nvembed_mistral_7b_stage1(model: EmbeddingModelConfig | None = None) -> TrainingConfig:
@@ -102,6 +143,34 @@ def nvembed_llama3_8b_stage2() -> TrainingConfig:
     cfg = nvembed_mistral_7b_stage2()
     cfg.recipe, cfg.model = "nvembed_llama3_8b_stage2", _llama3_8b()
     return cfg
+
+
+def qwen3_embedding_8b() -> TrainingConfig:
+    """Fine-tuning Qwen3-Embedding (see the module docstring for every setting)."""
+    return TrainingConfig(
+        recipe="qwen3_embedding_8b",
+        stage=1,
+        model=_qwen3_8b_embedding(),
+        lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.1),
+        num_negatives=7,
+        seq_length=512,
+        micro_batch_size=4,
+        global_batch_size=128,
+        train_iters=2000,
+        lr=1e-5,
+        min_lr=0.0,
+        lr_warmup_iters=100,
+        lr_decay_style="linear",
+        weight_decay=0.01,
+        clip_grad=1.0,
+        temperature=0.05,
+        grad_cache=True,
+        query_query_negatives=True,
+        document_document_negatives=True,
+        query_template=QWEN3_EMBEDDING_QUERY_TEMPLATE,
+        save_interval=500,
+        log_interval=10,
+    )
 
 
 def tiny() -> TrainingConfig:
@@ -156,6 +225,7 @@ RECIPES: dict[str, Callable[[], TrainingConfig]] = {
     "nvembed_mistral_7b_stage2": nvembed_mistral_7b_stage2,
     "nvembed_llama3_8b_stage1": nvembed_llama3_8b_stage1,
     "nvembed_llama3_8b_stage2": nvembed_llama3_8b_stage2,
+    "qwen3_embedding_8b": qwen3_embedding_8b,
     "tiny": tiny,
     "tiny_stage1": tiny,
     "tiny_stage2": tiny_stage2,

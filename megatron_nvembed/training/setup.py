@@ -40,8 +40,9 @@ def check_load_and_save(cfg: TrainingConfig) -> tuple[bool, bool]:
 
 
 def resolve_model_config(cfg: TrainingConfig):
-    """Architecture from the checkpoint (resume or pretrained) or the recipe; run-time fields
-    (layout, dropout, bf16, recompute, backend) from the training config."""
+    """Architecture and query template from the checkpoint (resume or pretrained) or the recipe;
+    run-time fields (layout, dropout, bf16, recompute, backend) and a `--query-template` given
+    from the training config."""
     from megatron_nvembed.checkpoint import read_config
     from megatron_nvembed.training.checkpointing import has_training_checkpoint
 
@@ -61,6 +62,8 @@ def resolve_model_config(cfg: TrainingConfig):
         ):
             setattr(model_cfg.model, key, getattr(mine.model, key))
         model_cfg.parallel = mine.parallel
+    if cfg.query_template is not None:
+        model_cfg.prompts.query_template = cfg.query_template
     if model_cfg.model.bf16 and cpu_mode():
         logger.warning("--bf16 on a machine without CUDA: training in float32 on the CPU")
         model_cfg.model.bf16 = False
@@ -206,6 +209,7 @@ def build(cfg: TrainingConfig) -> Run:
         dp_size=dp,
         seed=cfg.seed,
         composition=cfg.batch_composition,
+        query_template=model_cfg.prompts.query_template,
     )
     if cfg.distill_weight and not any(src.scored_records for src in data.sources):
         raise ValueError(

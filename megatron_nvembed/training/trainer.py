@@ -77,7 +77,9 @@ def train(cfg: TrainingConfig) -> TrainResult:
     if cfg.eval_interval:
         from megatron_nvembed.training.validation import Validator
 
-        evaluator = Validator(cfg, run.tokenizer, run.model, run.pg)
+        evaluator = Validator(
+            cfg, run.tokenizer, run.model, run.pg, run.model_cfg.prompts.query_template
+        )
     # A run resumed from --save at its last iteration (a finished run relaunched) has nothing
     # new to save.
     saver = _Saver(run, guard, saved_at=iteration if run.resuming and run.own_save else None)

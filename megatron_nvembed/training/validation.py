@@ -22,7 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.buckets import length_grouped_batches
+from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
 from megatron_nvembed.evaluation.beir import MARGINS, evaluate_embeddings, load_beir
 from megatron_nvembed.logging_utils import SPEAKER, get_logger
@@ -37,7 +39,7 @@ METRICS = ("ndcg_at_10", "recall_at_1", "recall_at_10", "recall_at_100", "mrr_at
 class Validator:
     """Callable `(iteration) -> {folder name: metrics}` (same dict on every rank)."""
 
-    def __init__(self, cfg, tokenizer, model, pg):
+    def __init__(self, cfg, tokenizer, model, pg, query_template: str = DEFAULT_QUERY_TEMPLATE):
         from pathlib import Path
 
         self.cfg, self.tokenizer, self.model, self.pg = cfg, tokenizer, model, pg
@@ -45,7 +47,12 @@ class Validator:
         for p, data in zip(cfg.eval_data, self.sets.values()):
             if not data.query_ids or not data.corpus:
                 raise ValueError(f"--eval-data {p}: no judged query or no document")
-        self.instruction = cfg.eval_instruction or ""
+        # a task definition goes into the model's template; a complete "Instruct:" prefix is kept
+        self.instruction = (
+            query_instruction("", cfg.eval_instruction, template=query_template)
+            if cfg.eval_instruction
+            else ""
+        )
         self.device = next(model.parameters()).device
         # --eval-iters: query batches per set (None: all).
         self.max_queries = None if cfg.eval_iters is None else cfg.eval_iters * cfg.eval_batch_size

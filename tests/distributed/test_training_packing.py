@@ -2,8 +2,9 @@
 length-bucketed micro-batches train exactly as padded ones, on both CPU attention backends
 (sdpa's THD rows, local's block-diagonal mask); and `train()` with GradCache equals `train()`
 without it where the two must agree (in-batch negatives off), losses and updated weights; each
-imported backbone (Qwen2, Qwen3, Llama 3.x) trains with LoRA, packing, GradCache and the
-optional loss terms as it does padded on the direct path.
+imported backbone (Qwen2 with the self-attention head, Qwen3 with the EOS head and a causal mask,
+Llama 3.x with the latent head) trains with LoRA, packing, GradCache and the optional loss terms
+as it does padded on the direct path.
 
 Run alone: pytest tests/distributed/test_training_packing.py
 """
@@ -28,6 +29,20 @@ def synthetic(tmp_path_factory):
     return write_synthetic_retrieval(
         tmp_path_factory.mktemp("syn"), num_topics=8, train_per_topic=12
     )
+
+
+BACKBONE_HEADS = {
+    "qwen2": {"pooling": "self-attention", "mask_type": "bidirectional", "num_heads": 2},
+    "qwen3": {"pooling": "eos", "mask_type": "causal"},  # as Qwen3-Embedding
+    "llama3": {
+        "pooling": "latent",
+        "mask_type": "bidirectional",
+        "num_latents": 16,
+        "num_heads": 2,
+    },
+}
+"""Each imported backbone trains with another head and mask (the heads' own parameters are
+sharded, packed and cached like the backbone's)."""
 
 
 def _cfg(data, **overrides):
@@ -143,10 +158,7 @@ def runs(synthetic, tmp_path_factory):
     for kind in TINY_HF_KINDS:  # tiny random Qwen2, Qwen3, Llama 3.x folders, imported
         src = save_tiny_hf_decoder(tmp / f"hf_{kind}", synthetic["tokenizer"], kind)
         backbones[kind] = str(tmp / f"ckpt_{kind}")
-        import_hf(
-            src, backbones[kind], pooling="latent", mask_type="bidirectional", num_latents=16,
-            num_heads=2,
-        )  # fmt: skip
+        import_hf(src, backbones[kind], **BACKBONE_HEADS[kind])
     run_distributed(_packing_worker, 2, synthetic, str(tmp), backbones)
     return tmp
 
@@ -168,9 +180,10 @@ def test_pack_sequences_trains_like_padding(runs):
 
 
 def test_every_backbone_trains_with_lora_packing_and_grad_cache(runs):
-    """Qwen2 (Q/K/V biases), Qwen3 (Q/K norms, head width 24 != 64 / 4) and Llama 3.x (RoPE
-    scaling), imported from transformers folders, at DP=2 with LoRA, a bidirectional mask, the
-    latent head and every Matryoshka / query-query / document-document term: packed rows with
+    """Qwen2 (Q/K/V biases; self-attention head, bidirectional), Qwen3 (Q/K norms, head width
+    24 != 64 / 4; EOS head, causal, as Qwen3-Embedding) and Llama 3.x (RoPE scaling; latent head,
+    bidirectional), imported from transformers folders, at DP=2 with LoRA and every Matryoshka /
+    query-query / document-document term: packed rows with
     GradCache over 2 micro-batches per rank log the same losses over 3 steps as padded rows on
     the direct path with one micro-batch per rank (rel 1e-5), and the backbones differ."""
     out = json.loads((runs / "packing.json").read_text())

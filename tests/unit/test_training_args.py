@@ -44,6 +44,45 @@ def test_llama3_recipes_are_table5_on_llama_3_1_8b():
         assert llama.model.pooling == mistral.model.pooling
 
 
+def test_qwen3_embedding_recipe_is_causal_eos_with_its_query_format():
+    """The Qwen3-Embedding fine-tuning recipe: Qwen3-8B's shape (Q/K norms, head width 128 !=
+    4096 / 32), causal mask, normalised eos pooling, Qwen3-Embedding's query prefix (no space
+    after "Query:") on the model and as the run's template, query-query and document-document
+    terms on, LoRA; it validates, and the template reaches the model of a run from the recipe."""
+    from megatron_nvembed.training.setup import resolve_model_config
+
+    cfg = parse_args(["--recipe", "qwen3_embedding_8b", "--train-data", "a.jsonl"])
+    m, p = cfg.model.model, cfg.model.pooling
+    assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups) == (
+        4096, 36, 32, 8,
+    )  # fmt: skip
+    assert m.kv_channels == 128 and m.qk_layernorm and not m.add_qkv_bias
+    assert m.mask_type == "causal" and p.type == "eos" and p.normalize
+    assert cfg.query_query_negatives and cfg.document_document_negatives
+    assert cfg.lora.rank == 16 and cfg.temperature == 0.05
+    template = "Instruct: {instruction}\nQuery:"
+    assert cfg.query_template == template == cfg.model.prompts.query_template
+    model_cfg, _ = resolve_model_config(cfg)
+    assert model_cfg.prompts.query_template == template
+
+
+def test_query_template_flag_reaches_the_model_and_is_checked():
+    """`--query-template` sets the model's template (saved with it); a template without
+    `{instruction}`, with it twice or with another field is refused naming the flag."""
+    from megatron_nvembed.training.setup import resolve_model_config
+
+    cfg = parse_args(
+        ["--recipe", "tiny", "--train-data", "a", "--query-template", "Q: {instruction} |"]
+    )
+    model_cfg, _ = resolve_model_config(cfg)
+    assert model_cfg.prompts.query_template == "Q: {instruction} |"
+    default, _ = resolve_model_config(parse_args(["--recipe", "tiny", "--train-data", "a"]))
+    assert default.prompts.query_template == "Instruct: {instruction}\nQuery: "
+    for bad in ("Instruct: \nQuery: ", "{instruction} {instruction}", "{instruction} {task}", "{"):
+        with pytest.raises(ValueError, match="--query-template"):
+            parse_args(["--recipe", "tiny", "--train-data", "a", "--query-template", bad])
+
+
 def test_flags_override_only_what_is_given():
     cfg = parse_args(
         [

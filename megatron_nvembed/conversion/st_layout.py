@@ -1,0 +1,140 @@
+"""sentence-transformers' native folder layout for decoder embedding models (Qwen3-Embedding's):
+read on import, written on export.
+
+The layout: the backbone as a plain transformers model at the folder's root (config.json,
+safetensors, tokenizer files) loaded by a `Transformer` module, then a `Pooling` module
+(`1_Pooling/config.json`; last-token or mean pooling), a `Normalize` module when the embeddings are
+L2-normalised, and the prompts in `config_sentence_transformers.json` (`{"query": ..., "document":
+""}`). sentence-transformers loads it with its own classes, no remote code.
+
+What maps onto this project's model: last-token pooling is the `eos` head, mean pooling the `mean`
+head; a plain transformers decoder is causal; a query prompt `"Instruct: <definition>\\nQuery:"`
+(with or without the trailing space) gives the model's query template (`config.PromptConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from megatron_nvembed.config import EmbeddingModelConfig
+from megatron_nvembed.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+POOLING_MODES = {"pooling_mode_lasttoken": "eos", "pooling_mode_mean_tokens": "mean"}
+"""sentence-transformers pooling modes with an equivalent head here."""
+_MODULE = "sentence_transformers.models."
+_PROMPT = re.compile(r"Instruct: (?P<definition>[^\n]+)\nQuery:(?P<space> ?)")
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from err
+
+
+def read_st_layout(hf_dir: str | Path) -> dict | None:
+    """The embedding settings of a sentence-transformers folder, or None when `hf_dir` has no
+    `modules.json`.
+
+    Returns:
+        {"pooling": "eos" | "mean", "normalize": bool, "query_template": str | None,
+        "query_prompt": str | None}; the template is None when the folder's query prompt is not of
+        the form "Instruct: <definition>\\nQuery:" (the prompt is then returned as found).
+
+    Raises:
+        ValueError: naming the file and key: a module other than Transformer / Pooling /
+            Normalize (e.g. Dense: its weights would be lost), a pooling mode with no equivalent
+            head, invalid JSON.
+    """
+    hf_dir = Path(hf_dir)
+    modules_path = hf_dir / "modules.json"
+    if not modules_path.is_file():
+        return None
+    modules = _read(modules_path)
+    if not isinstance(modules, list):
+        raise ValueError(f"{modules_path}: expected a list of modules")
+    kinds = {}
+    for i, module in enumerate(modules):
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        name = kind.removeprefix(_MODULE)
+        if name not in ("Transformer", "Pooling", "Normalize"):
+            raise ValueError(
+                f"{modules_path}: module {i} has type {kind!r}; only Transformer, Pooling and "
+                "Normalize modules map onto this project's model (other modules' weights would "
+                "be lost)"
+            )
+        kinds[name] = module
+    if "Pooling" not in kinds:
+        raise ValueError(f"{modules_path}: no Pooling module")
+    pooling_path = hf_dir / str(kinds["Pooling"].get("path", "")) / "config.json"
+    if not pooling_path.is_file():
+        raise FileNotFoundError(f"{pooling_path}: missing (the Pooling module's config)")
+    pooling_cfg = _read(pooling_path)
+    modes = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode_") and v is True]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ValueError(
+            f"{pooling_path}: pooling modes {modes}; one of {sorted(POOLING_MODES)} is needed "
+            "(last-token pooling maps to the eos head, mean pooling to the mean head)"
+        )
+    prompts_path = hf_dir / "config_sentence_transformers.json"
+    prompts = _read(prompts_path).get("prompts", {}) if prompts_path.is_file() else {}
+    query = prompts.get("query") if isinstance(prompts, dict) else None
+    template = None
+    if isinstance(query, str):
+        match = _PROMPT.fullmatch(query)
+        if match:
+            template = "Instruct: {instruction}\nQuery:" + match["space"]
+        else:
+            logger.warning(
+                "%s: the query prompt %r is not of the form 'Instruct: <definition>\\nQuery:'; "
+                "the model keeps the default query template (set --query-template to train with "
+                "another)",
+                prompts_path,
+                query,
+            )
+    return {
+        "pooling": POOLING_MODES[modes[0]],
+        "normalize": "Normalize" in kinds,
+        "query_template": template,
+        "query_prompt": query,
+    }
+
+
+def write_st_layout(
+    out: Path, cfg: EmbeddingModelConfig, query_definition: str, max_seq_length: int = 512
+) -> None:
+    """Writes the sentence-transformers module files of an `eos`-pooled causal model beside its
+    backbone (written separately as a plain transformers model at `out`'s root).
+
+    The query prompt is the model's template filled with `query_definition`; documents get none.
+    """
+    from megatron_nvembed.data.templates import format_query_instruction
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _MODULE + "Transformer"}]
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": _MODULE + "Pooling"})
+    if cfg.pooling.normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": _MODULE + "Normalize"}
+        )
+        (out / "2_Normalize").mkdir(exist_ok=True)
+    mode = {v: k for k, v in POOLING_MODES.items()}[cfg.pooling.type]
+    pooling = {"word_embedding_dimension": cfg.model.hidden_size, "include_prompt": True}
+    pooling.update({m: m == mode for m in POOLING_MODES})
+    query = format_query_instruction(query_definition, cfg.prompts.query_template)
+    files = {
+        "modules.json": modules,
+        "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+        "1_Pooling/config.json": pooling,
+        "config_sentence_transformers.json": {
+            "prompts": {"query": query, "document": ""},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    }
+    for name, value in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
