@@ -1,5 +1,6 @@
-"""Token-sequence hashes that agree on every process: the collator gives each candidate one, and
-the contrastive loss excludes in-batch candidates whose hash equals a query's own positive's.
+"""Hashes that agree on every process: of token sequences (the collator gives each candidate one,
+and the contrastive loss excludes candidates whose hash equals a query's own positive's) and of
+document ids (the same exclusion by id).
 
 Bottom layer: imports nothing of the package, so data/ and loss/ both use it without depending on
 each other.
@@ -7,7 +8,18 @@ each other.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+
+
+def id_hash(document_id: str) -> int:
+    """Deterministic non-zero int64 of a document id (0 is kept for "no id"); blake2b, so it does
+    not depend on PYTHONHASHSEED. Different ids collide with probability about 2^-64 per pair."""
+    value = int.from_bytes(
+        hashlib.blake2b(document_id.encode("utf-8"), digest_size=8).digest(), "little", signed=True
+    )
+    return value or 1
 
 
 def sequence_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

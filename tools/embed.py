@@ -9,8 +9,9 @@ natively), in resumable shards, data-parallel under torchrun.
         [--batch-size 128]
 
 Input lines: {"text": ..., "instruction"?: ..., "id"?: ...}. "instruction" follows the project's
-one convention (docs/data.md, "Instructions"): a task definition, wrapped as
-"Instruct: {definition}\\nQuery: " exactly as training records and `evaluate_mteb.py
+one convention (docs/data.md, "Instructions"): a task definition, put into the model's query
+template (NV-Embed's "Instruct: {definition}\\nQuery: ", or the model's own, e.g.
+Qwen3-Embedding's "...\\nQuery:") exactly as training records and `evaluate_mteb.py
 --instruction` are, or a complete prefix starting with "Instruct:", kept as given. Documents
 have none. The file is checked line by line before the model loads (errors name file:line).
 
@@ -62,14 +63,21 @@ def main(argv=None) -> int:
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
+    import functools
+
     import torch.distributed as dist
 
-    from megatron_nvembed.evaluation.encoder import load_embedder
+    from megatron_nvembed.evaluation.encoder import load_embedder, query_template_of
     from megatron_nvembed.retrieval.corpus import JsonlCorpus, embed_row
     from megatron_nvembed.retrieval.shards import encode_corpus, write_single_array
 
     try:
-        corpus = JsonlCorpus(args.input, embed_row)
+        template = query_template_of(args.load)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: --load: {err}", file=sys.stderr)
+        return 2
+    try:  # definitions go into the model's own query template
+        corpus = JsonlCorpus(args.input, functools.partial(embed_row, template=template))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: --input: {err}", file=sys.stderr)
         return 2

@@ -192,6 +192,12 @@ def main(argv=None) -> int:
             p.error(f"--model: {err}")
     else:
         revision = "hf"
+    from megatron_nvembed.evaluation.encoder import query_template_of
+
+    try:  # task definitions go into the model's own query template
+        template = query_template_of(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        p.error(f"--model: {err}")
     is_main = int(os.environ.get("RANK", "0")) == 0
     beir: dict[str, dict] = {}
     for folder in args.beir_dir:
@@ -202,7 +208,9 @@ def main(argv=None) -> int:
             p.error(f"--beir-dir {folder}: not a directory")
         instruction_error = None
         try:
-            instruction = me.resolve_instruction(name, args.instruction, prefer_override=True)
+            instruction = me.resolve_instruction(
+                name, args.instruction, prefer_override=True, template=template
+            )
         except ValueError as err:  # reported after the folder's own errors
             instruction, instruction_error = None, str(err)
         result_file = out / "beir" / f"{name}.json"
@@ -251,7 +259,9 @@ def main(argv=None) -> int:
     for t in me.leaf_tasks(tasks):
         n = t.metadata.name
         try:
-            instructions[n] = me.resolve_instruction(n, args.instruction, prefer_override=False)
+            instructions[n] = me.resolve_instruction(
+                n, args.instruction, prefer_override=False, template=template
+            )
         except ValueError as err:
             p.error(str(err))
 
@@ -288,7 +298,9 @@ def main(argv=None) -> int:
         meta = me.model_meta(name, revision, embedder.dim, args.max_length)
 
         def fallback(task_name: str) -> str:
-            return me.resolve_instruction(task_name, args.instruction, prefer_override=False)
+            return me.resolve_instruction(
+                task_name, args.instruction, prefer_override=False, template=template
+            )
 
         encoder = me.MtebEncoder(embedder, meta, instructions, fallback)
 

@@ -36,6 +36,25 @@ def _read(path: Path):
         raise ValueError(f"{path}: invalid JSON ({err})") from err
 
 
+PROMPTS_FILE = "config_sentence_transformers.json"
+
+
+def query_prompt(folder: str | Path) -> str | None:
+    """The `query` prompt of a sentence-transformers folder (None: no such prompt)."""
+    path = Path(folder) / PROMPTS_FILE
+    prompts = _read(path).get("prompts", {}) if path.is_file() else {}
+    query = prompts.get("query") if isinstance(prompts, dict) else None
+    return query if isinstance(query, str) else None
+
+
+def prompt_query_template(folder: str | Path) -> str | None:
+    """The query template behind a folder's `query` prompt when it is of the form
+    "Instruct: <definition>\\nQuery:" (with or without the trailing space), else None."""
+    query = query_prompt(folder)
+    match = _PROMPT.fullmatch(query) if query is not None else None
+    return "Instruct: {instruction}\nQuery:" + match["space"] if match else None
+
+
 def read_st_layout(hf_dir: str | Path) -> dict | None:
     """The embedding settings of a sentence-transformers folder, or None when `hf_dir` has no
     `modules.json`.
@@ -80,22 +99,16 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
             f"{pooling_path}: pooling modes {modes}; one of {sorted(POOLING_MODES)} is needed "
             "(last-token pooling maps to the eos head, mean pooling to the mean head)"
         )
-    prompts_path = hf_dir / "config_sentence_transformers.json"
-    prompts = _read(prompts_path).get("prompts", {}) if prompts_path.is_file() else {}
-    query = prompts.get("query") if isinstance(prompts, dict) else None
-    template = None
-    if isinstance(query, str):
-        match = _PROMPT.fullmatch(query)
-        if match:
-            template = "Instruct: {instruction}\nQuery:" + match["space"]
-        else:
-            logger.warning(
-                "%s: the query prompt %r is not of the form 'Instruct: <definition>\\nQuery:'; "
-                "the model keeps the default query template (set --query-template to train with "
-                "another)",
-                prompts_path,
-                query,
-            )
+    query = query_prompt(hf_dir)
+    template = prompt_query_template(hf_dir)
+    if query is not None and template is None:
+        logger.warning(
+            "%s: the query prompt %r is not of the form 'Instruct: <definition>\\nQuery:'; "
+            "the model keeps the default query template (set --query-template to train with "
+            "another)",
+            hf_dir / PROMPTS_FILE,
+            query,
+        )
     return {
         "pooling": POOLING_MODES[modes[0]],
         "normalize": "Normalize" in kinds,

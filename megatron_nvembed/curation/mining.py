@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.records import (
     MissingInstructionError,
     ReadStats,
@@ -167,11 +168,17 @@ def _file_fingerprint(path: str | os.PathLike) -> dict:
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def query_prefix(rec: Record, instruction: str | None, use_instruction: bool) -> str:
-    """The instruction prefix of a record's query ("" without instruction)."""
+def query_prefix(
+    rec: Record,
+    instruction: str | None,
+    use_instruction: bool,
+    template: str = DEFAULT_QUERY_TEMPLATE,
+) -> str:
+    """The instruction prefix of a record's query ("" without instruction), in the teacher's
+    query template."""
     if not use_instruction:
         return ""
-    return query_instruction(rec.task, instruction or rec.instruction)
+    return query_instruction(rec.task, instruction or rec.instruction, template=template)
 
 
 def _normalize(emb: np.ndarray) -> np.ndarray:
@@ -241,12 +248,13 @@ def _mine_blocks(
     recs = [r for b in blocks for r in b]
     if not recs:
         return [], [], 0
+    template = getattr(teacher, "query_template", DEFAULT_QUERY_TEMPLATE)
     truncated_before = teacher.stats.truncated
     q_parts, pos_scores = [], []
     for block in blocks:
         # one call per block: its queries (with their instructions) and all their positives
         texts = [r.query for r in block] + [p for r in block for p in r.pos]
-        prefixes = [query_prefix(r, opt.instruction, opt.use_instruction) for r in block]
+        prefixes = [query_prefix(r, opt.instruction, opt.use_instruction, template) for r in block]
         prefixes += [""] * (len(texts) - len(block))
         emb = _normalize(teacher.embed_local(texts, prefixes, label="queries and positives"))
         q, p = emb[: len(block)], emb[len(block) :]
@@ -287,10 +295,8 @@ def _mine_blocks(
         rec.neg = negs
         if rec.pos_scores is not None:  # a teacher's scores of the replaced negatives
             rec.pos_scores = rec.neg_scores = None
-        if with_ids:
-            rec.extra["neg_ids"] = [corpus_row(i).id for i in neg_rows]
-        else:
-            rec.extra.pop("neg_ids", None)  # an input's own would not match the new "neg"
+        # an input's own ids would not match the new "neg"
+        rec.neg_ids = [corpus_row(i).id for i in neg_rows] if with_ids else None
         lines.append((json.dumps(rec.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
         info.append((len(negs) < opt.num_negatives, rec.query, d_pos, d_margin))
     return lines, info, truncated

@@ -6,7 +6,8 @@ tokens, then padding) whose `candidate_mask` entry is False: the candidate tenso
 b * (1 + K) rows (as GradCache and pipeline schedules want fixed shapes) at the cost of a short
 row. Candidate ids are `megatron_nvembed.hashing.sequence_hash` of each row's token ids, so equal
 texts (a positive that is also another query's positive) get equal ids; query ids the same of
-each query's token ids.
+each query's token ids; document ids `hashing.id_hash` of the records' `pos_ids` / `neg_ids`
+(0 where a record gives none), so the same document under another text is recognised too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from megatron_nvembed.data.blending import Slot
 from megatron_nvembed.data.records import Record
 from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
-from megatron_nvembed.hashing import sequence_hash
+from megatron_nvembed.hashing import id_hash, sequence_hash
 
 
 @dataclass
@@ -50,6 +51,9 @@ class EmbeddingBatch:
     teacher_scores: torch.Tensor | None = None
     """[b, 1 + K] float32 teacher scores of the candidates (the records' `pos_scores` /
     `neg_scores`, distillation); NaN for a record without scores and for absent negatives."""
+    document_ids: torch.Tensor | None = None
+    """[b, 1 + K] int64 `id_hash` of the candidates' document ids (`pos_ids` / `neg_ids`); 0
+    where there is none (the loss's duplicate masking by id)."""
 
     def to(self, device) -> EmbeddingBatch:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
@@ -63,6 +67,7 @@ class EmbeddingBatch:
             self.truncated,
             None if self.query_ids is None else self.query_ids.to(device),
             None if self.teacher_scores is None else self.teacher_scores.to(device),
+            None if self.document_ids is None else self.document_ids.to(device),
         )
 
 
@@ -112,7 +117,7 @@ def collate(
         pad_to_multiple_of=pad_to_multiple_of,
         convention=pool_mask_convention,
     )
-    texts, present, teacher = [], [], []
+    texts, present, teacher, doc_ids = [], [], [], []
     nan = float("nan")
     for slot, rec in zip(slots, recs):
         chosen = slot.negatives[:num_negatives]
@@ -120,6 +125,9 @@ def collate(
         pad = num_negatives + 1 - len(row)
         texts += row + [""] * pad
         present.append([True] * len(row) + [False] * pad)
+        doc_ids.append(
+            [_id(rec.pos_ids, slot.positive)] + [_id(rec.neg_ids, i) for i in chosen] + [0] * pad
+        )
         if rec.pos_scores is None:
             teacher.append([nan] * (num_negatives + 1))
         else:
@@ -144,4 +152,10 @@ def collate(
         truncated=cut_q + cut_c,
         query_ids=sequence_hash(q["input_ids"], q["attention_mask"]),
         teacher_scores=torch.tensor(teacher, dtype=torch.float32),
+        document_ids=torch.tensor(doc_ids, dtype=torch.long),
     )
+
+
+def _id(ids: list[str] | None, i: int) -> int:
+    """`id_hash` of a record's i-th document id; 0 when the record has none."""
+    return 0 if ids is None else id_hash(ids[i])

@@ -1,5 +1,5 @@
 """Training records: `{"query", "pos": [...], "neg": [...], "task", "instruction"?, "pos_scores"?,
-"neg_scores"?}` in JSONL or Parquet, read with errors that name the file and line, and written atomically.
+"neg_scores"?, "pos_ids"?, "neg_ids"?}` in JSONL or Parquet, read with errors that name the file and line, and written atomically.
 
 One function checks a record whatever its source, `record_from_dict`; JSONL lines are decoded by
 `parse_json_line`, which refuses a key that appears twice in one object. See docs/data.md,
@@ -16,7 +16,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECORD_KEYS = ("query", "pos", "neg", "task", "instruction", "pos_scores", "neg_scores")
+RECORD_KEYS = (
+    "query",
+    "pos",
+    "neg",
+    "task",
+    "instruction",
+    "pos_scores",
+    "neg_scores",
+    "pos_ids",
+    "neg_ids",
+)
 
 
 @dataclass
@@ -37,6 +47,11 @@ class Record:
     `neg_scores`, or None for neither."""
     neg_scores: list[float] | None = None
     """The teacher's score of each hard negative (same order as `neg`)."""
+    pos_ids: list[str] | None = None
+    """A document id per positive (e.g. a corpus `_id`), or None: the loss never takes a
+    document with the id of a query's positive as its negative, whatever its text."""
+    neg_ids: list[str] | None = None
+    """A document id per hard negative (same order as `neg`; mining writes them), or None."""
 
     def to_json(self) -> dict:
         out = {"query": self.query, "pos": self.pos, "neg": self.neg}
@@ -46,6 +61,10 @@ class Record:
             out["instruction"] = self.instruction
         if self.pos_scores is not None:
             out["pos_scores"], out["neg_scores"] = self.pos_scores, self.neg_scores
+        if self.pos_ids is not None:
+            out["pos_ids"] = self.pos_ids
+        if self.neg_ids is not None:
+            out["neg_ids"] = self.neg_ids
         out.update(self.extra)
         return out
 
@@ -169,6 +188,28 @@ def _scores(obj: dict, pos: list[str], neg: list[str], where: str):
     return out[0], out[1]
 
 
+def _ids(obj: dict, key: str, texts: list[str], where: str) -> list[str] | None:
+    """`pos_ids` / `neg_ids`: absent (or null), or one string or integer id per text."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: key {key!r} must be a list of ids, got {_type_name(value)}")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            raise ValueError(
+                f"{where}: key {key!r} must be a list of string or integer ids, item {i} is "
+                f"{_type_name(item)}"
+            )
+    text_key = key.split("_")[0]
+    if len(value) != len(texts):
+        raise ValueError(
+            f"{where}: key {key!r} has {len(value)} id(s) for {len(texts)} {text_key!r} text(s); "
+            "give one per text, in the same order"
+        )
+    return [str(v) for v in value]
+
+
 @functools.lru_cache(maxsize=4096)
 def _unknown_task(task: str) -> str | None:
     """None for a Table 6 task name, else why not (cached: a dataset has few task names)."""
@@ -200,8 +241,10 @@ def record_from_dict(
     `instruction`, `task` must name a Table 6 task (resolved here, once per name). With an
     `instruction`, `task` is optional and may be any name. `pos_scores` / `neg_scores` (teacher
     scores for distillation): both or neither, lists of finite numbers (not booleans), one per
-    `pos` / `neg` text. Null counts as absent for `pos`, `neg`, `task`, `instruction` and the
-    scores (Parquet and pandas write missing values as null).
+    `pos` / `neg` text. `pos_ids` / `neg_ids` (document ids, each optional): lists of strings or
+    integers (read as strings), one per `pos` / `neg` text. Null counts as absent for `pos`,
+    `neg`, `task`, `instruction`, the scores and the ids (Parquet and pandas write missing values
+    as null).
 
     Raises:
         ValueError: one message per record, naming `where`, the key and the cause:
@@ -251,8 +294,11 @@ def record_from_dict(
         if unknown is not None:
             raise ValueError(f"{where}: key 'task': {unknown}")
     pos_scores, neg_scores = _scores(obj, pos, neg, where)
+    pos_ids, neg_ids = _ids(obj, "pos_ids", pos, where), _ids(obj, "neg_ids", neg, where)
     extra = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
-    return Record(obj["query"], pos, neg, task, instruction, extra, pos_scores, neg_scores)
+    return Record(
+        obj["query"], pos, neg, task, instruction, extra, pos_scores, neg_scores, pos_ids, neg_ids
+    )
 
 
 def iter_jsonl_lines(

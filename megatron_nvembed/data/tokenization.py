@@ -55,6 +55,20 @@ def special_token_layout(tokenizer) -> tuple[list[int], list[int]]:
     )
 
 
+def appended_end_text(tokenizer) -> str:
+    """The text appended to every row: the EOS token's text where the tokenizer appends nothing
+    itself (NV-Embed), "" where its post-processor appends its end token (Qwen3-Embedding).
+
+    Raises:
+        ValueError: the tokenizer appends nothing and has no eos_token.
+    """
+    if special_token_layout(tokenizer)[1]:
+        return ""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no eos_token; NV-Embed appends one to every text")
+    return tokenizer.eos_token
+
+
 def tokenize_for_embedding(
     tokenizer,
     texts: list[str],
@@ -105,13 +119,8 @@ def tokenize_for_embedding(
             f"max_length {max_length} leaves no room for text beside the tokenizer's "
             f"{len(prefix) + len(suffix)} special tokens"
         )
-    if suffix:  # the tokenizer appends its end token itself (Qwen3-Embedding)
-        full = [ins + t for ins, t in zip(instructions, texts)]
-    else:
-        eos = tokenizer.eos_token
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token; NV-Embed appends one to every text")
-        full = [ins + t + eos for ins, t in zip(instructions, texts)]
+    end = appended_end_text(tokenizer)  # "" when the tokenizer appends its end token itself
+    full = [ins + t + end for ins, t in zip(instructions, texts)]
     # One pass without truncation: the lengths give the truncation count. Cutting the id list at
     # max_length equals the tokenizer's own truncation when it only prepends (BOS); when it
     # appends, the text is cut before the appended tokens, which stay, as its truncation does.

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.data.tokenization import load_tokenizer
 from megatron_nvembed.loss.matryoshka import prefix
@@ -60,9 +61,12 @@ calls (raise it until the memory is used)."""
 def token_lengths(
     tokenizer, texts: list[str], instructions: list[str], eos: bool = True
 ) -> list[int]:
-    """Tokens per row as NV-Embed feeds it (BOS + instruction + text + EOS), before truncation;
-    `eos=False`: the tokenizer's own special tokens only (sentence-transformers models)."""
-    eos = (tokenizer.eos_token or "") if eos else ""
+    """Tokens per row as `tokenize_for_embedding` feeds it (the tokenizer's special tokens +
+    instruction + text + the appended end token), before truncation; `eos=False`: the
+    tokenizer's own special tokens only (sentence-transformers models)."""
+    from megatron_nvembed.data.tokenization import appended_end_text
+
+    eos = appended_end_text(tokenizer) if eos else ""
     out: list[int] = []
     step = 4096  # bounded memory on big corpora
     for s in range(0, len(texts), step):
@@ -103,6 +107,9 @@ class Embedder:
     """Writes results for its data-parallel rank (the first tensor-parallel rank of a group)."""
     kind: str = ""
     source: str = ""
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    """The model's query template (`query_template_of`; `load_embedder` sets it): tools put task
+    definitions into it."""
     last_encode = None  # the `retrieval.shards.EncodeSummary` of the latest corpus encoding
 
     def __init__(
@@ -500,6 +507,22 @@ def detect_model_format(path: str | os.PathLike) -> str:
     )
 
 
+def query_template_of(path: str | os.PathLike) -> str:
+    """The query template of the model at `path` (`config.PromptConfig`): a checkpoint's saved
+    one; for a model folder the one behind its sentence-transformers `query` prompt
+    (`st_layout.prompt_query_template`); else NV-Embed's. Read from the config files only, so
+    tools resolve instructions before loading the model."""
+    from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+
+    if detect_model_format(path) == "megatron":
+        from megatron_nvembed.checkpoint import read_config
+
+        return read_config(path).prompts.query_template
+    from megatron_nvembed.conversion.st_layout import prompt_query_template
+
+    return prompt_query_template(path) or DEFAULT_QUERY_TEMPLATE
+
+
 def load_embedder(
     path: str | os.PathLike,
     *,
@@ -522,17 +545,20 @@ def load_embedder(
         show_progress=show_progress,
     )
     if kind == "megatron":
-        return MegatronEmbedder(path, tensor_model_parallel_size, **kw)
-    if tensor_model_parallel_size != 1:
+        embedder = MegatronEmbedder(path, tensor_model_parallel_size, **kw)
+    elif tensor_model_parallel_size != 1:
         raise ValueError(
             f"{path}: --tensor-model-parallel-size {tensor_model_parallel_size} needs a "
             "megatron_nvembed checkpoint; HF directories run data-parallel only"
         )
-    if kind == "sentence-transformers":
+    elif kind == "sentence-transformers":
         if not allow_sentence_transformers:
             raise ValueError(
                 f"{Path(path) / 'config.json'}: not an NV-Embed-format model (model_type is not "
                 "'nvembed'); import it first: tools/convert_checkpoint.py import-hf"
             )
-        return SentenceTransformerEmbedder(path, **kw)
-    return HFEmbedder(path, **kw)
+        embedder = SentenceTransformerEmbedder(path, **kw)
+    else:
+        embedder = HFEmbedder(path, **kw)
+    embedder.query_template = query_template_of(path)
+    return embedder

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.templates import (
     format_query_instruction,
     get_task_definition,
@@ -67,16 +68,25 @@ def _table7_name(task_name: str) -> str:
     return re.sub(r"\.v\d+$", "", task_name)
 
 
-def table7_instruction(task_name: str) -> str | None:
-    """NV-Embed's query prefix for an MTEB task from Table 7, or None when the table lacks it."""
+def table7_instruction(task_name: str, template: str = DEFAULT_QUERY_TEMPLATE) -> str | None:
+    """The query prefix for an MTEB task from Table 7's definition in the model's `template`
+    (default NV-Embed's), or None when the table lacks it."""
     try:
-        return format_query_instruction(get_task_definition(_table7_name(task_name), "eval"))
+        definition = get_task_definition(_table7_name(task_name), "eval")
     except ValueError:
         return None
+    return format_query_instruction(definition, template)
 
 
-def resolve_instruction(task_name: str, override: str | None, *, prefer_override: bool) -> str:
-    """The query prefix of one task.
+def resolve_instruction(
+    task_name: str,
+    override: str | None,
+    *,
+    prefer_override: bool,
+    template: str = DEFAULT_QUERY_TEMPLATE,
+) -> str:
+    """The query prefix of one task, definitions put into the model's query `template`
+    (`evaluation.encoder.query_template_of`).
 
     Args:
         task_name: the mteb task name (or a local BEIR folder's name).
@@ -89,8 +99,8 @@ def resolve_instruction(task_name: str, override: str | None, *, prefer_override
         ValueError: when neither Table 7 nor `override` gives an instruction.
     """
     if override is not None and (prefer_override or table7_instruction(task_name) is None):
-        return query_instruction(task_name, override) if override else ""
-    found = table7_instruction(task_name)
+        return query_instruction(task_name, override, template=template) if override else ""
+    found = table7_instruction(task_name, template)
     if found is None:
         raise ValueError(
             f"task {task_name!r} has no instruction in the paper's Table 7 "

@@ -27,12 +27,16 @@ class ToyEncoder(nn.Module):
         return F.normalize(self.proj(h), dim=-1)  # [m, d]
 
 
-def toy_batch(b: int, n: int, seed: int, vocab: int = 50, s: int = 6) -> dict[str, torch.Tensor]:
+def toy_batch(
+    b: int, n: int, seed: int, vocab: int = 50, s: int = 6, document_ids: bool = False
+) -> dict[str, torch.Tensor]:
     """b queries with n candidates each (positive + n-1 negatives, every third row one short).
 
     Query b-1's positive repeats query 1's (so identical-positive masking has work to do across a
     rank boundary when the batch is split in halves), and query 2's dataset has in-batch
-    negatives off.
+    negatives off. With `document_ids` (b >= 8): "document_ids" [b, n], distinct except that query
+    b-2's hard negative 1 is query 0's positive's document and queries 3 and 5 have positives of
+    one document (both across the halves' boundary), and query 4's texts have none (0).
     """
     g = torch.Generator().manual_seed(seed)
     q_ids = torch.randint(0, vocab, (b, s), generator=g)
@@ -49,7 +53,7 @@ def toy_batch(b: int, n: int, seed: int, vocab: int = 50, s: int = 6) -> dict[st
     teacher = torch.randn(b, n, generator=g, dtype=torch.float64) * 4  # a reranker's logits
     teacher[~c_mask] = float("nan")
     teacher[b // 2] = float("nan")  # one query without teacher scores
-    return {
+    out = {
         "q_ids": q_ids,
         "q_tok": torch.ones(b, s, dtype=torch.long),
         "c_ids": c_ids,
@@ -60,6 +64,13 @@ def toy_batch(b: int, n: int, seed: int, vocab: int = 50, s: int = 6) -> dict[st
         "query_ids": sequence_hash(q_ids, torch.ones_like(q_ids)),
         "teacher_scores": teacher,
     }
+    if document_ids:
+        ids = torch.arange(1, b * n + 1, dtype=torch.long).view(b, n) * 104729
+        ids[b - 2, 1] = ids[0, 0]
+        ids[5, 0] = ids[3, 0]
+        ids[4] = 0
+        out["document_ids"] = ids
+    return out
 
 
 def encode(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,18 +9,21 @@ Inputs per rank (b local queries, n = 1 + max hard negatives, d embedding width)
 - `query_ids` [b] int64: the same hash of each query's token ids (query-query term only).
 - `teacher_scores` [b, n] float: a teacher's score of each candidate, NaN where none
   (distillation term only).
+- `document_ids` [b, n] int64: `hashing.id_hash` of each candidate's document id, 0 where it has
+  none (optional).
 
 Visibility rule. Query i always scores its own present candidates. If `in_batch[i]` is True (and
 in-batch negatives are on for the call), it also scores every present candidate -- positive and
 hard negatives -- of every *other* query j in the global batch (all ranks of the data-parallel
 group) with `in_batch[j]` True. Excluded, own or in-batch: any negative whose hash equals query
-i's own positive's (`mask_identical_positives`). With `false_negative_margin = m`, any negative
+i's own positive's, or whose document id equals the positive's (`mask_identical_positives`;
+ids only where both have one). With `false_negative_margin = m`, any negative
 whose score exceeds `m x` query i's positive score is excluded too. A query with `in_batch`
 False sees only its own candidates, even inside a blended batch.
 
 Optional in-batch terms of the denominator, each a switch: `query_query` adds the other visible
 queries q_j (score q_i . q_j; with `mask_identical_positives`, not a q_j identical to q_i or
-whose positive is identical to q_i's); `document_document` adds the visible in-batch candidates
+whose positive is identical to q_i's or has its document id); `document_document` adds the visible in-batch candidates
 again, scored against q_i's positive (p_i . c). The margin rule compares every term's scores
 with `m x` q_i . p_i. With `matryoshka` the loss is the weighted sum of this loss over prefix
 widths of the embeddings (`matryoshka.py`). With `distill_weight = w > 0`, each query with
@@ -280,6 +283,7 @@ def contrastive_loss(
     candidate_ids: torch.Tensor | None = None,
     query_ids: torch.Tensor | None = None,
     teacher_scores: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
     in_batch_negatives: bool = True,
     false_negative_margin: float | None = None,
     mask_identical_positives: bool = True,
@@ -304,14 +308,17 @@ def contrastive_loss(
             `mask_identical_positives`.
         teacher_scores: [b, n] teacher scores of the candidates, NaN where a query has none;
             required when `distill_weight` > 0.
+        document_ids: [b, n] int64 document-id hashes (`hashing.id_hash`), 0 where none; with
+            `mask_identical_positives` a negative with the id of the query's positive is
+            excluded like an identical text (None: no ids).
         in_batch_negatives: the stage switch (`ContrastiveLossConfig.in_batch_negatives`, the
             trainer's `--in-batch-negatives`; applied here only): False scores own candidates
             only and skips the gather. Must be equal on every rank of `group` (it decides
             whether collectives run).
         false_negative_margin: None, or m in (0, 1]: exclude negatives scoring above m x positive.
         mask_identical_positives: exclude candidates (own hard negatives and in-batch ones)
-            identical to the query's positive, and with `query_query` other queries identical
-            to the query or sharing its positive.
+            identical to the query's positive (same token ids, or same document id), and with
+            `query_query` other queries identical to the query or sharing its positive.
         query_query: add the other in-batch queries as negatives (score q_i . q_j).
         document_document: add the in-batch candidates as negatives of the query's positive
             (score p_i . c), beside the query's own score against them.
@@ -357,6 +364,9 @@ def contrastive_loss(
     if teacher_scores is not None and teacher_scores.shape != candidate_mask.shape:
         shape, want = tuple(teacher_scores.shape), tuple(candidate_mask.shape)
         raise ValueError(f"teacher_scores must be [b, n] = {want}, got {shape}")
+    if document_ids is not None and document_ids.shape != candidate_mask.shape:
+        shape, want = tuple(document_ids.shape), tuple(candidate_mask.shape)
+        raise ValueError(f"document_ids must be [b, n] = {want}, got {shape}")
     if query_ids is not None and query_ids.shape != query.shape[:1]:
         shape = tuple(query_ids.shape)
         raise ValueError(f"query_ids must be [b] = {tuple(query.shape[:1])}, got {shape}")
@@ -373,6 +383,13 @@ def contrastive_loss(
     own_keep = candidate_mask.clone()  # [b, n]
     if mask_identical_positives and candidate_ids is not None:
         own_keep[:, 1:] &= candidate_ids[:, 1:] != candidate_ids[:, :1]
+    # document ids, 0 where none; a positive without one matches nothing by id
+    docs = torch.zeros_like(candidate_mask, dtype=torch.long)
+    if document_ids is not None:
+        docs = document_ids.long()
+    pos_doc, has_doc = docs[:, :1], docs[:, :1] != 0  # [b, 1] each
+    if mask_identical_positives:
+        own_keep[:, 1:] &= ~((docs[:, 1:] == pos_doc) & has_doc)
     if distill_weight:
         # The teacher's distribution over each query's own present candidates (identical copies
         # of the positive left out), once for every width.
@@ -394,13 +411,19 @@ def contrastive_loss(
         qids = query_ids if query_ids is not None else torch.zeros_like(in_batch)
         # Masks, switches and hashes travel together as one int64 tensor: one collective.
         meta = torch.cat(
-            [candidate_mask.long(), in_batch.long()[:, None], ids.long(), qids.long()[:, None]],
+            [
+                candidate_mask.long(),
+                in_batch.long()[:, None],
+                ids.long(),
+                qids.long()[:, None],
+                docs,
+            ],
             dim=1,
-        )  # [b, 2n + 2]
+        )  # [b, 3n + 2]
         flat = candidates.reshape(b * n, d)  # [b*n, d]
         if world > 1:
             sizes = gather_row_counts(b, group, device)  # queries per rank: one exchange for all
-            all_meta = all_gather_no_grad(meta, group, sizes=sizes)  # [B, 2n + 2]
+            all_meta = all_gather_no_grad(meta, group, sizes=sizes)  # [B, 3n + 2]
             c_all, offset = all_gather_with_grad(flat, group, sizes=[s * n for s in sizes])
             if query_query:
                 q_all, _ = all_gather_with_grad(query, group, sizes=sizes)  # [B, d]
@@ -417,6 +440,7 @@ def contrastive_loss(
         all_inb = all_meta[:, n].bool()  # [B]
         all_ids = all_meta[:, n + 1 : 2 * n + 1]  # [B, n]
         all_qids = all_meta[:, 2 * n + 1]  # [B]
+        all_docs = all_meta[:, 2 * n + 2 :]  # [B, n]
 
         mine = torch.arange(b, device=device) + first  # [b] global index of each local query
         others = torch.arange(big_b, device=device)[None, :] != mine[:, None]  # [b, B]
@@ -425,11 +449,13 @@ def contrastive_loss(
         keep_cross = (visible[:, :, None] & all_mask[None]).reshape(b, big_b * n)
         if mask_identical_positives:
             keep_cross = keep_cross & (all_ids.reshape(1, big_b * n) != candidate_ids[:, :1])
+            keep_cross = keep_cross & ~((all_docs.reshape(1, big_b * n) == pos_doc) & has_doc)
         if query_query:
             keep_qq = visible  # [b, B]
             if mask_identical_positives:
                 keep_qq = keep_qq & (all_qids[None, :] != query_ids.long()[:, None])
                 keep_qq = keep_qq & (all_ids[None, :, 0] != candidate_ids[:, :1])
+                keep_qq = keep_qq & ~((all_docs[None, :, 0] == pos_doc) & has_doc)
 
     loss = None
     counts = None
@@ -535,6 +561,7 @@ class ContrastiveLoss(nn.Module):
         candidate_ids: torch.Tensor | None = None,
         query_ids: torch.Tensor | None = None,
         teacher_scores: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of this rank's queries (shapes as in `contrastive_loss`).
 
@@ -554,6 +581,7 @@ class ContrastiveLoss(nn.Module):
             candidate_ids=candidate_ids,
             query_ids=query_ids,
             teacher_scores=teacher_scores,
+            document_ids=document_ids,
             in_batch_negatives=c.in_batch_negatives,
             false_negative_margin=c.false_negative_margin,
             mask_identical_positives=c.mask_identical_positives,

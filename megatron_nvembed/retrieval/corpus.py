@@ -53,9 +53,11 @@ def beir_row(obj: dict, where: str) -> CorpusRow:
     return CorpusRow(text, str(obj["_id"]))
 
 
-def embed_row(obj: dict, where: str) -> CorpusRow:
+def embed_row(obj: dict, where: str, template: str | None = None) -> CorpusRow:
     """`tools/embed.py` input: `{"text", "instruction"?}`; the instruction is a task definition
-    wrapped as "Instruct: {definition}\\nQuery: " (or a complete "Instruct:" prefix, kept)."""
+    put into the model's query template (`template`; None: NV-Embed's "Instruct: {definition}\\n
+    Query: "), or a complete "Instruct:" prefix, kept."""
+    from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
     from megatron_nvembed.data.templates import query_instruction
 
     if "text" not in obj:
@@ -69,7 +71,9 @@ def embed_row(obj: dict, where: str) -> CorpusRow:
     return CorpusRow(
         obj["text"],
         None if i is None else str(i),
-        query_instruction("", instruction) if instruction else "",
+        query_instruction("", instruction, template=template or DEFAULT_QUERY_TEMPLATE)
+        if instruction
+        else "",
     )
 
 

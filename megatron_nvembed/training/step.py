@@ -55,6 +55,8 @@ class ModelBatch:
     """[b] int64 hashes of the queries (the loss's query-query term)."""
     teacher_scores: torch.Tensor | None = None
     """[b, n] float32 teacher scores, NaN where none (the loss's distillation term)."""
+    document_ids: torch.Tensor | None = None
+    """[b, n] int64 document-id hashes, 0 where none (the loss's duplicate masking by id)."""
 
     def to(self, device) -> ModelBatch:
         """The same batch on `device` (one copy of every tensor)."""
@@ -71,6 +73,7 @@ class ModelBatch:
             in_batch=move(self.in_batch),
             query_ids=move(self.query_ids),
             teacher_scores=move(self.teacher_scores),
+            document_ids=move(self.document_ids),
         )
 
 
@@ -168,6 +171,7 @@ def plan_micro_batch(
         lengths=[n for n in lengths if n],
         query_ids=mb.query_ids,
         teacher_scores=mb.teacher_scores,
+        document_ids=mb.document_ids,
     )
 
 
@@ -256,7 +260,7 @@ class StepRunner:
             b, n = mb.candidate_mask.shape
             loss = self.loss_fn(
                 out[:b], out[b:].reshape(b, n, -1), mb.candidate_mask, mb.in_batch,
-                mb.candidate_ids, mb.query_ids, mb.teacher_scores,
+                mb.candidate_ids, mb.query_ids, mb.teacher_scores, mb.document_ids,
             )  # fmt: skip
             # A copy: megatron-core's schedule divides the returned loss by the micro-batch
             # count in place, which a detached view would share.
@@ -272,15 +276,15 @@ class StepRunner:
         mask = torch.cat([mb.candidate_mask for mb in micro_batches])
         in_batch = torch.cat([mb.in_batch for mb in micro_batches])
         ids = torch.cat([mb.candidate_ids for mb in micro_batches])
-        qids, teacher = (
+        qids, teacher, doc_ids = (
             None if getattr(micro_batches[0], key) is None
             else torch.cat([getattr(mb, key) for mb in micro_batches])
-            for key in ("query_ids", "teacher_scores")
+            for key in ("query_ids", "teacher_scores", "document_ids")
         )  # fmt: skip
         result = grad_cache_step(
             self.forward,
             micro_batches,
-            lambda q, c: self.loss_fn(q, c, mask, in_batch, ids, qids, teacher),
+            lambda q, c: self.loss_fn(q, c, mask, in_batch, ids, qids, teacher, doc_ids),
             self.sizes,
             drive=self.drive,
             last_stage=self.last_stage,

@@ -11,7 +11,8 @@ positive across the rank boundary) directly.
   every parameter gradient equal the reference. GradCache with 2 micro-batches per rank under real
   `DistributedDataParallel` (its `no_sync` for the first micro-batch) equals it too.
 - The optional objectives (query-query and document-document negatives, Matryoshka widths, the
-  margin, distillation towards teacher scores) at DP=2 with unequal halves, and with GradCache under DDP, equal the one-process
+  margin, distillation towards teacher scores; duplicate documents by id across the rank
+  boundary) at DP=2 with unequal halves, and with GradCache under DDP, equal the one-process
   computation (the queries are gathered with exact gradients too).
 - TP=2 x DP=2 (4 processes; TP peers {0,1}, {2,3} hold the same data; DP groups {0,2}, {1,3}):
   gathering over the DP group equals the reference; gathering over the world group duplicates
@@ -42,7 +43,7 @@ def _setup(seed=0):
 
     torch.manual_seed(seed)
     model = ToyEncoder()
-    return model, toy_batch(GLOBAL_B, 3, seed=1)
+    return model, toy_batch(GLOBAL_B, 3, seed=1, document_ids=True)
 
 
 def _loss(q, c, batch, group, **objectives):
@@ -57,6 +58,7 @@ def _loss(q, c, batch, group, **objectives):
         candidate_ids=batch["candidate_ids"],
         query_ids=batch["query_ids"],
         teacher_scores=batch["teacher_scores"],
+        document_ids=batch["document_ids"],
         group=group,
         **objectives,
     )
@@ -149,6 +151,10 @@ def _check_dp2(rank, world_size):
 
     _, batch = _setup()
     ref_loss, ref_grads, ref_stats = _reference(batch)
+    # the document ids exclude candidates across the halves' boundary (query 6's negative for
+    # query 0, queries 3 and 5's positives for each other)
+    _, _, no_ids = _reference({**batch, "document_ids": None})
+    assert no_ids.counts[0] - ref_stats.counts[0] == 3
     world = dist.group.WORLD
     for split in ((0, 4, 8), (0, 3, 8)):  # equal and unequal local batch sizes
         local = slice_batch(batch, split[rank], split[rank + 1])
@@ -195,7 +201,12 @@ def _check_dp2(rank, world_size):
         lambda i, mb: _rows(*encode(ddp, mb)),
         [slice_batch(local, 0, 2), slice_batch(local, 2, 4)],
         lambda q, c: loss_mod(
-            q, c, local["candidate_mask"], local["in_batch"], local["candidate_ids"]
+            q,
+            c,
+            local["candidate_mask"],
+            local["in_batch"],
+            local["candidate_ids"],
+            document_ids=local["document_ids"],
         ),
         lambda mb: tuple(mb["c_ids"].shape[:2]),
         drive=partial(run_in_order, no_sync=ddp.no_sync),
@@ -230,6 +241,7 @@ def _check_dp2(rank, world_size):
             local["candidate_ids"],
             local["query_ids"],
             local["teacher_scores"],
+            local["document_ids"],
         ),  # fmt: skip
         lambda mb: tuple(mb["c_ids"].shape[:2]),
         drive=partial(run_in_order, no_sync=ddp.no_sync),

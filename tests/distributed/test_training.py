@@ -466,7 +466,9 @@ def _validation_worker(rank, world, data, tmp):
         with torch.no_grad():
             return model(**enc).numpy()
 
-    q, d = embed(beir.queries, data["instruction"]), embed(beir.corpus, "")
+    # --eval-instruction is a task definition: queries get it as training queries do
+    prefix = f"Instruct: {data['instruction']}\nQuery: "
+    q, d = embed(beir.queries, prefix), embed(beir.corpus, "")
     expected = retrieval_metrics(q @ d.T, beir.query_ids, beir.corpus_ids, beir.qrels)
     logged = [json.loads(x) for x in (tmp / "log.jsonl").read_text().splitlines()]
     evals = [r for r in logged if "eval" in r]
@@ -484,7 +486,8 @@ def _validation_worker(rank, world, data, tmp):
 def test_in_training_validation_matches_an_independent_computation(runs_1):
     """--eval-interval 2 over 4 steps validates at iterations 2 and 4 (log-json records with
     nDCG@10 / recall@10 / recall@100 / MRR@10); the iteration-4 numbers equal metrics computed
-    independently from the saved final checkpoint (1e-6 absolute)."""
+    independently from the saved final checkpoint, queries prefixed "Instruct: {definition}\\n
+    Query: " as in training (1e-6 absolute)."""
     tmp_path = runs_1["_validation_worker"]
     out = json.loads((tmp_path / "validation.json").read_text())
     assert [r["iteration"] for r in out["evals"]] == [2, 4]

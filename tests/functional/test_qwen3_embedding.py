@@ -19,6 +19,8 @@ L2-normalised) and `SentenceTransformer` on the folder, neither running this pac
   embeddings; `export-hf --format sentence-transformers` of the result, moved to another folder,
   loads in `SentenceTransformer` without remote code and gives our embeddings of the fine-tune
   (<= 1e-5), its prompts following the model's template.
+- Tools (`tools/embed.py`, MTEB's Table 7 prefixes, mining) put task definitions into the
+  model's template, read from the checkpoint or the folder's prompt.
 - The export refuses a model the layout cannot hold (another head, a bidirectional mask, a
   tokenizer that appends no end token), naming `--format`, before writing anything.
 
@@ -136,10 +138,12 @@ def _max_diff(a, b) -> float:
 def test_tokenisation_equals_the_qwen3_embedding_tokenizer(run):
     """Our rows = transformers' `AutoTokenizer` ids of prompt + text with `truncation=True`: no
     BOS, `<|endoftext|>` appended by the tokenizer (not `eos_token` <|im_end|> added as text), and
-    a text cut at `max_length` keeps it last (counted as truncated)."""
+    a text cut at `max_length` keeps it last (counted as truncated); the encoder's token counts
+    agree."""
     from transformers import AutoTokenizer
 
     from megatron_nvembed.data.tokenization import load_tokenizer, tokenize_for_embedding
+    from megatron_nvembed.evaluation.encoder import token_lengths
 
     tmp, _ = run
     ours, ref = load_tokenizer(tmp / "tok"), AutoTokenizer.from_pretrained(tmp / "tok")
@@ -154,6 +158,8 @@ def test_tokenisation_equals_the_qwen3_embedding_tokenizer(run):
             ours, TEXTS, prefix, max_length=max_length, pad_to_multiple_of=None
         )
         assert cut == sum(n > max_length for n in lengths) > 0
+        # the encoder's length estimate (batching, truncation counts) counts the same tokens
+        assert token_lengths(ours, TEXTS, [prefix or ""] * len(TEXTS)) == lengths
         for i, row in enumerate(want):
             got = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
             assert got == row and got[-1] == end and end not in got[:-1], i
@@ -212,6 +218,39 @@ def test_imported_model_embeds_as_transformers_and_sentence_transformers(run):
         kwargs = {"prompt_name": "query"} if prefix else {}
         got = st.encode(TEXTS, convert_to_tensor=True, **kwargs)
         assert _max_diff(emb[f"base_{kind}"], got) <= TOL, kind
+
+
+def test_tools_put_definitions_into_the_models_template(run):
+    """`tools/embed.py` on the imported checkpoint turns a task definition into the model's own
+    prefix ("...\\nQuery:", no space): the same embedding as the checkpoint given the complete
+    prompt (<= 1e-5). The template is read from the checkpoint, the original folder's prompt and
+    the export's; MTEB's Table 7 prefixes and mining's use it too."""
+    from megatron_nvembed.curation.mining import query_prefix
+    from megatron_nvembed.data.records import Record
+    from megatron_nvembed.evaluation.encoder import query_template_of
+    from megatron_nvembed.evaluation.mteb_eval import resolve_instruction
+
+    tmp, emb = run
+    template = "Instruct: {instruction}\nQuery:"
+    for folder in ("base", "q3e", "moved"):
+        assert query_template_of(tmp / folder) == template, folder
+    stsb = resolve_instruction("STSBenchmark", None, prefer_override=False, template=template)
+    assert stsb.startswith("Instruct: ") and stsb.endswith("\nQuery:")
+    rec = Record("q", ["p"], [], None, instruction=QUERY_DEFINITION)
+    assert query_prefix(rec, None, True, template) == QWEN3_EMBEDDING_QUERY_PROMPT
+    lines = [json.dumps({"text": t, "instruction": QUERY_DEFINITION}) for t in TEXTS]
+    (tmp / "queries.jsonl").write_text("\n".join(lines) + "\n")
+    drop = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp / "tool.npy"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "embed.py"), "--load", str(tmp / "base"),
+         "--input", str(tmp / "queries.jsonl"), "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _max_diff(torch.from_numpy(np.load(out)), emb["base_query"]) <= TOL
 
 
 def test_fine_tune_exports_to_sentence_transformers_natively(run):

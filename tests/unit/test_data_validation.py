@@ -264,3 +264,49 @@ def test_teacher_scores_follow_the_sampled_texts(tmp_path):
     assert got[0][:2] == [2.0, 4.0] and got[0][2] != got[0][2]  # "b", "d", then absent: NaN
     assert all(v != v for v in got[1])
     assert source[0].to_json()["neg_scores"] == [3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "ids, needle",
+    [
+        ({"pos_ids": "d1"}, "key 'pos_ids' must be a list of ids, got str"),
+        (
+            {"neg_ids": [1.5]},
+            "key 'neg_ids' must be a list of string or integer ids, item 0 is float",
+        ),
+        ({"pos_ids": [True]}, "item 0 is bool"),
+        ({"pos_ids": ["a", "b"]}, "key 'pos_ids' has 2 id(s) for 1 'pos' text(s)"),
+        ({"neg_ids": []}, "key 'neg_ids' has 0 id(s) for 1 'neg' text(s)"),
+    ],
+)
+def test_document_ids_are_checked_at_open(tmp_path, ids, needle):
+    """`pos_ids` / `neg_ids` (each optional): string or integer ids, one per text."""
+    line = json.dumps(dict(GOOD, task="SQuAD", **ids))
+    path = _write(tmp_path / "i.jsonl", line)
+    _open_error(path, needle)
+
+
+def test_document_ids_follow_the_sampled_texts(tmp_path):
+    """Each candidate gets `id_hash` of its own text's document id (integers read as strings),
+    0 where its record has none (one list may come without the other) and for absent negatives;
+    ids are written back unchanged in type-normalised form."""
+    from megatron_nvembed.hashing import id_hash
+
+    rows = [
+        dict(GOOD, task="SQuAD", pos=["a", "b"], neg=["c", "d"], pos_ids=["p1", 7],
+             neg_ids=["n1", "n2"]),
+        dict(GOOD, task="SQuAD", neg_ids=["x"]),
+    ]  # fmt: skip
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = load_dataset_spec(str(path))
+    tok = build_word_tokenizer(["what is a cat a b c d cat is an animal dogs bark"])
+    slots = [Slot(0, 0, 1, (1,)), Slot(0, 1, 0, (0,))]
+    batch = collate(slots, [source], tok, num_negatives=2)
+    assert batch.document_ids.tolist() == [
+        [id_hash("7"), id_hash("n2"), 0],
+        [0, id_hash("x"), 0],
+    ]
+    assert 0 not in (id_hash("7"), id_hash("n2"), id_hash("x"))
+    assert source[0].to_json()["pos_ids"] == ["p1", "7"]
+    assert "pos_ids" not in source[1].to_json() and source[1].to_json()["neg_ids"] == ["x"]

@@ -5,7 +5,8 @@ Matryoshka width k it truncates every embedding to its first k coordinates and L
 again; query i's softmax runs over its positive and every negative the rules keep -- own hard
 negatives, in-batch candidates, with `document_document` those same in-batch candidates scored
 against its positive, with `query_query` the other in-batch queries -- leaving out texts identical
-to its positive (and queries identical to it or sharing its positive) and, with a margin m,
+to its positive or carrying its positive's document id (and queries identical to it or sharing
+its positive) and, with a margin m,
 any score above m x its positive's. Loss = sum over widths of weight x mean over queries.
 
 Tolerance: 1e-12 on float64 losses (only summation order differs). Also: prefix widths leave the
@@ -67,6 +68,11 @@ def _reference(batch, q, c, *, margin=None, qq=False, dd=False, terms=((None, 1.
     mask, inb = batch["candidate_mask"].tolist(), batch["in_batch"].tolist()
     cid, qid = batch["candidate_ids"].tolist(), batch["query_ids"].tolist()
     b, n = len(c), len(c[0])
+    did = batch["document_ids"].tolist() if "document_ids" in batch else [[0] * n] * b
+
+    def same(i, k, j):  # text (k, j) is query i's positive: same tokens, or same document id
+        return cid[k][j] == cid[i][0] or (did[i][0] != 0 and did[k][j] == did[i][0])
+
     total, counts = 0.0, []
     for width, weight in terms:
         losses = []
@@ -83,18 +89,18 @@ def _reference(batch, q, c, *, margin=None, qq=False, dd=False, terms=((None, 1.
                 if k != i and not (inb[i] and inb[k]):
                     continue
                 for j in range(n):
-                    if (k, j) == (i, 0) or not mask[k][j] or cid[k][j] == cid[i][0]:
+                    if (k, j) == (i, 0) or not mask[k][j] or same(i, k, j):
                         continue
                     ck = _prefix(c[k][j], width)
                     add(_dot(qi, ck))
                     if dd and k != i:
                         add(_dot(pi, ck))
-                if qq and k != i and qid[k] != qid[i] and cid[k][0] != cid[i][0]:
+                if qq and k != i and qid[k] != qid[i] and not same(i, k, 0):
                     add(_dot(qi, _prefix(q[k], width)))
             loss = _nll(pos, negs)
             if distill is not None and not math.isnan(batch["teacher_scores"][i][0]):
                 weight_d, t_d = distill
-                own = [j for j in range(n) if mask[i][j] and (j == 0 or cid[i][j] != cid[i][0])]
+                own = [j for j in range(n) if mask[i][j] and (j == 0 or not same(i, i, j))]
                 teacher = [float(batch["teacher_scores"][i][j]) for j in own]
                 student = [_dot(qi, _prefix(c[i][j], width)) for j in own]
                 loss += weight_d * _kl(teacher, student, t_d)
@@ -140,6 +146,7 @@ def _loss(batch, q, c, **kw):
         candidate_ids=batch["candidate_ids"],
         query_ids=batch["query_ids"],
         teacher_scores=batch["teacher_scores"],
+        document_ids=batch.get("document_ids"),
         **kw,
     )
 
@@ -173,6 +180,51 @@ def test_identical_texts_are_never_negatives():
     _, loose = _loss(batch, q, c, query_query=True, mask_identical_positives=False)
     assert loose.counts[0] - stats.counts[0] >= 4 + 2  # 4 query pairs + 2 shared positives
     assert stats.counts[0] == sum(counts)
+
+
+def _with_document_ids(batch):
+    """Distinct ids for most texts, 0 (none) for some, and duplicates under other texts: query
+    1's hard negative 1 is its positive's document; query 4's hard negative 1 (seen in-batch by
+    the others) is query 7's positive's document; queries 0 and 3 have positives of one document
+    (each sees the other's in-batch; the query-query term leaves them out of each other's).
+    Queries 5 and 6 have positives without id, as has a hard negative of query 5: no match by
+    id."""
+    b, n = batch["candidate_mask"].shape
+    ids = torch.arange(1, b * n + 1, dtype=torch.long).view(b, n) * 7919
+    ids[1, 1] = ids[1, 0]
+    ids[4, 1] = ids[7, 0]
+    ids[0, 0] = ids[3, 0]
+    ids[5, 0] = ids[6, 0] = ids[5, 1] = 0
+    out = dict(batch)
+    out["document_ids"] = ids
+    return out
+
+
+@pytest.mark.parametrize("qq,dd", [(False, False), (True, True)])
+def test_same_document_id_is_never_a_negative(qq, dd):
+    """With document ids the loss equals the reference that excludes a negative carrying the
+    positive's id whatever its text (1e-12), masks exactly the duplicates placed (own, in-batch
+    and, with query-query, a query whose positive is that document), and never matches two texts
+    that have no id; without `mask_identical_positives` ids change nothing."""
+    batch, q, c = _batch()
+    with_ids = _with_document_ids(batch)
+    loss, stats = _loss(with_ids, q, c, query_query=qq, document_document=dd)
+    want, counts = _reference(with_ids, q.detach(), c.detach(), qq=qq, dd=dd)
+    assert abs(loss.item() - want) <= 1e-12
+    assert stats.counts[0] == sum(counts)
+    _, plain = _loss(batch, q, c, query_query=qq, document_document=dd)
+    # query 1's own negative; query 4's negative for query 7 and queries 0 / 3's positives
+    # for each other, in-batch (twice each with dd: also against the positive); with qq
+    # queries 0 and 3 no longer see each other as queries
+    masked = 1 + (1 + 2) * (2 if dd else 1) + (2 if qq else 0)
+    assert plain.counts[0] - stats.counts[0] == masked
+    loose, _ = _loss(with_ids, q, c, query_query=qq, document_document=dd,
+                     mask_identical_positives=False)  # fmt: skip
+    plain_loose, _ = _loss(batch, q, c, query_query=qq, document_document=dd,
+                           mask_identical_positives=False)  # fmt: skip
+    assert loose.item() == plain_loose.item()
+    with pytest.raises(ValueError, match="document_ids must be"):
+        _loss({**with_ids, "document_ids": with_ids["document_ids"][:, :2]}, q, c)
 
 
 @pytest.mark.parametrize("qq", [False, True])

@@ -66,6 +66,7 @@ def _micro_batch(seed, b=2, n=4):
         in_batch=torch.ones(b, dtype=torch.bool),
         dataset_index=torch.zeros(b, dtype=torch.long),
         truncated=0,
+        document_ids=torch.arange(b * n).view(b, n) % 3 + 1000 * seed,
     )
 
 
@@ -109,3 +110,37 @@ def test_step_makes_no_device_round_trip(grad_cache, layout):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         float(local)
     assert len(_reads(prof.events())) == 1
+
+
+@pytest.mark.parametrize("grad_cache", [True, False], ids=["grad_cache", "direct"])
+def test_step_hands_the_document_ids_to_the_loss(grad_cache):
+    """The micro-batches' document ids reach the loss unchanged (GradCache: concatenated in
+    micro-batch order, the direct path: each micro-batch's own), with their candidates."""
+    from megatron_nvembed.training.step import StepRunner, plan_micro_batch
+
+    pg, ddp, loss, thd = _parts("sdpa")
+    seen = []
+    real = loss.forward
+
+    def recording(*args, **kwargs):
+        names = ("candidate_ids", "query_ids", "teacher_scores", "document_ids")
+        given = dict(zip(names, args[4:]), **kwargs)
+        seen.append((given["candidate_ids"].clone(), given["document_ids"].clone()))
+        return real(*args, **kwargs)
+
+    loss.forward = recording
+    try:
+        plan = partial(plan_micro_batch, pack_length=0, bucket_size=0, pipeline=False, thd=thd)
+        step = StepRunner(
+            ddp, loss, pg, grad_cache=grad_cache, plan=plan, device=torch.device("cpu")
+        )
+        mbs = [_micro_batch(5), _micro_batch(6)]
+        step.run(step.prepare(mbs))
+    finally:
+        loss.forward = real
+    want = [(mb.candidate_ids, mb.document_ids) for mb in mbs]
+    if grad_cache:
+        want = [tuple(torch.cat([w[k] for w in want]) for k in range(2))]
+    assert len(seen) == len(want)
+    for (ids, docs), (want_ids, want_docs) in zip(seen, want):
+        assert torch.equal(ids, want_ids) and torch.equal(docs, want_docs)
