@@ -1,8 +1,9 @@
 """Typed configuration for the embedding model, one small dataclass per concern.
 
 Each component receives only its own slice (the backbone `ModelConfig`, the head `PoolingConfig`,
-the parallel layout `ParallelConfig`, the query format `PromptConfig`). `validate()` checks fields and cross-field constraints and
-raises `ValueError` naming the setting (as its command-line flag where there is one).
+the parallel layout `ParallelConfig`, the query format `PromptConfig`). `validate()` checks fields
+and cross-field constraints and raises `ValueError` naming the setting (as its command-line flag
+where there is one).
 """
 
 from __future__ import annotations

@@ -28,8 +28,7 @@ import torch
 from megatron_nvembed.checkpoint import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
 from megatron_nvembed.conversion.hf_config import text_config_dict
-from megatron_nvembed.conversion.st_layout import write_st_layout
-from megatron_nvembed.data.templates import format_query_instruction
+from megatron_nvembed.conversion.st_layout import PROMPTS_FILE, prompts_config, write_st_layout
 from megatron_nvembed.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -41,12 +40,6 @@ HF_MODEL_FILES = (
     "tokenization_nvembed.py",
     "sentence_transformers_nvembed.py",
 )
-# sentence-transformers prompts: `encode(texts, prompt_name="query")` adds the NV-Embed query
-# prefix of this task definition (the paper's retrieval wording); documents get none. Prompts are
-# complete prefixes, as the exported model's `encode(instruction=...)` takes (docs/data.md).
-# The prefix follows the model's query template (`config.PromptConfig`).
-ST_QUERY_DEFINITION = "Given a question, retrieve passages that answer the question"
-ST_PROMPTS = {"query": format_query_instruction(ST_QUERY_DEFINITION), "document": ""}
 EXPORT_FORMATS = ("nvembed", "sentence-transformers")
 """`export-hf --format`: NV-Embed's format (every head and mask; model code shipped in the folder)
 or sentence-transformers' native layout (a plain transformers backbone + Pooling + Normalize
@@ -443,12 +436,8 @@ def _write_sentence_transformers_files(
         }
     ]
     (out / "modules.json").write_text(json.dumps(modules, indent=2))
-    prompts = {
-        "query": format_query_instruction(ST_QUERY_DEFINITION, query_template),
-        "document": "",
-    }
-    st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
-    (out / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
+    st_config = prompts_config(query_template)  # prompts: complete prefixes (docs/data.md)
+    (out / PROMPTS_FILE).write_text(json.dumps(st_config, indent=2))
     (out / "nvembed_sentence_transformers_config.json").write_text(
         json.dumps({"max_seq_length": max_seq_length}, indent=2)
     )
@@ -571,7 +560,7 @@ def export_hf(
         if st:
             config = dict(text_config_dict(cfg), torch_dtype=dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            write_st_layout(tmp, cfg, ST_QUERY_DEFINITION)
+            write_st_layout(tmp, cfg)
         else:
             config = nvembed_config_json(cfg, dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2))

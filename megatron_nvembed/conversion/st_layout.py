@@ -117,16 +117,30 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
     }
 
 
-def write_st_layout(
-    out: Path, cfg: EmbeddingModelConfig, query_definition: str, max_seq_length: int = 512
-) -> None:
+QUERY_DEFINITION = "Given a question, retrieve passages that answer the question"
+"""The task definition of every export's `query` prompt (the paper's retrieval wording):
+`encode(texts, prompt_name="query")` adds it in the model's query template; documents get none."""
+
+
+def prompts_config(query_template: str) -> dict:
+    """`config_sentence_transformers.json` of an export: the `query` prompt is
+    `QUERY_DEFINITION` in `query_template`, documents get none, cosine similarity."""
+    from megatron_nvembed.data.templates import format_query_instruction
+
+    query = format_query_instruction(QUERY_DEFINITION, query_template)
+    return {
+        "prompts": {"query": query, "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+
+
+def write_st_layout(out: Path, cfg: EmbeddingModelConfig, max_seq_length: int = 512) -> None:
     """Writes the sentence-transformers module files of an `eos`-pooled causal model beside its
     backbone (written separately as a plain transformers model at `out`'s root).
 
-    The query prompt is the model's template filled with `query_definition`; documents get none.
+    Prompts: `prompts_config` of the model's query template.
     """
-    from megatron_nvembed.data.templates import format_query_instruction
-
     modules = [{"idx": 0, "name": "0", "path": "", "type": _MODULE + "Transformer"}]
     modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": _MODULE + "Pooling"})
     if cfg.pooling.normalize:
@@ -137,16 +151,11 @@ def write_st_layout(
     mode = {v: k for k, v in POOLING_MODES.items()}[cfg.pooling.type]
     pooling = {"word_embedding_dimension": cfg.model.hidden_size, "include_prompt": True}
     pooling.update({m: m == mode for m in POOLING_MODES})
-    query = format_query_instruction(query_definition, cfg.prompts.query_template)
     files = {
         "modules.json": modules,
         "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
         "1_Pooling/config.json": pooling,
-        "config_sentence_transformers.json": {
-            "prompts": {"query": query, "document": ""},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
+        PROMPTS_FILE: prompts_config(cfg.prompts.query_template),
     }
     for name, value in files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)

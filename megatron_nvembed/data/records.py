@@ -1,5 +1,6 @@
 """Training records: `{"query", "pos": [...], "neg": [...], "task", "instruction"?, "pos_scores"?,
-"neg_scores"?, "pos_ids"?, "neg_ids"?}` in JSONL or Parquet, read with errors that name the file and line, and written atomically.
+"neg_scores"?, "pos_ids"?, "neg_ids"?}` in JSONL or Parquet, read with errors that name the file
+and line, and written atomically.
 
 One function checks a record whatever its source, `record_from_dict`; JSONL lines are decoded by
 `parse_json_line`, which refuses a key that appears twice in one object. See docs/data.md,

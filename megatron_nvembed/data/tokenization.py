@@ -62,7 +62,11 @@ def appended_end_text(tokenizer) -> str:
     Raises:
         ValueError: the tokenizer appends nothing and has no eos_token.
     """
-    if special_token_layout(tokenizer)[1]:
+    return _end_text(tokenizer, special_token_layout(tokenizer)[1])
+
+
+def _end_text(tokenizer, suffix: list[int]) -> str:
+    if suffix:
         return ""
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos_token; NV-Embed appends one to every text")
@@ -119,7 +123,7 @@ def tokenize_for_embedding(
             f"max_length {max_length} leaves no room for text beside the tokenizer's "
             f"{len(prefix) + len(suffix)} special tokens"
         )
-    end = appended_end_text(tokenizer)  # "" when the tokenizer appends its end token itself
+    end = _end_text(tokenizer, suffix)  # "" when the tokenizer appends its end token itself
     full = [ins + t + end for ins, t in zip(instructions, texts)]
     # One pass without truncation: the lengths give the truncation count. Cutting the id list at
     # max_length equals the tokenizer's own truncation when it only prepends (BOS); when it

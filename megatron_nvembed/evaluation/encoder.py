@@ -512,8 +512,6 @@ def query_template_of(path: str | os.PathLike) -> str:
     one; for a model folder the one behind its sentence-transformers `query` prompt
     (`st_layout.prompt_query_template`); else NV-Embed's. Read from the config files only, so
     tools resolve instructions before loading the model."""
-    from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
-
     if detect_model_format(path) == "megatron":
         from megatron_nvembed.checkpoint import read_config
 

@@ -3,8 +3,8 @@ length-bucketed micro-batches train exactly as padded ones, on both CPU attentio
 (sdpa's THD rows, local's block-diagonal mask); and `train()` with GradCache equals `train()`
 without it where the two must agree (in-batch negatives off), losses and updated weights; each
 imported backbone (Qwen2 with the self-attention head, Qwen3 with the EOS head and a causal mask,
-Llama 3.x with the latent head) trains with LoRA, packing, GradCache and the optional loss terms
-as it does padded on the direct path.
+Llama 3.x with the latent head, and with the mean head and a causal mask) trains with LoRA,
+packing, GradCache and the optional loss terms as it does padded on the direct path.
 
 Run alone: pytest tests/distributed/test_training_packing.py
 """
@@ -32,17 +32,15 @@ def synthetic(tmp_path_factory):
 
 
 BACKBONE_HEADS = {
-    "qwen2": {"pooling": "self-attention", "mask_type": "bidirectional", "num_heads": 2},
-    "qwen3": {"pooling": "eos", "mask_type": "causal"},  # as Qwen3-Embedding
-    "llama3": {
-        "pooling": "latent",
-        "mask_type": "bidirectional",
-        "num_latents": 16,
-        "num_heads": 2,
-    },
-}
-"""Each imported backbone trains with another head and mask (the heads' own parameters are
-sharded, packed and cached like the backbone's)."""
+    "qwen2": ("qwen2", {"pooling": "self-attention", "mask_type": "bidirectional", "num_heads": 2}),
+    "qwen3": ("qwen3", {"pooling": "eos", "mask_type": "causal"}),  # as Qwen3-Embedding
+    "llama3": ("llama3", {"pooling": "latent", "mask_type": "bidirectional", "num_latents": 16,
+                          "num_heads": 2}),
+    "llama3_mean_causal": ("llama3", {"pooling": "mean", "mask_type": "causal"}),
+}  # fmt: skip
+"""Run name -> (backbone, import settings): every head and both masks over the imported backbones,
+each backbone with one head at least and Llama 3.x with both masks (the heads' own parameters
+are sharded, packed and cached like the backbone's)."""
 
 
 def _cfg(data, **overrides):
@@ -155,10 +153,11 @@ def runs(synthetic, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("packing")
     backbones = {}
-    for kind in TINY_HF_KINDS:  # tiny random Qwen2, Qwen3, Llama 3.x folders, imported
-        src = save_tiny_hf_decoder(tmp / f"hf_{kind}", synthetic["tokenizer"], kind)
-        backbones[kind] = str(tmp / f"ckpt_{kind}")
-        import_hf(src, backbones[kind], **BACKBONE_HEADS[kind])
+    for kind in TINY_HF_KINDS:  # tiny random Qwen2, Qwen3, Llama 3.x folders
+        save_tiny_hf_decoder(tmp / f"hf_{kind}", synthetic["tokenizer"], kind)
+    for name, (kind, settings) in BACKBONE_HEADS.items():  # imported with their heads
+        backbones[name] = str(tmp / f"ckpt_{name}")
+        import_hf(tmp / f"hf_{kind}", backbones[name], **settings)
     run_distributed(_packing_worker, 2, synthetic, str(tmp), backbones)
     return tmp
 
@@ -182,19 +181,20 @@ def test_pack_sequences_trains_like_padding(runs):
 def test_every_backbone_trains_with_lora_packing_and_grad_cache(runs):
     """Qwen2 (Q/K/V biases; self-attention head, bidirectional), Qwen3 (Q/K norms, head width
     24 != 64 / 4; EOS head, causal, as Qwen3-Embedding) and Llama 3.x (RoPE scaling; latent head,
-    bidirectional), imported from transformers folders, at DP=2 with LoRA and every Matryoshka /
+    bidirectional, and mean head, causal), imported from transformers folders, at DP=2 with LoRA
+    and every Matryoshka /
     query-query / document-document term: packed rows with
     GradCache over 2 micro-batches per rank log the same losses over 3 steps as padded rows on
     the direct path with one micro-batch per rank (rel 1e-5), and the backbones differ."""
     out = json.loads((runs / "packing.json").read_text())
     firsts = []
-    for kind in ("qwen2", "qwen3", "llama3"):
-        cached, direct = out[f"{kind}_gc_packed"], out[f"{kind}_direct_padded"]
+    for name in BACKBONE_HEADS:
+        cached, direct = out[f"{name}_gc_packed"], out[f"{name}_direct_padded"]
         assert sorted(direct) == ["1", "2", "3"]
         for it in ("1", "2", "3"):
-            assert cached[it] == pytest.approx(direct[it], rel=1e-5), (kind, it)
+            assert cached[it] == pytest.approx(direct[it], rel=1e-5), (name, it)
         firsts.append(direct["1"])
-    assert len({round(x, 6) for x in firsts}) == 3
+    assert len({round(x, 6) for x in firsts}) == len(BACKBONE_HEADS)
 
 
 def test_length_buckets_train_like_one_call_and_compute_less_padding(runs):

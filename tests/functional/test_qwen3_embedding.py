@@ -104,9 +104,9 @@ def _train_and_embed(rank, world, data, base, ft, out):
 
 
 def _st_definition() -> str:
-    from megatron_nvembed.conversion.convert import ST_QUERY_DEFINITION
+    from megatron_nvembed.conversion.st_layout import QUERY_DEFINITION
 
-    return ST_QUERY_DEFINITION
+    return QUERY_DEFINITION
 
 
 @pytest.fixture(scope="module")
