@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Embed a corpus with a megatron_nvembed checkpoint (any saved TP/PP layout; resharded on load)
-or an NV-Embed-format folder (our exports, or NVIDIA's released NV-Embed-v2 layout, read
-natively), in resumable shards, data-parallel under torchrun.
+"""Embed a corpus with a megatron_nvembed checkpoint (any saved TP/PP layout; resharded on load),
+an NV-Embed-format folder (our exports, or NVIDIA's released NV-Embed-v2 layout, read natively)
+or a sentence-transformers folder (e.g. an `export-hf --format sentence-transformers` output, no
+remote code), in resumable shards, data-parallel under torchrun.
 
   [torchrun --nproc_per_node N] tools/embed.py --load MODEL --input TEXTS.jsonl
         (--output EMB.npy | --output-dir DIR) [--shard-size 100000]
@@ -39,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--load", required=True, help="checkpoint or NV-Embed-format folder")
+    p.add_argument(
+        "--load", required=True, help="checkpoint, NV-Embed-format or sentence-transformers folder"
+    )
     p.add_argument("--input", required=True, help='JSONL: {"text", "instruction"?, "id"?} per line')
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--output", help=".npy file, float32 [n, d] in input order")

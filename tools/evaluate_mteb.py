@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Evaluate a megatron_nvembed checkpoint or an exported NV-Embed HF directory: mteb 2.x tasks, and
-local BEIR folders scored at corpus scale.
+"""Evaluate a megatron_nvembed checkpoint, an exported NV-Embed HF directory or a
+sentence-transformers folder: mteb 2.x tasks, and local BEIR folders scored at corpus scale.
 
   [torchrun --nproc_per_node N] tools/evaluate_mteb.py --model DIR --output OUT
       [--tasks NAME ...] [--benchmark NAME] [--beir-dir DIR ...] [--beir-split test]
@@ -9,9 +9,12 @@ local BEIR folders scored at corpus scale.
       [--tensor-model-parallel-size T] [--name NAME] [--resume]
 
 DIR: a checkpoint (latest_checkpointed_iteration.txt; loaded at --tensor-model-parallel-size,
-any saved layout) or an NV-Embed-format folder (config.json with model_type nvembed: our exports
-or NVIDIA's released NV-Embed-v2 folder, read natively; no remote code runs).
-Queries (and every text of symmetric tasks) get the task's Table 7 instruction; documents none.
+any saved layout), an NV-Embed-format folder (config.json with model_type nvembed: our exports
+or NVIDIA's released NV-Embed-v2 folder, read natively; no remote code runs) or a
+sentence-transformers folder (an `export-hf --format sentence-transformers` output, a released
+Qwen3-Embedding model; no remote code).
+Queries (and every text of symmetric tasks) get the task's Table 7 definition in the model's
+query template (the checkpoint's, or the folder's `query` prompt form); documents none.
 Under torchrun the ranks split each encode call's batches (N / T data-parallel ranks) and gather.
 --instruction also covers mteb tasks that Table 7 lacks ("" = no instruction).
 
@@ -55,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="checkpoint or HF directory")
+    p.add_argument(
+        "--model", required=True, help="checkpoint, NV-Embed-format or sentence-transformers folder"
+    )
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--tasks", nargs="+", default=[], metavar="NAME", help="mteb task names")
     p.add_argument("--benchmark", default=None, help='mteb benchmark, e.g. "MTEB(eng, v1)"')

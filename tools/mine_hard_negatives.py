@@ -132,7 +132,6 @@ def main(argv=None) -> int:
 
         return load_embedder(
             args.model,
-            allow_sentence_transformers=True,
             show_progress=False,
             **embedder_kwargs(args),
         )

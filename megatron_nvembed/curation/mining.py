@@ -7,9 +7,8 @@ scoring at or above `margin x` the positive's score (NV-Embed paper: margin 0.95
 threshold). Corpus lines may carry an "id"; when all do, each output record also gets "neg_ids"
 (as strings).
 
-The teacher is any `evaluation.encoder.Embedder` (`load_embedder(..., allow_sentence_transformers=
-True)`: a megatron_nvembed checkpoint, an NV-Embed-format folder, or a sentence-transformers
-folder); its raw embeddings are L2-normalised here.
+The teacher is any `evaluation.encoder.Embedder` (`load_embedder`: a megatron_nvembed
+checkpoint, an NV-Embed-format folder, or a sentence-transformers folder); its raw embeddings are L2-normalised here.
 
 Corpus scale:
 - The corpus is a `retrieval.corpus.JsonlCorpus`: checked once, then read back by row; its texts

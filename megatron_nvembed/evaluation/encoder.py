@@ -8,8 +8,9 @@ Shared by `tools/embed.py`, `tools/evaluate_mteb.py`, BEIR evaluation and hard-n
   directory with `config.json` is an NV-Embed-format model (our exports, and NVIDIA's released
   NV-Embed-v2 folder), read natively by the package's own copy of the model classes: the
   folder's Python files are never imported, so no remote code runs, and NVIDIA's release works
-  under current transformers although its own code does not import there. Mining teachers may
-  also be plain sentence-transformers folders (loaded with `trust_remote_code=False`).
+  under current transformers although its own code does not import there. Any other
+  sentence-transformers folder (a mining teacher, a `--format sentence-transformers` export, a
+  released Qwen3-Embedding model) loads with `trust_remote_code=False`.
 - Our formats tokenise with `data.tokenization.tokenize_for_embedding` and the tokenizer loader
   shared with training and the exported model (`load_tokenizer`).
 - Batches: texts sorted by token length (longest first), cut under a budget of `max_tokens`
@@ -530,10 +531,10 @@ def load_embedder(
     max_tokens: int | None = None,
     truncate_dim: int | None = None,
     show_progress: bool = True,
-    allow_sentence_transformers: bool = False,
 ) -> Embedder:
-    """Loads `path` as whichever format it is (see `detect_model_format`); plain
-    sentence-transformers models only with `allow_sentence_transformers` (mining teachers)."""
+    """Loads `path` as whichever format it is (see `detect_model_format`): our checkpoint, an
+    NV-Embed-format folder, or a sentence-transformers folder (a mining teacher, a
+    `--format sentence-transformers` export, a released Qwen3-Embedding model)."""
     kind = detect_model_format(path)
     kw = dict(
         batch_size=batch_size,
@@ -550,11 +551,6 @@ def load_embedder(
             "megatron_nvembed checkpoint; HF directories run data-parallel only"
         )
     elif kind == "sentence-transformers":
-        if not allow_sentence_transformers:
-            raise ValueError(
-                f"{Path(path) / 'config.json'}: not an NV-Embed-format model (model_type is not "
-                "'nvembed'); import it first: tools/convert_checkpoint.py import-hf"
-            )
         embedder = SentenceTransformerEmbedder(path, **kw)
     else:
         embedder = HFEmbedder(path, **kw)

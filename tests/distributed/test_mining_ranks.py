@@ -69,9 +69,7 @@ def test_two_ranks_write_the_one_process_file(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     kw = dict(num_negatives=5, candidates=15, shard_size=20, chunk_size=10, progress=False)
-    teacher = load_embedder(
-        model, allow_sentence_transformers=True, batch_size=BATCH, show_progress=False
-    )
+    teacher = load_embedder(model, batch_size=BATCH, show_progress=False)
     try:
         ref = mine_hard_negatives(
             str(tmp_path / "q.jsonl"),

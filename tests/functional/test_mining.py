@@ -108,9 +108,7 @@ def _one_thread():
 def teacher():
     from megatron_nvembed.evaluation.encoder import load_embedder
 
-    return load_embedder(
-        _model_path(), allow_sentence_transformers=True, batch_size=BATCH, show_progress=False
-    )
+    return load_embedder(_model_path(), batch_size=BATCH, show_progress=False)
 
 
 def _unit(x):

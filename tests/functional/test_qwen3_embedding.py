@@ -221,9 +221,9 @@ def test_imported_model_embeds_as_transformers_and_sentence_transformers(run):
 
 
 def test_tools_put_definitions_into_the_models_template(run):
-    """`tools/embed.py` on the imported checkpoint turns a task definition into the model's own
-    prefix ("...\\nQuery:", no space): the same embedding as the checkpoint given the complete
-    prompt (<= 1e-5). The template is read from the checkpoint, the original folder's prompt and
+    """`tools/embed.py` on the imported checkpoint and on the sentence-transformers export of the
+    fine-tune turns a task definition into the model's own prefix ("...\\nQuery:", no space): the
+    same embeddings as the checkpoints given the complete prompt (<= 1e-5). The template is read from the checkpoint, the original folder's prompt and
     the export's; MTEB's Table 7 prefixes and mining's use it too."""
     from megatron_nvembed.curation.mining import query_prefix
     from megatron_nvembed.data.records import Record
@@ -243,14 +243,17 @@ def test_tools_put_definitions_into_the_models_template(run):
     drop = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = tmp / "tool.npy"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "embed.py"), "--load", str(tmp / "base"),
-         "--input", str(tmp / "queries.jsonl"), "--output", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _max_diff(torch.from_numpy(np.load(out)), emb["base_query"]) <= TOL
+    # our checkpoint, and the sentence-transformers export of the fine-tune (its own prompt
+    # template read from the folder; run by sentence-transformers)
+    for folder, want in (("base", emb["base_query"]), ("moved", emb["ft_query"])):
+        out = tmp / f"tool_{folder}.npy"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "embed.py"), "--load", str(tmp / folder),
+             "--input", str(tmp / "queries.jsonl"), "--output", str(out)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _max_diff(torch.from_numpy(np.load(out)), want) <= TOL, folder
 
 
 def test_fine_tune_exports_to_sentence_transformers_natively(run):
