@@ -146,31 +146,15 @@ def nvembed_llama3_8b_stage2() -> TrainingConfig:
 
 
 def qwen3_embedding_8b() -> TrainingConfig:
-    """Fine-tuning Qwen3-Embedding (see the module docstring for every setting)."""
-    return TrainingConfig(
-        recipe="qwen3_embedding_8b",
-        stage=1,
-        model=_qwen3_8b_embedding(),
-        lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.1),
-        num_negatives=7,
-        seq_length=512,
-        micro_batch_size=4,
-        global_batch_size=128,
-        train_iters=2000,
-        lr=1e-5,
-        min_lr=0.0,
-        lr_warmup_iters=100,
-        lr_decay_style="linear",
-        weight_decay=0.01,
-        clip_grad=1.0,
-        temperature=0.05,
-        grad_cache=True,
-        query_query_negatives=True,
-        document_document_negatives=True,
-        query_template=QWEN3_EMBEDDING_QUERY_TEMPLATE,
-        save_interval=500,
-        log_interval=10,
-    )
+    """Fine-tuning Qwen3-Embedding (see the module docstring): the Mistral stage-1 recipe with
+    what differs."""
+    cfg = nvembed_mistral_7b_stage1(_qwen3_8b_embedding())
+    cfg.recipe = "qwen3_embedding_8b"
+    cfg.train_iters, cfg.lr, cfg.lr_warmup_iters = 2000, 1e-5, 100
+    cfg.weight_decay, cfg.temperature, cfg.save_interval = 0.01, 0.05, 500
+    cfg.query_query_negatives = cfg.document_document_negatives = True
+    cfg.query_template = QWEN3_EMBEDDING_QUERY_TEMPLATE
+    return cfg
 
 
 def tiny() -> TrainingConfig:
