@@ -60,9 +60,9 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
     `modules.json`.
 
     Returns:
-        {"pooling": "eos" | "mean", "normalize": bool, "query_template": str | None,
-        "query_prompt": str | None}; the template is None when the folder's query prompt is not of
-        the form "Instruct: <definition>\\nQuery:" (the prompt is then returned as found).
+        {"pooling": "eos" | "mean", "normalize": bool, "query_template": str | None}; the
+        template is None when the folder has no query prompt or one not of the form
+        "Instruct: <definition>\\nQuery:" (a warning names the latter).
 
     Raises:
         ValueError: naming the file and key: a module other than Transformer / Pooling /
@@ -113,7 +113,6 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
         "pooling": POOLING_MODES[modes[0]],
         "normalize": "Normalize" in kinds,
         "query_template": template,
-        "query_prompt": query,
     }
 
 
