@@ -123,11 +123,11 @@ def micro_batch(
 
 def layout_plan(cfg: TrainingConfig, model_cfg, layout: str, thd: bool | None = None):
     """The trainer's plan (`training.setup.step_plan`) for `cfg` with `layout`'s trainer settings
-    (checked by `TrainingConfig.validate`); `cfg.length_bucket_size` is the size `buckets`
+    (checked by `TrainingConfig.validate`); `cfg.data.length_bucket_size` is the size `buckets`
     uses; `thd` as `step_plan`'s."""
     cfg = replace(
         cfg,
-        length_bucket_size=cfg.length_bucket_size if layout == "buckets" else 0,
+        length_bucket_size=cfg.data.length_bucket_size if layout == "buckets" else 0,
         pack_sequences=layout == "packed",
     ).validate()
     return step_plan(cfg, model_cfg, thd)
@@ -142,10 +142,11 @@ class Ours:
         from megatron_nvembed.model.build import build_model
         from megatron_nvembed.model.lora import apply_lora
         from megatron_nvembed.training.optimizer import build_optimizer
-        from megatron_nvembed.training.setup import build_loss, resolve_model_config
+        from megatron_nvembed.loss import ContrastiveLoss
+        from megatron_nvembed.training.start import StartingPoint, model_config
 
         self.cfg, self.pg, self.device = cfg, pg, device
-        self.model_cfg, _ = resolve_model_config(cfg)
+        self.model_cfg = model_config(cfg, StartingPoint("scratch"))
         self.model = build_model(self.model_cfg, pg)
         if weights is not None:
             load_hf_into_model(
@@ -153,8 +154,12 @@ class Ours:
             )
         if cfg.lora.rank > 0:
             apply_lora(self.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, seed=cfg.seed)
-        self.ddp, self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.model_cfg)
-        self.loss_fn = build_loss(cfg, pg)
+        self.ddp, self.optimizer, self.scheduler = build_optimizer(
+            cfg.optimizer, self.model, self.model_cfg
+        )
+        self.loss_fn = ContrastiveLoss(
+            cfg.loss, group=pg.dp, global_batch_size=cfg.data.global_batch_size
+        )
 
 
 class OursStep:
@@ -243,10 +248,10 @@ class Baseline:
         self.total_params = sum(p.numel() for p in ref.parameters())
         self.opt = torch.optim.AdamW(
             self.trainable,
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
+            lr=cfg.optimizer.lr,
+            betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
+            eps=cfg.optimizer.adam_eps,
+            weight_decay=cfg.optimizer.weight_decay,
             fused=device.type == "cuda" or None,
         )
         self.schedule = torch.optim.lr_scheduler.LinearLR(
@@ -270,13 +275,13 @@ class Baseline:
             b, n = mb.candidate_mask.shape
             loss = contrastive_loss(
                 out[:b], out[b:].view(b, n, -1), mb.candidate_mask,
-                temperature=self.cfg.temperature, in_batch=mb.in_batch,
+                temperature=self.cfg.loss.temperature, in_batch=mb.in_batch,
                 candidate_ids=mb.candidate_ids,
             )[0] / len(batches)  # fmt: skip
             loss.backward()
             total = total + loss.detach()
-        if self.cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.clip_grad)
+        if self.cfg.optimizer.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optimizer.clip_grad)
         self.opt.step()
         self.schedule.step()
         return total, batches

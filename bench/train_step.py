@@ -146,7 +146,9 @@ def configure(args):
         ParallelConfig,
         PoolingConfig,
     )
-    from megatron_nvembed.training.config import LoRAConfig, TrainingConfig
+    from megatron_nvembed.data.config import DataConfig
+    from megatron_nvembed.loss.config import ContrastiveLossConfig
+    from megatron_nvembed.training.config import LoRAConfig, OptimizerConfig, TrainingConfig
 
     preset = PRESETS[args.preset]
     layers = args.layers if args.layers is not None else preset["model"]["num_layers"]
@@ -185,17 +187,21 @@ def configure(args):
             parallel=ParallelConfig(),
         ),
         lora=LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout),
-        train_data=["synthetic (bench/train_step.py)"],
-        num_negatives=args.negatives,
-        seq_length=args.max_length,
-        length_bucket_size=args.bucket_size,
-        micro_batch_size=batch,
-        global_batch_size=batch * args.micro_batches,
-        # every ours variant steps the one optimizer: the schedule spans all their steps
-        train_iters=variants * (warmup + args.steps * args.repeats) + 1,
-        lr=args.lr,
-        lr_warmup_iters=0,
-        temperature=args.temperature,
+        data=DataConfig(
+            train_data=["synthetic (bench/train_step.py)"],
+            num_negatives=args.negatives,
+            seq_length=args.max_length,
+            length_bucket_size=args.bucket_size,
+            micro_batch_size=batch,
+            global_batch_size=batch * args.micro_batches,
+        ),
+        optimizer=OptimizerConfig(
+            # every ours variant steps the one optimizer: the schedule spans all their steps
+            train_iters=variants * (warmup + args.steps * args.repeats) + 1,
+            lr=args.lr,
+            lr_warmup_iters=0,
+        ),
+        loss=ContrastiveLossConfig(temperature=args.temperature),
         seed=args.seed,
     )
     shape = Shape(
@@ -230,7 +236,7 @@ def build(args, cfg, weights: str, device):
     ours = Ours(cfg, pg, device, weights=state)
     del state
     impls = {f"ours-{gc(g)}": OursStep(ours, args.layout, g) for g in settings}
-    impls["baseline"] = Baseline(cfg, ref, device, cfg.train_iters)
+    impls["baseline"] = Baseline(cfg, ref, device, cfg.optimizer.train_iters)
     return impls, [(name, "baseline") for name in impls if name != "baseline"]
 
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from megatron_nvembed.options import check_options, option
+
 MaskType = Literal["bidirectional", "causal"]
 AttentionBackend = Literal["auto", "te", "sdpa", "local"]
 PoolingType = Literal["latent", "mean", "eos", "self-attention"]
@@ -77,21 +79,48 @@ class ModelConfig:
     """RMSNorm over each head's width on the queries and keys, before RoPE (Qwen3)."""
     mask_type: MaskType = "bidirectional"
     """`bidirectional` (NV-Embed: causal mask removed) or `causal` (ablations)."""
-    attention_backend: AttentionBackend = "auto"
-    """`te` (Transformer Engine), `sdpa` (torch scaled_dot_product_attention), `local`
-    (megatron-core's reference attention) or `auto` (TE on CUDA when installed, else sdpa)."""
-    hidden_dropout: float = 0.0
-    """Dropout after attention and MLP (`--hidden-dropout`)."""
-    attention_dropout: float = 0.0
-    """Dropout on attention probabilities (`--attention-dropout`)."""
+    attention_backend: AttentionBackend = option(
+        "auto",
+        "--attention-backend",
+        "te (Transformer Engine), sdpa (torch scaled_dot_product_attention), local "
+        "(megatron-core's reference attention) or auto (TE on CUDA when installed, else sdpa)",
+        choices=ATTENTION_BACKENDS,
+        runtime=True,
+    )
+    hidden_dropout: float = option(
+        0.0, "--hidden-dropout", "dropout after attention and MLP", min=0.0, below=1.0, runtime=True
+    )
+    attention_dropout: float = option(
+        0.0,
+        "--attention-dropout",
+        "dropout on the attention probabilities",
+        min=0.0,
+        below=1.0,
+        runtime=True,
+    )
     init_method_std: float = 0.02
     """Std of the normal initialisation (weights are normally loaded from a checkpoint)."""
-    bf16: bool = False
-    """Parameters and compute in bfloat16 (`--bf16`)."""
-    recompute_granularity: Literal["full", "selective"] | None = None
-    """Activation recompute (`--recompute-granularity`)."""
-    recompute_num_layers: int = 1
-    """Layers per recompute chunk with full granularity."""
+    bf16: bool = option(
+        False,
+        "--bf16",
+        "bfloat16 parameters and compute (GPU; CPU runs stay float32)",
+        negative="--fp32",
+        runtime=True,
+    )
+    recompute_granularity: Literal["full", "selective"] | None = option(
+        None,
+        "--recompute-granularity",
+        "activation recompute: full or selective",
+        choices=("full", "selective"),
+        runtime=True,
+    )
+    recompute_num_layers: int = option(
+        1,
+        "--recompute-num-layers",
+        "layers per recomputed chunk with --recompute-granularity full",
+        min=1,
+        runtime=True,
+    )
 
     @property
     def head_dim(self) -> int:
@@ -187,27 +216,43 @@ def check_query_template(template) -> str:
 class PromptConfig:
     """How a query is written for this model (saved with it, as sentence-transformers' prompts)."""
 
-    query_template: str = DEFAULT_QUERY_TEMPLATE
-    """The query prefix; `{instruction}` is replaced by the task definition. Documents get none."""
+    query_template: str | None = option(
+        None,
+        "--query-template",
+        "the model's query prefix, {instruction} replaced by the task definition (default: the "
+        "checkpoint's; NV-Embed's 'Instruct: {instruction}\\nQuery: ' for a new model); saved with "
+        "the model and written into exports' prompts",
+    )
+    """None until resolved: a run from a checkpoint keeps the checkpoint's template, a new model
+    gets NV-Embed's (`DEFAULT_QUERY_TEMPLATE`); `validate()` and `from_dict()` resolve it, so a
+    saved or validated config always holds a string."""
+
+    def validate(self) -> PromptConfig:
+        """Resolves None to NV-Embed's template and checks the template; returns self.
+
+        Raises:
+            ValueError: naming `--query-template`.
+        """
+        if self.query_template is None:
+            self.query_template = DEFAULT_QUERY_TEMPLATE
+        check_query_template(self.query_template)
+        return self
 
 
 @dataclass
 class ParallelConfig:
     """Model-parallel layout (data parallel is whatever is left of the world size)."""
 
-    tensor_model_parallel_size: int = 1
-    """`--tensor-model-parallel-size`."""
-    pipeline_model_parallel_size: int = 1
-    """`--pipeline-model-parallel-size`."""
+    tensor_model_parallel_size: int = option(
+        1, "--tensor-model-parallel-size", "ranks splitting each layer", min=1, runtime=True
+    )
+    pipeline_model_parallel_size: int = option(
+        1, "--pipeline-model-parallel-size", "pipeline stages", min=1, runtime=True
+    )
 
     def validate(self) -> ParallelConfig:
         """Each size a positive integer; raises ValueError naming the flag."""
-        for flag, value in (
-            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
-            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        check_options(self)
         return self
 
 
@@ -242,7 +287,8 @@ class EmbeddingModelConfig:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         par.validate()
-        check_query_template(self.prompts.query_template)
+        self.prompts.validate()
+        check_options(m)
         if m.kv_channels is not None and (
             not isinstance(m.kv_channels, int)
             or isinstance(m.kv_channels, bool)
@@ -257,10 +303,6 @@ class EmbeddingModelConfig:
         _validate_rope_scaling(m)
         if m.mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {m.mask_type!r}")
-        if m.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {m.attention_backend!r}"
-            )
         if p.type not in POOLING_TYPES:
             raise ValueError(f"pooling type must be one of {POOLING_TYPES}, got {p.type!r}")
         if m.num_attention_heads % m.num_query_groups:
@@ -301,17 +343,6 @@ class EmbeddingModelConfig:
                 )
         if p.type == "latent" and p.num_latents < 1:
             raise ValueError(f"pooling num_latents must be >= 1, got {p.num_latents}")
-        for name, value in (
-            ("--hidden-dropout", m.hidden_dropout),
-            ("--attention-dropout", m.attention_dropout),
-        ):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if m.recompute_granularity not in (None, "full", "selective"):
-            raise ValueError(
-                "--recompute-granularity must be 'full' or 'selective', "
-                f"got {m.recompute_granularity!r}"
-            )
         return self
 
     def to_dict(self) -> dict:
@@ -336,7 +367,9 @@ class EmbeddingModelConfig:
             if bad:
                 raise ValueError(f"unknown key(s) in config section {key!r}: {sorted(bad)}")
             kwargs[key] = klass(**values)
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        cfg.prompts.validate()  # a config without a template (or an old one) reads as NV-Embed's
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -385,6 +418,3 @@ class Matryoshka:
         weights = self.weights or (1.0,) * len(self.dims)
         return list(zip(self.dims, weights))
 
-
-BATCH_COMPOSITIONS = ("systematic", "multinomial", "homogeneous")
-"""How datasets make up a global batch (`--batch-composition`; `data/blending.py`)."""

@@ -360,19 +360,28 @@ def tiny_training_config(data: dict, **overrides):
 
     Args:
         data: `write_synthetic_retrieval`'s return value.
-        overrides: attribute paths of `TrainingConfig` ("lora.rank",
-            "model.parallel.tensor_model_parallel_size", ...) and their values.
+        overrides: settings by their flag's name (`train_iters=3` for `--train-iters`,
+            `save=...`) or by their attribute path in `TrainingConfig` ("lora.rank",
+            "model.parallel.tensor_model_parallel_size", ...), and their values.
+
+    Raises:
+        AttributeError: a name that is neither.
     """
+    from megatron_nvembed.options import option_of, walk_options
+    from megatron_nvembed.training.config import TrainingConfig
     from megatron_nvembed.training.recipes import get_recipe
 
     cfg = get_recipe("tiny")
-    cfg.train_data = [data["train"]]
-    cfg.tokenizer = data["tokenizer"]
-    cfg.global_batch_size, cfg.micro_batch_size = 8, 2
-    cfg.train_iters, cfg.lr_warmup_iters, cfg.log_interval = 6, 1, 1
+    cfg.data.train_data, cfg.data.tokenizer = [data["train"]], data["tokenizer"]
+    cfg.data.global_batch_size, cfg.data.micro_batch_size = 8, 2
+    cfg.optimizer.train_iters, cfg.optimizer.lr_warmup_iters, cfg.logging.log_interval = 6, 1, 1
+    by_flag = {
+        option_of(f).flag.lstrip("-").replace("-", "_"): path
+        for path, _, f in walk_options(TrainingConfig)
+    }
     for key, value in overrides.items():
-        obj = cfg
-        *parents, leaf = key.split(".")
+        obj, path = cfg, by_flag.get(key, key)
+        *parents, leaf = path.split(".")
         for name in parents:
             obj = getattr(obj, name)
         if not hasattr(obj, leaf):

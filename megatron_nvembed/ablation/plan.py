@@ -202,12 +202,12 @@ def _train_steps(
 _SET_BY_THE_GRID = {
     "recipe": "--recipe",
     "stage": "--stage",
-    "pretrained_checkpoint": "--pretrained-checkpoint",
-    "train_data": "--train-data",
-    "save": "--save",
-    "load": "--load",
-    "log_json": "--log-json",
-    "in_batch_negatives": "--in-batch-negatives (the schedule axis)",
+    "checkpoint.pretrained_checkpoint": "--pretrained-checkpoint",
+    "data.train_data": "--train-data",
+    "checkpoint.save": "--save",
+    "checkpoint.load": "--load",
+    "logging.log_json": "--log-json",
+    "loss.in_batch_negatives": "--in-batch-negatives (the schedule axis)",
 }
 """Training flags (by argparse dest) that the grid sets per cell: no objective may set them."""
 
@@ -270,12 +270,13 @@ def _check_in_batch(
         except argparse.ArgumentError as err:
             # the grid's and the objective's flags parse (checked): the error is in -- FLAGS
             raise ValueError(f"-- FLAGS: {err}") from None
-        in_batch = step.stage == 1 if args.in_batch_negatives is None else args.in_batch_negatives
+        given = getattr(args, "loss.in_batch_negatives")
+        in_batch = step.stage == 1 if given is None else given
         if in_batch:
             continue
         for dest, flag in (
-            ("query_query_negatives", "--query-query-negatives"),
-            ("document_document_negatives", "--document-document-negatives"),
+            ("loss.query_query", "--query-query-negatives"),
+            ("loss.document_document", "--document-document-negatives"),
         ):
             if not getattr(args, dest):
                 continue
@@ -288,7 +289,7 @@ def _check_in_batch(
             )
             if not step.in_batch_negatives:
                 why, fix = f"schedule {cell.schedule} turns them off", drop
-            elif args.in_batch_negatives is None:
+            elif given is None:
                 why, fix = "stage 2 turns them off", drop
             else:
                 why = "--no-in-batch-negatives in -- FLAGS turns them off"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_nvembed.config import BATCH_COMPOSITIONS
+from megatron_nvembed.data.config import BATCH_COMPOSITIONS
 
 _MIX = 0x9E3779B97F4A7C15 & ((1 << 63) - 1)
 COMPOSITIONS = BATCH_COMPOSITIONS

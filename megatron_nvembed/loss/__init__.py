@@ -1,36 +1,32 @@
-"""Contrastive loss, cross-rank gather with exact gradients, and GradCache (no megatron imports)."""
+"""Contrastive loss, cross-rank gather with exact gradients, and GradCache (no megatron imports).
 
-from megatron_nvembed.hashing import sequence_hash  # re-exported: the loss's candidate ids
-from megatron_nvembed.loss.contrastive import (
-    ContrastiveLoss,
-    ContrastiveLossConfig,
-    ContrastiveStats,
-    contrastive_loss,
-)
-from megatron_nvembed.loss.gather import all_gather_no_grad, all_gather_with_grad
-from megatron_nvembed.loss.grad_cache import (
-    GradCacheResult,
-    RngReplay,
-    embedding_gradients,
-    grad_cache_step,
-    run_in_order,
-    surrogate_loss,
-)
-from megatron_nvembed.loss.matryoshka import Matryoshka
+The names below load their module on first use, so `megatron_nvembed.loss.config` (the loss's
+flags, read by `--help` and `--check-args`) imports without torch.
+"""
 
-__all__ = [
-    "ContrastiveLoss",
-    "ContrastiveLossConfig",
-    "ContrastiveStats",
-    "GradCacheResult",
-    "Matryoshka",
-    "RngReplay",
-    "all_gather_no_grad",
-    "all_gather_with_grad",
-    "contrastive_loss",
-    "embedding_gradients",
-    "grad_cache_step",
-    "run_in_order",
-    "sequence_hash",
-    "surrogate_loss",
-]
+import importlib
+
+_WHERE = {
+    "sequence_hash": "megatron_nvembed.hashing",  # the loss's candidate ids
+    "ContrastiveLoss": "megatron_nvembed.loss.contrastive",
+    "ContrastiveStats": "megatron_nvembed.loss.contrastive",
+    "contrastive_loss": "megatron_nvembed.loss.contrastive",
+    "ContrastiveLossConfig": "megatron_nvembed.loss.config",
+    "all_gather_no_grad": "megatron_nvembed.loss.gather",
+    "all_gather_with_grad": "megatron_nvembed.loss.gather",
+    "GradCacheResult": "megatron_nvembed.loss.grad_cache",
+    "RngReplay": "megatron_nvembed.loss.grad_cache",
+    "embedding_gradients": "megatron_nvembed.loss.grad_cache",
+    "grad_cache_step": "megatron_nvembed.loss.grad_cache",
+    "run_in_order": "megatron_nvembed.loss.grad_cache",
+    "surrogate_loss": "megatron_nvembed.loss.grad_cache",
+    "Matryoshka": "megatron_nvembed.loss.matryoshka",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

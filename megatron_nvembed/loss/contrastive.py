@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_nvembed.logging_utils import get_logger, log_rank0
+from megatron_nvembed.loss.config import ContrastiveLossConfig
 from megatron_nvembed.loss.gather import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -76,61 +77,6 @@ logger = get_logger(__name__)
 # exp() of it underflows to exactly 0, its gradient is exactly 0, and a row whose candidates are
 # all excluded but the positive still has a finite logsumexp (loss 0), where -inf could give NaN.
 _EXCLUDED = -1e9
-
-
-@dataclass
-class ContrastiveLossConfig:
-    """Settings of the contrastive loss."""
-
-    temperature: float = 0.02
-    """Softmax temperature T: logits are cosine scores / T (`--temperature`)."""
-    in_batch_negatives: bool = True
-    """Stage switch: score other queries' candidates (stage 1) or only one's own (stage 2). Each
-    dataset's own switch (the per-query `in_batch` input) is ANDed with it."""
-    false_negative_margin: float | None = None
-    """Exclude negatives scoring above this fraction of the query's positive score (None: off)."""
-    mask_identical_positives: bool = True
-    """Exclude negatives (own or in-batch) whose token ids equal the query's positive's; with
-    `query_query`, also queries identical to the query or sharing its positive."""
-    query_query: bool = False
-    """Other in-batch queries are negatives too (`--query-query-negatives`)."""
-    document_document: bool = False
-    """In-batch candidates are negatives of the query's positive too, p_i . c
-    (`--document-document-negatives`)."""
-    matryoshka: Matryoshka | None = None
-    """The loss over prefix widths of the embedding (`--matryoshka-dims`); None: full width."""
-    distill_weight: float = 0.0
-    """Weight of the KL term towards the teacher's scores (`--distill-weight`; 0: off)."""
-    distill_temperature: float = 1.0
-    """Temperature of the teacher's scores in that term (`--distill-temperature`)."""
-
-    def validate(self) -> ContrastiveLossConfig:
-        """Checks every field; returns self.
-
-        Raises:
-            ValueError: naming the offending field.
-        """
-        if not isinstance(self.temperature, int | float) or not self.temperature > 0:
-            raise ValueError(f"temperature (--temperature) must be > 0, got {self.temperature!r}")
-        m = self.false_negative_margin
-        if m is not None and not (isinstance(m, int | float) and 0.0 < m <= 1.0):
-            raise ValueError(f"false_negative_margin must be None or in (0, 1], got {m!r}")
-        for name in (
-            "in_batch_negatives",
-            "mask_identical_positives",
-            "query_query",
-            "document_document",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if (self.query_query or self.document_document) and not self.in_batch_negatives:
-            raise ValueError(
-                "query_query / document_document are in-batch terms: they need in_batch_negatives"
-            )
-        if self.matryoshka is not None:
-            self.matryoshka = self.matryoshka.validate()
-        _check_distill(self.distill_weight, self.distill_temperature)
-        return self
 
 
 @dataclass

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from megatron_nvembed.checkpoint import (
     TOKENIZER_DIR,
     copy_tokenizer_files,
-    is_checkpoint_dir,
     iteration_dir,
     latest_iteration,
     load_checkpoint,
@@ -90,9 +89,13 @@ def save_training_checkpoint(
     )
 
 
-def read_train_state(root) -> dict:
-    """`train_state.json` of the latest checkpoint under `root`."""
-    path = iteration_dir(root, latest_iteration(root)) / TRAIN_STATE
+def read_train_state(root, iteration: int) -> dict:
+    """`train_state.json` of checkpoint `iteration` under `root`.
+
+    Raises:
+        FileNotFoundError: not a training checkpoint; ValueError: malformed (naming the file).
+    """
+    path = iteration_dir(root, iteration) / TRAIN_STATE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: not a training checkpoint (no train_state.json); use it as "
@@ -104,7 +107,7 @@ def read_train_state(root) -> dict:
         raise ValueError(f"{path}: {err}") from err
 
 
-def check_schedule(root, cfg) -> None:
+def check_schedule(root, state: dict, optimizer) -> None:
     """Refuses a resume whose schedule flags differ from the checkpoint's schedule.
 
     A resume continues the checkpoint's learning-rate and weight-decay schedule (megatron-core's
@@ -113,27 +116,20 @@ def check_schedule(root, cfg) -> None:
     (then from the resumed iteration on, as Megatron-LM's flag of that name); without it they
     are refused here, before the model is built, instead of being silently ignored.
 
+    Args:
+        root: the `--load` folder (named in the error).
+        state: its `train_state.json`.
+        optimizer: the run's `OptimizerConfig`.
+
     Raises:
         ValueError: naming each differing flag with both values.
     """
-    if cfg.override_opt_param_scheduler:
+    if optimizer.override_opt_param_scheduler:
         return
-    state = read_train_state(root)
     saved = state.get("scheduler", {})
-    mine = {
-        "max_lr": ("--lr", cfg.lr),
-        "min_lr": ("--min-lr", cfg.min_lr),
-        "lr_warmup_steps": ("--lr-warmup-iters", cfg.lr_warmup_iters),
-        "lr_decay_steps": (
-            "--lr-decay-iters (default: --train-iters)",
-            cfg.lr_decay_iters or cfg.train_iters,
-        ),
-        "lr_decay_style": ("--lr-decay-style", cfg.lr_decay_style),
-        "start_wd": ("--weight-decay", cfg.weight_decay),
-    }
     diffs = [
         f"{flag} {value} (checkpoint: {saved[key]})"
-        for key, (flag, value) in mine.items()
+        for key, (flag, value) in optimizer.schedule().items()
         if key in saved and saved[key] != value
     ]
     if diffs:
@@ -145,14 +141,15 @@ def check_schedule(root, cfg) -> None:
         )
 
 
-def load_training_checkpoint(root, model, optimizer, scheduler, data, layout: dict, seed: int):
-    """Restores model, optimizer, scheduler, data position and (same layout) RNG states.
+def load_training_checkpoint(start, model, optimizer, scheduler, data, layout: dict, seed: int):
+    """Restores model, optimizer, scheduler, data position and (same layout) RNG states from a
+    resume's `StartingPoint` (`training/start.py`: its folder, iteration and train state).
 
     Returns:
         The saved train_state dict (iteration, skipped steps, ...).
     """
-    state = read_train_state(root)
-    it = load_checkpoint(model, root, optimizer=optimizer, merge_adapters=False)
+    root, state = start.path, start.train_state
+    it = load_checkpoint(model, root, start.iteration, optimizer=optimizer, merge_adapters=False)
     if it != state["iteration"]:
         raise ValueError(
             f"{root}: tracker says iteration {it}, train_state.json {state['iteration']}"
@@ -186,6 +183,3 @@ def load_training_checkpoint(root, model, optimizer, scheduler, data, layout: di
         )
     return state
 
-
-def has_training_checkpoint(root) -> bool:
-    return root is not None and is_checkpoint_dir(root)

@@ -26,32 +26,30 @@ def check_inputs(cfg) -> None:
     from megatron_nvembed.data.loading import local_spec_missing, parse_data_paths
     from megatron_nvembed.training.sinks import require_sink_packages
 
-    require_sink_packages(cfg)
-    for _, spec in parse_data_paths(cfg.train_data):
+    require_sink_packages(cfg.logging)
+    for _, spec in parse_data_paths(cfg.data.train_data):
         if local_spec_missing(spec):
             raise FileNotFoundError(f"--train-data: {spec} does not exist")
+    ck = cfg.checkpoint
     for flag, paths in (
-        ("--eval-data", cfg.eval_data or []),
-        (
-            "--pretrained-checkpoint",
-            [cfg.pretrained_checkpoint] if cfg.pretrained_checkpoint else [],
-        ),
-        ("--tokenizer", [cfg.tokenizer] if cfg.tokenizer else []),
+        ("--eval-data", cfg.evaluation.eval_data),
+        ("--pretrained-checkpoint", [ck.pretrained_checkpoint] if ck.pretrained_checkpoint else []),
+        ("--tokenizer", [cfg.data.tokenizer] if cfg.data.tokenizer else []),
     ):
         for path in paths:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{flag}: {path} does not exist")
-    if cfg.save and os.path.exists(cfg.save) and not os.path.isdir(cfg.save):
-        raise ValueError(f"--save: {cfg.save} is an existing file, not a checkpoint folder")
-    if cfg.load:
-        same = cfg.save and os.path.realpath(cfg.load) == os.path.realpath(cfg.save)
-        if not same and not os.path.exists(cfg.load):
+    if ck.save and os.path.exists(ck.save) and not os.path.isdir(ck.save):
+        raise ValueError(f"--save: {ck.save} is an existing file, not a checkpoint folder")
+    if ck.load:
+        same = ck.save and os.path.realpath(ck.load) == os.path.realpath(ck.save)
+        if not same and not os.path.exists(ck.load):
             raise FileNotFoundError(
-                f"--load: {cfg.load} does not exist (only a --load equal to --save may be new: "
+                f"--load: {ck.load} does not exist (only a --load equal to --save may be new: "
                 "the run then starts at iteration 0)"
             )
-        if os.path.exists(cfg.load) and not os.path.isdir(cfg.load):
-            raise ValueError(f"--load: {cfg.load} is a file, not a checkpoint folder")
+        if os.path.exists(ck.load) and not os.path.isdir(ck.load):
+            raise ValueError(f"--load: {ck.load} is a file, not a checkpoint folder")
 
 
 def _error(err: Exception, code: int = 2) -> int:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_nvembed.logging_utils import get_logger
-from megatron_nvembed.training.config import TrainingConfig
+from megatron_nvembed.training.config import CheckpointConfig
 
 logger = get_logger(__name__)
 
@@ -98,7 +98,7 @@ def require_finite_weights(model, iteration: int, root) -> None:
 
 
 def exit_reason(
-    cfg: TrainingConfig, iteration: int, sigterm: bool, over_time: bool, minutes: float
+    ck: CheckpointConfig, iteration: int, sigterm: bool, over_time: bool, minutes: float
 ) -> tuple[str, str] | None:
     """Whether the loop stops after `iteration`, as (exit_reason, log message), or None.
 
@@ -112,9 +112,9 @@ def exit_reason(
     if over_time:
         return (
             "exit_duration",
-            f"--exit-duration-in-mins {cfg.exit_duration_in_mins}: {minutes:.2f} min since "
-            "training started",
+            f"--exit-duration-in-mins {ck.exit_duration_in_mins}: {minutes:.2f} min since training "
+            "started",
         )
-    if cfg.exit_interval and iteration % cfg.exit_interval == 0:
-        return "exit_interval", f"--exit-interval {cfg.exit_interval} reached"
+    if ck.exit_interval and iteration % ck.exit_interval == 0:
+        return "exit_interval", f"--exit-interval {ck.exit_interval} reached"
     return None

@@ -160,10 +160,10 @@ def log_record(
         "skipped_iterations": skipped,
         # Samples (queries) drawn so far, earlier runs of a resumed job included; a skipped
         # step's batch counts, as in Megatron-LM.
-        "consumed_samples": iteration * cfg.global_batch_size,
+        "consumed_samples": iteration * cfg.data.global_batch_size,
         "elapsed_s": elapsed_s,
         # The window's mean iteration time x the iterations left to --train-iters.
-        "eta_s": iteration_time * (cfg.train_iters - iteration),
+        "eta_s": iteration_time * (cfg.optimizer.train_iters - iteration),
     }
 
 
@@ -171,7 +171,7 @@ def log_line(record, stats, cfg) -> str:
     gn = record["grad_norm"]
     mfu = record["mfu"]
     parts = [
-        f"iteration {record['iteration']:>6d}/{cfg.train_iters}",
+        f"iteration {record['iteration']:>6d}/{cfg.optimizer.train_iters}",
         f"consumed samples {record['consumed_samples']}",
         f"elapsed {hms(record['elapsed_s'])}",
         f"ETA {hms(record['eta_s'])}",
@@ -185,7 +185,7 @@ def log_line(record, stats, cfg) -> str:
         f"peak mem {record['peak_memory_gib']:.2f} GiB",
     ]
     if stats is not None:
-        parts.append(stats.summary(cfg.global_batch_size))
+        parts.append(stats.summary(cfg.data.global_batch_size))
     if record["skipped_iterations"]:
         parts.append(f"skipped {record['skipped_iterations']}")
     return " | ".join(parts)
@@ -217,7 +217,7 @@ class TrainingLog:
         """Adds one iteration to the throughput window; logs at the interval and the end."""
         self.window.add(seconds, stats)
         cfg = self.cfg
-        if iteration % cfg.log_interval and iteration != cfg.train_iters:
+        if iteration % cfg.logging.log_interval and iteration != cfg.optimizer.train_iters:
             return
         record = log_record(
             iteration, loss, optimizer, grad_norm, self.window, loss_stats, cfg, self.device,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
-from megatron_nvembed.training.config import TrainingConfig
+from megatron_nvembed.training.config import OptimizerConfig
 
 
-def build_optimizer(cfg: TrainingConfig, model, model_cfg):
+def build_optimizer(cfg: OptimizerConfig, model, model_cfg):
     """megatron-core DDP around `model`, its (distributed) Adam and the learning-rate schedule;
     the model config gets the DDP hooks the schedules call (no_sync, finalize, grad scaling).
 
@@ -22,7 +22,8 @@ def build_optimizer(cfg: TrainingConfig, model, model_cfg):
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     bf16 = model_cfg.model.bf16
@@ -32,7 +33,7 @@ def build_optimizer(cfg: TrainingConfig, model, model_cfg):
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    opt_cfg = OptimizerConfig(
+    opt_cfg = MegatronOptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
         min_lr=cfg.min_lr,
@@ -55,7 +56,7 @@ def build_optimizer(cfg: TrainingConfig, model, model_cfg):
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
         lr_warmup_steps=cfg.lr_warmup_iters,
-        lr_decay_steps=cfg.lr_decay_iters or cfg.train_iters,
+        lr_decay_steps=cfg.decay_iters,
         lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,

@@ -40,7 +40,15 @@ from megatron_nvembed.config import (
     PoolingConfig,
     PromptConfig,
 )
-from megatron_nvembed.training.config import LoRAConfig, TrainingConfig
+from megatron_nvembed.data.config import DataConfig
+from megatron_nvembed.loss.config import ContrastiveLossConfig
+from megatron_nvembed.training.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    LoRAConfig,
+    OptimizerConfig,
+    TrainingConfig,
+)
 
 
 def _mistral_7b() -> EmbeddingModelConfig:
@@ -100,34 +108,36 @@ def nvembed_mistral_7b_stage1(model: EmbeddingModelConfig | None = None) -> Trai
     return TrainingConfig(
         recipe="nvembed_mistral_7b_stage1",
         stage=1,
+        grad_cache=True,
         model=model or _mistral_7b(),
         lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.1),
-        num_negatives=7,
-        seq_length=512,
-        micro_batch_size=4,
-        global_batch_size=128,
-        train_iters=20000,
-        lr=2e-5,
-        min_lr=0.0,
-        lr_warmup_iters=500,
-        lr_decay_style="linear",
-        weight_decay=0.03,
-        clip_grad=1.0,
-        temperature=0.02,
-        grad_cache=True,
-        save_interval=1000,
-        log_interval=10,
+        data=DataConfig(num_negatives=7, seq_length=512, micro_batch_size=4, global_batch_size=128),
+        loss=ContrastiveLossConfig(temperature=0.02, in_batch_negatives=True),
+        optimizer=OptimizerConfig(
+            train_iters=20000,
+            lr=2e-5,
+            min_lr=0.0,
+            lr_warmup_iters=500,
+            lr_decay_style="linear",
+            weight_decay=0.03,
+            clip_grad=1.0,
+        ),
+        checkpoint=CheckpointConfig(save_interval=1000),
+        logging=LoggingConfig(log_interval=10),
     )
+
+
+def _stage2(cfg: TrainingConfig, name: str) -> TrainingConfig:
+    """Stage 2 of a recipe: the same settings with in-batch negatives off."""
+    cfg.recipe, cfg.stage, cfg.loss.in_batch_negatives = name, 2, False
+    return cfg
 
 
 def nvembed_mistral_7b_stage2() -> TrainingConfig:
     """NV-Embed stage 2 (Table 5): retrieval + classification + clustering + STS blend, no
     in-batch negatives, from the stage-1 weights."""
-    cfg = nvembed_mistral_7b_stage1()
-    cfg.recipe = "nvembed_mistral_7b_stage2"
-    cfg.stage = 2
-    cfg.train_iters = 18000
-    cfg.lr = 1.5e-5
+    cfg = _stage2(nvembed_mistral_7b_stage1(), "nvembed_mistral_7b_stage2")
+    cfg.optimizer.train_iters, cfg.optimizer.lr = 18000, 1.5e-5
     return cfg
 
 
@@ -147,13 +157,14 @@ def nvembed_llama3_8b_stage2() -> TrainingConfig:
 
 def qwen3_embedding_8b() -> TrainingConfig:
     """Fine-tuning Qwen3-Embedding (see the module docstring): the Mistral stage-1 recipe with
-    what differs."""
+    what differs. Its query template is set in the model section, so it replaces a checkpoint's
+    (a base Qwen3 imported without one gets Qwen3-Embedding's)."""
     cfg = nvembed_mistral_7b_stage1(_qwen3_8b_embedding())
     cfg.recipe = "qwen3_embedding_8b"
-    cfg.train_iters, cfg.lr, cfg.lr_warmup_iters = 2000, 1e-5, 100
-    cfg.weight_decay, cfg.temperature, cfg.save_interval = 0.01, 0.05, 500
-    cfg.query_query_negatives = cfg.document_document_negatives = True
-    cfg.query_template = QWEN3_EMBEDDING_QUERY_TEMPLATE
+    opt = cfg.optimizer
+    opt.train_iters, opt.lr, opt.lr_warmup_iters, opt.weight_decay = 2000, 1e-5, 100, 0.01
+    cfg.loss.temperature, cfg.checkpoint.save_interval = 0.05, 500
+    cfg.loss.query_query = cfg.loss.document_document = True
     return cfg
 
 
@@ -162,6 +173,7 @@ def tiny() -> TrainingConfig:
     return TrainingConfig(
         recipe="tiny",
         stage=1,
+        grad_cache=True,
         model=EmbeddingModelConfig(
             model=ModelConfig(
                 vocab_size=256,
@@ -175,32 +187,26 @@ def tiny() -> TrainingConfig:
             pooling=PoolingConfig(type="latent", num_latents=16, num_heads=2, head_dim=32),
         ),
         lora=LoRAConfig(rank=0, alpha=16.0, dropout=0.0),
-        num_negatives=3,
-        seq_length=64,
-        micro_batch_size=4,
-        global_batch_size=16,
-        train_iters=80,
-        lr=2e-3,
-        min_lr=2e-4,
-        lr_warmup_iters=4,
-        weight_decay=0.01,
-        clip_grad=1.0,
-        temperature=0.05,
-        grad_cache=True,
-        log_interval=5,
+        data=DataConfig(num_negatives=3, seq_length=64, micro_batch_size=4, global_batch_size=16),
+        loss=ContrastiveLossConfig(temperature=0.05, in_batch_negatives=True),
+        optimizer=OptimizerConfig(
+            train_iters=80,
+            lr=2e-3,
+            min_lr=2e-4,
+            lr_warmup_iters=4,
+            weight_decay=0.01,
+            clip_grad=1.0,
+        ),
+        logging=LoggingConfig(log_interval=5),
     )
 
 
 def tiny_stage2() -> TrainingConfig:
     """Stage 2 of the tiny recipe: LoRA (rank 8) on the stage-1 weights, in-batch negatives off."""
-    cfg = tiny()
-    cfg.recipe = "tiny_stage2"
-    cfg.stage = 2
+    cfg = _stage2(tiny(), "tiny_stage2")
     cfg.lora = LoRAConfig(rank=8, alpha=16.0, dropout=0.0)
-    cfg.train_iters = 20
-    cfg.lr = 5e-4
-    cfg.min_lr = 5e-5
-    cfg.lr_warmup_iters = 2
+    opt = cfg.optimizer
+    opt.train_iters, opt.lr, opt.min_lr, opt.lr_warmup_iters = 20, 5e-4, 5e-5, 2
     return cfg
 
 

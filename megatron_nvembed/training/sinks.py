@@ -49,7 +49,8 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 def require_sink_packages(cfg) -> None:
-    """Checks that the packages of the requested sinks are installed (call on every rank).
+    """Checks that the packages of the sinks a `LoggingConfig` requests are installed (call on
+    every rank).
 
     Raises:
         ValueError: naming the flag and the extra that installs the package (bad input: the
@@ -136,14 +137,15 @@ class Sinks:
 
 
 def build_sinks(cfg) -> Sinks:
-    """The sinks `cfg` asks for (`--log-json`, `--tensorboard-dir`, `--wandb-project`); call on
-    the reporting rank only."""
+    """The sinks `cfg` (a `TrainingConfig`) asks for (`--log-json`, `--tensorboard-dir`,
+    `--wandb-project`: its `logging` section); call on the reporting rank only."""
+    log, save = cfg.logging, cfg.checkpoint.save
     sinks: list[Sink] = []
-    if cfg.log_json:
-        sinks.append(JsonLinesSink(cfg.log_json))
-    if cfg.tensorboard_dir:
-        sinks.append(TensorBoardSink(cfg.tensorboard_dir))
-    if cfg.wandb_project:
-        save_dir = cfg.wandb_save_dir or (os.path.join(cfg.save, "wandb") if cfg.save else None)
-        sinks.append(WandbSink(cfg.wandb_project, cfg.wandb_exp_name, save_dir, cfg.to_dict()))
+    if log.log_json:
+        sinks.append(JsonLinesSink(log.log_json))
+    if log.tensorboard_dir:
+        sinks.append(TensorBoardSink(log.tensorboard_dir))
+    if log.wandb_project:
+        save_dir = log.wandb_save_dir or (os.path.join(save, "wandb") if save else None)
+        sinks.append(WandbSink(log.wandb_project, log.wandb_exp_name, save_dir, cfg.to_dict()))
     return Sinks(sinks)

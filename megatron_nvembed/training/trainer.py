@@ -60,10 +60,11 @@ def train(cfg: TrainingConfig) -> TrainResult:
 
     started = time.perf_counter()  # the clock of elapsed_s, eta_s and --exit-duration-in-mins
     cfg.validate()
-    require_sink_packages(cfg)
+    require_sink_packages(cfg.logging)
     run = setup.build(cfg)
+    ck = cfg.checkpoint
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
-    iteration = setup.resume(run, guard) if run.resuming else 0
+    iteration = setup.resume(run, guard) if run.start.resuming else 0
     rank, dp, ddp, optimizer = dist.get_rank(), run.layout["dp"], run.ddp, run.optimizer
     plan = setup.step_plan(cfg, run.model_cfg)
     step = StepRunner(
@@ -72,22 +73,23 @@ def train(cfg: TrainingConfig) -> TrainResult:
     if rank == 0:
         logger.info(_start_line(cfg, run.layout, run.model, run.lora))
     result = TrainResult(iteration=iteration, skipped=guard.skipped)
-    shape = flop_shape(run.model_cfg, cfg.lora.rank if run.lora else 0)
+    shape = flop_shape(run.model_cfg, cfg.lora.rank)
     evaluator = None
-    if cfg.eval_interval:
+    if cfg.evaluation.eval_interval:
         from megatron_nvembed.training.validation import Validator
 
         evaluator = Validator(
-            cfg, run.tokenizer, run.model, run.pg, run.model_cfg.prompts.query_template
-        )
+            cfg.evaluation, cfg.data.seq_length, run.tokenizer, run.model, run.pg,
+            run.model_cfg.prompts.query_template,
+        )  # fmt: skip
     # A run resumed from --save at its last iteration (a finished run relaunched) has nothing
     # new to save.
-    saver = _Saver(run, guard, saved_at=iteration if run.resuming and run.own_save else None)
+    saver = _Saver(run, guard, saved_at=iteration if run.start.resuming and run.start.own_save else None)
     sigterm, log = SigtermFlag(), None
     try:
         log = TrainingLog(cfg, run.device, started)
         run.model.train()
-        while iteration < cfg.train_iters:
+        while iteration < cfg.optimizer.train_iters:
             start = time.perf_counter()
             batches = step.prepare(run.data.next_global_batch())
             ddp.zero_grad_buffer()
@@ -95,9 +97,9 @@ def train(cfg: TrainingConfig) -> TrainResult:
             local_loss = step.run(batches)
             minutes = (time.perf_counter() - started) / 60.0
             stats = StepStatistics.reduce(
-                local_loss, batches, shape, cfg.in_batch_negatives, contributes=step.contributes,
+                local_loss, batches, shape, cfg.loss.in_batch_negatives, contributes=step.contributes,
                 nonfinite_grads=nonfinite_grads(ddp), sigterm=sigterm.raised,
-                over_time=(cfg.exit_duration_in_mins or math.inf) < minutes, device=run.device,
+                over_time=(ck.exit_duration_in_mins or math.inf) < minutes, device=run.device,
             )  # fmt: skip
             iteration += 1
             loss_value, grad_norm = stats.loss / dp, None
@@ -116,19 +118,19 @@ def train(cfg: TrainingConfig) -> TrainResult:
                 iteration, loss_value, optimizer, grad_norm, time.perf_counter() - start, stats,
                 run.loss_fn.pop_stats(), guard.skipped,
             )  # fmt: skip
-            if evaluator is not None and iteration % cfg.eval_interval == 0:
+            if evaluator is not None and iteration % cfg.evaluation.eval_interval == 0:
                 result.evals[iteration] = evaluator(iteration)
                 log.evaluation(iteration, result.evals[iteration])
-            reason = exit_reason(cfg, iteration, stats.sigterm > 0, stats.over_time > 0, minutes)
+            reason = exit_reason(ck, iteration, stats.sigterm > 0, stats.over_time > 0, minutes)
             if reason is not None:
                 if rank == 0:
-                    what = "saving" if cfg.save else "not saving (no --save)"
+                    what = "saving" if ck.save else "not saving (no --save)"
                     logger.warning("%s: %s at iteration %d and exiting", reason[1], what, iteration)
                 result.exit_reason = reason[0]
                 break
-            if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+            if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
                 saver(iteration)
-        if cfg.save and saver.saved_at != iteration:
+        if ck.save and saver.saved_at != iteration:
             saver(iteration)
         if rank == 0:
             logger.info(run.data.summary())
@@ -142,14 +144,15 @@ def train(cfg: TrainingConfig) -> TrainResult:
 def _start_line(cfg: TrainingConfig, layout: dict, model, lora) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    d = cfg.data
     return (
         f"training {cfg.recipe} stage {cfg.stage}: TP={layout['tp']} PP={layout['pp']} "
         f"DP={layout['dp']}, {trainable}/{total} parameters trainable "
         f"({f'LoRA r={cfg.lora.rank}' if lora else 'full fine-tuning'}), global batch "
-        f"{cfg.global_batch_size} = {cfg.global_batch_size // (cfg.micro_batch_size * layout['dp'])}"
-        f" micro-batch(es) of {cfg.micro_batch_size} per DP rank, GradCache "
+        f"{d.global_batch_size} = {d.global_batch_size // (d.micro_batch_size * layout['dp'])}"
+        f" micro-batch(es) of {d.micro_batch_size} per DP rank, GradCache "
         f"{'on' if cfg.grad_cache else 'off'}, in-batch negatives "
-        f"{'on' if cfg.in_batch_negatives else 'off'}"
+        f"{'on' if cfg.loss.in_batch_negatives else 'off'}"
     )
 
 
@@ -162,6 +165,7 @@ class _Saver:
 
     def __call__(self, it: int) -> None:
         run, cfg, rank = self.run, self.run.cfg, dist.get_rank()
+        save = cfg.checkpoint.save
         self.saved_at = it
         if self.guard.in_row:
             # The weights are those of the last applied step, but a run whose last step was
@@ -172,12 +176,12 @@ class _Saver:
                     "a row); the latest checkpoint stays %s",
                     it,
                     self.guard.in_row,
-                    latest_or_none(cfg.save),
+                    latest_or_none(save),
                 )
             return
-        require_finite_weights(run.model, it, cfg.save)
+        require_finite_weights(run.model, it, save)
         ckpt.save_training_checkpoint(
-            cfg.save, it, run.model, run.model_cfg, run.optimizer, run.scheduler, run.data,
+            save, it, run.model, run.model_cfg, run.optimizer, run.scheduler, run.data,
             {
                 "skipped": self.guard.skipped,
                 "layout": run.layout,
@@ -186,7 +190,7 @@ class _Saver:
                 "config": cfg.to_dict(),
             },
             run.lora,
-            setup.tokenizer_dir(cfg, run.source),
+            run.start.tokenizer_dir(cfg.data.tokenizer),
         )  # fmt: skip
         if rank == 0:
-            logger.info("saved checkpoint %s at iteration %d", cfg.save, it)
+            logger.info("saved checkpoint %s at iteration %d", save, it)

@@ -29,6 +29,7 @@ from megatron_nvembed.data.tokenization import tokenize_for_embedding
 from megatron_nvembed.evaluation.beir import MARGINS, evaluate_embeddings, load_beir
 from megatron_nvembed.logging_utils import SPEAKER, get_logger
 from megatron_nvembed.model.inference import embed_microbatches
+from megatron_nvembed.training.config import EvaluationConfig
 
 logger = get_logger(__name__)
 
@@ -39,10 +40,19 @@ METRICS = ("ndcg_at_10", "recall_at_1", "recall_at_10", "recall_at_100", "mrr_at
 class Validator:
     """Callable `(iteration) -> {folder name: metrics}` (same dict on every rank)."""
 
-    def __init__(self, cfg, tokenizer, model, pg, query_template: str = DEFAULT_QUERY_TEMPLATE):
+    def __init__(
+        self,
+        cfg: EvaluationConfig,
+        max_length: int,
+        tokenizer,
+        model,
+        pg,
+        query_template: str = DEFAULT_QUERY_TEMPLATE,
+    ):
         from pathlib import Path
 
         self.cfg, self.tokenizer, self.model, self.pg = cfg, tokenizer, model, pg
+        self.max_length = max_length
         self.sets = {Path(p).name: load_beir(p) for p in cfg.eval_data}
         for p, data in zip(cfg.eval_data, self.sets.values()):
             if not data.query_ids or not data.corpus:
@@ -67,7 +77,7 @@ class Validator:
                 self.tokenizer,
                 [texts[i] for i in idx],
                 [instruction] * len(idx) if instruction else None,
-                max_length=self.cfg.seq_length,
+                max_length=self.max_length,
             )
             batches.append({k: v.to(self.device) for k, v in enc.items()})
         outs = embed_microbatches(self.model, batches, self.pg)

@@ -181,23 +181,25 @@ def _handoff_worker(rank, world, data, tmp):
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.training.recipes import get_recipe
-    from megatron_nvembed.training.setup import build_training_model, resolve_model_config
+    from megatron_nvembed.training.setup import build_model as build_training_model
+    from megatron_nvembed.training.start import model_config, resolve_start
     from megatron_nvembed.training.trainer import train
 
     tmp = Path(tmp)
     stage1 = _cfg(data, save=str(tmp / "stage1"), **{"lora.rank": 4, "lora.alpha": 8.0})
     train(stage1)
     stage2 = get_recipe("tiny", 2)
-    stage2.train_data = [data["train_pairs"]]
-    stage2.pretrained_checkpoint = str(tmp / "stage1")
-    stage2.global_batch_size, stage2.micro_batch_size = 8, 2
-    stage2.train_iters, stage2.lr_warmup_iters, stage2.log_interval = 3, 1, 1
-    stage2.save = str(tmp / "stage2")
-    stage2.log_json = str(tmp / "stage2.jsonl")
+    stage2.data.train_data = [data["train_pairs"]]
+    stage2.checkpoint.pretrained_checkpoint = str(tmp / "stage1")
+    stage2.data.global_batch_size, stage2.data.micro_batch_size = 8, 2
+    stage2.optimizer.train_iters, stage2.optimizer.lr_warmup_iters, stage2.logging.log_interval = 3, 1, 1
+    stage2.checkpoint.save = str(tmp / "stage2")
+    stage2.logging.log_json = str(tmp / "stage2.jsonl")
     # The stage-2 model as training starts == the stage-1 result with its adapters merged.
-    model_cfg, _ = resolve_model_config(stage2)
+    start = resolve_start(stage2)
+    model_cfg = model_config(stage2, start)
     pg = initialize_model_parallel(1, 1, seed=stage2.seed)
-    fresh, lora = build_training_model(stage2, model_cfg, pg, resuming=False)
+    fresh = build_training_model(stage2, model_cfg, pg, start)
     merged = build_model(read_config(tmp / "stage1"), pg)
     load_checkpoint(merged, tmp / "stage1")
     ids = torch.randint(3, 50, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -434,7 +436,7 @@ def _validation_worker(rank, world, data, tmp):
     from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
-    from megatron_nvembed.training.setup import load_tokenizer
+    from megatron_nvembed.data.tokenization import load_tokenizer
     from megatron_nvembed.training.trainer import train
 
     tmp = Path(tmp)
@@ -453,7 +455,7 @@ def _validation_worker(rank, world, data, tmp):
     model = build_model(read_config(tmp / "ckpt"), pg)
     load_checkpoint(model, tmp / "ckpt")
     model.eval()
-    tok = load_tokenizer(cfg, None)
+    tok = load_tokenizer(cfg.data.tokenizer)
     beir = load_beir(data["eval"])
 
     def embed(texts, instruction):
@@ -461,7 +463,7 @@ def _validation_worker(rank, world, data, tmp):
             tok,
             texts,
             [instruction] * len(texts) if instruction else None,
-            max_length=cfg.seq_length,
+            max_length=cfg.data.seq_length,
         )
         with torch.no_grad():
             return model(**enc).numpy()

@@ -130,8 +130,8 @@ def _grad_cache_and_direct(data) -> dict:
     setup.build = keeping
     try:
         for grad_cache in (True, False):
-            cfg = _cfg(data, grad_cache=grad_cache, in_batch=False)
-            assert cfg.global_batch_size // (cfg.micro_batch_size * 2) >= 2
+            cfg = _cfg(data, grad_cache=grad_cache, in_batch_negatives=False)
+            assert cfg.data.global_batch_size // (cfg.data.micro_batch_size * 2) >= 2
             out[f"stage2_grad_cache_{grad_cache}"] = train(cfg).losses
     finally:
         setup.build = real_build

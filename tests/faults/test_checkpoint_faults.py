@@ -257,7 +257,7 @@ def _bad_record_before_the_model(data, tmp: Path, out: dict) -> None:
         built.append(1)
         return real(*args, **kwargs)
 
-    with _patched(setup, "build_training_model", counting_build) as real:
+    with _patched(setup, "build_model", counting_build) as real:
         cfg = _cfg({**data, "train": str(bad)}, save=str(tmp / "never"))
         out["bad_record"] = _error(ValueError, trainer.train, cfg)
     out["bad_record_model_built"] = bool(built)

@@ -84,11 +84,11 @@ def _train_and_embed(rank, world, data, base, ft, out):
     from megatron_nvembed.training.trainer import train
 
     cfg = get_recipe("qwen3_embedding_8b")
-    cfg.train_data, cfg.pretrained_checkpoint, cfg.save = [data["train"]], base, ft
-    cfg.global_batch_size, cfg.micro_batch_size, cfg.num_negatives = 8, 2, 3
-    cfg.train_iters, cfg.lr_warmup_iters, cfg.lr, cfg.seq_length = 2, 0, 5e-3, 64
+    cfg.data.train_data, cfg.checkpoint.pretrained_checkpoint, cfg.checkpoint.save = [data["train"]], base, ft
+    cfg.data.global_batch_size, cfg.data.micro_batch_size, cfg.data.num_negatives = 8, 2, 3
+    cfg.optimizer.train_iters, cfg.optimizer.lr_warmup_iters, cfg.optimizer.lr, cfg.data.seq_length = 2, 0, 5e-3, 64
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 4, 8.0, 0.0
-    cfg.model.model.bf16, cfg.log_interval, cfg.save_interval = False, 1, 2
+    cfg.model.model.bf16, cfg.logging.log_interval, cfg.checkpoint.save_interval = False, 1, 2
     losses = train(cfg).losses
     result = {"losses": losses}
     for name, path in (("base", base), ("ft", ft)):

@@ -417,12 +417,12 @@ def test_builtin_objective_flags_reach_the_trainer_config():
     from megatron_nvembed.training.arguments import parse_args
 
     qq = parse_args([*OBJECTIVES["qq-dd"], "--train-data", "x.jsonl"])
-    assert qq.query_query_negatives and qq.document_document_negatives
+    assert qq.loss.query_query and qq.loss.document_document
     homogeneous = parse_args([*OBJECTIVES["homogeneous"], "--train-data", "x.jsonl"])
-    assert homogeneous.batch_composition == "homogeneous"
+    assert homogeneous.data.batch_composition == "homogeneous"
     infonce = parse_args(["--train-data", "x.jsonl"])
-    assert infonce.batch_composition != "homogeneous"
-    assert not (infonce.query_query_negatives or infonce.document_document_negatives)
+    assert infonce.data.batch_composition != "homogeneous"
+    assert not (infonce.loss.query_query or infonce.loss.document_document)
 
 
 @pytest.mark.parametrize(

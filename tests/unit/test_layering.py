@@ -4,7 +4,8 @@ Every module of `megatron_nvembed` is parsed with `ast` (nothing is imported or 
 every import it holds is checked: module level, inside functions (lazy imports), under
 `TYPE_CHECKING`, relative ones resolved. Proves:
 - every module has a place in `LAYERS`, and no module imports one of a higher layer;
-- the bottom layer (`fileio`, `rng`, `hashing`, `sharding`) imports nothing of the package;
+- the bottom layer (`fileio`, `rng`, `hashing`, `sharding`, `options`) imports nothing of the
+  package;
 - the peer rules: model/ imports none of conversion/, training/, evaluation/, ablation/,
   curation/; data/ none of loss/, model/, training/, evaluation/; loss/ none of model/, data/,
   training/, evaluation/; training/checkpointing.py nothing of loss/;
@@ -30,7 +31,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 # below, never of a layer above. Entries are module paths below `megatron_nvembed`; a module takes
 # the layer of its longest matching entry (so `conversion.convert` sits above `conversion`).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("bottom", ("fileio", "rng", "hashing", "sharding")),
+    ("bottom", ("fileio", "rng", "hashing", "sharding", "options")),
     (
         "base",
         (

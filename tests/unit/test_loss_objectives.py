@@ -326,16 +326,10 @@ def test_module_passes_its_settings_and_refuses_bad_ones():
 
 def test_training_flags_reach_the_loss():
     from megatron_nvembed.training.arguments import parse_args
-    from megatron_nvembed.training.setup import build_loss
 
     argv = ["--train-data", "x.jsonl", "--matryoshka-dims", "64", "16", "--matryoshka-weights",
             "1", "0.5", "--query-query-negatives", "--document-document-negatives"]  # fmt: skip
-    cfg = parse_args(argv)
-
-    class _Groups:
-        dp = None
-
-    loss_cfg = build_loss(cfg, _Groups()).config
+    loss_cfg = parse_args(argv).loss  # what `training.setup.build` hands the loss
     assert loss_cfg.matryoshka == Matryoshka((64, 16), (1.0, 0.5))
     assert loss_cfg.query_query and loss_cfg.document_document
     for extra, flag in (

@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from megatron_nvembed.data.collate import EmbeddingBatch
 from megatron_nvembed.testing import init_single_process_megatron
+from megatron_nvembed.training.start import StartingPoint
 
 READS = {"aten::_local_scalar_dense", "aten::is_nonzero"}
 
@@ -42,8 +43,8 @@ def _parts(backend: str):
         pg = init_single_process_megatron()
         cfg = get_recipe("tiny")
         cfg.model.model.attention_backend = backend
-        model, _ = setup.build_training_model(cfg, cfg.model.validate(), pg, resuming=False)
-        ddp, _, _ = build_optimizer(cfg, model, cfg.model)
+        model = setup.build_model(cfg, cfg.model.validate(), pg, StartingPoint("scratch"))
+        ddp, _, _ = build_optimizer(cfg.optimizer, model, cfg.model)
         loss = ContrastiveLoss(ContrastiveLossConfig(), group=pg.dp, global_batch_size=4)
         _BUILT[backend] = (pg, ddp, loss, setup.runs_thd(cfg.model))
     return _BUILT[backend]

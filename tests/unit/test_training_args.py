@@ -1,5 +1,7 @@
 """Command line of the training entry point: recipes, overrides, errors naming the flag."""
 
+from pathlib import Path
+
 import pytest
 
 from megatron_nvembed.training.arguments import parse_args
@@ -9,14 +11,14 @@ from megatron_nvembed.training.recipes import RECIPES, get_recipe
 def test_paper_recipes_carry_table5_values():
     s1, s2 = get_recipe("nvembed_mistral_7b_stage1"), get_recipe("nvembed_mistral_7b_stage2")
     for cfg in (s1, s2):
-        assert cfg.global_batch_size == 128 and cfg.num_negatives == 7
-        assert cfg.lr_warmup_iters == 500 and cfg.lr_decay_style == "linear"
-        assert cfg.weight_decay == 0.03 and cfg.seq_length == 512
+        assert cfg.data.global_batch_size == 128 and cfg.data.num_negatives == 7
+        assert cfg.optimizer.lr_warmup_iters == 500 and cfg.optimizer.lr_decay_style == "linear"
+        assert cfg.optimizer.weight_decay == 0.03 and cfg.data.seq_length == 512
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.1)
         assert cfg.model.pooling.num_latents == 512 and cfg.model.pooling.num_heads == 8
         assert cfg.model.model.bf16 and cfg.model.model.mask_type == "bidirectional"
-    assert (s1.lr, s1.train_iters, s1.in_batch_negatives) == (2e-5, 20000, True)
-    assert (s2.lr, s2.train_iters, s2.in_batch_negatives) == (1.5e-5, 18000, False)
+    assert (s1.optimizer.lr, s1.optimizer.train_iters, s1.loss.in_batch_negatives) == (2e-5, 20000, True)
+    assert (s2.optimizer.lr, s2.optimizer.train_iters, s2.loss.in_batch_negatives) == (1.5e-5, 18000, False)
     assert set(RECIPES) >= {"nvembed_mistral_7b_stage1", "nvembed_mistral_7b_stage2", "tiny"}
 
 
@@ -38,10 +40,16 @@ def test_llama3_recipes_are_table5_on_llama_3_1_8b():
             m.rope_scaling_high_freq_factor, m.rope_scaling_original_max_position_embeddings,
         ) == (8.0, 1.0, 4.0, 8192)  # fmt: skip
         llama.model.validate()
-        for field in ("lr", "train_iters", "global_batch_size", "num_negatives", "lora",
-                      "weight_decay", "temperature", "in_batch_negatives", "seq_length"):  # fmt: skip
-            assert getattr(llama, field) == getattr(mistral, field), field
+        for section in ("lora", "data", "loss", "optimizer", "checkpoint", "logging"):
+            assert getattr(llama, section) == getattr(mistral, section), section
         assert llama.model.pooling == mistral.model.pooling
+
+
+def _model(cfg):
+    """The model a run of `cfg` from scratch trains (`training/start.py`)."""
+    from megatron_nvembed.training.start import StartingPoint, model_config
+
+    return model_config(cfg, StartingPoint("scratch"))
 
 
 def test_qwen3_embedding_recipe_is_causal_eos_with_its_query_format():
@@ -49,8 +57,6 @@ def test_qwen3_embedding_recipe_is_causal_eos_with_its_query_format():
     4096 / 32), causal mask, normalised eos pooling, Qwen3-Embedding's query prefix (no space
     after "Query:") on the model and as the run's template, query-query and document-document
     terms on, LoRA; it validates, and the template reaches the model of a run from the recipe."""
-    from megatron_nvembed.training.setup import resolve_model_config
-
     cfg = parse_args(["--recipe", "qwen3_embedding_8b", "--train-data", "a.jsonl"])
     m, p = cfg.model.model, cfg.model.pooling
     assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups) == (
@@ -58,25 +64,21 @@ def test_qwen3_embedding_recipe_is_causal_eos_with_its_query_format():
     )  # fmt: skip
     assert m.kv_channels == 128 and m.qk_layernorm and not m.add_qkv_bias
     assert m.mask_type == "causal" and p.type == "eos" and p.normalize
-    assert cfg.query_query_negatives and cfg.document_document_negatives
-    assert cfg.lora.rank == 16 and cfg.temperature == 0.05
+    assert cfg.loss.query_query and cfg.loss.document_document
+    assert cfg.lora.rank == 16 and cfg.loss.temperature == 0.05
     template = "Instruct: {instruction}\nQuery:"
-    assert cfg.query_template == template == cfg.model.prompts.query_template
-    model_cfg, _ = resolve_model_config(cfg)
-    assert model_cfg.prompts.query_template == template
+    assert cfg.model.prompts.query_template == template
+    assert _model(cfg).prompts.query_template == template
 
 
 def test_query_template_flag_reaches_the_model_and_is_checked():
     """`--query-template` sets the model's template (saved with it); a template without
     `{instruction}`, with it twice or with another field is refused naming the flag."""
-    from megatron_nvembed.training.setup import resolve_model_config
-
     cfg = parse_args(
         ["--recipe", "tiny", "--train-data", "a", "--query-template", "Q: {instruction} |"]
     )
-    model_cfg, _ = resolve_model_config(cfg)
-    assert model_cfg.prompts.query_template == "Q: {instruction} |"
-    default, _ = resolve_model_config(parse_args(["--recipe", "tiny", "--train-data", "a"]))
+    assert _model(cfg).prompts.query_template == "Q: {instruction} |"
+    default = _model(parse_args(["--recipe", "tiny", "--train-data", "a"]))
     assert default.prompts.query_template == "Instruct: {instruction}\nQuery: "
     for bad in ("Instruct: \nQuery: ", "{instruction} {instruction}", "{instruction} {task}", "{"):
         with pytest.raises(ValueError, match="--query-template"):
@@ -102,7 +104,7 @@ def test_flags_override_only_what_is_given():
             "--fp32",
         ]
     )
-    assert cfg.lr == 1e-5 and cfg.min_lr == 0.0 and cfg.train_iters == 20000
+    assert cfg.optimizer.lr == 1e-5 and cfg.optimizer.min_lr == 0.0 and cfg.optimizer.train_iters == 20000
     assert cfg.model.parallel.tensor_model_parallel_size == 2
     assert cfg.lora.rank == 0 and cfg.lora.alpha == 32.0
     assert cfg.grad_cache is False and cfg.model.model.hidden_dropout == 0.1
@@ -110,14 +112,14 @@ def test_flags_override_only_what_is_given():
     blend = parse_args(
         ["--recipe", "tiny", "--stage", "2", "--train-data", "0.3", "a.jsonl", "0.7", "b.jsonl"]
     )
-    assert blend.recipe == "tiny_stage2" and blend.stage == 2 and not blend.in_batch_negatives
-    assert blend.train_data == ["0.3", "a.jsonl", "0.7", "b.jsonl"]
+    assert blend.recipe == "tiny_stage2" and blend.stage == 2 and not blend.loss.in_batch_negatives
+    assert blend.data.train_data == ["0.3", "a.jsonl", "0.7", "b.jsonl"]
     off = parse_args(["--recipe", "tiny", "--train-data", "a", "--no-in-batch-negatives"])
-    assert off.stage == 1 and not off.in_batch_negatives and off.lr == get_recipe("tiny").lr
+    assert off.stage == 1 and not off.loss.in_batch_negatives and off.optimizer.lr == get_recipe("tiny").optimizer.lr
     on = parse_args(
         ["--recipe", "tiny", "--stage", "2", "--train-data", "a", "--in-batch-negatives"]
     )
-    assert on.stage == 2 and on.in_batch_negatives
+    assert on.stage == 2 and on.loss.in_batch_negatives
 
 
 @pytest.mark.parametrize(
@@ -151,16 +153,13 @@ def test_bad_settings_name_the_flag(argv, message):
 
 
 def test_lora_picks_sdpa_and_refuses_transformer_engine():
-    from megatron_nvembed.training.setup import resolve_model_config
-
     cfg = parse_args(["--recipe", "tiny", "--train-data", "a", "--lora-rank", "4"])
-    model_cfg, _ = resolve_model_config(cfg)
-    assert model_cfg.model.attention_backend == "sdpa"
+    assert _model(cfg).model.attention_backend == "sdpa"
     cfg = parse_args(
         ["--recipe", "tiny", "--train-data", "a", "--lora-rank", "4", "--attention-backend", "te"]
     )
     with pytest.raises(ValueError, match="--attention-backend te with --lora-rank"):
-        resolve_model_config(cfg)
+        _model(cfg)
 
 
 def test_batch_composition_reaches_the_data(monkeypatch, tmp_path):
@@ -206,11 +205,12 @@ def test_matryoshka_widths_are_checked_against_the_checkpoints_model(monkeypatch
     import megatron_nvembed.parallel as parallel
     from megatron_nvembed.testing import tiny_model_config
     from megatron_nvembed.training import setup
+    from megatron_nvembed.training.start import StartingPoint
 
     narrow = tiny_model_config(pooling="mean")
     narrow.model.hidden_size = 32
-    monkeypatch.setattr(setup, "check_load_and_save", lambda cfg: (False, False))
-    monkeypatch.setattr(setup, "resolve_model_config", lambda cfg: (narrow, "ckpt/base"))
+    start = StartingPoint("pretrained", Path("ckpt/base"), 0, narrow)
+    monkeypatch.setattr(setup, "resolve_start", lambda cfg: start)
 
     def never(*args, **kwargs):
         raise AssertionError("process groups initialised before the widths were checked")
@@ -219,6 +219,7 @@ def test_matryoshka_widths_are_checked_against_the_checkpoints_model(monkeypatch
     cfg = parse_args(["--train-data", "x.jsonl", "--pretrained-checkpoint", "ckpt/base",
                       "--matryoshka-dims", "64", "16"])  # fmt: skip
     with pytest.raises(
-        ValueError, match=r"--matryoshka-dims: width 64 exceeds .* 32 \(the model of ckpt/base\)"
+        ValueError,
+        match=r"--matryoshka-dims: width 64 exceeds .* 32 \(the model of ckpt/base/iter_0000000/",
     ):
         setup.build(cfg)

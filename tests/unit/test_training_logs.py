@@ -94,12 +94,12 @@ def test_log_line_has_consumed_samples_elapsed_and_eta():
         "mfu": None,
         "peak_memory_gib": 0.4,
         "skipped_iterations": 0,
-        "consumed_samples": 40 * cfg.global_batch_size,
+        "consumed_samples": 40 * cfg.data.global_batch_size,
         "elapsed_s": 3725.4,
         "eta_s": 30.0,
     }
     line = log_line(record, None, cfg)
-    assert f"consumed samples {40 * cfg.global_batch_size}" in line
+    assert f"consumed samples {40 * cfg.data.global_batch_size}" in line
     assert "elapsed 1:02:05" in line and "ETA 0:00:30" in line
 
 
@@ -128,9 +128,9 @@ def test_new_flags_reach_the_config():
             "3",
         ]
     )
-    assert (cfg.tensorboard_dir, cfg.wandb_project, cfg.wandb_exp_name) == ("tb", "p", "e")
-    assert (cfg.wandb_save_dir, cfg.exit_interval, cfg.exit_duration_in_mins) == ("w", 5, 1.5)
-    assert cfg.eval_iters == 3
+    assert (cfg.logging.tensorboard_dir, cfg.logging.wandb_project, cfg.logging.wandb_exp_name) == ("tb", "p", "e")
+    assert (cfg.logging.wandb_save_dir, cfg.checkpoint.exit_interval, cfg.checkpoint.exit_duration_in_mins) == ("w", 5, 1.5)
+    assert cfg.evaluation.eval_iters == 3
 
 
 @pytest.mark.parametrize(
@@ -158,4 +158,4 @@ def test_missing_sink_package_names_the_flag_and_extra(monkeypatch, flag, packag
         importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
     )
     with pytest.raises(ValueError, match=rf"{flag} needs the {package} package.*\[{package}\]"):
-        require_sink_packages(cfg)
+        require_sink_packages(cfg.logging)
