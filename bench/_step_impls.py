@@ -139,10 +139,10 @@ class Ours:
 
     def __init__(self, cfg: TrainingConfig, pg, device, weights: dict | None = None):
         from megatron_nvembed.conversion.hf_mapping import load_hf_into_model
+        from megatron_nvembed.loss import ContrastiveLoss
         from megatron_nvembed.model.build import build_model
         from megatron_nvembed.model.lora import apply_lora
         from megatron_nvembed.training.optimizer import build_optimizer
-        from megatron_nvembed.loss import ContrastiveLoss
         from megatron_nvembed.training.start import StartingPoint, model_config
 
         self.cfg, self.pg, self.device = cfg, pg, device

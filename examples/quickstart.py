@@ -359,7 +359,7 @@ def main() -> None:
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / "summary.json")
 
-    batch = get_recipe("tiny", stage=2).global_batch_size
+    batch = get_recipe("tiny", stage=2).data.global_batch_size
 
     def span(c):
         return f"{c['min']:g}" if c["min"] == c["max"] else f"{c['min']:g}-{c['max']:g}"

@@ -417,4 +417,3 @@ class Matryoshka:
         """(width, weight) of every term of the loss."""
         weights = self.weights or (1.0,) * len(self.dims)
         return list(zip(self.dims, weights))
-

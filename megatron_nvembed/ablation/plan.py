@@ -284,8 +284,7 @@ def _check_in_batch(
                 f"--grid objective={cell.objective}" if getattr(objective, dest) else "-- FLAGS"
             )
             drop = (
-                f"leave schedule {cell.schedule} out of --grid "
-                "(single-stage-inbatch keeps them on)"
+                f"leave schedule {cell.schedule} out of --grid (single-stage-inbatch keeps them on)"
             )
             if not step.in_batch_negatives:
                 why, fix = f"schedule {cell.schedule} turns them off", drop

@@ -98,7 +98,9 @@ class ContrastiveLossConfig:
         check_options(self)
         _ = self.matryoshka
         if (self.query_query or self.document_document) and not self.in_batch_negatives:
-            flag = "--query-query-negatives" if self.query_query else "--document-document-negatives"
+            flag = (
+                "--query-query-negatives" if self.query_query else "--document-document-negatives"
+            )
             raise ValueError(
                 f"{flag} adds in-batch terms; it needs in-batch negatives (a stage-1 recipe or "
                 "--in-batch-negatives)"

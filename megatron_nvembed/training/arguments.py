@@ -62,8 +62,9 @@ def build_parser(recipe: str | None = None, stage: int | None = None) -> argpars
     for path, cls, f in walk_options(TrainingConfig):
         section = path.split(".")[0] if "." in path else "run"
         if section not in groups:
-            groups[section] = parser.add_argument_group(f"{section} (TrainingConfig.{section})"
-                                                         if section != "run" else "run")
+            groups[section] = parser.add_argument_group(
+                f"{section} (TrainingConfig.{section})" if section != "run" else "run"
+            )
         _add_flag(groups[section], path, cls, f)
     parser.add_argument(
         "--check-args",

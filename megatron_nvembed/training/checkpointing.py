@@ -26,7 +26,6 @@ from megatron_nvembed.checkpoint import (
     TOKENIZER_DIR,
     copy_tokenizer_files,
     iteration_dir,
-    latest_iteration,
     load_checkpoint,
     save_checkpoint,
 )
@@ -182,4 +181,3 @@ def load_training_checkpoint(start, model, optimizer, scheduler, data, layout: d
             layout,
         )
     return state
-

@@ -185,7 +185,9 @@ class LoggingConfig:
         None, "--log-json", "append one JSON object per logged iteration to this file"
     )
     tensorboard_dir: str | None = option(
-        None, "--tensorboard-dir", "write the log's scalars for TensorBoard here (extra tensorboard)"
+        None,
+        "--tensorboard-dir",
+        "write the log's scalars for TensorBoard here (extra tensorboard)",
     )
     wandb_project: str | None = option(
         None,

@@ -84,7 +84,9 @@ def train(cfg: TrainingConfig) -> TrainResult:
         )  # fmt: skip
     # A run resumed from --save at its last iteration (a finished run relaunched) has nothing
     # new to save.
-    saver = _Saver(run, guard, saved_at=iteration if run.start.resuming and run.start.own_save else None)
+    saver = _Saver(
+        run, guard, saved_at=iteration if run.start.resuming and run.start.own_save else None
+    )
     sigterm, log = SigtermFlag(), None
     try:
         log = TrainingLog(cfg, run.device, started)

@@ -192,7 +192,11 @@ def _handoff_worker(rank, world, data, tmp):
     stage2.data.train_data = [data["train_pairs"]]
     stage2.checkpoint.pretrained_checkpoint = str(tmp / "stage1")
     stage2.data.global_batch_size, stage2.data.micro_batch_size = 8, 2
-    stage2.optimizer.train_iters, stage2.optimizer.lr_warmup_iters, stage2.logging.log_interval = 3, 1, 1
+    stage2.optimizer.train_iters, stage2.optimizer.lr_warmup_iters, stage2.logging.log_interval = (
+        3,
+        1,
+        1,
+    )
     stage2.checkpoint.save = str(tmp / "stage2")
     stage2.logging.log_json = str(tmp / "stage2.jsonl")
     # The stage-2 model as training starts == the stage-1 result with its adapters merged.

@@ -84,9 +84,18 @@ def _train_and_embed(rank, world, data, base, ft, out):
     from megatron_nvembed.training.trainer import train
 
     cfg = get_recipe("qwen3_embedding_8b")
-    cfg.data.train_data, cfg.checkpoint.pretrained_checkpoint, cfg.checkpoint.save = [data["train"]], base, ft
+    cfg.data.train_data, cfg.checkpoint.pretrained_checkpoint, cfg.checkpoint.save = (
+        [data["train"]],
+        base,
+        ft,
+    )
     cfg.data.global_batch_size, cfg.data.micro_batch_size, cfg.data.num_negatives = 8, 2, 3
-    cfg.optimizer.train_iters, cfg.optimizer.lr_warmup_iters, cfg.optimizer.lr, cfg.data.seq_length = 2, 0, 5e-3, 64
+    (
+        cfg.optimizer.train_iters,
+        cfg.optimizer.lr_warmup_iters,
+        cfg.optimizer.lr,
+        cfg.data.seq_length,
+    ) = 2, 0, 5e-3, 64
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 4, 8.0, 0.0
     cfg.model.model.bf16, cfg.logging.log_interval, cfg.checkpoint.save_interval = False, 1, 2
     losses = train(cfg).losses

@@ -17,8 +17,16 @@ def test_paper_recipes_carry_table5_values():
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.1)
         assert cfg.model.pooling.num_latents == 512 and cfg.model.pooling.num_heads == 8
         assert cfg.model.model.bf16 and cfg.model.model.mask_type == "bidirectional"
-    assert (s1.optimizer.lr, s1.optimizer.train_iters, s1.loss.in_batch_negatives) == (2e-5, 20000, True)
-    assert (s2.optimizer.lr, s2.optimizer.train_iters, s2.loss.in_batch_negatives) == (1.5e-5, 18000, False)
+    assert (s1.optimizer.lr, s1.optimizer.train_iters, s1.loss.in_batch_negatives) == (
+        2e-5,
+        20000,
+        True,
+    )
+    assert (s2.optimizer.lr, s2.optimizer.train_iters, s2.loss.in_batch_negatives) == (
+        1.5e-5,
+        18000,
+        False,
+    )
     assert set(RECIPES) >= {"nvembed_mistral_7b_stage1", "nvembed_mistral_7b_stage2", "tiny"}
 
 
@@ -104,7 +112,11 @@ def test_flags_override_only_what_is_given():
             "--fp32",
         ]
     )
-    assert cfg.optimizer.lr == 1e-5 and cfg.optimizer.min_lr == 0.0 and cfg.optimizer.train_iters == 20000
+    assert (
+        cfg.optimizer.lr == 1e-5
+        and cfg.optimizer.min_lr == 0.0
+        and cfg.optimizer.train_iters == 20000
+    )
     assert cfg.model.parallel.tensor_model_parallel_size == 2
     assert cfg.lora.rank == 0 and cfg.lora.alpha == 32.0
     assert cfg.grad_cache is False and cfg.model.model.hidden_dropout == 0.1
@@ -115,7 +127,11 @@ def test_flags_override_only_what_is_given():
     assert blend.recipe == "tiny_stage2" and blend.stage == 2 and not blend.loss.in_batch_negatives
     assert blend.data.train_data == ["0.3", "a.jsonl", "0.7", "b.jsonl"]
     off = parse_args(["--recipe", "tiny", "--train-data", "a", "--no-in-batch-negatives"])
-    assert off.stage == 1 and not off.loss.in_batch_negatives and off.optimizer.lr == get_recipe("tiny").optimizer.lr
+    assert (
+        off.stage == 1
+        and not off.loss.in_batch_negatives
+        and off.optimizer.lr == get_recipe("tiny").optimizer.lr
+    )
     on = parse_args(
         ["--recipe", "tiny", "--stage", "2", "--train-data", "a", "--in-batch-negatives"]
     )

@@ -128,8 +128,16 @@ def test_new_flags_reach_the_config():
             "3",
         ]
     )
-    assert (cfg.logging.tensorboard_dir, cfg.logging.wandb_project, cfg.logging.wandb_exp_name) == ("tb", "p", "e")
-    assert (cfg.logging.wandb_save_dir, cfg.checkpoint.exit_interval, cfg.checkpoint.exit_duration_in_mins) == ("w", 5, 1.5)
+    assert (cfg.logging.tensorboard_dir, cfg.logging.wandb_project, cfg.logging.wandb_exp_name) == (
+        "tb",
+        "p",
+        "e",
+    )
+    assert (
+        cfg.logging.wandb_save_dir,
+        cfg.checkpoint.exit_interval,
+        cfg.checkpoint.exit_duration_in_mins,
+    ) == ("w", 5, 1.5)
     assert cfg.evaluation.eval_iters == 3
 
 
