@@ -204,6 +204,8 @@ def _handoff_worker(rank, world, data, tmp):
     model_cfg = model_config(stage2, start)
     pg = initialize_model_parallel(1, 1, seed=stage2.seed)
     fresh = build_training_model(stage2, model_cfg, pg, start)
+    # the adapters the model carries, observed: the rank of every lora_A ([r, in])
+    lora = {"ranks": sorted({p.shape[0] for n, p in fresh.named_parameters() if "lora_A" in n})}
     merged = build_model(read_config(tmp / "stage1"), pg)
     load_checkpoint(merged, tmp / "stage1")
     ids = torch.randint(3, 50, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -232,7 +234,7 @@ def test_stage1_to_stage2_handoff(runs_2):
     tmp_path = runs_2["_handoff_worker"]
     out = json.loads((tmp_path / "handoff.json").read_text())
     assert out["diff"] < 1e-6
-    assert out["lora"]["rank"] == 8 and out["iteration"] == 3
+    assert out["lora"]["ranks"] == [8] and out["iteration"] == 3
     records = [json.loads(line) for line in (tmp_path / "stage2.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3]
     # train_pairs records carry one hard negative: K = 3 slots, 1 present -> 2 candidates.
