@@ -75,7 +75,8 @@ def build_export(folder: Path, args) -> Path:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from megatron_nvembed.conversion.convert import export_hf, import_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
     from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.testing import build_word_tokenizer
 

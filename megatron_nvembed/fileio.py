@@ -1,12 +1,21 @@
-"""Atomic file writes: the content goes to a temporary file beside the target, then one rename
-puts it in place, so a reader (or a rerun after a kill) sees the old file or the new one, never
-half of one. Imports nothing of the package; everything that writes results uses it.
+"""Atomic writes of files and folders, and the checks on an output folder before it is written.
+
+A file's content goes to a temporary file beside the target, then one rename puts it in place,
+so a reader (or a rerun after a kill) sees the old file or the new one, never half of one
+(`atomic_path`, `write_atomic`). A folder output (a converted or merged checkpoint) is written
+the same way: into a new hidden folder beside it, swapped in once complete (`atomic_dir`). Before
+anything is read, `check_output_dir` refuses an output folder that must not be written (non-empty
+without overwrite, a link, the source itself, inside it or holding it).
+
+Imports nothing of the package; everything that writes results uses it.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,3 +88,155 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders: the checks before anything is read, and write-beside-then-swap
+
+
+def folder_relation(path: Path, other: Path) -> str | None:
+    """How resolved `path` stands to resolved `other`, as the refusals word it: "is the same
+    folder as", "is inside", "contains", or None when neither holds the other."""
+    if path == other:
+        return "is the same folder as"
+    if other in path.parents:
+        return "is inside"
+    if path in other.parents:
+        return "contains"
+    return None
+
+
+def check_output_dir(
+    output: str | os.PathLike,
+    flag: str,
+    sources: list[tuple[str, str | os.PathLike]],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Refuses an output folder a conversion or merge must not write; returns its resolved path.
+
+    Reads nothing but the file system entries themselves, so it runs before any weights are
+    loaded.
+
+    Args:
+        output: the folder the tool writes (replaced whole when it exists).
+        flag: its command-line flag, for the messages (e.g. "--hf-dir").
+        sources: (flag, path) of each folder the tool reads.
+        overwrite: allow replacing an existing non-empty folder (`--overwrite`).
+
+    Returns:
+        `output`, resolved.
+
+    Raises:
+        ValueError, naming the flag(s) and path(s): `output` is a symbolic link, the file system
+            root, not a folder, the same folder as a source, inside one or holding one (even with
+            `overwrite`); an existing non-empty folder without `overwrite`.
+    """
+    out = Path(output)
+    if out.is_symlink():
+        raise ValueError(
+            f"{flag} {out}: is a symbolic link (to {os.readlink(out)}); give a folder path that "
+            "is not a link"
+        )
+    resolved = out.resolve()
+    if resolved.parent == resolved:
+        raise ValueError(f"{flag} {out}: is the file system root; give a folder below it")
+    for source_flag, source in sources:
+        relation = folder_relation(resolved, Path(source).resolve())
+        if relation is not None:
+            raise ValueError(
+                f"{flag} {out} {relation} {source_flag} {source}: a conversion never writes over "
+                f"or inside its own source, not even with --overwrite; choose another {flag}"
+            )
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{flag} {out}: exists and is not a folder; choose another path (--overwrite "
+            "replaces folders only)"
+        )
+    if out.is_dir() and not overwrite:
+        try:
+            entries = sum(1 for _ in out.iterdir())
+        except OSError as err:
+            raise ValueError(f"{flag} {out}: cannot list it ({err})") from err
+        if entries:
+            raise ValueError(
+                f"{flag} {out}: exists and is not empty ({entries} "
+                f"entr{'y' if entries == 1 else 'ies'}); pass --overwrite to replace it"
+            )
+    return resolved
+
+
+def _sibling(final: Path, tag: str) -> Path:
+    """A hidden path beside `final` that does not exist yet: `.NAME.nvembed-<tag>-<random>`."""
+    while True:
+        path = final.with_name(f".{final.name}.nvembed-{tag}-{secrets.token_hex(4)}")
+        if not path.exists() and not path.is_symlink():
+            return path
+
+
+def _temp_dir_beside(final: Path) -> Path:
+    """A new empty folder next to `final` (created with its parents), to write the output in.
+
+    Its name is new each time and marked as this package's (`.NAME.nvembed-tmp-*`), so no folder
+    of the user's (a `NAME.tmp`) is ever deleted to make room for it; the temporaries of earlier
+    runs to the same output that were killed midway are removed here.
+
+    Returns:
+        The new folder's path.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for left in final.parent.glob(f".{glob.escape(final.name)}.nvembed-tmp-*"):
+        shutil.rmtree(left, ignore_errors=True)
+    tmp = _sibling(final, "tmp")
+    tmp.mkdir()
+    return tmp
+
+
+def _replace_dir(tmp: Path, final: Path, *, overwrite: bool, flag: str) -> None:
+    """Moves the finished `tmp` to `final`. An existing `final` is renamed aside, `tmp` renamed
+    in, then the old one deleted: at every moment one complete version exists on disk (after a
+    kill between the two renames, the old one under `.NAME.nvembed-old-*`).
+
+    Args:
+        tmp: the written folder (from `_temp_dir_beside(final)`).
+        final: the output folder, as `check_output_dir` returned it.
+        overwrite: an existing non-empty `final` may be replaced.
+        flag: the output's command-line flag, for the message.
+
+    Raises:
+        ValueError: `final` became non-empty since `check_output_dir` and `overwrite` is off.
+    """
+    if final.is_dir() and not overwrite and any(final.iterdir()):
+        raise ValueError(
+            f"{flag} {final}: was filled while the conversion ran; pass --overwrite to replace it"
+        )
+    if final.exists():
+        old = _sibling(final, "old")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)  # put the old version back
+            raise
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: Path, *, overwrite: bool, flag: str) -> Iterator[Path]:
+    """Yields a new folder beside `final` (`_temp_dir_beside`) to write the output in; on a clean
+    exit it is swapped in for `final` (`_replace_dir`), on an exception it is removed and `final`
+    stays as it was.
+
+    Args:
+        final: the output folder, resolved (as `check_output_dir` returns it).
+        overwrite, flag: as `_replace_dir` takes them.
+    """
+    tmp = _temp_dir_beside(final)
+    try:
+        yield tmp
+        _replace_dir(tmp, final, overwrite=overwrite, flag=flag)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

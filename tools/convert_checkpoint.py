@@ -35,12 +35,13 @@ included; mistral for a plain transformers MistralModel with the same backbone w
 import argparse
 import sys
 
+_OVERWRITE_HELP = (
+    "replace an existing non-empty output folder whole (swapped in once the conversion has "
+    "succeeded); never allows writing over or inside the source"
+)
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def _add_import_hf(sub) -> None:
     imp = sub.add_parser("import-hf", help="transformers / NV-Embed -> megatron_nvembed")
     imp.add_argument(
         "--hf-dir",
@@ -92,6 +93,10 @@ def main(argv=None) -> int:
         default=None,
         help="width of each of those heads (default: the model width, as NV-Embed)",
     )
+    imp.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+
+
+def _add_export_hf(sub) -> None:
     exp = sub.add_parser("export-hf", help="megatron_nvembed -> NV-Embed HF format")
     exp.add_argument("--load", required=True, help="checkpoint folder (any saved TP/PP layout)")
     exp.add_argument(
@@ -114,6 +119,10 @@ def main(argv=None) -> int:
         "that library's native layout (plain transformers backbone + Pooling + Normalize, no "
         "remote code) for eos-pooled causal models such as a Qwen3-Embedding fine-tune",
     )
+    exp.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+
+
+def _add_merge_lora(sub) -> None:
     mrg = sub.add_parser("merge-lora", help="fold LoRA adapters into the base weights")
     mrg.add_argument("--load", required=True, help="training checkpoint with LoRA adapters")
     mrg.add_argument(
@@ -141,81 +150,89 @@ def main(argv=None) -> int:
         help="nvembed: the exported NV-Embed model, trained pooling head included (default); "
         "mistral: a plain transformers MistralModel, backbone adapters only",
     )
-    for sp in (imp, exp, mrg):
-        sp.add_argument(
-            "--overwrite",
-            action="store_true",
-            help="replace an existing non-empty output folder whole (swapped in once the "
-            "conversion has succeeded); never allows writing over or inside the source",
-        )
-    args = parser.parse_args(argv)
+    mrg.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subparser per subcommand."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_import_hf, _add_export_hf, _add_merge_lora):
+        add(sub)
+    return parser
+
+
+def run_import_hf(args: argparse.Namespace) -> str:
+    """import-hf (its output checks run first, before anything is read); returns the summary."""
+    from megatron_nvembed.conversion.import_hf import import_hf
+
+    cfg = import_hf(
+        args.hf_dir,
+        args.save,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        pooling=args.pooling,
+        mask_type=args.mask_type,
+        seed=args.seed,
+        num_latents=args.pooling_num_latents,
+        num_heads=args.pooling_num_attention_heads,
+        head_dim=args.pooling_head_dim,
+        overwrite=args.overwrite,
+    )
+    return (
+        f"wrote {args.save} (TP={args.tensor_model_parallel_size}, "
+        f"PP={args.pipeline_model_parallel_size}, pooling={cfg.pooling.type})"
+    )
+
+
+def run_export_hf(args: argparse.Namespace) -> str:
+    """export-hf in this process at TP = PP = 1; returns the summary."""
+    from megatron_nvembed.conversion.export_hf import check_export_paths, export_hf
+    from megatron_nvembed.parallel import initialize_model_parallel
+
+    # Before megatron-core is set up or anything is read (the library repeats it).
+    check_export_paths(args.load, args.hf_dir, overwrite=args.overwrite)
+    initialize_model_parallel(1, 1)
+    export_hf(
+        args.load, args.hf_dir, dtype=args.dtype, overwrite=args.overwrite, format=args.format
+    )
+    return f"wrote {args.hf_dir}"
+
+
+def run_merge_lora(args: argparse.Namespace) -> str:
+    """merge-lora in this process at TP = PP = 1; returns the summary."""
+    from megatron_nvembed.conversion.merge_lora import (
+        check_merge_lora_paths,
+        merge_lora_checkpoint,
+    )
+    from megatron_nvembed.parallel import initialize_model_parallel
+
+    # Before megatron-core is set up or anything is read (the library repeats it).
+    check_merge_lora_paths(args.load, args.save, args.peft_dir, overwrite=args.overwrite)
+    initialize_model_parallel(1, 1)
+    lora = merge_lora_checkpoint(
+        args.load,
+        args.save,
+        args.peft_dir,
+        peft_base_model=args.peft_base_model,
+        peft_target=args.peft_target,
+        overwrite=args.overwrite,
+    )
+    return f"wrote {args.save} (LoRA rank {lora['rank']} merged)"
+
+
+COMMANDS = {"import-hf": run_import_hf, "export-hf": run_export_hf, "merge-lora": run_merge_lora}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
     try:
-        from megatron_nvembed.conversion.convert import check_conversion_paths
-
-        # Before megatron-core is set up or anything is read (the library repeats it).
-        if args.command == "import-hf":
-            check_conversion_paths("import-hf", args.hf_dir, args.save, overwrite=args.overwrite)
-        elif args.command == "export-hf":
-            check_conversion_paths("export-hf", args.load, args.hf_dir, overwrite=args.overwrite)
-        else:
-            check_conversion_paths(
-                "merge-lora",
-                args.load,
-                args.save,
-                peft_dir=args.peft_dir,
-                overwrite=args.overwrite,
-            )
-        if args.command == "import-hf":
-            from megatron_nvembed.conversion.convert import import_hf
-
-            cfg = import_hf(
-                args.hf_dir,
-                args.save,
-                tensor_model_parallel_size=args.tensor_model_parallel_size,
-                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                pooling=args.pooling,
-                mask_type=args.mask_type,
-                seed=args.seed,
-                num_latents=args.pooling_num_latents,
-                num_heads=args.pooling_num_attention_heads,
-                head_dim=args.pooling_head_dim,
-                overwrite=args.overwrite,
-            )
-            print(
-                f"wrote {args.save} (TP={args.tensor_model_parallel_size}, "
-                f"PP={args.pipeline_model_parallel_size}, pooling={cfg.pooling.type})"
-            )
-        elif args.command == "merge-lora":
-            from megatron_nvembed.conversion.convert import merge_lora_checkpoint
-            from megatron_nvembed.parallel import initialize_model_parallel
-
-            initialize_model_parallel(1, 1)
-            lora = merge_lora_checkpoint(
-                args.load,
-                args.save,
-                args.peft_dir,
-                peft_base_model=args.peft_base_model,
-                peft_target=args.peft_target,
-                overwrite=args.overwrite,
-            )
-            print(f"wrote {args.save} (LoRA rank {lora['rank']} merged)")
-        else:
-            from megatron_nvembed.conversion.convert import export_hf
-            from megatron_nvembed.parallel import initialize_model_parallel
-
-            initialize_model_parallel(1, 1)
-            export_hf(
-                args.load,
-                args.hf_dir,
-                dtype=args.dtype,
-                overwrite=args.overwrite,
-                format=args.format,
-            )
-            print(f"wrote {args.hf_dir}")
+        print(COMMANDS[args.command](args))
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

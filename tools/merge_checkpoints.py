@@ -28,7 +28,8 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -71,35 +72,42 @@ def main(argv=None) -> int:
         help="replace an existing non-empty --save whole (swapped in once the merge has "
         "succeeded); never allows writing over or inside an input",
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    from megatron_nvembed.logging_utils import setup_logging
 
-    setup_logging(note_kernels=True)
+def run_merge(args: argparse.Namespace) -> str:
+    """Checks the merge before megatron-core is set up or any weight is read (the library
+    repeats it), then merges in this process at TP = PP = 1; returns the summary line."""
+    from megatron_nvembed.conversion.merge import check_merge, merge_checkpoints
+    from megatron_nvembed.parallel import initialize_model_parallel
+
     options = dict(
         method=args.method,
         weights=args.weights,
         slerp_t=args.slerp_t,
         overwrite=args.overwrite,
     )
-    try:
-        from megatron_nvembed.conversion.merge import check_merge, merge_checkpoints
-
-        # Before megatron-core is set up or any weight is read (the library repeats it).
-        check_merge(args.load, args.save, **options)
-        from megatron_nvembed.parallel import initialize_model_parallel
-
-        initialize_model_parallel(1, 1)
-        plan = merge_checkpoints(args.load, args.save, **options)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_merge(args.load, args.save, **options)
+    initialize_model_parallel(1, 1)
+    plan = merge_checkpoints(args.load, args.save, **options)
     how = (
         f"slerp, t={plan.slerp_t:g}"
         if plan.method == "slerp"
         else "linear, weights " + " ".join(f"{w:.6g}" for w in plan.weights)
     )
-    print(f"wrote {args.save} ({len(plan.loads)} checkpoints merged, {how})")
+    return f"wrote {args.save} ({len(plan.loads)} checkpoints merged, {how})"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_nvembed.logging_utils import setup_logging
+
+    setup_logging(note_kernels=True)
+    try:
+        print(run_merge(args))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

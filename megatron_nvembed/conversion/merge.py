@@ -17,14 +17,13 @@ TP = PP = 1 (the CLI, `tools/merge_checkpoints.py`, sets it up): every input is 
 checkpoint metadata), then loaded one after the other into one model (any saved TP/PP layout
 is resharded on load) and folded into a running result, so memory holds the model plus one
 accumulator, whatever the number of inputs. The output is written beside and swapped in, like
-every conversion output (`conversion.convert`).
+every conversion output (`fileio.atomic_dir`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from megatron_nvembed.checkpoint import (
     read_lora,
 )
 from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
-from megatron_nvembed.conversion.convert import _replace_dir, _temp_dir_beside, check_output_dir
+from megatron_nvembed.fileio import atomic_dir, check_output_dir
 from megatron_nvembed.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -287,6 +286,82 @@ def _tokenizer_differs(first: Path, other: Path) -> bool:
     return False
 
 
+def _check_input_files(plan: MergePlan) -> None:
+    """Every input's checkpoint files checked safe to load (`verify_checkpoint_folder`) before
+    any weight is read; a warning for each input whose tokenizer files differ from the first's."""
+    from megatron_nvembed.checkpoint_safety import verify_checkpoint_folder
+
+    for path, it in zip(plan.loads, plan.iterations):
+        verify_checkpoint_folder(iteration_dir(path, it))
+    for path in plan.loads[1:]:
+        if _tokenizer_differs(plan.loads[0], path):
+            logger.warning(
+                "the tokenizer files of %s differ from those of %s; the output gets the first's",
+                path,
+                plan.loads[0],
+            )
+
+
+def _fold_inputs(model: torch.nn.Module, plan: MergePlan) -> int:
+    """Loads each input into `model` in turn and folds it into the result, which `model` holds
+    at the end (linear: the weighted sum; slerp: the interpolation). Returns the number of
+    parameter tensors merged."""
+    from megatron_nvembed.checkpoint import load_checkpoint
+
+    params = dict(model.named_parameters())
+    held: dict[str, torch.Tensor] = {}  # linear: the running sum; slerp: the first input
+    for i, (path, it, weight) in enumerate(zip(plan.loads, plan.iterations, plan.weights)):
+        load_checkpoint(model, path, it, merge_adapters=False)
+        saved = read_config(path, it).parallel
+        logger.info(
+            "loaded %d/%d: %s (iteration %d, saved at TP=%d PP=%d, weight %.6g)",
+            i + 1,
+            len(plan.loads),
+            path,
+            it,
+            saved.tensor_model_parallel_size,
+            saved.pipeline_model_parallel_size,
+            weight,
+        )
+        with torch.no_grad():
+            for name, p in params.items():
+                if plan.method == "linear":
+                    held[name] = accumulate(held.get(name), p, weight)
+                elif i == 0:
+                    held[name] = p.detach().clone()
+                else:
+                    p.copy_(slerp(held.pop(name), p, plan.slerp_t))
+    if plan.method == "linear":
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(held.pop(name).to(p.dtype))
+    return len(params)
+
+
+def _write_merged(model: torch.nn.Module, plan: MergePlan, overwrite: bool) -> None:
+    """Saves the merged `model` (iteration 0, the first input's LoRA settings) with the first
+    input's tokenizer files beside `plan.final`, then swaps it in."""
+    from megatron_nvembed.checkpoint import save_checkpoint
+
+    with atomic_dir(plan.final, overwrite=overwrite, flag="--save") as tmp:
+        save_checkpoint(model, plan.cfg, tmp, iteration=0, lora=plan.lora)
+        copied = copy_tokenizer_files(plan.loads[0] / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        if copied == 0:
+            (tmp / TOKENIZER_DIR).rmdir()
+            logger.warning(
+                "%s holds no tokenizer files; the output has none (export-hf needs them)",
+                plan.loads[0] / TOKENIZER_DIR,
+            )
+
+
+def _method_summary(plan: MergePlan) -> str:
+    """The merge method and its factors, for the log ("slerp t=0.5" / "linear, weights 0.25
+    0.75")."""
+    if plan.method == "slerp":
+        return f"slerp t={plan.slerp_t:g}"
+    return "linear, weights " + " ".join(f"{w:.6g}" for w in plan.weights)
+
+
 def merge_checkpoints(
     loads: Sequence[str | os.PathLike],
     save: str | os.PathLike,
@@ -319,80 +394,25 @@ def merge_checkpoints(
         See `check_merge` (before any weight is read); the loader's errors for a checkpoint
         that does not load (`load_checkpoint`).
     """
-    from megatron_nvembed.checkpoint import load_checkpoint, save_checkpoint
-    from megatron_nvembed.checkpoint_safety import verify_checkpoint_folder
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import apply_lora
 
     plan = check_merge(
         loads, save, method=method, weights=weights, slerp_t=slerp_t, overwrite=overwrite
     )
-    for path, it in zip(plan.loads, plan.iterations):  # every input's files before any weight
-        verify_checkpoint_folder(iteration_dir(path, it))
-    for path in plan.loads[1:]:
-        if _tokenizer_differs(plan.loads[0], path):
-            logger.warning(
-                "the tokenizer files of %s differ from those of %s; the output gets the first's",
-                path,
-                plan.loads[0],
-            )
+    _check_input_files(plan)
     start = time.perf_counter()
-    cfg = plan.cfg
-    cfg.parallel = ParallelConfig(1, 1)
-    model = build_model(cfg)
+    plan.cfg.parallel = ParallelConfig(1, 1)
+    model = build_model(plan.cfg)
     if plan.lora is not None:
         apply_lora(model, plan.lora["rank"], plan.lora["alpha"], 0.0)
-    params = dict(model.named_parameters())
-    held: dict[str, torch.Tensor] = {}  # linear: the running sum; slerp: the first input
-    for i, (path, it, weight) in enumerate(zip(plan.loads, plan.iterations, plan.weights)):
-        load_checkpoint(model, path, it, merge_adapters=False)
-        saved = read_config(path, it).parallel
-        logger.info(
-            "loaded %d/%d: %s (iteration %d, saved at TP=%d PP=%d, weight %.6g)",
-            i + 1,
-            len(plan.loads),
-            path,
-            it,
-            saved.tensor_model_parallel_size,
-            saved.pipeline_model_parallel_size,
-            weight,
-        )
-        with torch.no_grad():
-            for name, p in params.items():
-                if plan.method == "linear":
-                    held[name] = accumulate(held.get(name), p, weight)
-                elif i == 0:
-                    held[name] = p.detach().clone()
-                else:
-                    p.copy_(slerp(held.pop(name), p, plan.slerp_t))
-    if plan.method == "linear":
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(held.pop(name).to(p.dtype))
-    tmp = _temp_dir_beside(plan.final)
-    try:
-        save_checkpoint(model, cfg, tmp, iteration=0, lora=plan.lora)
-        copied = copy_tokenizer_files(plan.loads[0] / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
-        if copied == 0:
-            (tmp / TOKENIZER_DIR).rmdir()
-            logger.warning(
-                "%s holds no tokenizer files; the output has none (export-hf needs them)",
-                plan.loads[0] / TOKENIZER_DIR,
-            )
-        _replace_dir(tmp, plan.final, overwrite=overwrite, flag="--save")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    how = (
-        f"slerp t={plan.slerp_t:g}"
-        if plan.method == "slerp"
-        else "linear, weights " + " ".join(f"{w:.6g}" for w in plan.weights)
-    )
+    count = _fold_inputs(model, plan)
+    _write_merged(model, plan, overwrite)
     logger.info(
         "merged %d tensors of %d checkpoints (%s%s) into %s in %.1fs",
-        len(params),
+        count,
         len(plan.loads),
-        how,
+        _method_summary(plan),
         f", LoRA rank {plan.lora['rank']} kept" if plan.lora is not None else "",
         plan.save,
         time.perf_counter() - start,

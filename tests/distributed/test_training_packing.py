@@ -148,7 +148,7 @@ def _grad_cache_and_direct(data) -> dict:
 @pytest.fixture(scope="module")
 def runs(synthetic, tmp_path_factory):
     """Every layout trained packed and padded once (2 processes); the tests read the outputs."""
-    from megatron_nvembed.conversion.convert import import_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
     from megatron_nvembed.testing import TINY_HF_KINDS, save_tiny_hf_decoder
 
     tmp = tmp_path_factory.mktemp("packing")

@@ -3,7 +3,7 @@ replays it), then rerun with --overwrite: the rerun's output equals an uninterru
 for file, and nothing of the killed run is left beside it. Between the kill and the rerun the
 output is absent or already complete (a kill after the final rename), never partial.
 import-hf stands for the three commands: they share the write-beside-then-swap routine
-(`conversion/convert.py`), whose refusals and overwrite are tested in
+(`fileio.atomic_dir`), whose refusals and overwrite are tested in
 tests/functional/test_conversion.py. (Mining, prepare_data and the corpus encoder have their own
 kill-and-rerun tests: tests/functional/test_mining.py, tests/unit/test_prepare_data.py,
 tests/functional/test_embed_tool.py.)

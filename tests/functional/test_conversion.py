@@ -58,7 +58,8 @@ def _read_weights(d):
 
 
 def _convert(src, tmp_path, name, tp=1, pp=1, **kw):
-    from megatron_nvembed.conversion.convert import export_hf, import_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
 
     ckpt = tmp_path / f"{name}_ckpt"
     import_hf(src, ckpt, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **kw)
@@ -118,7 +119,7 @@ def test_round_trips_resharding_and_hf_loading(tmp_path, tokenizer):
     assert (got - want).abs().max().item() <= 1e-5
 
     # A sharded export (index + several safetensors files) loads and encodes the same.
-    from megatron_nvembed.conversion.convert import export_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
 
     sharded = export_hf(
         tmp_path / "m_tp2_ckpt", tmp_path / "sharded_hf", dtype="float32", max_shard_bytes=200_000
@@ -150,7 +151,7 @@ def test_round_trips_resharding_and_hf_loading(tmp_path, tokenizer):
 
 @pytest.mark.functional
 def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, tokenizer):
-    from megatron_nvembed.conversion.convert import import_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
 
     src = _tiny_decoder(tmp_path, tokenizer, "mistral")
     # unknown architecture
@@ -275,7 +276,9 @@ def test_outputs_refused_before_anything_is_read(tmp_path, tokenizer, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dst", "mistral"]
 
     # the library says the same without the CLI
-    from megatron_nvembed.conversion.convert import export_hf, import_hf, merge_lora_checkpoint
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
+    from megatron_nvembed.conversion.merge_lora import merge_lora_checkpoint
 
     with pytest.raises(ValueError, match="pass --overwrite"):
         import_hf(src, dst)
@@ -288,7 +291,8 @@ def test_outputs_refused_before_anything_is_read(tmp_path, tokenizer, capsys):
 
 @pytest.mark.functional
 def test_overwrite_replaces_and_a_refused_source_stays_loadable(tmp_path, tokenizer):
-    from megatron_nvembed.conversion.convert import export_hf, import_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
 
     src = _tiny_decoder(tmp_path, tokenizer, "mistral")
     ckpt = _user_folder(tmp_path / "ckpt")

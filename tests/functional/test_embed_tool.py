@@ -54,7 +54,8 @@ def _torchrun(*args, nproc=2):
 def test_embed_tool_matches_exported_model(tmp_path):
     from transformers import AutoModel
 
-    from megatron_nvembed.conversion.convert import export_hf, import_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
 
     tok = build_word_tokenizer([r["text"] for r in ROWS] + [INSTRUCTION])
     src = save_tiny_hf_decoder(tmp_path / "src", tok)
@@ -120,7 +121,8 @@ def test_embed_tool_resumes_after_a_kill(tmp_path, capsys):
     import signal
     import time
 
-    from megatron_nvembed.conversion.convert import export_hf, import_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
 
     words = [f"w{i}" for i in range(50)]
     rng = random.Random(0)

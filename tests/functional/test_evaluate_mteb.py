@@ -110,7 +110,8 @@ def _mock_retrieval_data():
 def setup(tmp_path_factory):
     from transformers import AutoModel
 
-    from megatron_nvembed.conversion.convert import export_hf, import_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
 
     tmp = tmp_path_factory.mktemp("evaluate_mteb")
     mock_q, mock_c, _ = _mock_retrieval_data()

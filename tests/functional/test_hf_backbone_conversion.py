@@ -40,7 +40,8 @@ def test_import_forward_export_reload(tmp_path, pg):
     from transformers import AutoModel
 
     from megatron_nvembed.checkpoint import load_checkpoint, read_config
-    from megatron_nvembed.conversion.convert import export_hf, import_hf
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.testing import build_word_tokenizer, save_tiny_hf_decoder
 

@@ -42,7 +42,9 @@ def test_lora_checkpoint_merge_and_export(tmp_path):
         read_lora,
         save_checkpoint,
     )
-    from megatron_nvembed.conversion.convert import export_hf, import_hf, merge_lora_checkpoint
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
+    from megatron_nvembed.conversion.merge_lora import merge_lora_checkpoint
     from megatron_nvembed.data.tokenization import tokenize_for_embedding
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import LoRAParallelLinear, apply_lora, has_lora

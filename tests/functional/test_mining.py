@@ -439,7 +439,7 @@ def test_tool_killed_twice_then_rerun_equals_an_uninterrupted_run(tmp_path, teac
 
 @pytest.mark.functional
 def test_checkpoint_as_teacher(tmp_path):
-    from megatron_nvembed.conversion.convert import import_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
     from megatron_nvembed.curation.mining import mine_hard_negatives
     from megatron_nvembed.evaluation.encoder import MegatronEmbedder, load_embedder
     from megatron_nvembed.testing import build_word_tokenizer, save_tiny_hf_decoder

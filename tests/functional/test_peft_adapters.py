@@ -84,7 +84,9 @@ def lora_run(tmp_path_factory):
     """SRC, BASE export, LoRA checkpoint, MERGED export, "nvembed" and "mistral" adapters,
     token ids."""
     from megatron_nvembed.checkpoint import load_checkpoint, read_config, save_checkpoint
-    from megatron_nvembed.conversion.convert import export_hf, import_hf, merge_lora_checkpoint
+    from megatron_nvembed.conversion.export_hf import export_hf
+    from megatron_nvembed.conversion.import_hf import import_hf
+    from megatron_nvembed.conversion.merge_lora import merge_lora_checkpoint
     from megatron_nvembed.data.tokenization import tokenize_for_embedding
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import LoRAParallelLinear, apply_lora
@@ -245,7 +247,7 @@ def test_mismatched_adapters_fail_loudly(lora_run, tmp_path):
     from peft import PeftModel
     from transformers import MistralModel
 
-    from megatron_nvembed.conversion.convert import merge_lora_checkpoint
+    from megatron_nvembed.conversion.merge_lora import merge_lora_checkpoint
     from megatron_nvembed.conversion.peft_adapters import load_peft_adapters
 
     d, batch = lora_run["dir"], lora_run["batch"]

@@ -294,7 +294,7 @@ def test_sentence_transformers_export_refuses_what_the_layout_cannot_hold(run, t
     naming `--format sentence-transformers` and the cause; from the command line exit code 2,
     before anything is written."""
     from megatron_nvembed.checkpoint import read_config
-    from megatron_nvembed.conversion.convert import check_st_exportable
+    from megatron_nvembed.conversion.export_hf import check_st_exportable
     from megatron_nvembed.testing import build_word_tokenizer
 
     tmp, _ = run

@@ -1,12 +1,22 @@
 """Atomic writes (`megatron_nvembed/fileio.py`): the old file or the new one, never half of one;
 nothing left on failure; results readable as a plain write would leave them (the umask's mode,
-not mkstemp's private 0600); stale temporaries of one file removed without touching others'."""
+not mkstemp's private 0600); stale temporaries of one file removed without touching others'.
+Folders (`atomic_dir`): the old folder or the new one, replaced whole, nothing left beside it;
+a killed run's temporary removed, a user's `NAME.tmp` kept. Output checks (`check_output_dir`):
+a non-empty folder only with overwrite, never the source, inside it or around it. (The tools'
+refusal messages and exit codes are tested in tests/functional/test_conversion.py.)"""
 
 import os
 
 import pytest
 
-from megatron_nvembed.fileio import atomic_path, remove_stale_temporaries, write_atomic
+from megatron_nvembed.fileio import (
+    atomic_dir,
+    atomic_path,
+    check_output_dir,
+    remove_stale_temporaries,
+    write_atomic,
+)
 
 
 def test_write_replaces_whole_and_gets_the_plain_open_mode(tmp_path):
@@ -38,3 +48,59 @@ def test_stale_temporaries_of_one_file_only(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".b.jsonl.x2.tmp"]
     assert remove_stale_temporaries(tmp_path) == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_dir_swaps_in_whole_and_a_failure_keeps_the_old_folder(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    killed = tmp_path / ".out.nvembed-tmp-deadbeef"  # a killed run's temporary
+    killed.mkdir()
+    (tmp_path / "out.tmp").mkdir()  # the user's own folder
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final, overwrite=True, flag="--save") as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("failed midway")
+    assert os.listdir(final) == ["old.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.tmp"]
+    with atomic_dir(final, overwrite=True, flag="--save") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert os.listdir(final) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.tmp"]
+
+
+def test_atomic_dir_refuses_a_folder_filled_meanwhile_without_overwrite(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(ValueError, match="--save .*was filled while the conversion ran"):
+        with atomic_dir(final, overwrite=False, flag="--save") as tmp:
+            (tmp / "new.txt").write_text("new")
+            final.mkdir()
+            (final / "theirs.txt").write_text("theirs")
+    assert os.listdir(final) == ["theirs.txt"]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_check_output_dir_refusals(tmp_path):
+    src = tmp_path / "src"
+    (src / "inner").mkdir(parents=True)
+    sources = [("--load", src)]
+    assert check_output_dir(tmp_path / "new", "--save", sources) == (tmp_path / "new").resolve()
+    for out, relation in (
+        (src, "is the same folder as"),
+        (src / "inner", "is inside"),
+        (tmp_path, "contains"),
+    ):
+        with pytest.raises(ValueError, match=f"--save {out} {relation} --load {src}"):
+            check_output_dir(out, "--save", sources, overwrite=True)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "a").write_text("")
+    with pytest.raises(ValueError, match=r"exists and is not empty \(1 entry\)"):
+        check_output_dir(full, "--save", sources)
+    assert check_output_dir(full, "--save", sources, overwrite=True) == full.resolve()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        check_output_dir(tmp_path / "file", "--save", sources, overwrite=True)
+    (tmp_path / "link").symlink_to(full)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        check_output_dir(tmp_path / "link", "--save", sources, overwrite=True)

@@ -29,7 +29,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 
 # The layer table, bottom first. A module may import modules of its own layer and of the layers
 # below, never of a layer above. Entries are module paths below `megatron_nvembed`; a module takes
-# the layer of its longest matching entry (so `conversion.convert` sits above `conversion`).
+# the layer of its longest matching entry (so `conversion.import_hf` sits above `conversion`).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bottom", ("fileio", "rng", "hashing", "sharding", "options")),
     (
@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "parallel",
             "launch",
             "logging_utils",
+            "safe_unpickling",
             "checkpoint_safety",
             "flops",
             "hardware",
@@ -47,9 +48,19 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("components", ("model", "loss", "data", "curation", "conversion", "retrieval")),
     # Built on components: checkpoints merge LoRA adapters on load (model.lora), the conversion
-    # driver and the checkpoint merge build models and write checkpoints, the reference runs
+    # jobs and the checkpoint merge build models and write checkpoints, the reference runs
     # conversion's HF files.
-    ("assembly", ("checkpoint", "conversion.convert", "conversion.merge", "reference")),
+    (
+        "assembly",
+        (
+            "checkpoint",
+            "conversion.import_hf",
+            "conversion.export_hf",
+            "conversion.merge_lora",
+            "conversion.merge",
+            "reference",
+        ),
+    ),
     ("entry points", ("training", "evaluation", "ablation", "testing")),
 )
 BOTTOM = LAYERS[0][1]

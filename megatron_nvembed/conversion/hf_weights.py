@@ -1,0 +1,113 @@
+"""transformers weight files: read lazily, one tensor at a time, and written as safetensors shards.
+
+Weights are read with safetensors (or `torch.load(weights_only=True)` for `.bin` files): loading
+never unpickles code. `import_hf` reads a source through `LazyHFState`; `export_hf` writes with
+`write_safetensors_shards`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+
+class LazyHFState(Mapping):
+    """Read-only mapping over a transformers checkpoint directory, one tensor at a time.
+
+    Supports `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, and
+    `pytorch_model.bin` (loaded with `weights_only=True`). Only the tensors asked for are read, so
+    mapping a 7B model holds one tensor of the source at a time.
+    """
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.dir = Path(hf_dir)
+        self._where: dict[str, Path] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"{index}: not a safetensors index ({err})") from err
+            for key, fname in weight_map.items():
+                self._where[key] = self.dir / fname
+            for f in set(self._where.values()):
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: shard named in {index} is missing")
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self._where = {k: single for k in f.keys()}
+        elif (self.dir / "pytorch_model.bin").is_file():
+            self._bin = torch.load(
+                self.dir / "pytorch_model.bin", map_location="cpu", weights_only=True
+            )
+        else:
+            raise FileNotFoundError(
+                f"{self.dir}: no model.safetensors, model.safetensors.index.json or "
+                "pytorch_model.bin"
+            )
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._bin is not None:
+            return self._bin[key]
+        from safetensors import safe_open
+
+        if key not in self._where:
+            raise KeyError(key)
+        with safe_open(str(self._where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bin if self._bin is not None else self._where)
+
+    def __len__(self) -> int:
+        return len(self._bin if self._bin is not None else self._where)
+
+
+def backbone_prefix(state: Mapping, hf_dir: Path, default: str) -> str:
+    """The key prefix of the decoder's weights in `state`: `default` (what the source's config
+    suggests) if it holds them, else the first of "", "model.", "embedding_model." that does.
+
+    Raises:
+        KeyError: naming `hf_dir`: no `embed_tokens.weight` under any of those prefixes.
+    """
+    for prefix in (default, "", "model.", "embedding_model."):
+        if f"{prefix}embed_tokens.weight" in state:
+            return prefix
+    raise KeyError(f"{hf_dir}: no embed_tokens.weight under any known prefix")
+
+
+def write_safetensors_shards(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    """Writes `state` into `out` as `model.safetensors`, or, past `max_bytes` per file, as
+    `model-0000i-of-0000n.safetensors` shards with a `model.safetensors.index.json` (keys in
+    sorted order, a shard closed before the tensor that would take it past `max_bytes`)."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

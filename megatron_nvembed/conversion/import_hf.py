@@ -1,0 +1,186 @@
+"""import-hf: a transformers Mistral/Llama or NV-Embed checkpoint -> a megatron_nvembed checkpoint.
+
+The output folder is checked before anything is read (`fileio.check_output_dir`: an existing
+non-empty folder is replaced only with `overwrite=True`, an output that is, holds or lies inside
+the source is always refused), written into a temporary sibling folder and swapped in at the end
+(`fileio.atomic_dir`), so a failed import never leaves a half-written output. The source's
+weights are read one tensor at a time (`hf_weights.LazyHFState`), never unpickling code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from megatron_nvembed.checkpoint import TOKENIZER_DIR, copy_tokenizer_files
+from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.conversion.hf_weights import LazyHFState, backbone_prefix
+from megatron_nvembed.fileio import atomic_dir, check_output_dir
+from megatron_nvembed.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+# The flags that size a new pooling head: (flag, PoolingConfig field, pooling types that have it).
+_HEAD_SIZE_FLAGS = (
+    ("--pooling-num-latents", "num_latents", ("latent",)),
+    ("--pooling-num-attention-heads", "num_heads", ("latent", "self-attention")),
+    ("--pooling-head-dim", "head_dim", ("latent", "self-attention")),
+)
+
+
+def _import_worker(
+    rank: int,
+    world: int,
+    hf_dir: str,
+    tmp_dir: str,
+    cfg_dict: dict,
+    has_head: bool,
+    prefix: str,
+    seed: int,
+) -> None:
+    """One of the TP x PP import processes: builds its model stage, fills it from the source and
+    saves its shard of the checkpoint into `tmp_dir`."""
+    from megatron_nvembed.checkpoint import save_checkpoint
+    from megatron_nvembed.conversion.hf_mapping import load_hf_into_model
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.parallel import initialize_model_parallel
+
+    cfg = EmbeddingModelConfig.from_dict(cfg_dict)
+    par = cfg.parallel
+    pg = initialize_model_parallel(
+        par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=seed
+    )
+    model = build_model(cfg, pg)
+    state = LazyHFState(hf_dir)
+    load_hf_into_model(
+        model,
+        state,
+        cfg,
+        pg.tp.rank(),
+        pg.pp.rank(),
+        backbone_prefix=prefix,
+        include_head=has_head,
+    )
+    save_checkpoint(model, cfg, tmp_dir, iteration=0)
+
+
+def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
+    """The source's model config, whether it has a pooling head, and its backbone's key prefix;
+    its weight files and tokenizer.json are checked before any process starts.
+
+    Raises:
+        FileNotFoundError / ValueError / KeyError: naming the file or key at fault.
+    """
+    from megatron_nvembed.conversion.hf_config import config_from_hf_dir
+
+    cfg, has_head, prefix = config_from_hf_dir(hf_dir)
+    state = LazyHFState(hf_dir)  # validates files before any process starts
+    prefix = backbone_prefix(state, hf_dir, prefix)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{hf_dir / 'tokenizer.json'}: missing; the tokenizer is read from its tokenizer.json "
+            "(the fast tokenizer file published with Mistral / Llama models)"
+        )
+    return cfg, has_head, prefix
+
+
+def _apply_head_options(
+    cfg: EmbeddingModelConfig,
+    has_head: bool,
+    pooling: str | None,
+    sizes: tuple[int | None, int | None, int | None],
+    mask_type: str | None,
+) -> None:
+    """Sets `--pooling`, the new head's sizes (`sizes`: num_latents, num_heads, head_dim, in
+    `_HEAD_SIZE_FLAGS`' order; None: unchanged) and `--mask-type` on `cfg`.
+
+    Raises:
+        ValueError naming the flag: a pooling type or size for a source that has a head (its
+            type and size come with its weights), a size the pooling type has no setting for, a
+            size < 1.
+    """
+    if pooling is not None:
+        if has_head and pooling != cfg.pooling.type:
+            raise ValueError(
+                f"--pooling {pooling}: the source already has a {cfg.pooling.type!r} head"
+            )
+        cfg.pooling.type = pooling
+    for (flag, field_name, types), value in zip(_HEAD_SIZE_FLAGS, sizes):
+        if value is None:
+            continue
+        if has_head:
+            raise ValueError(
+                f"{flag} {value}: the source already has a {cfg.pooling.type!r} head, whose size "
+                "comes with its weights; the flag only sizes a new head"
+            )
+        if cfg.pooling.type not in types:
+            raise ValueError(
+                f"{flag}: {cfg.pooling.type!r} pooling has no such setting (only "
+                f"--pooling {' / '.join(types)})"
+            )
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+        setattr(cfg.pooling, field_name, value)
+    if mask_type is not None:
+        cfg.model.mask_type = mask_type
+
+
+def import_hf(
+    hf_dir: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    pooling: str | None = None,
+    mask_type: str | None = None,
+    seed: int = 1234,
+    num_latents: int | None = None,
+    num_heads: int | None = None,
+    head_dim: int | None = None,
+    overwrite: bool = False,
+) -> EmbeddingModelConfig:
+    """Converts a transformers Mistral/Llama or NV-Embed checkpoint into a sharded checkpoint.
+
+    A source without a pooling head (plain decoder) gets the head's seeded initialisation.
+    Runs TP x PP gloo processes on this machine (conversion is CPU work).
+
+    Args:
+        num_latents, num_heads, head_dim: the size of a new head (`--pooling-num-latents`,
+            `--pooling-num-attention-heads`, `--pooling-head-dim`; None: `PoolingConfig`'s
+            defaults, NV-Embed's 512 latents, 8 heads, head width = model width). Refused for a
+            source that has a head (its size is the source's) and for a pooling type without
+            that setting.
+        overwrite: replace an existing non-empty `save_dir` (`--overwrite`); without it such a
+            folder is refused. `save_dir` may never be, hold or lie inside `hf_dir`.
+
+    Returns:
+        The written checkpoint's model config.
+
+    Raises:
+        FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault
+            (output folder: `check_output_dir`, before anything is read).
+    """
+    from megatron_nvembed.launch import run_distributed
+
+    final = check_output_dir(save_dir, "--save", [("--hf-dir", hf_dir)], overwrite=overwrite)
+    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    cfg, has_head, prefix = _read_source(hf_dir)
+    _apply_head_options(cfg, has_head, pooling, (num_latents, num_heads, head_dim), mask_type)
+    cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
+    cfg.validate()
+    start = time.perf_counter()
+    with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp:
+        run_distributed(
+            _import_worker,
+            tensor_model_parallel_size * pipeline_model_parallel_size,
+            str(hf_dir),
+            str(tmp),
+            cfg.to_dict(),
+            has_head,
+            prefix,
+            seed,
+        )
+        copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+    logger.info("imported %s -> %s in %.1fs", hf_dir, save_dir, time.perf_counter() - start)
+    return cfg

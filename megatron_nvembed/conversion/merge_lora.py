@@ -1,0 +1,141 @@
+"""merge-lora: a LoRA training checkpoint -> a plain checkpoint with the adapters folded in, and
+optionally the adapters in PEFT's format.
+
+The output folders are checked before the checkpoint is read (`check_merge_lora_paths`), written
+into temporary sibling folders and swapped in only once both are written (`fileio.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from megatron_nvembed.config import ParallelConfig
+from megatron_nvembed.fileio import atomic_dir, check_output_dir, folder_relation
+from megatron_nvembed.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+
+def check_merge_lora_paths(
+    load_dir: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    peft_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """The output checks of merge-lora (`fileio.check_output_dir` for `--save` and `--peft-dir`,
+    the source being `--load`), run by `merge_lora_checkpoint` before it reads anything and by
+    the CLI before it sets up megatron-core.
+
+    Returns:
+        `save_dir`, resolved.
+
+    Raises:
+        ValueError: see `check_output_dir`; also a `peft_dir` equal to or inside `save_dir` (it
+            would go when `save_dir` is replaced).
+    """
+    sources = [("--load", load_dir)]
+    out = check_output_dir(save_dir, "--save", sources, overwrite=overwrite)
+    if peft_dir is not None:
+        peft = check_output_dir(peft_dir, "--peft-dir", sources, overwrite=overwrite)
+        relation = folder_relation(peft, out)
+        if relation in ("is the same folder as", "is inside"):
+            raise ValueError(
+                f"--peft-dir {peft_dir} {relation} --save {save_dir}, which is replaced "
+                "whole; choose a --peft-dir outside it"
+            )
+    return out
+
+
+def merge_lora_checkpoint(
+    load_dir: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    peft_dir: str | os.PathLike | None = None,
+    *,
+    peft_base_model: str | None = None,
+    peft_target: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Folds a checkpoint's LoRA adapters into its base weights and writes a plain checkpoint.
+
+    Must run in one process with megatron-core's parallel state at TP = PP = 1 (the CLI does
+    this); any saved layout is resharded on load. The output has the same model config (pooling
+    head included, trained as saved) and tokenizer, and no optimizer state: it is what
+    `export-hf`, `tools/embed.py` and `--pretrained-checkpoint` take.
+
+    Args:
+        peft_dir: also write the adapters in PEFT's format (adapter_config.json +
+            adapter_model.safetensors) for the model the LoRA run started from
+            (`conversion.peft_adapters.save_peft_adapters`).
+        peft_base_model: with `peft_dir` (required): that base model as the adapters' users
+            will load it, a hub id or a path (for target "nvembed" an `export-hf` of the
+            checkpoint the LoRA run started from), recorded as `base_model_name_or_path`.
+        peft_target: with `peft_dir`: "nvembed" (default: the exported NV-Embed model; the
+            trained pooling head is saved with the adapters) or "mistral" (a plain transformers
+            `MistralModel`, backbone only).
+        overwrite: replace an existing non-empty `save_dir` / `peft_dir` whole (`--overwrite`);
+            without it such a folder is refused. Neither may be, hold or lie inside `load_dir`,
+            nor `peft_dir` be or lie inside `save_dir`. Both are written beside and swapped in
+            once everything is written.
+
+    Returns:
+        The LoRA settings that were merged.
+
+    Raises:
+        ValueError: the checkpoint holds no adapters; `peft_dir` without `peft_base_model`;
+            `peft_base_model` or `peft_target` without `peft_dir`; an unknown `peft_target`;
+            an output folder refused by `check_merge_lora_paths` (before the checkpoint is read).
+    """
+    from megatron_nvembed.checkpoint import (
+        TOKENIZER_DIR,
+        load_checkpoint,
+        read_config,
+        read_lora,
+        save_checkpoint,
+    )
+    from megatron_nvembed.conversion.peft_adapters import check_peft_options, save_peft_adapters
+    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.model.lora import apply_lora, merge_lora
+
+    if peft_dir is not None:  # before the checkpoint is read
+        peft_target = peft_target or "nvembed"
+        check_peft_options(peft_base_model, peft_target)
+    elif peft_base_model is not None or peft_target is not None:
+        raise ValueError("--peft-base-model and --peft-target take effect with --peft-dir only")
+    final = check_merge_lora_paths(load_dir, save_dir, peft_dir, overwrite=overwrite)
+    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    lora = read_lora(load_dir)
+    if lora is None:
+        raise ValueError(f"{load_dir}: the checkpoint holds no LoRA adapters (no lora.json)")
+    cfg = read_config(load_dir)
+    cfg.parallel = ParallelConfig(1, 1)
+    model = build_model(cfg)
+    apply_lora(model, lora["rank"], lora["alpha"], 0.0)
+    load_checkpoint(model, load_dir, merge_adapters=False)
+    peft_out = (
+        atomic_dir(Path(peft_dir).resolve(), overwrite=overwrite, flag="--peft-dir")
+        if peft_dir is not None
+        else contextlib.nullcontext()
+    )
+    # --peft-dir is swapped in first (inner), then --save: neither before both are written.
+    with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp, peft_out as peft_tmp:
+        if peft_tmp is not None:
+            save_peft_adapters(
+                model,
+                cfg,
+                peft_tmp,
+                lora["rank"],
+                lora["alpha"],
+                lora["dropout"],
+                base_model_name_or_path=peft_base_model,
+                target=peft_target,
+            )
+        count = merge_lora(model)
+        save_checkpoint(model, cfg, tmp, iteration=0)
+        if (load_dir / TOKENIZER_DIR).is_dir():
+            shutil.copytree(load_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+    logger.info("merged %d adapters (rank %d) into %s", count, lora["rank"], save_dir)
+    return lora
