@@ -34,18 +34,18 @@ def check_merge_lora_paths(
         `save_dir`, resolved.
 
     Raises:
-        ValueError: see `check_output_dir`; also a `peft_dir` equal to or inside `save_dir` (it
-            would go when `save_dir` is replaced).
+        ValueError: see `check_output_dir`; also a `peft_dir` equal to, inside or around
+            `save_dir` (each is replaced whole, so one would take the other with it).
     """
     sources = [("--load", load_dir)]
     out = check_output_dir(save_dir, "--save", sources, overwrite=overwrite)
     if peft_dir is not None:
         peft = check_output_dir(peft_dir, "--peft-dir", sources, overwrite=overwrite)
         relation = folder_relation(peft, out)
-        if relation in ("is the same folder as", "is inside"):
+        if relation is not None:
             raise ValueError(
-                f"--peft-dir {peft_dir} {relation} --save {save_dir}, which is replaced "
-                "whole; choose a --peft-dir outside it"
+                f"--peft-dir {peft_dir} {relation} --save {save_dir}; each is replaced whole: "
+                "choose two folders that do not hold each other"
             )
     return out
 

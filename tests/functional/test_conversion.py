@@ -262,6 +262,10 @@ def test_outputs_refused_before_anything_is_read(tmp_path, tokenizer, capsys):
             ("merge-lora", "--load", fake_ckpt, "--save", dst, "--peft-dir", dst / "adapters"),
             f"--peft-dir {dst / 'adapters'} is inside --save {dst}",
         ),
+        (  # --save inside --peft-dir: replacing --peft-dir would take the new --save with it
+            ("merge-lora", "--load", fake_ckpt, "--save", dst / "m", "--peft-dir", dst),
+            f"--peft-dir {dst} contains --save {dst / 'm'}",
+        ),
         (
             ("export-hf", "--load", fake_ckpt, "--hf-dir", dst / "notes.txt"),
             f"--hf-dir {dst / 'notes.txt'}: exists and is not a folder",
