@@ -132,7 +132,8 @@ def _independent(hf, texts, instruction):
 
 
 def _expected(hf, beir: Path) -> dict[str, dict[str, float]]:
-    from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics
+    from megatron_nvembed.evaluation.beir import load_beir
+    from megatron_nvembed.evaluation.metrics import retrieval_metrics
 
     data = load_beir(beir)
     q, d = _independent(hf, data.queries, INSTRUCTION), _independent(hf, data.corpus, "")
