@@ -105,8 +105,8 @@ def main(argv=None) -> int:
 
     setup_logging(note_kernels=True)
     logging.getLogger("mteb").setLevel(logging.WARNING)
+    from megatron_nvembed.evaluation.encoder_flags import FlagError
     from megatron_nvembed.evaluation.mteb_run import run_evaluation
-    from megatron_nvembed.evaluation.run_setup import FlagError
 
     try:
         return run_evaluation(args)

@@ -18,8 +18,9 @@ from pathlib import Path
 from megatron_nvembed.evaluation import mteb_eval as me
 from megatron_nvembed.evaluation.beir import BeirFolder, open_beir, require_queries
 from megatron_nvembed.evaluation.embedder import Embedder
+from megatron_nvembed.evaluation.encoder_flags import FlagError
 from megatron_nvembed.evaluation.retrieval_eval import evaluate_beir_sharded
-from megatron_nvembed.evaluation.run_setup import FlagError, RunSetup, Scored
+from megatron_nvembed.evaluation.run_setup import RunSetup, Scored
 from megatron_nvembed.fileio import write_atomic
 from megatron_nvembed.retrieval.search import describe
 from megatron_nvembed.retrieval.shards import META

@@ -1,5 +1,6 @@
 """The encoder's command-line flags, defined once for every tool that embeds
-(`tools/embed.py`, `tools/evaluate_mteb.py`, `tools/mine_hard_negatives.py`).
+(`tools/embed.py`, `tools/evaluate_mteb.py`, `tools/mine_hard_negatives.py`), and `FlagError`,
+which the library's runs of those tools raise for a flag they cannot use.
 
 Imports nothing heavy, so `--help` and flag errors stay instant.
 """
@@ -7,6 +8,10 @@ Imports nothing heavy, so `--help` and flag errors stay instant.
 from __future__ import annotations
 
 import argparse
+
+
+class FlagError(Exception):
+    """A flag (or a file it names) a tool's run cannot use; the message names the flag."""
 
 
 def add_encoder_flags(p: argparse.ArgumentParser, *, batch_size: int) -> None:

@@ -12,7 +12,7 @@ BEIR folders, results written under the output folder.
    (one OUT/beir/<name>.json each);
 6. `write_run_summary`: summary.json and summary.md (rank 0).
 
-A flag (or a file it names) the run cannot use raises `run_setup.FlagError` naming it; the tool
+A flag (or a file it names) the run cannot use raises `encoder_flags.FlagError` naming it; the tool
 reports it as argparse does (its usage line, exit 2).
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from megatron_nvembed.evaluation import mteb_eval as me
 from megatron_nvembed.evaluation.beir_run import BeirJob, plan_beir_folders, run_beir_folders
 from megatron_nvembed.evaluation.embedder import Embedder
+from megatron_nvembed.evaluation.encoder_flags import FlagError
 from megatron_nvembed.evaluation.run_setup import (
-    FlagError,
     RunSetup,
     Scored,
     check_flags,

@@ -3,8 +3,8 @@
 the model loaded and the search index checked against it (`load_checked_embedder`), and what the
 run scores into (`Scored`).
 
-A flag (or a file it names) the run cannot use raises `FlagError` with a message naming it; the
-tool reports it as argparse does (its usage line, exit 2).
+A flag (or a file it names) the run cannot use raises `encoder_flags.FlagError` with a message
+naming it; the tool reports it as argparse does (its usage line, exit 2).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from megatron_nvembed.evaluation.encoder import (
     load_embedder,
     query_template_of,
 )
-from megatron_nvembed.evaluation.encoder_flags import embedder_kwargs, encoder_flag_error
+from megatron_nvembed.evaluation.encoder_flags import (
+    FlagError,
+    embedder_kwargs,
+    encoder_flag_error,
+)
 from megatron_nvembed.retrieval.search import check_index
-
-
-class FlagError(Exception):
-    """A flag (or a file it names) the evaluation cannot use; the message names the flag."""
 
 
 @dataclass(frozen=True)
