@@ -29,9 +29,7 @@ ids_00000.npy when every line has an "id", meta.json); memory-mapped by
 """
 
 import argparse
-import shutil
 import sys
-from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,10 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    p = _parser()
-    args = p.parse_args(argv)
-    from megatron_nvembed.evaluation.encoder_flags import check_encoder_flags, embedder_kwargs
+def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`p.error` (exit 2) naming the flag, before anything is loaded."""
+    from megatron_nvembed.evaluation.encoder_flags import check_encoder_flags
 
     check_encoder_flags(p, args)
     if args.shard_size < 1:
@@ -63,55 +60,22 @@ def main(argv=None) -> int:
     if args.output and not args.output.endswith(".npy"):
         p.error(f"--output {args.output}: must end in .npy (or use --output-dir)")
 
+
+def main(argv=None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    _check_flags(p, args)
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
-    import functools
-
-    import torch.distributed as dist
-
-    from megatron_nvembed.evaluation.encoder import load_embedder, query_template_of
-    from megatron_nvembed.retrieval.corpus import JsonlCorpus, embed_row
-    from megatron_nvembed.retrieval.shards import encode_corpus, write_single_array
+    from megatron_nvembed.evaluation.embed_run import embed_texts
+    from megatron_nvembed.evaluation.encoder_flags import FlagError
 
     try:
-        template = query_template_of(args.load)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: --load: {err}", file=sys.stderr)
+        embed_texts(args)
+    except FlagError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    try:  # definitions go into the model's own query template
-        corpus = JsonlCorpus(args.input, functools.partial(embed_row, template=template))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: --input: {err}", file=sys.stderr)
-        return 2
-    embedder = load_embedder(args.load, **embedder_kwargs(args))
-    folder = Path(args.output_dir or args.output + ".shards")
-    try:
-        shards = encode_corpus(
-            embedder,
-            corpus,
-            folder,
-            shard_size=args.shard_size,
-            instruction=None,  # each line's own
-            on_mismatch="error" if args.output_dir else "clear",
-        )
-    except ValueError as err:
-        print(f"error: {'--output-dir' if args.output_dir else '--output'}: {err}", file=sys.stderr)
-        return 2
-    if embedder.is_main:
-        if args.output:
-            write_single_array(shards, args.output)
-        st = embedder.last_encode
-        print(
-            f"embedded {st.rows} texts ({st.computed_rows} computed now, "
-            f"{st.passages_per_second:.1f} texts/s over {embedder.dp_size} data-parallel "
-            f"ranks); {embedder.stats.truncated} truncated to {args.max_length} tokens on rank 0; "
-            f"wrote {args.output or args.output_dir}"
-        )
-    if dist.is_initialized():
-        dist.barrier()  # every rank is done with the shards (each opened them in encode_corpus)
-    if embedder.is_main and args.output:
-        shutil.rmtree(folder)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The encoder's command-line flags, defined once for every tool that embeds
-(`tools/embed.py`, `tools/evaluate_mteb.py`, `tools/mine_hard_negatives.py`).
+(`tools/embed.py`, `tools/evaluate_mteb.py`, `tools/mine_hard_negatives.py`), and `FlagError`,
+which the library's runs of those tools raise for a flag they cannot use.
 
 Imports nothing heavy, so `--help` and flag errors stay instant.
 """
@@ -7,6 +8,10 @@ Imports nothing heavy, so `--help` and flag errors stay instant.
 from __future__ import annotations
 
 import argparse
+
+
+class FlagError(Exception):
+    """A flag (or a file it names) a tool's run cannot use; the message names the flag."""
 
 
 def add_encoder_flags(p: argparse.ArgumentParser, *, batch_size: int) -> None:
@@ -39,18 +44,26 @@ def add_encoder_flags(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     )
 
 
-def check_encoder_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """`p.error` (exit 2) naming the flag, before anything is loaded."""
+def encoder_flag_error(args: argparse.Namespace) -> str | None:
+    """The first bad encoder flag, as a message naming it; None when all are usable."""
     if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        return f"--batch-size must be >= 1, got {args.batch_size}"
     if args.max_length < 2:
-        p.error(f"--max-length must be >= 2 (BOS and EOS), got {args.max_length}")
+        return f"--max-length must be >= 2 (BOS and EOS), got {args.max_length}"
     if args.max_tokens is not None and args.max_tokens < 0:
-        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+        return f"--max-tokens must be >= 0, got {args.max_tokens}"
     if args.truncate_dim is not None and args.truncate_dim < 1:
-        p.error(f"--truncate-dim must be >= 1, got {args.truncate_dim}")
+        return f"--truncate-dim must be >= 1, got {args.truncate_dim}"
     if args.tensor_model_parallel_size < 1:
-        p.error(f"--tensor-model-parallel-size must be >= 1, got {args.tensor_model_parallel_size}")
+        return f"--tensor-model-parallel-size must be >= 1, got {args.tensor_model_parallel_size}"
+    return None
+
+
+def check_encoder_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`p.error` (exit 2) naming the flag (`encoder_flag_error`), before anything is loaded."""
+    problem = encoder_flag_error(args)
+    if problem:
+        p.error(problem)
 
 
 def embedder_kwargs(args: argparse.Namespace) -> dict:

@@ -1,13 +1,14 @@
 """MTEB (mteb 2.x) evaluation of a megatron_nvembed checkpoint or an exported NV-Embed model.
 
-- `MtebEncoder` adapts an `encoder.Embedder` to mteb's encoder protocol. Queries, and every text
+- `MtebEncoder` adapts an `embedder.Embedder` to mteb's encoder protocol. Queries, and every text
   of tasks without a query/document split (STS, classification, clustering, pair
   classification, summarization), get the task's NV-Embed instruction
   (`"Instruct: {Table 7 definition}\\nQuery: "`, masked out of pooling); documents
   (`prompt_type == "document"`) get none. Embeddings are L2-normalised and scored by cosine.
 - Local BEIR folders are not mteb tasks: `tools/evaluate_mteb.py` scores them at corpus scale
-  with `beir.evaluate_beir_sharded`; `retrieval_task_entry` files their metrics in the summary
-  like an mteb retrieval task's.
+  (`beir_run`, with `retrieval_eval.evaluate_beir_sharded`); `retrieval_task_entry` files their
+  metrics in the summary like an mteb retrieval task's.
+- The command itself runs in `mteb_run.run_evaluation`.
 - `summarize` / `render_markdown` reduce mteb's results to `summary.json` and a table grouped as
   in the NV-Embed paper (Retrieval, Rerank, Clustering, PairClass, Classification, STS,
   Summarization, Average over the tasks of those seven categories).
@@ -130,7 +131,7 @@ class MtebEncoder:
     def __init__(self, embedder, model_meta, instructions: dict[str, str], fallback: Callable):
         """
         Args:
-            embedder: an `encoder.Embedder`.
+            embedder: an `embedder.Embedder`.
             model_meta: the `mteb.ModelMeta` results are filed under.
             instructions: task name -> query prefix, resolved before the run.
             fallback: task name -> query prefix for a task missing from `instructions`.

@@ -6,6 +6,6 @@
 - `search.search`: top-k inner-product search over the shards with FAISS (exact, or an
   approximate index for corpora that do not fit in memory).
 
-The encoder itself is `evaluation.encoder.Embedder` (any checkpoint, NV-Embed-format folder or
-sentence-transformers model), passed in by the caller.
+The encoder itself is an `evaluation.embedder.Embedder` (`evaluation.encoder.load_embedder`: any
+checkpoint, NV-Embed-format folder or sentence-transformers model), passed in by the caller.
 """

@@ -206,6 +206,136 @@ def _check_meta(folder: Path, meta: dict, on_mismatch: str) -> None:
     write_atomic(meta_file, json.dumps(meta, indent=1, sort_keys=True))
 
 
+@dataclass
+class _ShardPlan:
+    """Where and how a corpus is cut: `rows` rows in `num_shards` shards of `shard_size` under
+    `folder`; `meta` is what `meta.json` records."""
+
+    folder: Path
+    rows: int
+    shard_size: int
+    meta: dict
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.rows // self.shard_size)
+
+    def size(self, s: int) -> int:
+        return min(self.shard_size, self.rows - s * self.shard_size)
+
+
+def _plan_shards(embedder, corpus, folder, shard_size, instruction, normalize) -> _ShardPlan:
+    """The shards of `corpus` and the `meta.json` that says what they are embeddings of."""
+    meta = {
+        "format": FORMAT_VERSION,
+        "model": embedder.identity(),
+        "corpus": corpus.fingerprint(),
+        "instruction": instruction,
+        "normalize": normalize,
+        "rows": len(corpus),
+        "dim": int(embedder.dim),
+        "shard_size": shard_size,
+        "has_ids": corpus.all_have_ids,
+    }
+    return _ShardPlan(Path(folder), len(corpus), shard_size, meta)
+
+
+def _missing_shards(embedder, plan: _ShardPlan, on_mismatch: str) -> list[int]:
+    """The resume check: rank 0 claims the folder (`_check_meta`, stale temporaries removed)
+    and lists the shards without an embeddings file; every rank gets its list (or its error).
+
+    Raises:
+        ValueError: the folder holds other embeddings or other files.
+    """
+    err = None
+    if embedder.is_main:
+        try:
+            _check_meta(plan.folder, plan.meta, on_mismatch)
+            remove_stale_temporaries(plan.folder)
+        except ValueError as e:
+            err = str(e)
+    err = _broadcast(err)
+    if err:
+        raise ValueError(err)
+    todo = None
+    if embedder.is_main:
+        todo = [s for s in range(plan.num_shards) if not _emb_file(plan.folder, s).is_file()]
+    return _broadcast(todo)
+
+
+def _encode_shard(embedder, corpus, plan: _ShardPlan, s: int, instruction, normalize) -> None:
+    """Embeds shard `s` on this data-parallel rank; its writer saves the ids, then the
+    embeddings (each atomically: the embeddings file marks the shard finished)."""
+    lo, hi = s * plan.shard_size, min((s + 1) * plan.shard_size, plan.rows)
+    rows = corpus.rows(lo, hi)
+    texts = [r.text for r in rows]
+    prefixes = [r.instruction if instruction is None else instruction for r in rows]
+    emb = embedder.embed_local(texts, prefixes, label=f"shard {s + 1}/{plan.num_shards}")
+    if normalize:  # in place: one copy of the shard in memory
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if embedder.is_writer:
+        if plan.meta["has_ids"]:
+            ids = np.asarray([r.id for r in rows], dtype=str)
+            save_npy_atomic(_ids_file(plan.folder, s), ids)
+        save_npy_atomic(_emb_file(plan.folder, s), emb)
+
+
+def _log_start(embedder, corpus, plan: _ShardPlan, todo: list[int]) -> None:
+    if embedder.is_main and plan.num_shards:
+        logger.info(
+            "encoding %s: %d passages in %d shards of %d (%d finished, %d to compute on %d "
+            "data-parallel ranks) into %s",
+            corpus.path,
+            plan.rows,
+            plan.num_shards,
+            plan.shard_size,
+            plan.num_shards - len(todo),
+            len(todo),
+            embedder.dp_size,
+            plan.folder,
+            extra=SPEAKER,
+        )
+
+
+def _log_progress(plan: _ShardPlan, todo: list[int], start: float) -> None:
+    """Shards finished by all ranks (their files), passages/s since `start` and the ETA."""
+    sizes = {t: plan.size(t) for t in todo}
+    finished = [t for t in todo if _emb_file(plan.folder, t).is_file()]
+    elapsed = time.perf_counter() - start
+    rate = sum(sizes[t] for t in finished) / max(elapsed, 1e-9)  # all ranks
+    left = (sum(sizes.values()) - sum(sizes[t] for t in finished)) / max(rate, 1e-9)
+    logger.info(
+        "corpus shards %d/%d | %.0f passages/s | ETA %s",
+        plan.num_shards - len(todo) + len(finished),
+        plan.num_shards,
+        rate,
+        _fmt_seconds(left),
+        extra=SPEAKER,
+    )
+
+
+def _finish(embedder, plan: _ShardPlan, todo: list[int], start: float) -> ShardedEmbeddings:
+    """After every rank's shards: `embedder.last_encode`, the throughput line, the shards."""
+    _barrier()
+    seconds = time.perf_counter() - start
+    computed_rows = sum(plan.size(t) for t in todo)
+    embedder.last_encode = EncodeSummary(
+        plan.rows, plan.num_shards, len(todo), computed_rows, seconds
+    )
+    if embedder.is_main and todo:
+        logger.info(
+            "encoded %d passages (%d shards) in %.1fs: %.0f passages/s over %d data-parallel ranks",
+            computed_rows,
+            len(todo),
+            seconds,
+            embedder.last_encode.passages_per_second,
+            embedder.dp_size,
+            extra=SPEAKER,
+        )
+    return ShardedEmbeddings(plan.folder)
+
+
 def encode_corpus(
     embedder,
     corpus,
@@ -220,7 +350,7 @@ def encode_corpus(
     """Embeds every row of `corpus` into shards under `folder` (see the module docstring).
 
     Args:
-        embedder: an `evaluation.encoder.Embedder` (its `embed_local`, `identity`, ranks).
+        embedder: an `evaluation.embedder.Embedder` (its `embed_local`, `identity`, ranks).
         corpus: a `JsonlCorpus`.
         instruction: prefix for every row; None takes each row's own (`CorpusRow.instruction`).
         normalize: store L2-normalised embeddings.
@@ -239,97 +369,17 @@ def encode_corpus(
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     if on_mismatch not in ("error", "clear"):
         raise ValueError(f"on_mismatch must be 'error' or 'clear', got {on_mismatch!r}")
-    folder = Path(folder)
-    n = len(corpus)
-    meta = {
-        "format": FORMAT_VERSION,
-        "model": embedder.identity(),
-        "corpus": corpus.fingerprint(),
-        "instruction": instruction,
-        "normalize": normalize,
-        "rows": n,
-        "dim": int(embedder.dim),
-        "shard_size": shard_size,
-        "has_ids": corpus.all_have_ids,
-    }
-    err = None
-    if embedder.is_main:
-        try:
-            _check_meta(folder, meta, on_mismatch)
-            remove_stale_temporaries(folder)
-        except ValueError as e:
-            err = str(e)
-    err = _broadcast(err)
-    if err:
-        raise ValueError(err)
-    num_shards = -(-n // shard_size)
-    todo = None
-    if embedder.is_main:
-        todo = [s for s in range(num_shards) if not _emb_file(folder, s).is_file()]
-    todo = _broadcast(todo)
-    mine = todo[embedder.dp_rank :: embedder.dp_size]
-    if embedder.is_main and num_shards:
-        logger.info(
-            "encoding %s: %d passages in %d shards of %d (%d finished, %d to compute on %d "
-            "data-parallel ranks) into %s",
-            corpus.path,
-            n,
-            num_shards,
-            shard_size,
-            num_shards - len(todo),
-            len(todo),
-            embedder.dp_size,
-            folder,
-            extra=SPEAKER,
-        )
+    plan = _plan_shards(embedder, corpus, folder, shard_size, instruction, normalize)
+    todo = _missing_shards(embedder, plan, on_mismatch)
+    _log_start(embedder, corpus, plan, todo)
     start = time.perf_counter()
-    computed = 0
-    for s in mine:
-        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-        rows = corpus.rows(lo, hi)
-        texts = [r.text for r in rows]
-        prefixes = [r.instruction if instruction is None else instruction for r in rows]
-        emb = embedder.embed_local(texts, prefixes, label=f"shard {s + 1}/{num_shards}")
-        if normalize:  # in place: one copy of the shard in memory
-            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        emb = np.ascontiguousarray(emb, dtype=np.float32)
-        if embedder.is_writer:
-            if meta["has_ids"]:
-                ids = np.asarray([r.id for r in rows], dtype=str)
-                save_npy_atomic(_ids_file(folder, s), ids)
-            save_npy_atomic(_emb_file(folder, s), emb)
-        computed += 1
+    for computed, s in enumerate(todo[embedder.dp_rank :: embedder.dp_size], 1):
+        _encode_shard(embedder, corpus, plan, s, instruction, normalize)
         if embedder.is_main:
-            sizes = {t: min(shard_size, n - t * shard_size) for t in todo}
-            finished = [t for t in todo if _emb_file(folder, t).is_file()]
-            elapsed = time.perf_counter() - start
-            rate = sum(sizes[t] for t in finished) / max(elapsed, 1e-9)  # all ranks
-            left = (sum(sizes.values()) - sum(sizes[t] for t in finished)) / max(rate, 1e-9)
-            logger.info(
-                "corpus shards %d/%d | %.0f passages/s | ETA %s",
-                num_shards - len(todo) + len(finished),
-                num_shards,
-                rate,
-                _fmt_seconds(left),
-                extra=SPEAKER,
-            )
+            _log_progress(plan, todo, start)
         if stop_after_shards is not None and computed >= stop_after_shards:
             return None
-    _barrier()
-    seconds = time.perf_counter() - start
-    computed_rows = sum(min(shard_size, n - t * shard_size) for t in todo)
-    embedder.last_encode = EncodeSummary(n, num_shards, len(todo), computed_rows, seconds)
-    if embedder.is_main and todo:
-        logger.info(
-            "encoded %d passages (%d shards) in %.1fs: %.0f passages/s over %d data-parallel ranks",
-            computed_rows,
-            len(todo),
-            seconds,
-            embedder.last_encode.passages_per_second,
-            embedder.dp_size,
-            extra=SPEAKER,
-        )
-    return ShardedEmbeddings(folder)
+    return _finish(embedder, plan, todo, start)
 
 
 def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> None:

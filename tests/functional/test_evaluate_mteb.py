@@ -3,7 +3,7 @@
 A tiny Mistral is imported (TP=1 checkpoint) and exported (fp32 NV-Embed HF directory). Then:
 - checkpoint, one process: 7 mock tasks (one per paper category, through mteb) + the BEIR folder
   (corpus-scale path: shards of 5 passages, exact search). summary.json's nDCG@10 / nDCG@1 /
-  recall@10 of the BEIR folder and of MockRetrievalTask equal `beir.retrieval_metrics` on
+  recall@10 of the BEIR folder and of MockRetrievalTask equal `metrics.retrieval_metrics` on
   embeddings computed independently here (the exported model's `encode`, one text at a time,
   queries with the instruction, documents without) within 1e-5 (mteb rounds to 5 decimals);
   summary.md lists every category; mteb's result files and OUT/beir/toybeir.json exist; no
@@ -133,7 +133,8 @@ def _independent(hf, texts, instruction):
 
 
 def _expected(hf, beir: Path) -> dict[str, dict[str, float]]:
-    from megatron_nvembed.evaluation.beir import load_beir, retrieval_metrics
+    from megatron_nvembed.evaluation.beir import load_beir
+    from megatron_nvembed.evaluation.metrics import retrieval_metrics
 
     data = load_beir(beir)
     q, d = _independent(hf, data.queries, INSTRUCTION), _independent(hf, data.corpus, "")

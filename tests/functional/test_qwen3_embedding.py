@@ -152,7 +152,7 @@ def test_tokenisation_equals_the_qwen3_embedding_tokenizer(run):
     from transformers import AutoTokenizer
 
     from megatron_nvembed.data.tokenization import load_tokenizer, tokenize_for_embedding
-    from megatron_nvembed.evaluation.encoder import token_lengths
+    from megatron_nvembed.evaluation.embedder import token_lengths
 
     tmp, _ = run
     ours, ref = load_tokenizer(tmp / "tok"), AutoTokenizer.from_pretrained(tmp / "tok")

@@ -21,15 +21,9 @@ import math
 import numpy as np
 import pytest
 
-from megatron_nvembed.evaluation.beir import (
-    evaluate_beir,
-    evaluate_embeddings,
-    load_beir,
-    open_beir,
-    ranking_metrics,
-    retrieval_metrics,
-    score_margins,
-)
+from megatron_nvembed.evaluation.beir import load_beir, open_beir
+from megatron_nvembed.evaluation.metrics import ranking_metrics, retrieval_metrics, score_margins
+from megatron_nvembed.evaluation.retrieval_eval import evaluate_beir, evaluate_embeddings
 from megatron_nvembed.retrieval.search import search
 
 KS = (1, 3, 10, 50)

@@ -1,6 +1,6 @@
-"""BEIR evaluation at corpus scale (`evaluation.beir.evaluate_beir_sharded`) with a toy embedder.
+"""BEIR evaluation at corpus scale (`evaluation.retrieval_eval.evaluate_beir_sharded`) with a toy embedder.
 
-The embedder is an `encoder.Embedder` whose "model" sums a fixed random vector per word (the
+The embedder is an `embedder.Embedder` whose "model" sums a fixed random vector per word (the
 instruction's words at half weight): deterministic per text, whatever the batch, so sharded and
 dense scoring see the very same embeddings. A BEIR folder of 40 passages (titles on some) and
 10 judged queries (graded qrels, one query with none relevant) plus an unjudged one.
@@ -28,13 +28,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_nvembed.evaluation.beir import (
-    evaluate_beir_sharded,
-    load_beir,
-    retrieval_metrics,
-    score_margins,
-)
-from megatron_nvembed.evaluation.encoder import Embedder
+from megatron_nvembed.evaluation.beir import load_beir
+from megatron_nvembed.evaluation.embedder import Embedder
+from megatron_nvembed.evaluation.metrics import retrieval_metrics, score_margins
+from megatron_nvembed.evaluation.retrieval_eval import evaluate_beir_sharded
 
 pytest.importorskip("faiss")
 

@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_nvembed.evaluation.encoder import Embedder
+from megatron_nvembed.evaluation.embedder import Embedder
 
 DIM = 16
 N_DOCS = 40

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from megatron_nvembed.data.buckets import length_grouped_batches
-from megatron_nvembed.evaluation.encoder import Embedder
+from megatron_nvembed.evaluation.embedder import Embedder
 from megatron_nvembed.retrieval.corpus import JsonlCorpus, beir_row, embed_row, mining_row
 from megatron_nvembed.retrieval.search import exact_search, search
 from megatron_nvembed.retrieval.shards import (

@@ -12,7 +12,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from megatron_nvembed.evaluation.beir import evaluate_embeddings, score_margins
+from megatron_nvembed.evaluation.metrics import score_margins
+from megatron_nvembed.evaluation.retrieval_eval import evaluate_embeddings
 from megatron_nvembed.training.arguments import parse_args
 from megatron_nvembed.training.sinks import Sinks, require_sink_packages, scalars
 

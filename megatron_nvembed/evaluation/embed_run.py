@@ -1,0 +1,75 @@
+"""The embedding command (`tools/embed.py`): a JSONL file of texts embedded by any model format
+in resumable shards (`retrieval.shards.encode_corpus`, data-parallel under torchrun), kept as a
+shard folder (--output-dir) or written as one array (--output).
+
+`embed_texts(args)` reads the model's query template and checks the input line by line before
+the model loads; each line's "instruction" goes into that template (`retrieval.corpus.embed_row`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+from pathlib import Path
+
+from megatron_nvembed.evaluation.encoder import load_embedder, query_template_of
+from megatron_nvembed.evaluation.encoder_flags import FlagError, embedder_kwargs
+from megatron_nvembed.retrieval.corpus import JsonlCorpus, embed_row
+from megatron_nvembed.retrieval.shards import encode_corpus, write_single_array
+
+
+def _open_input(args: argparse.Namespace) -> JsonlCorpus:
+    """--input checked line by line, definitions put into the model's own query template."""
+    try:
+        template = query_template_of(args.load)
+    except (FileNotFoundError, ValueError) as err:
+        raise FlagError(f"--load: {err}") from err
+    try:
+        return JsonlCorpus(args.input, functools.partial(embed_row, template=template))
+    except (FileNotFoundError, ValueError) as err:
+        raise FlagError(f"--input: {err}") from err
+
+
+def embed_texts(args: argparse.Namespace) -> None:
+    """Runs `tools/embed.py` (see its help for the flags and the files written): a collective
+    under torchrun, every rank calls it with the same flags.
+
+    Args:
+        args: the tool's parsed flags (checked: `encoder_flags.check_encoder_flags`, --shard-size,
+            --output's suffix).
+
+    Raises:
+        FlagError: --load or --input unusable, or the output folder holds other files or other
+            embeddings (naming the flag).
+    """
+    import torch.distributed as dist
+
+    corpus = _open_input(args)
+    embedder = load_embedder(args.load, **embedder_kwargs(args))
+    folder = Path(args.output_dir or args.output + ".shards")
+    try:
+        shards = encode_corpus(
+            embedder,
+            corpus,
+            folder,
+            shard_size=args.shard_size,
+            instruction=None,  # each line's own
+            on_mismatch="error" if args.output_dir else "clear",
+        )
+    except ValueError as err:
+        raise FlagError(f"{'--output-dir' if args.output_dir else '--output'}: {err}") from err
+    if embedder.is_main:
+        if args.output:
+            write_single_array(shards, args.output)
+        st = embedder.last_encode
+        print(
+            f"embedded {st.rows} texts ({st.computed_rows} computed now, "
+            f"{st.passages_per_second:.1f} texts/s over {embedder.dp_size} data-parallel "
+            f"ranks); {embedder.stats.truncated} truncated to {args.max_length} tokens on rank 0; "
+            f"wrote {args.output or args.output_dir}"
+        )
+    if dist.is_initialized():
+        dist.barrier()  # every rank is done with the shards (each opened them in encode_corpus)
+    if embedder.is_main and args.output:
+        shutil.rmtree(folder)
