@@ -2,7 +2,7 @@
 BEIR-format folders (`--eval-data`), queries with `--eval-instruction`, documents without.
 
 Per set: nDCG@10, recall@1/10/100, MRR@10, the score margins (mean relevant-document score minus
-the hardest / the mean negative score) and `num_queries`, by `evaluation/beir.py:
+the hardest / the mean negative score) and `num_queries`, by `evaluation/retrieval_eval.py:
 evaluate_embeddings`: an exact top-k search of the query embeddings over the corpus embeddings
 (no [queries x corpus] score matrix), then `ranking_metrics` and `search_margins` (the numbers of
 `retrieval_metrics` / `score_margins` on the dense score matrix). `--eval-iters N` scores only the
