@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -77,6 +78,10 @@ from megatron_nvembed.curation.mining_state import (
 from megatron_nvembed.data.records import MissingInstructionError, ReadStats, Record, iter_records
 from megatron_nvembed.logging_utils import get_logger
 from megatron_nvembed.retrieval.search import EXACT
+
+if TYPE_CHECKING:
+    from megatron_nvembed.retrieval.corpus import JsonlCorpus
+    from megatron_nvembed.retrieval.shards import ShardedEmbeddings
 
 logger = get_logger(__name__)
 
@@ -157,7 +162,7 @@ def count_queries(input_path, opt: MiningOptions) -> tuple[int, ReadStats]:
     return total, read
 
 
-def open_corpus(corpus_path):
+def open_corpus(corpus_path) -> JsonlCorpus:
     """The corpus as a `retrieval.corpus.JsonlCorpus` of mining rows, every line checked.
 
     Raises:
@@ -188,10 +193,9 @@ class MiningRun:
     input_path: str | os.PathLike
     opt: MiningOptions
     files: OutputFiles
-    corpus: object
-    """`retrieval.corpus.JsonlCorpus`."""
+    corpus: JsonlCorpus
     teacher: object
-    """`evaluation.encoder.Embedder`."""
+    """An `evaluation.encoder.Embedder` (a layer above this one: not imported)."""
     fp: str
     """The run's fingerprint (inputs, teacher, options), kept in the state file."""
     total: int
@@ -199,8 +203,8 @@ class MiningRun:
     """Queries written to the partial output (by this run or the runs it resumes)."""
     summary: MiningSummary
     is_main: bool
-    shards: object = None
-    """`retrieval.shards.ShardedEmbeddings` of the corpus, once embedded."""
+    shards: ShardedEmbeddings | None = None
+    """The corpus embeddings, once embedded."""
     clock: float = 0.0
     """When the query phase's current chunk started (`time.perf_counter`)."""
 
@@ -249,13 +253,9 @@ def _shard_size(files: OutputFiles, opt: MiningOptions) -> int:
     return opt.shard_size
 
 
-def embed_corpus(run: MiningRun):
+def embed_corpus(run: MiningRun) -> ShardedEmbeddings:
     """The corpus embeddings (normalised, no instruction; shards split over the data-parallel
-    ranks, resumable), and a FAISS index built once before the ranks search it.
-
-    Returns:
-        `retrieval.shards.ShardedEmbeddings`.
-    """
+    ranks, resumable), and a FAISS index built once before the ranks search it."""
     from megatron_nvembed.retrieval.search import search
     from megatron_nvembed.retrieval.shards import META, encode_corpus
 
