@@ -21,8 +21,9 @@ Writes `$OUT_DIR/summary.json` with `ndcg_at_10_before`, `ndcg_at_10_after` and
 `ndcg_at_10_chance`.
 Run: bash examples/quickstart.sh   (or: python examples/quickstart.py --out-dir quickstart_out)
 
-One file over 400 lines on purpose: a user reads the whole recipe, data to evaluation, top to
-bottom.
+One file on purpose: a user reads the whole recipe, data to evaluation, top to bottom; `main`
+calls the steps in order (`make_data`, `import_base`, `evaluate`, `train`, `export`,
+`write_summary`, `report`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,147 +199,86 @@ def candidates(rows: list[dict]) -> dict | None:
     return {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.environ.get("OUT_DIR", "quickstart_out"))
-    parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo on CPU)")
-    args = parser.parse_args()
-    out = Path(args.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    py = sys.executable
-    env = {"NPROC_PER_NODE": str(args.nproc), "PYTHON": py}
-    timings = {}
-    wall = time.perf_counter()
+@dataclass
+class Quickstart:
+    """What the steps share: the output folder, the training processes, each step's seconds."""
 
+    out: Path
+    nproc: int
+    py: str = sys.executable
+    timings: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    """`write_synthetic_retrieval`'s paths and instruction."""
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    def run(self, key: str, name: str, cmd: list[str], env: dict | None = None) -> None:
+        """Runs a step (`run`), its log `logs/<key>.log`, its seconds as `timings[key]`."""
+        self.timings[key] = run(name, cmd, self.logs / f"{key}.log", env)
+
+
+def make_data(q: Quickstart) -> dict:
+    """Step 1: the synthetic data, its tokenizer and the tiny HF decoder; returns the held-out
+    split's chance nDCG@10 (`chance_ndcg_at_10`)."""
     print("== 1. synthetic retrieval data, held-out split, tokenizer; tiny HF decoder", flush=True)
     start = time.perf_counter()
     from transformers.utils import logging as hf_logging
 
     from megatron_nvembed.testing import save_tiny_hf_decoder, write_synthetic_retrieval
-    from megatron_nvembed.training.recipes import get_recipe
 
     hf_logging.disable_progress_bar()
-    data = write_synthetic_retrieval(out / "data")
-    save_tiny_hf_decoder(out / "hf_base", data["tokenizer"])
-    instruction = data["instruction"]
-    chance = chance_ndcg_at_10(Path(data["eval"]))
-    timings["data"] = time.perf_counter() - start
-    print(f"  done in {timings['data']:.1f}s", flush=True)
+    q.data = write_synthetic_retrieval(q.out / "data")
+    save_tiny_hf_decoder(q.out / "hf_base", q.data["tokenizer"])
+    chance = chance_ndcg_at_10(Path(q.data["eval"]))
+    q.timings["data"] = time.perf_counter() - start
+    print(f"  done in {q.timings['data']:.1f}s", flush=True)
+    return chance
 
+
+def import_base(q: Quickstart) -> None:
+    """Step 2: the HF decoder as a megatron checkpoint with a latent-attention head."""
     print("== 2. import the HF decoder as a megatron checkpoint with a latent-attention head")
-    timings["import_hf"] = run(
-        "import-hf",
-        [
-            py,
-            "tools/convert_checkpoint.py",
-            "import-hf",
-            "--hf-dir",
-            str(out / "hf_base"),
-            "--save",
-            str(out / "ckpt" / "base"),
-            "--pooling",
-            "latent",
-        ],
-        logs / "import_hf.log",
-    )
+    hf, save = str(q.out / "hf_base"), str(q.out / "ckpt" / "base")
+    cmd = [q.py, "tools/convert_checkpoint.py", "import-hf", "--hf-dir", hf, "--save", save]
+    q.run("import_hf", "import-hf", cmd + ["--pooling", "latent"])
 
-    def evaluate(name: str, model: Path, output: Path) -> float:
-        timings[name] = run(
-            name.replace("_", "-"),
-            [
-                py,
-                "tools/evaluate_mteb.py",
-                "--model",
-                str(model),
-                "--beir-dir",
-                data["eval"],
-                "--instruction",
-                instruction,
-                "--output",
-                str(output),
-            ],
-            logs / f"{name}.log",
-        )
-        return read_ndcg(output)
 
-    print("== 3. held-out retrieval before training")
-    before = evaluate("eval_before", out / "ckpt" / "base", out / "eval_before")
-    print(
-        f"  nDCG@10 before training: {before:.4f} "
-        f"(a random ranking scores {chance['ndcg_at_10']:.4f})",
-        flush=True,
-    )
+def evaluate(q: Quickstart, name: str, model: Path) -> float:
+    """Held-out retrieval of `model` (`tools/evaluate_mteb.py --beir-dir`), into `OUT/name`;
+    returns its nDCG@10."""
+    output = q.out / name
+    cmd = [q.py, "tools/evaluate_mteb.py", "--model", str(model), "--beir-dir", q.data["eval"]]
+    cmd += ["--instruction", q.data["instruction"], "--output", str(output)]
+    q.run(name, name.replace("_", "-"), cmd)
+    return read_ndcg(output)
 
-    print(f"== 4. stage 1: {args.nproc} processes, in-batch + hard negatives, GradCache")
-    timings["stage1"] = run(
-        "stage 1",
-        [
-            "bash",
-            "examples/pretrain_nvembed.sh",
-            "--recipe",
-            "tiny",
-            "--pretrained-checkpoint",
-            str(out / "ckpt" / "base"),
-            "--train-data",
-            data["train"],
-            "--save",
-            str(out / "ckpt" / "stage1"),
-            "--log-json",
-            str(out / "stage1.jsonl"),
-        ],
-        logs / "stage1.log",
-        env,
-    )
 
-    print("== 5. stage 2: from stage 1, LoRA rank 8, two-dataset blend, in-batch negatives off")
-    timings["stage2"] = run(
-        "stage 2",
-        [
-            "bash",
-            "examples/pretrain_nvembed.sh",
-            "--recipe",
-            "tiny",
-            "--stage",
-            "2",
-            "--pretrained-checkpoint",
-            str(out / "ckpt" / "stage1"),
-            "--train-data",
-            "0.5",
-            data["train"],
-            "0.5",
-            data["train_pairs"],
-            "--save",
-            str(out / "ckpt" / "stage2"),
-            "--log-json",
-            str(out / "stage2.jsonl"),
-        ],
-        logs / "stage2.log",
-        env,
-    )
+def train(q: Quickstart, stage: int, start_from: str, train_data: list[str]) -> None:
+    """Stage `stage` of the tiny recipe (`examples/pretrain_nvembed.sh`), from checkpoint
+    `OUT/ckpt/<start_from>` into `OUT/ckpt/stage<stage>`, its log `OUT/stage<stage>.jsonl`."""
+    cmd = ["bash", "examples/pretrain_nvembed.sh", "--recipe", "tiny"]
+    cmd += ["--stage", str(stage)] if stage != 1 else []
+    cmd += ["--pretrained-checkpoint", str(q.out / "ckpt" / start_from)]
+    cmd += ["--train-data", *train_data, "--save", str(q.out / "ckpt" / f"stage{stage}")]
+    cmd += ["--log-json", str(q.out / f"stage{stage}.jsonl")]
+    env = {"NPROC_PER_NODE": str(q.nproc), "PYTHON": q.py}
+    q.run(f"stage{stage}", f"stage {stage}", cmd, env)
 
-    print("== 6. export to the NV-Embed HF format (LoRA merged) and evaluate it")
-    timings["export_hf"] = run(
-        "export-hf",
-        [
-            py,
-            "tools/convert_checkpoint.py",
-            "export-hf",
-            "--load",
-            str(out / "ckpt" / "stage2"),
-            "--hf-dir",
-            str(out / "hf_final"),
-            "--dtype",
-            "float32",
-        ],
-        logs / "export_hf.log",
-    )
-    after = evaluate("eval_after", out / "hf_final", out / "eval_after")
 
-    rows1, rows2 = read_log(out / "stage1.jsonl"), read_log(out / "stage2.jsonl")
+def export(q: Quickstart) -> None:
+    """Step 6's export: the stage-2 checkpoint (LoRA merged) in the NV-Embed HF format."""
+    load, hf = str(q.out / "ckpt" / "stage2"), str(q.out / "hf_final")
+    cmd = [q.py, "tools/convert_checkpoint.py", "export-hf", "--load", load, "--hf-dir", hf]
+    q.run("export_hf", "export-hf", cmd + ["--dtype", "float32"])
+
+
+def write_summary(q: Quickstart, before: float, after: float, chance: dict, wall: float) -> dict:
+    """`OUT/summary.json` (written atomically): nDCG@10 before / after / chance, the stages'
+    losses and candidates per query, the steps' seconds; returns it."""
+    rows1, rows2 = read_log(q.out / "stage1.jsonl"), read_log(q.out / "stage2.jsonl")
     s1, s2 = [r["loss"] for r in rows1], [r["loss"] for r in rows2]
-    c1, c2 = candidates(rows1), candidates(rows2)
     summary = {
         "ndcg_at_10_before": before,
         "ndcg_at_10_after": after,
@@ -349,21 +290,30 @@ def main() -> None:
         "stage1_loss_first_last": [s1[0], s1[-1]],
         "stage2_loss_first_last": [s2[0], s2[-1]],
         "stage2_loss_logged": s2,
-        "candidates_per_query": {"stage1": c1, "stage2": c2},
-        "processes": args.nproc,
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "candidates_per_query": {"stage1": candidates(rows1), "stage2": candidates(rows2)},
+        "processes": q.nproc,
+        "seconds": {k: round(v, 1) for k, v in q.timings.items()},
         "total_seconds": round(time.perf_counter() - wall, 1),
-        "exported_model": str(out / "hf_final"),
+        "exported_model": str(q.out / "hf_final"),
     }
-    tmp = out / ".summary.json.tmp"
+    tmp = q.out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    tmp.replace(q.out / "summary.json")
+    return summary
 
+
+def _span(c: dict) -> str:
+    return f"{c['min']:g}" if c["min"] == c["max"] else f"{c['min']:g}-{c['max']:g}"
+
+
+def report(out: Path, summary: dict, chance: dict) -> None:
+    """The closing table (nDCG@10: chance, before, after) and what the stages' losses mean."""
+    from megatron_nvembed.training.recipes import get_recipe
+
+    before, after = summary["ndcg_at_10_before"], summary["ndcg_at_10_after"]
+    s1, s2 = summary["stage1_loss_first_last"], summary["stage2_loss_logged"]
+    c1, c2 = summary["candidates_per_query"]["stage1"], summary["candidates_per_query"]["stage2"]
     batch = get_recipe("tiny", stage=2).data.global_batch_size
-
-    def span(c):
-        return f"{c['min']:g}" if c["min"] == c["max"] else f"{c['min']:g}-{c['max']:g}"
-
     print()
     print("| held-out retrieval | nDCG@10 |")
     print("|---|---|")
@@ -380,8 +330,8 @@ def main() -> None:
     counts = ""
     if c1 and c2:
         counts = (
-            f" ({span(c2)} candidates per query, mean per logged iteration, against {span(c1)} "
-            f"in stage 1; a model that scores all candidates alike has loss "
+            f" ({_span(c2)} candidates per query, mean per logged iteration, against "
+            f"{_span(c1)} in stage 1; a model that scores all candidates alike has loss "
             f"ln({c2['mean']:.3g}) = {math.log(c2['mean']):.2f} in stage 2 against "
             f"ln({c1['mean']:.3g}) = {math.log(c1['mean']):.2f} in stage 1)"
         )
@@ -398,6 +348,35 @@ def main() -> None:
         f"and down without the training diverging; held-out nDCG@10 is what counts."
     )
     print(f"wrote {out / 'summary.json'} ({summary['total_seconds']}s in all)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=os.environ.get("OUT_DIR", "quickstart_out"))
+    parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo on CPU)")
+    args = parser.parse_args()
+    q = Quickstart(out=Path(args.out_dir).resolve(), nproc=args.nproc)
+    q.logs.mkdir(parents=True, exist_ok=True)
+    wall = time.perf_counter()
+
+    chance = make_data(q)
+    import_base(q)
+    print("== 3. held-out retrieval before training")
+    before = evaluate(q, "eval_before", q.out / "ckpt" / "base")
+    print(
+        f"  nDCG@10 before training: {before:.4f} "
+        f"(a random ranking scores {chance['ndcg_at_10']:.4f})",
+        flush=True,
+    )
+    print(f"== 4. stage 1: {args.nproc} processes, in-batch + hard negatives, GradCache")
+    train(q, 1, "base", [q.data["train"]])
+    print("== 5. stage 2: from stage 1, LoRA rank 8, two-dataset blend, in-batch negatives off")
+    train(q, 2, "stage1", ["0.5", q.data["train"], "0.5", q.data["train_pairs"]])
+    print("== 6. export to the NV-Embed HF format (LoRA merged) and evaluate it")
+    export(q)
+    after = evaluate(q, "eval_after", q.out / "hf_final")
+
+    report(q.out, write_summary(q, before, after, chance, wall), chance)
     if not (after >= 0.6 and after >= before + 0.2):
         sys.exit(
             f"quickstart check failed: nDCG@10 {before:.3f} -> {after:.3f} "

@@ -251,6 +251,23 @@ def save_tiny_hf_decoder(out_dir, tokenizer, kind: str = "mistral", seed: int = 
     return out_dir
 
 
+def _write_beir_split(folder, corpus: list[dict], queries: list[dict], qrels: list[tuple]):
+    """`corpus.jsonl`, `queries.jsonl` and `qrels/test.tsv` (relevance 1 per (query id, document
+    id) pair) in `folder`, as BEIR lays them out."""
+    from pathlib import Path
+
+    from megatron_nvembed.data.records import write_jsonl_atomic
+
+    folder = Path(folder)
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(folder / "corpus.jsonl", corpus)
+    write_jsonl_atomic(folder / "queries.jsonl", queries)
+    with open(folder / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q, d in qrels:
+            f.write(f"{q}\t{d}\t1\n")
+
+
 def write_synthetic_retrieval(
     out_dir,
     num_topics: int = 16,
@@ -273,13 +290,13 @@ def write_synthetic_retrieval(
     Returns:
         {"train": path, "train_pairs": path, "eval": path, "tokenizer": path, "instruction": str}
     """
-    import json
     import random
     from pathlib import Path
 
+    from megatron_nvembed.data.records import write_jsonl_atomic
+
     rng = random.Random(seed)
     out = Path(out_dir)
-    (out / "eval" / "qrels").mkdir(parents=True, exist_ok=True)
     qwords = [[f"q{t}x{j}" for j in range(6)] for t in range(num_topics)]
     dwords = [[f"d{t}y{j}" for j in range(8)] for t in range(num_topics)]
     filler = [f"w{j}" for j in range(30)]
@@ -294,13 +311,6 @@ def write_synthetic_retrieval(
         words = rng.sample(dwords[t], 4) + rng.sample(filler, 4)
         rng.shuffle(words)
         return " ".join(words)
-
-    def write_jsonl(path, rows):
-        tmp = Path(str(path) + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        tmp.replace(path)
 
     train, pairs = [], []
     for t in range(num_topics):
@@ -327,8 +337,8 @@ def write_synthetic_retrieval(
             )
     rng.shuffle(train)
     rng.shuffle(pairs)
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "train_pairs.jsonl", pairs)
+    write_jsonl_atomic(out / "train.jsonl", train)
+    write_jsonl_atomic(out / "train_pairs.jsonl", pairs)
     corpus, queries, qrels = [], [], []
     for t in range(num_topics):
         for j in range(eval_docs_per_topic):
@@ -336,12 +346,7 @@ def write_synthetic_retrieval(
         for j in range(eval_queries_per_topic):
             queries.append({"_id": f"q{t}-{j}", "text": query(t)})
             qrels += [(f"q{t}-{j}", f"d{t}-{k}") for k in range(eval_docs_per_topic)]
-    write_jsonl(out / "eval" / "corpus.jsonl", corpus)
-    write_jsonl(out / "eval" / "queries.jsonl", queries)
-    with open(out / "eval" / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for q, d in qrels:
-            f.write(f"{q}\t{d}\t1\n")
+    _write_beir_split(out / "eval", corpus, queries, qrels)
     texts = [instruction, "Instruct: Query:"] + [" ".join(w) for w in qwords + dwords] + filler
     tok = build_word_tokenizer(texts)
     tok.save_pretrained(str(out / "tokenizer"))

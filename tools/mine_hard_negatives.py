@@ -27,6 +27,7 @@ Bad input is one "error: ..." line and exit code 2, before the model loads where
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -101,66 +102,66 @@ def _error(message: str) -> int:
     return 2
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, checked (a bad one: usage and exit code 2, before anything is read)."""
+    from megatron_nvembed.evaluation.encoder_flags import check_encoder_flags
+
     p = _parser()
     args = p.parse_args(argv)
-    for flag in (
-        "num_negatives",
-        "candidates",
-        "shard_size",
-        "chunk_size",
-    ):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    from megatron_nvembed.evaluation.encoder_flags import check_encoder_flags, embedder_kwargs
-
     check_encoder_flags(p, args)
-    if not 0 < args.margin <= 1:
-        p.error(f"--margin must be in (0, 1], got {args.margin}")
-    if args.index == "exact" and args.search_params:
-        p.error(f"--search-params {args.search_params!r}: the exact search takes none")
-    if args.stop_after_chunks is not None and args.stop_after_chunks < 1:
-        p.error(f"--stop-after-chunks must be >= 1, got {args.stop_after_chunks}")
+    args.options = _options(args)
+    try:
+        args.options.check()
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
+
+def _options(args: argparse.Namespace):
+    from megatron_nvembed.curation.mining import MiningOptions
+
+    return MiningOptions(
+        num_negatives=args.num_negatives,
+        margin=args.margin,
+        candidates=args.candidates,
+        shard_size=args.shard_size,
+        chunk_size=args.chunk_size,
+        instruction=args.instruction,
+        use_instruction=not args.no_instruction,
+        corpus_embeddings=args.corpus_embeddings,
+        index=args.index,
+        search_params=args.search_params,
+        stop_after_chunks=args.stop_after_chunks,
+        skip_bad_records=args.skip_bad_records,
+    )
+
+
+def _teacher(args: argparse.Namespace):
+    """The teacher's loader, called by the mining once the inputs are checked."""
+    from megatron_nvembed.evaluation.encoder_flags import embedder_kwargs
+
+    def load():
+        from megatron_nvembed.evaluation.encoder import load_embedder
+
+        return load_embedder(args.model, show_progress=False, **embedder_kwargs(args))
+
+    return load
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_nvembed.curation.mining import mine_hard_negatives
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging()
-    from megatron_nvembed.curation.mining import mine_hard_negatives
-
-    def teacher():  # loaded once the inputs are checked
-        from megatron_nvembed.evaluation.encoder import load_embedder
-
-        return load_embedder(
-            args.model,
-            show_progress=False,
-            **embedder_kwargs(args),
-        )
-
     try:
         summary = mine_hard_negatives(
-            args.input,
-            args.corpus,
-            teacher,
-            args.output,
-            num_negatives=args.num_negatives,
-            margin=args.margin,
-            candidates=args.candidates,
-            shard_size=args.shard_size,
-            chunk_size=args.chunk_size,
-            instruction=args.instruction,
-            use_instruction=not args.no_instruction,
-            corpus_embeddings=args.corpus_embeddings,
-            index=args.index,
-            search_params=args.search_params,
-            stop_after_chunks=args.stop_after_chunks,
-            skip_bad_records=args.skip_bad_records,
+            args.input, args.corpus, _teacher(args), args.output, args.options
         )
     except (FileNotFoundError, ValueError) as err:
         return _error(str(err))
     if int(os.environ.get("RANK", "0")) == 0:
-        from dataclasses import asdict
-
-        print(json.dumps(asdict(summary)), flush=True)
+        print(json.dumps(dataclasses.asdict(summary)), flush=True)
     return 0
 
 

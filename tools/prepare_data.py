@@ -20,61 +20,11 @@ leaves exactly what an uninterrupted run does. A summary is printed (and written
 """
 
 import argparse
-import csv
 import json
 import sys
-from pathlib import Path
 
 
-def read_rows(path: str, split: str = "train") -> list[dict]:
-    """Rows of a JSONL, CSV or Parquet file, a `datasets` save_to_disk folder, or (when no such
-    path exists) a `datasets` name loaded with `load_dataset(name, split=split)` — which needs
-    the dataset hub or its local cache."""
-    p = Path(path)
-    if not p.exists():
-        if "/" in path and not path.startswith((".", "/")):
-            import datasets
-
-            try:
-                return [dict(r) for r in datasets.load_dataset(path, split=split)]
-            except Exception as err:  # noqa: BLE001 - report any loader failure with the name
-                raise FileNotFoundError(
-                    f"--input {path}: no such file, and the datasets loader failed: {err}"
-                ) from err
-        raise FileNotFoundError(f"--input {path} does not exist")
-    if p.is_dir():
-        import datasets
-
-        return [dict(r) for r in datasets.load_from_disk(str(p))]
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p).to_pylist()
-    if p.suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    from megatron_nvembed.data.records import iter_jsonl
-
-    return list(iter_jsonl(p))
-
-
-def remove_own_temporaries(path: str | Path) -> int:
-    """Removes the temporaries a run killed while writing `path` left beside it (only those of
-    `path`: its folder may be shared with runs writing other files); returns how many."""
-    from megatron_nvembed.fileio import remove_stale_temporaries
-
-    path = Path(path)
-    return remove_stale_temporaries(path.parent, path.name)
-
-
-def column(rows: list[dict], name: str, path: str, flag: str) -> list:
-    missing = next((i for i, r in enumerate(rows, 1) if name not in r), None)
-    if missing is not None:
-        raise ValueError(f"{path}: row {missing} has no column {name!r} (set {flag})")
-    return [r[name] for r in rows]
-
-
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -148,6 +98,12 @@ def main(argv=None) -> int:
         default=10.0,
         help="drop records whose query's best BM25 score vs the eval texts is above this",
     )
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, checked (a bad one: usage and exit code 2, before anything is read)."""
+    p = _parser()
     args = p.parse_args(argv)
     if args.command != "decontaminate" and args.instruction is None:
         from megatron_nvembed.data.templates import get_task_definition
@@ -158,85 +114,18 @@ def main(argv=None) -> int:
             p.error(f"--task: {err}; or give --instruction TEXT")
     if getattr(args, "instruction", None) is not None and not args.instruction.strip():
         p.error("--instruction: empty")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_nvembed.curation.prepare import prepare_data
+    from megatron_nvembed.data.records import write_jsonl_atomic
     from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging()
-    for target in filter(None, (args.output, args.summary_json)):
-        removed = remove_own_temporaries(target)
-        if removed:
-            print(
-                f"removed {removed} temporary file(s) of an interrupted run beside {target}",
-                file=sys.stderr,
-            )
-    from megatron_nvembed.curation import converters as cv
-    from megatron_nvembed.data.records import write_jsonl_atomic
-
     try:
-        rows = read_rows(args.input, args.split)
-        summary = {"input_rows": len(rows)}
-        if args.command == "classification":
-            texts = column(rows, args.text_column, args.input, "--text-column")
-            labels = column(rows, args.label_column, args.input, "--label-column")
-            has_lt = all(args.label_text_column in r for r in rows)
-            label_texts = [r[args.label_text_column] for r in rows] if has_lt else None
-            out = cv.classification_records(
-                texts,
-                labels,
-                task=args.task,
-                label_texts=label_texts,
-                positive=args.positive,
-                num_negatives=args.num_negatives,
-                max_samples=args.max_samples,
-                seed=args.seed,
-            )
-            summary["classes"] = len({str(x) for x in (label_texts or labels)})
-        elif args.command == "clustering":
-            texts = column(rows, args.text_column, args.input, "--text-column")
-            cats = column(rows, args.category_column, args.input, "--category-column")
-            out = cv.clustering_records(
-                texts,
-                cats,
-                task=args.task,
-                num_negatives=args.num_negatives,
-                max_samples=args.max_samples,
-                seed=args.seed,
-            )
-        elif args.command == "sts":
-            a = column(rows, args.sentence1_column, args.input, "--sentence1-column")
-            b = column(rows, args.sentence2_column, args.input, "--sentence2-column")
-            sc = [float(x) for x in column(rows, args.score_column, args.input, "--score-column")]
-            out = cv.sts_records(
-                list(zip(a, b, sc)),
-                task=args.task,
-                min_score=args.min_score,
-                exclude_above=args.exclude_above,
-                num_negatives=args.num_negatives,
-            )
-        else:
-            from megatron_nvembed.data.records import ReadStats, iter_records
-
-            stats = ReadStats()
-            records = [
-                r.to_json()
-                for r in iter_records(
-                    args.input, skip_bad_records=args.skip_bad_records, stats=stats
-                )
-            ]
-            summary["skipped_records"] = stats.skipped
-            eval_texts = []
-            for f in args.eval:
-                eval_texts += [
-                    str(x) for x in column(read_rows(f), args.eval_column, f, "--eval-column")
-                ]
-            out, dropped = cv.decontaminate(records, eval_texts, args.threshold)
-            summary.update(dropped=len(dropped), eval_texts=len(eval_texts))
-        if getattr(args, "instruction", None) is not None:
-            out = [{**r, "instruction": args.instruction} for r in out]
-        summary["records"] = write_jsonl_atomic(args.output, out)
-        summary["short_of_negatives"] = sum(
-            len(r["neg"]) < getattr(args, "num_negatives", 0) for r in out
-        )
+        summary = prepare_data(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

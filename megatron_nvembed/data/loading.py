@@ -15,8 +15,8 @@ A dataset's `in_batch_negatives` flag comes from, in order: the `in_batch_negati
 records' own `in_batch_negatives` key (all records of a dataset must agree), else True. A sidecar
 that contradicts the records is an error.
 
-Over 400 lines: every input kind (JSONL, Parquet, folders, `datasets`) behind one validated
-record source with file-and-line errors.
+Here: the `--train-data` items (`parse_data_paths`, `split_spec`), the choice of the input kind
+(`open_source`) and the flag; the record sources of each kind are `data.sources`.
 """
 
 from __future__ import annotations
@@ -25,24 +25,25 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from megatron_nvembed.data.records import (
-    ReadStats,
-    Record,
-    json_line_error,
-    parse_json_line,
-    record_from_dict,
+from megatron_nvembed.data.records import ReadStats, Record
+from megatron_nvembed.data.sources import (
+    SIDECAR_SUFFIX,
+    RecordSource,
+    RecordValidator,
+    datasets_source,
+    index_jsonl,
+    parquet_source,
 )
 from megatron_nvembed.logging_utils import get_logger
 
 logger = get_logger(__name__)
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
-SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_KEYS = ("in_batch_negatives", "name")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 _SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")  # what `datasets` accepts as a split name
@@ -102,221 +103,6 @@ def parse_data_paths(args: list[str]) -> list[tuple[float, str]]:
     if sum(w for w, _ in pairs) <= 0:
         raise ValueError("--train-data: the weights sum to zero")
     return pairs
-
-
-class RecordSource(Sequence):
-    """Random access to one dataset's validated records.
-
-    Attributes:
-        name: a display name (the sidecar's `name`, else the path).
-        num_positives, num_negatives: [n] int32, per record.
-        in_batch_negatives: the dataset's flag (see the module docstring).
-        stats: counts of the validating read (read, skipped).
-        scored_records: records carrying teacher scores (`pos_scores` / `neg_scores`).
-    """
-
-    name: str
-    num_positives: np.ndarray
-    num_negatives: np.ndarray
-    in_batch_negatives: bool
-    stats: ReadStats
-    scored_records: int = 0
-
-    def __len__(self) -> int:
-        return len(self.num_positives)
-
-    def counts(self, index: int) -> tuple[int, int]:
-        """(number of positives, number of negatives) of record `index`, without reading it."""
-        return int(self.num_positives[index]), int(self.num_negatives[index])
-
-    def _get(self, index: int) -> Record:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> Record:  # type: ignore[override]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"{self.name}: record {index} of {len(self)}")
-        return self._get(index % len(self))
-
-    def __iter__(self) -> Iterator[Record]:
-        return (self[i] for i in range(len(self)))
-
-
-class _JsonlSource(RecordSource):
-    """Records of JSONL files, found again by byte offset."""
-
-    def __init__(self, files: list[Path], offsets: list[np.ndarray], lines: list[np.ndarray]):
-        self.files = files
-        self.offsets = offsets  # per file [n_f] int64 byte offsets
-        self.lines = lines  # per file [n_f] int64 1-based line numbers (for error messages)
-        self.ends = np.cumsum([len(o) for o in offsets])  # [n_files]
-        self._handles: dict[int, object] = {}
-
-    def _get(self, index: int) -> Record:
-        f = int(np.searchsorted(self.ends, index, side="right"))
-        local = index - (int(self.ends[f - 1]) if f else 0)
-        fh = self._handles.get(f)
-        if fh is None:
-            fh = self._handles[f] = open(self.files[f], "rb")  # noqa: SIM115 (kept open)
-        fh.seek(int(self.offsets[f][local]))
-        where = f"{self.files[f]}:{int(self.lines[f][local])}"
-        try:
-            obj = parse_json_line(fh.readline())
-        except ValueError as err:  # the file changed after it was indexed
-            raise ValueError(f"{json_line_error(where, err)} on re-read") from err
-        return record_from_dict(obj, where, require_positive=True)
-
-    def __getstate__(self) -> dict:  # open files do not travel to worker processes
-        return {k: v for k, v in self.__dict__.items() if k != "_handles"} | {"_handles": {}}
-
-    def __del__(self):
-        for fh in getattr(self, "_handles", {}).values():
-            fh.close()
-
-
-class _RowsSource(RecordSource):
-    """Records of Arrow-backed rows (Parquet via pyarrow, or a `datasets.Dataset`)."""
-
-    def __init__(self, get_row, rows: np.ndarray, where: str):
-        self._get_row = get_row  # row number -> dict
-        self.rows = rows  # [n] int64: the valid rows
-        self.where = where
-
-    def _get(self, index: int) -> Record:
-        row = int(self.rows[index])
-        return record_from_dict(self._get_row(row), f"{self.where}: row {row + 1}", True)
-
-
-def _progress(total: int | None, desc: str):
-    from tqdm import tqdm
-
-    # disable=None: a bar on a terminal, silence in CI logs (the summary line still comes).
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="B" if desc.endswith("bytes") else "rec",
-        unit_scale=True,
-        disable=None,
-        leave=False,
-    )
-
-
-class _Validator:
-    """Collects counts and the in-batch flags while records are validated."""
-
-    def __init__(self, dataset: str, skip_bad_records: bool, stats: ReadStats):
-        self.dataset, self.skip, self.stats = dataset, skip_bad_records, stats
-        self.n_pos: list[int] = []
-        self.n_neg: list[int] = []
-        self.scored = 0
-        self.flag: bool | None = None
-        self.flag_where = ""
-
-    def add(self, obj, where: str) -> bool:
-        try:
-            rec = record_from_dict(obj, where, require_positive=True)
-            flag = rec.extra.get("in_batch_negatives")
-            if flag is not None and not isinstance(flag, bool):
-                raise ValueError(f"{where}: key 'in_batch_negatives' must be true or false")
-        except ValueError as err:
-            if not self.skip:
-                raise
-            self.stats.skipped += 1
-            if len(self.stats.errors) < 5:
-                self.stats.errors.append(str(err))
-            return False
-        if flag is not None:
-            if self.flag is None:
-                self.flag, self.flag_where = flag, where
-            elif flag != self.flag:
-                raise ValueError(
-                    f"{where}: in_batch_negatives={flag} but {self.flag_where} has {self.flag}; "
-                    f"all records of dataset {self.dataset} must agree (or use a sidecar "
-                    f"{SIDECAR_SUFFIX})"
-                )
-        self.stats.read += 1
-        self.n_pos.append(len(rec.pos))
-        self.n_neg.append(len(rec.neg))
-        self.scored += rec.pos_scores is not None
-        return True
-
-
-def _index_jsonl(files: list[Path], v: _Validator) -> _JsonlSource:
-    all_offsets, all_lines = [], []
-    total = sum(f.stat().st_size for f in files)
-    with _progress(total, f"indexing {v.dataset} bytes") as bar:
-        for path in files:
-            offsets, lines = [], []
-            with open(path, "rb") as fh:
-                offset, lineno = 0, 0
-                shown = 0
-                for raw in fh:
-                    lineno += 1
-                    here, offset = offset, offset + len(raw)
-                    if offset - shown >= 1 << 20:  # per MiB: a bar update per line costs more
-                        bar.update(offset - shown)
-                        shown = offset
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = parse_json_line(raw)  # refuses a key that appears twice
-                    except ValueError as err:
-                        obj = err
-                    where = f"{path}:{lineno}"
-                    if isinstance(obj, ValueError):
-                        msg = json_line_error(where, obj)
-                        if not v.skip:
-                            raise ValueError(msg) from obj
-                        v.stats.skipped += 1
-                        if len(v.stats.errors) < 5:
-                            v.stats.errors.append(msg)
-                        continue
-                    if v.add(obj, where):
-                        offsets.append(here)
-                        lines.append(lineno)
-                bar.update(offset - shown)
-            all_offsets.append(np.asarray(offsets, dtype=np.int64))
-            all_lines.append(np.asarray(lines, dtype=np.int64))
-    return _JsonlSource(files, all_offsets, all_lines)
-
-
-def _index_rows(get_row, batches, n_rows: int, where: str, v: _Validator) -> _RowsSource:
-    """`batches` yields lists of row dicts in order; rows are validated and the good ones kept."""
-    keep, row = [], 0
-    with _progress(n_rows, f"indexing {v.dataset}") as bar:
-        for batch in batches:
-            for obj in batch:
-                if v.add(obj, f"{where}: row {row + 1}"):
-                    keep.append(row)
-                row += 1
-            bar.update(len(batch))
-    return _RowsSource(get_row, np.asarray(keep, dtype=np.int64), where)
-
-
-def _parquet_source(files: list[Path], v: _Validator) -> _RowsSource:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError(
-            f"{files[0]}: reading Parquet needs pyarrow (pip install pyarrow)"
-        ) from err
-    # memory-mapped: rows are materialised one at a time when the sampler asks for them
-    table = pa.concat_tables([pq.read_table(f, memory_map=True) for f in files])
-    where = str(files[0]) if len(files) == 1 else f"{files[0].parent} (Parquet files)"
-    batches = (b.to_pylist() for b in table.to_batches(max_chunksize=4096))
-    return _index_rows(
-        lambda r: table.slice(r, 1).to_pylist()[0], batches, table.num_rows, where, v
-    )
-
-
-def _datasets_source(ds, where: str, v: _Validator) -> _RowsSource:
-    def batches():
-        for start in range(0, len(ds), 4096):
-            cols = ds[start : start + 4096]
-            keys = list(cols)
-            yield [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))]
-
-    return _index_rows(lambda r: dict(ds[r]), batches(), len(ds), where, v)
 
 
 def _dataset_dict_split(path: Path, split: str | None):
@@ -414,68 +200,120 @@ def load_dataset_spec(
         ImportError: `datasets` / `pyarrow` missing for a source that needs them.
     """
     start = time.perf_counter()
+    base, split = _resolve_split(spec, split)
+    path = Path(base)
+    meta = _read_sidecar(path) if path.exists() else {}
+    stats = ReadStats()
+    v = RecordValidator(meta.get("name", spec), skip_bad_records, stats)
+    source = open_source(spec, base, split, v, named="name" in meta)
+    if len(v.n_pos) == 0:
+        raise ValueError(f"--train-data: {spec} holds no usable records ({stats.skipped} skipped)")
+    source.name = v.dataset
+    source.stats = stats
+    source.num_positives = np.asarray(v.n_pos, dtype=np.int32)
+    source.num_negatives = np.asarray(v.n_neg, dtype=np.int32)
+    source.scored_records = v.scored
+    source.in_batch_negatives = _in_batch_negatives(v, meta, in_batch_negatives)
+    took = time.perf_counter() - start
+    logger.info(
+        f"{source.name}: {stats.read} records ({stats.skipped} skipped), "
+        f"in_batch_negatives={source.in_batch_negatives}, indexed in {took:.1f} s "
+        f"({stats.read / max(took, 1e-9):.0f} records/s)"
+    )
+    for msg in stats.errors:
+        logger.warning(f"skipped: {msg}")
+    return source
+
+
+def _resolve_split(spec: str, split: str | None) -> tuple[str, str | None]:
+    """(path or name, split) of a `--train-data` item and a split asked for it.
+
+    Raises:
+        ValueError: the item names another split than the one asked.
+    """
     base, spec_split = split_spec(spec)
     if spec_split is not None and split is not None and spec_split != split:
         raise ValueError(f"--train-data: {spec} names split {spec_split!r} but {split!r} was asked")
-    split = spec_split or split
+    return base, spec_split or split
+
+
+def open_source(
+    spec: str, base: str, split: str | None, v: RecordValidator, *, named: bool = False
+) -> RecordSource:
+    """The record source of one `--train-data` item (`base`, `split`: `_resolve_split`), every
+    record read through `v`. A DatasetDict split's display name (`v.dataset`) becomes
+    `folder:split` unless the sidecar names the dataset (`named`).
+
+    Raises:
+        As `load_dataset_spec`.
+    """
     path = Path(base)
-    meta = _read_sidecar(path) if path.exists() else {}
-    name = meta.get("name", spec)
-    stats = ReadStats()
-    v = _Validator(name, skip_bad_records, stats)
     if path.is_dir() and (path / DATASET_DICT_FILE).is_file():
         ds, split = _dataset_dict_split(path, split)
-        if "name" not in meta:
-            name = v.dataset = f"{base}:{split}"
-        source = _datasets_source(ds, f"{path}:{split}", v)
-    elif split is not None and path.exists():
+        if not named:
+            v.dataset = f"{base}:{split}"
+        return datasets_source(ds, f"{path}:{split}", v)
+    if split is not None and path.exists():
         raise ValueError(
             f"--train-data: {spec}: {base} is no `datasets` DatasetDict folder (no "
             f"{DATASET_DICT_FILE}), so it has no split {split!r}; a path holding ':' is read as "
             "given only when it exists"
         )
-    elif path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json")):
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json")):
         import datasets  # lazily: only `save_to_disk` folders and names need it
 
-        source = _datasets_source(datasets.load_from_disk(str(path)), str(path), v)
-    elif path.exists():
-        files = (
-            sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RECORD_SUFFIXES)
-            if path.is_dir()
-            else [path]
-        )
-        if not files:
-            raise FileNotFoundError(f"--train-data: no .jsonl or .parquet files in {spec}")
-        kinds = {f.suffix == ".parquet" for f in files}
-        if len(kinds) > 1:
-            raise ValueError(f"--train-data: {spec} mixes Parquet and JSONL files; split them")
-        source = _parquet_source(files, v) if kinds.pop() else _index_jsonl(files, v)
-    elif local_spec_missing(spec):
+        return datasets_source(datasets.load_from_disk(str(path)), str(path), v)
+    if path.exists():
+        return _files_source(spec, path, v)
+    if local_spec_missing(spec):
         raise FileNotFoundError(f"--train-data: {spec} does not exist")
-    else:
-        split = split or "train"
-        try:
-            import datasets
-        except ImportError as err:
-            raise FileNotFoundError(
-                f"--train-data: {spec} does not exist (and `datasets` is not installed to load "
-                "it as a dataset name)"
-            ) from err
-        try:
-            ds = datasets.load_dataset(base, split=split)
-        except Exception as err:  # the hub client raises many kinds; keep the cause attached
-            raise FileNotFoundError(
-                f"--train-data: {spec} is no local path and `datasets.load_dataset({base!r}, "
-                f"split={split!r})` failed: {type(err).__name__}: {err}"
-            ) from err
-        source = _datasets_source(ds, f"{base}:{split}", v)
-    if len(v.n_pos) == 0:
-        raise ValueError(f"--train-data: {spec} holds no usable records ({stats.skipped} skipped)")
-    source.name = name
-    source.stats = stats
-    source.num_positives = np.asarray(v.n_pos, dtype=np.int32)
-    source.num_negatives = np.asarray(v.n_neg, dtype=np.int32)
-    source.scored_records = v.scored
+    return _hub_source(spec, base, split or "train", v)
+
+
+def _files_source(spec: str, path: Path, v: RecordValidator) -> RecordSource:
+    """A JSONL or Parquet file, or a folder of them (all of one kind, in name order)."""
+    files = (
+        sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RECORD_SUFFIXES)
+        if path.is_dir()
+        else [path]
+    )
+    if not files:
+        raise FileNotFoundError(f"--train-data: no .jsonl or .parquet files in {spec}")
+    kinds = {f.suffix == ".parquet" for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"--train-data: {spec} mixes Parquet and JSONL files; split them")
+    return parquet_source(files, v) if kinds.pop() else index_jsonl(files, v)
+
+
+def _hub_source(spec: str, base: str, split: str, v: RecordValidator) -> RecordSource:
+    """A `datasets` name, loaded with `datasets.load_dataset(base, split=split)`.
+
+    Raises:
+        FileNotFoundError: naming `--train-data` and what was tried.
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"--train-data: {spec} does not exist (and `datasets` is not installed to load "
+            "it as a dataset name)"
+        ) from err
+    try:
+        ds = datasets.load_dataset(base, split=split)
+    except Exception as err:  # the hub client raises many kinds; keep the cause attached
+        raise FileNotFoundError(
+            f"--train-data: {spec} is no local path and `datasets.load_dataset({base!r}, "
+            f"split={split!r})` failed: {type(err).__name__}: {err}"
+        ) from err
+    return datasets_source(ds, f"{base}:{split}", v)
+
+
+def _in_batch_negatives(v: RecordValidator, meta: dict, override: bool | None) -> bool:
+    """The dataset's flag: `override`, else the sidecar's, else the records', else True.
+
+    Raises:
+        ValueError: a sidecar that contradicts the records.
+    """
     flag = v.flag
     if "in_batch_negatives" in meta:
         if flag is not None and flag != meta["in_batch_negatives"]:
@@ -484,23 +322,14 @@ def load_dataset_spec(
                 f"the records ({v.flag_where} has {flag})"
             )
         flag = meta["in_batch_negatives"]
-    if in_batch_negatives is not None:
-        if flag is not None and flag != in_batch_negatives:
+    if override is not None:
+        if flag is not None and flag != override:
             logger.info(
-                f"{name}: in_batch_negatives={in_batch_negatives} set by the config "
+                f"{v.dataset}: in_batch_negatives={override} set by the config "
                 f"overrides the data's {flag}"
             )
-        flag = in_batch_negatives
-    source.in_batch_negatives = True if flag is None else flag
-    took = time.perf_counter() - start
-    logger.info(
-        f"{name}: {stats.read} records ({stats.skipped} skipped), "
-        f"in_batch_negatives={source.in_batch_negatives}, indexed in {took:.1f} s "
-        f"({stats.read / max(took, 1e-9):.0f} records/s)"
-    )
-    for msg in stats.errors:
-        logger.warning(f"skipped: {msg}")
-    return source
+        flag = override
+    return True if flag is None else flag
 
 
 def load_records(

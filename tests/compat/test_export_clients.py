@@ -529,7 +529,7 @@ def test_one_instruction_convention_on_every_path(run):
     got["evaluate_mteb --instruction"] = load_embedder(run["moved"], show_progress=False).embed(
         [query], prefix
     )[0]
-    # mining's query prefix of a record (curation/mining.py calls query_instruction)
+    # mining's query prefix of a record (curation/mining_select.py calls query_instruction)
     got["mining"] = ckpt.embed([query], query_instruction(record.task, record.instruction))[0]
     from transformers import AutoModel
 

