@@ -24,10 +24,11 @@ import torch
 from megatron_nvembed.loss import (
     ContrastiveLoss,
     ContrastiveLossConfig,
+    LossInputs,
     Matryoshka,
     contrastive_loss,
 )
-from megatron_nvembed.loss._toy import ToyEncoder, encode, toy_batch
+from megatron_nvembed.loss._toy import ToyEncoder, encode, loss_inputs, toy_batch
 
 T = 0.05
 
@@ -136,19 +137,10 @@ def _batch():
     return batch, q, c
 
 
-def _loss(batch, q, c, **kw):
-    return contrastive_loss(
-        q,
-        c,
-        batch["candidate_mask"],
-        temperature=T,
-        in_batch=batch["in_batch"],
-        candidate_ids=batch["candidate_ids"],
-        query_ids=batch["query_ids"],
-        teacher_scores=batch["teacher_scores"],
-        document_ids=batch.get("document_ids"),
-        **kw,
-    )
+def _loss(batch, q, c, **settings):
+    """The loss of a toy batch (all its loss inputs) with `settings` (temperature T)."""
+    config = ContrastiveLossConfig(**{"temperature": T, **settings})
+    return contrastive_loss(q, c, loss_inputs(batch), config)
 
 
 @pytest.mark.parametrize("margin", [None, 0.3])
@@ -268,8 +260,8 @@ def test_distillation_adds_the_kl_to_the_teachers_distribution(in_batch):
     base, _ = _loss(agree, q, c, in_batch_negatives=in_batch)
     assert abs(same.item() - base.item()) <= 1e-12
     with pytest.raises(ValueError, match="teacher_scores"):
-        contrastive_loss(q, c, batch["candidate_mask"], in_batch_negatives=False,
-                         distill_weight=1.0)  # fmt: skip
+        stage2 = ContrastiveLossConfig(in_batch_negatives=False, distill_weight=1.0)
+        contrastive_loss(q, c, LossInputs(batch["candidate_mask"]), stage2)
     for kw, flag in (
         (dict(distill_weight=-1.0), "--distill-weight"),
         (dict(distill_temperature=0.0), "--distill-temperature"),
@@ -294,14 +286,10 @@ def test_module_passes_its_settings_and_refuses_bad_ones():
     cfg = ContrastiveLossConfig(
         temperature=T, query_query=True, document_document=True, matryoshka=Matryoshka((8, 4))
     )
-    got = ContrastiveLoss(cfg)(
-        q,
-        c,
-        batch["candidate_mask"],
-        batch["in_batch"],
-        batch["candidate_ids"],
-        batch["query_ids"],
+    inputs = LossInputs(
+        batch["candidate_mask"], batch["in_batch"], batch["candidate_ids"], batch["query_ids"]
     )
+    got = ContrastiveLoss(cfg)(q, c, inputs)
     want, _ = _loss(batch, q, c, query_query=True, document_document=True,
                     matryoshka=Matryoshka((8, 4)))  # fmt: skip
     assert got.item() == want.item()
@@ -319,9 +307,8 @@ def test_module_passes_its_settings_and_refuses_bad_ones():
     with pytest.raises(ValueError, match="exceeds the embedding width 8"):
         _loss(batch, q, c, matryoshka=Matryoshka((16,)))
     with pytest.raises(ValueError, match="query_ids"):
-        contrastive_loss(
-            q, c, batch["candidate_mask"], candidate_ids=batch["candidate_ids"], query_query=True
-        )
+        inputs = LossInputs(batch["candidate_mask"], candidate_ids=batch["candidate_ids"])
+        contrastive_loss(q, c, inputs, ContrastiveLossConfig(query_query=True))
 
 
 def test_training_flags_reach_the_loss():
