@@ -24,6 +24,7 @@ import torch
 from megatron_nvembed.data.buckets import bucket_width
 from megatron_nvembed.data.collate import EmbeddingBatch
 from megatron_nvembed.hashing import sequence_hash
+from megatron_nvembed.loss_inputs import LossInputs
 from megatron_nvembed.training.config import TrainingConfig
 from megatron_nvembed.training.setup import step_plan
 
@@ -109,15 +110,18 @@ def micro_batch(
 
     b = len(queries)
     q, c = padded(queries, width(queries)), padded(passages, width(passages))
+    inputs = LossInputs(
+        candidate_mask=torch.ones(b, len(passages) // b, dtype=torch.bool),
+        in_batch=torch.ones(b, dtype=torch.bool),
+        candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, -1),
+        query_ids=sequence_hash(q["input_ids"], q["attention_mask"]),
+    )
     return EmbeddingBatch(
         query=q,
         candidates=c,
-        candidate_mask=torch.ones(b, len(passages) // b, dtype=torch.bool),
-        candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, -1),
-        in_batch=torch.ones(b, dtype=torch.bool),
+        loss_inputs=inputs,
         dataset_index=torch.zeros(b, dtype=torch.long),
         truncated=truncated,
-        query_ids=sequence_hash(q["input_ids"], q["attention_mask"]),
     )
 
 
@@ -265,19 +269,17 @@ class Baseline:
 
     def step(self, micro_batches: list[EmbeddingBatch]):
         """One optimizer step; returns (mean loss over the micro-batches, the planned batches)."""
-        from megatron_nvembed.loss import contrastive_loss
+        from megatron_nvembed.loss import ContrastiveLossConfig, contrastive_loss
 
+        settings = ContrastiveLossConfig(temperature=self.cfg.loss.temperature)
         batches = [self.plan(mb).to(self.device) for mb in micro_batches]
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for mb in batches:
             out = self.forward(mb)
-            b, n = mb.candidate_mask.shape
-            loss = contrastive_loss(
-                out[:b], out[b:].view(b, n, -1), mb.candidate_mask,
-                temperature=self.cfg.loss.temperature, in_batch=mb.in_batch,
-                candidate_ids=mb.candidate_ids,
-            )[0] / len(batches)  # fmt: skip
+            b, n = mb.loss_inputs.shape
+            loss, _ = contrastive_loss(out[:b], out[b:].view(b, n, -1), mb.loss_inputs, settings)
+            loss = loss / len(batches)
             loss.backward()
             total = total + loss.detach()
         if self.cfg.optimizer.clip_grad > 0:

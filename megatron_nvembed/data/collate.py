@@ -4,7 +4,9 @@ Candidates are laid out [b, 1 + K]: position 0 is the sampled positive, then up 
 negatives. An absent negative (the record had fewer than K) is an empty text (BOS + EOS, two
 tokens, then padding) whose `candidate_mask` entry is False: the candidate tensors always have
 b * (1 + K) rows (as GradCache and pipeline schedules want fixed shapes) at the cost of a short
-row. Candidate ids are `megatron_nvembed.hashing.sequence_hash` of each row's token ids, so equal
+row. What the loss needs besides the embeddings is built here, once, as one `LossInputs`
+(`megatron_nvembed/loss_inputs.py`), which the training step carries and moves whole.
+Candidate ids are `megatron_nvembed.hashing.sequence_hash` of each row's token ids, so equal
 texts (a positive that is also another query's positive) get equal ids; query ids the same of
 each query's token ids; document ids `hashing.id_hash` of the records' `pos_ids` / `neg_ids`
 (0 where a record gives none), so the same document under another text is recognised too.
@@ -13,7 +15,7 @@ each query's token ids; document ids `hashing.id_hash` of the records' `pos_ids`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +25,7 @@ from megatron_nvembed.data.records import Record
 from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
 from megatron_nvembed.hashing import id_hash, sequence_hash
+from megatron_nvembed.loss_inputs import LossInputs
 
 
 @dataclass
@@ -33,41 +36,30 @@ class EmbeddingBatch:
     """input_ids / attention_mask / pool_mask, [b, s_q]."""
     candidates: dict[str, torch.Tensor]
     """input_ids / attention_mask / pool_mask, [b * (1 + K), s_c]."""
-    candidate_mask: torch.Tensor
-    """[b, 1 + K] bool: False for absent hard negatives."""
-    candidate_ids: torch.Tensor
-    """[b, 1 + K] int64 hashes of the candidates' token ids (false-negative masking)."""
-    in_batch: torch.Tensor
-    """[b] bool: the query's dataset allows in-batch negatives (its `in_batch_negatives` flag).
-    The stage switch is the loss's (`ContrastiveLossConfig.in_batch_negatives`), not folded in
-    here: a query meets other queries' candidates when both say so."""
+    loss_inputs: LossInputs
+    """What the contrastive loss needs besides the embeddings, every field filled (n = 1 + K):
+    `candidate_mask` [b, n] bool (False for absent hard negatives); `in_batch` [b] bool (the
+    query's dataset allows in-batch negatives, its `in_batch_negatives` flag; the stage switch
+    is the loss's `ContrastiveLossConfig.in_batch_negatives`, not folded in here: a query meets
+    other queries' candidates when both say so); `candidate_ids` [b, n] int64 hashes of the
+    candidates' token ids; `query_ids` [b] int64 hashes of the queries' token ids, instruction
+    included; `teacher_scores` [b, n] float32 (the records' `pos_scores` / `neg_scores`; NaN for
+    a record without scores and for absent negatives); `document_ids` [b, n] int64 `id_hash` of
+    the candidates' `pos_ids` / `neg_ids`, 0 where there is none."""
     dataset_index: torch.Tensor
     """[b] int64."""
     truncated: int
     """Texts cut at the maximum length."""
-    query_ids: torch.Tensor | None = None
-    """[b] int64 hashes of the queries' token ids, instruction included (the loss's
-    query-query term leaves out identical queries)."""
-    teacher_scores: torch.Tensor | None = None
-    """[b, 1 + K] float32 teacher scores of the candidates (the records' `pos_scores` /
-    `neg_scores`, distillation); NaN for a record without scores and for absent negatives."""
-    document_ids: torch.Tensor | None = None
-    """[b, 1 + K] int64 `id_hash` of the candidates' document ids (`pos_ids` / `neg_ids`); 0
-    where there is none (the loss's duplicate masking by id)."""
 
     def to(self, device) -> EmbeddingBatch:
+        """The same batch on `device` (every tensor copied, the loss inputs whole)."""
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        return EmbeddingBatch(
-            move(self.query),
-            move(self.candidates),
-            self.candidate_mask.to(device),
-            self.candidate_ids.to(device),
-            self.in_batch.to(device),
-            self.dataset_index.to(device),
-            self.truncated,
-            None if self.query_ids is None else self.query_ids.to(device),
-            None if self.teacher_scores is None else self.teacher_scores.to(device),
-            None if self.document_ids is None else self.document_ids.to(device),
+        return replace(
+            self,
+            query=move(self.query),
+            candidates=move(self.candidates),
+            loss_inputs=self.loss_inputs.to(device),
+            dataset_index=self.dataset_index.to(device),
         )
 
 
@@ -142,17 +134,20 @@ def collate(
         if dataset_in_batch is not None
         else [True] * (1 + max(s.dataset for s in slots))
     )
-    return EmbeddingBatch(
-        query=q,
-        candidates=c,
+    loss_inputs = LossInputs(
         candidate_mask=torch.tensor(present, dtype=torch.bool),
-        candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, n),
         in_batch=torch.tensor([bool(flags[s.dataset]) for s in slots]),
-        dataset_index=torch.tensor([s.dataset for s in slots], dtype=torch.long),
-        truncated=cut_q + cut_c,
+        candidate_ids=sequence_hash(c["input_ids"], c["attention_mask"]).view(b, n),
         query_ids=sequence_hash(q["input_ids"], q["attention_mask"]),
         teacher_scores=torch.tensor(teacher, dtype=torch.float32),
         document_ids=torch.tensor(doc_ids, dtype=torch.long),
+    )
+    return EmbeddingBatch(
+        query=q,
+        candidates=c,
+        loss_inputs=loss_inputs,
+        dataset_index=torch.tensor([s.dataset for s in slots], dtype=torch.long),
+        truncated=cut_q + cut_c,
     )
 
 

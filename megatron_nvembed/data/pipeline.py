@@ -88,7 +88,7 @@ class BlendedEmbeddingData:
         for slots in self.sampler.next_micro_batches():
             batch = collate(slots, self.sources, self.tokenizer, **self.collate_kwargs)
             self.truncated += batch.truncated
-            self.texts += batch.candidate_mask.numel() + len(slots)
+            self.texts += batch.loss_inputs.candidate_mask.numel() + len(slots)
             out.append(batch)
         return out
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_nvembed.hashing import sequence_hash
+from megatron_nvembed.loss_inputs import LossInputs
 
 
 class ToyEncoder(nn.Module):
@@ -84,3 +85,15 @@ def encode(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def slice_batch(batch: dict, start: int, end: int) -> dict:
     """Rows start..end of every tensor in a toy batch."""
     return {k: v[start:end] for k, v in batch.items()}
+
+
+def loss_inputs(batch: dict) -> LossInputs:
+    """The `LossInputs` of a toy batch (or of a slice of one): its loss keys, those it lacks
+    or holds as None absent."""
+    return LossInputs(
+        candidate_mask=batch["candidate_mask"],
+        **{
+            k: batch.get(k)
+            for k in ("in_batch", "candidate_ids", "query_ids", "teacher_scores", "document_ids")
+        },
+    )

@@ -1,6 +1,11 @@
-"""`ContrastiveLossConfig`: the settings of the contrastive loss, each one a training flag.
+"""`ContrastiveLossConfig`: the settings of the contrastive loss, each one a training flag,
+checked once in `validate`.
 
-Imports no torch: the training flags are checked before anything heavy is loaded.
+Each switch is read by the one part of the loss that uses it (`contrastive.py`): the stage switch
+and the query-query term by the gather (`pool.py`), identical-text masking by the exclusion masks
+(`masks.py`), the document-document term and the margin by the per-width InfoNCE, the
+distillation settings by the distillation term. Imports no torch: the training flags are checked
+before anything heavy is loaded.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Phase 1 embeds every micro-batch without keeping activations, recording the random-generator
 state before each one. The loss and its gradients with respect to *all* of this rank's embeddings
-are then computed on the cached embeddings (the cross-rank gather happens here, so the in-batch
-pool is the whole global batch). Phase 2 re-runs each micro-batch's forward with autograd under
+are then computed on the cached embeddings, with the micro-batches' `LossInputs` concatenated
+whole (the cross-rank gather happens here, so the in-batch pool is the whole global batch). Phase 2 re-runs each micro-batch's forward with autograd under
 the state it had in phase 1 (dropout masks replay exactly) and backpropagates the cached
 embedding gradients. Parameter gradients equal those of the uncached computation; the price is
 one extra forward per micro-batch.
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from megatron_nvembed.loss_inputs import LossInputs
 from megatron_nvembed.rng import RngSnapshot, capture_rng_state, restore_rng_state
 
 
@@ -188,8 +189,8 @@ class GradCacheResult:
 def grad_cache_step(
     forward: Callable[[int, Any], torch.Tensor],
     micro_batches: Sequence[Any],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sizes: Callable[[Any], tuple[int, int]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, LossInputs], torch.Tensor],
+    loss_inputs: Callable[[Any], LossInputs],
     drive: Driver = run_in_order,
     last_stage: bool = True,
 ) -> GradCacheResult:
@@ -197,8 +198,9 @@ def grad_cache_step(
     driver's backward puts them (`.grad`, or DDP's buffers).
 
     Phase 1 runs `forward` on every micro-batch through `drive` forward-only, recording the
-    generator states; the last stage computes `loss_fn` over all of this rank's embeddings and
-    the loss's gradient with respect to each; phase 2 replays every forward through `drive`
+    generator states; the last stage computes `loss_fn` over all of this rank's embeddings, with
+    the micro-batches' loss inputs concatenated (`LossInputs.cat`), and the loss's gradient with
+    respect to each embedding; phase 2 replays every forward through `drive`
     training, the last stage's loss being `surrogate_loss` of the cached gradients (scaled by the
     micro-batch count, which the driver divides by).
 
@@ -207,9 +209,11 @@ def grad_cache_step(
             candidates query by query (the last stage's output; other stages return their
             activations). Called twice per micro-batch, without then with autograd.
         micro_batches: this rank's micro-batches of the global batch, in order.
-        loss_fn: (all queries [sum b_i, d], all candidates [sum b_i, n, d]) -> scalar loss; it
-            may gather across data-parallel ranks (every rank calls it).
-        sizes: micro-batch -> (b_i queries, n candidates per query).
+        loss_fn: (all queries [sum b_i, d], all candidates [sum b_i, n, d], their LossInputs)
+            -> scalar loss (e.g. a `ContrastiveLoss`); it may gather across data-parallel ranks
+            (every rank calls it).
+        loss_inputs: micro-batch -> its `LossInputs` (b_i queries, n candidates per query:
+            its `shape`).
         drive: runs a step function over the micro-batches (`Driver`).
         last_stage: whether this process holds the last pipeline stage (the embeddings).
 
@@ -233,14 +237,18 @@ def grad_cache_step(
     rng.end_recording()
     loss, grads, diff = None, [], None
     if last_stage:
+        parts = [loss_inputs(mb) for mb in micro_batches]
+        inputs = LossInputs.cat(parts)  # [sum b_i, n] / [sum b_i]
         queries, candidates = [], []
-        for out, mb in zip(cached, micro_batches):
-            b, n = sizes(mb)
+        for out, part in zip(cached, parts):
+            b, n = part.shape
             queries.append(out[:b])  # [b, d]
             candidates.append(out[b:].reshape(b, n, -1))  # [b, n, d]
-        loss, grad_q, grad_c = embedding_gradients(loss_fn, queries, candidates)
+        loss, grad_q, grad_c = embedding_gradients(
+            lambda q, c: loss_fn(q, c, inputs), queries, candidates
+        )
         grads = [torch.cat([q, c.flatten(0, 1)]) for q, c in zip(grad_q, grad_c)]  # as `forward`
-        del queries, candidates
+        del queries, candidates, inputs
         diff = torch.zeros((), dtype=torch.float32)
 
     def replay_loss(i, out):

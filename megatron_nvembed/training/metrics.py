@@ -62,13 +62,13 @@ class StepStatistics:
         """
         lengths = [n for mb in batches for n in mb.lengths]
         useful = model_step_flops(shape, lengths, 0, 0).total + sum(
-            loss_flops(shape, *mb.candidate_mask.shape, in_batch_negatives).total for mb in batches
+            loss_flops(shape, *mb.loss_inputs.shape, in_batch_negatives).total for mb in batches
         )
         counted = [
             0.0,
             float(sum(lengths)),
             float(sum(mb.positions for mb in batches)),
-            float(sum(mb.candidate_mask.numel() + mb.in_batch.numel() for mb in batches)),
+            float(sum(b * n + b for b, n in (mb.loss_inputs.shape for mb in batches))),
             float(useful),
         ]
         host = [v * contributes for v in counted] + [0.0, float(sigterm), float(over_time)]

@@ -11,7 +11,8 @@
   in-batch negatives span one micro-batch per rank x the DP ranks (the log says so).
 
 Every micro-batch is laid out on the host once (`plan_micro_batch`: packed rows, length buckets,
-or queries and candidates as they come) and moved to the device in one transfer; both GradCache
+or queries and candidates as they come; the loss inputs collation built carried whole) and moved
+to the device in one transfer; both GradCache
 passes and every pipeline stage reuse it, and nothing in the step reads a device value back.
 With pipeline parallelism a micro-batch travels as one tensor: queries and candidates are padded
 to a common width and stacked (rows [b queries; b x (1 + K) candidates]), or packed.
@@ -26,7 +27,7 @@ import torch
 from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
 from megatron_nvembed.data.buckets import bucket_width, length_grouped_batches
 from megatron_nvembed.data.collate import EmbeddingBatch
-from megatron_nvembed.loss import ContrastiveLoss, grad_cache_step
+from megatron_nvembed.loss import ContrastiveLoss, LossInputs, grad_cache_step
 from megatron_nvembed.loss.grad_cache import StepFunction
 
 KEYS = ("input_ids", "attention_mask", "pool_mask")
@@ -41,22 +42,12 @@ class ModelBatch:
     outputs are concatenated in this order."""
     restore: torch.Tensor | None
     """[b + b*n]: `torch.cat(outputs)[restore]` is [queries; candidates] (None: already so)."""
-    candidate_mask: torch.Tensor
-    """[b, n] bool."""
-    candidate_ids: torch.Tensor
-    """[b, n] int64 hashes."""
-    in_batch: torch.Tensor
-    """[b] bool."""
+    loss_inputs: LossInputs
+    """The micro-batch's loss inputs as collation built them ([b, n] / [b] fields)."""
     positions: int
     """Token positions the decoder computes in one pass (padding included; THD: real tokens)."""
     lengths: list[int]
     """Real tokens of each non-empty text, queries and candidates (statistics)."""
-    query_ids: torch.Tensor | None = None
-    """[b] int64 hashes of the queries (the loss's query-query term)."""
-    teacher_scores: torch.Tensor | None = None
-    """[b, n] float32 teacher scores, NaN where none (the loss's distillation term)."""
-    document_ids: torch.Tensor | None = None
-    """[b, n] int64 document-id hashes, 0 where none (the loss's duplicate masking by id)."""
 
     def to(self, device) -> ModelBatch:
         """The same batch on `device` (one copy of every tensor)."""
@@ -68,12 +59,7 @@ class ModelBatch:
                 for call in self.calls
             ],
             restore=move(self.restore),
-            candidate_mask=move(self.candidate_mask),
-            candidate_ids=move(self.candidate_ids),
-            in_batch=move(self.in_batch),
-            query_ids=move(self.query_ids),
-            teacher_scores=move(self.teacher_scores),
-            document_ids=move(self.document_ids),
+            loss_inputs=self.loss_inputs.to(device, non_blocking=True),
         )
 
 
@@ -164,14 +150,9 @@ def plan_micro_batch(
     return ModelBatch(
         calls=calls,
         restore=restore,
-        candidate_mask=mb.candidate_mask,
-        candidate_ids=mb.candidate_ids,
-        in_batch=mb.in_batch,
+        loss_inputs=mb.loss_inputs,
         positions=positions,
         lengths=[n for n in lengths if n],
-        query_ids=mb.query_ids,
-        teacher_scores=mb.teacher_scores,
-        document_ids=mb.document_ids,
     )
 
 
@@ -236,8 +217,9 @@ class StepRunner:
         return out
 
     @staticmethod
-    def sizes(mb: ModelBatch) -> tuple[int, int]:
-        return tuple(mb.candidate_mask.shape)
+    def loss_inputs(mb: ModelBatch) -> LossInputs:
+        """The micro-batch's loss inputs (`grad_cache_step` concatenates them)."""
+        return mb.loss_inputs
 
     def run(self, micro_batches: list[ModelBatch]) -> torch.Tensor | None:
         """Forward and backward of this rank's micro-batches (gradients in DDP's buffers).
@@ -257,11 +239,8 @@ class StepRunner:
 
     def _direct(self, micro_batches: list[ModelBatch]) -> torch.Tensor | None:
         def loss_of(mb: ModelBatch, out: torch.Tensor):
-            b, n = mb.candidate_mask.shape
-            loss = self.loss_fn(
-                out[:b], out[b:].reshape(b, n, -1), mb.candidate_mask, mb.in_batch,
-                mb.candidate_ids, mb.query_ids, mb.teacher_scores, mb.document_ids,
-            )  # fmt: skip
+            b, n = mb.loss_inputs.shape
+            loss = self.loss_fn(out[:b], out[b:].reshape(b, n, -1), mb.loss_inputs)
             # A copy: megatron-core's schedule divides the returned loss by the micro-batch
             # count in place, which a detached view would share.
             return loss, {"loss": loss.detach().clone()}
@@ -273,19 +252,11 @@ class StepRunner:
         return torch.stack([o["loss"] for o in infos]).mean() if self.last_stage else None
 
     def _grad_cache(self, micro_batches: list[ModelBatch]) -> torch.Tensor | None:
-        mask = torch.cat([mb.candidate_mask for mb in micro_batches])
-        in_batch = torch.cat([mb.in_batch for mb in micro_batches])
-        ids = torch.cat([mb.candidate_ids for mb in micro_batches])
-        qids, teacher, doc_ids = (
-            None if getattr(micro_batches[0], key) is None
-            else torch.cat([getattr(mb, key) for mb in micro_batches])
-            for key in ("query_ids", "teacher_scores", "document_ids")
-        )  # fmt: skip
         result = grad_cache_step(
             self.forward,
             micro_batches,
-            lambda q, c: self.loss_fn(q, c, mask, in_batch, ids, qids, teacher, doc_ids),
-            self.sizes,
+            self.loss_fn,
+            self.loss_inputs,
             drive=self.drive,
             last_stage=self.last_stage,
         )

@@ -47,32 +47,22 @@ def _setup(seed=0):
 
 
 def _loss(q, c, batch, group, **objectives):
-    from megatron_nvembed.loss import contrastive_loss
+    from megatron_nvembed.loss import ContrastiveLossConfig, contrastive_loss
+    from megatron_nvembed.loss._toy import loss_inputs
 
-    return contrastive_loss(
-        q,
-        c,
-        batch["candidate_mask"],
-        temperature=T,
-        in_batch=batch["in_batch"],
-        candidate_ids=batch["candidate_ids"],
-        query_ids=batch["query_ids"],
-        teacher_scores=batch["teacher_scores"],
-        document_ids=batch["document_ids"],
-        group=group,
-        **objectives,
-    )
+    config = ContrastiveLossConfig(temperature=T, **objectives)
+    return contrastive_loss(q, c, loss_inputs(batch), config, group)
 
 
 def _objectives():
     """Every optional term on: query-query and document-document negatives, Matryoshka widths
     with weights, the false-negative margin, distillation towards teacher scores."""
-    from megatron_nvembed.loss import Matryoshka
 
     return dict(
         query_query=True,
         document_document=True,
-        matryoshka=Matryoshka((8, 4, 2), (1.0, 0.5, 0.25)),
+        matryoshka_dims=[8, 4, 2],
+        matryoshka_weights=[1.0, 0.5, 0.25],
         false_negative_margin=0.8,
         distill_weight=0.5,
         distill_temperature=2.0,
@@ -139,7 +129,7 @@ def _check_dp2(rank, world_size):
         grad_cache_step,
         run_in_order,
     )
-    from megatron_nvembed.loss._toy import encode, slice_batch, toy_batch
+    from megatron_nvembed.loss._toy import encode, loss_inputs, slice_batch, toy_batch
 
     _check_gather_primitive(rank)
 
@@ -200,15 +190,8 @@ def _check_dp2(rank, world_size):
     result = grad_cache_step(
         lambda i, mb: _rows(*encode(ddp, mb)),
         [slice_batch(local, 0, 2), slice_batch(local, 2, 4)],
-        lambda q, c: loss_mod(
-            q,
-            c,
-            local["candidate_mask"],
-            local["in_batch"],
-            local["candidate_ids"],
-            document_ids=local["document_ids"],
-        ),
-        lambda mb: tuple(mb["c_ids"].shape[:2]),
+        loss_mod,
+        loss_inputs,
         drive=partial(run_in_order, no_sync=ddp.no_sync),
     )
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -223,7 +206,8 @@ def _check_dp2(rank, world_size):
         temperature=T,
         query_query=True,
         document_document=True,
-        matryoshka=objectives["matryoshka"],
+        matryoshka_dims=objectives["matryoshka_dims"],
+        matryoshka_weights=objectives["matryoshka_weights"],
         false_negative_margin=objectives["false_negative_margin"],
         distill_weight=objectives["distill_weight"],
         distill_temperature=objectives["distill_temperature"],
@@ -233,17 +217,8 @@ def _check_dp2(rank, world_size):
     result = grad_cache_step(
         lambda i, mb: _rows(*encode(ddp, mb)),
         [slice_batch(local, 0, 2), slice_batch(local, 2, 4)],
-        lambda q, c: loss_mod(
-            q,
-            c,
-            local["candidate_mask"],
-            local["in_batch"],
-            local["candidate_ids"],
-            local["query_ids"],
-            local["teacher_scores"],
-            local["document_ids"],
-        ),  # fmt: skip
-        lambda mb: tuple(mb["c_ids"].shape[:2]),
+        loss_mod,
+        loss_inputs,
         drive=partial(run_in_order, no_sync=ddp.no_sync),
     )
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -299,7 +274,12 @@ def _pp_rows(n_queries, n_cand, width, seed):
 
 
 def _check_pp2_grad_cache(rank, world_size):
-    from megatron_nvembed.loss import contrastive_loss, grad_cache_step
+    from megatron_nvembed.loss import (
+        ContrastiveLossConfig,
+        LossInputs,
+        contrastive_loss,
+        grad_cache_step,
+    )
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.rng import capture_rng_state
@@ -319,11 +299,16 @@ def _check_pp2_grad_cache(rank, world_size):
     mask[::3, -1] = False
     in_batch = torch.tensor([True, True, False, True, True, True, True, True])
     ids = torch.arange(b * n).view(b, n)  # all texts distinct
+    inputs = LossInputs(mask, in_batch=in_batch, candidate_ids=ids)
+    # each micro-batch: its rows and its share of the loss inputs
+    part = [slice(i * per, (i + 1) * per) for i in range(m)]
+    micro = [
+        {**r, "loss": LossInputs(mask[p], in_batch=in_batch[p], candidate_ids=ids[p])}
+        for r, p in zip(rows, part)
+    ]
 
-    def loss_fn(q, c):
-        return contrastive_loss(
-            q, c, mask, temperature=T, in_batch=in_batch, candidate_ids=ids, group=None
-        )[0]
+    def loss_fn(q, c, inputs):
+        return contrastive_loss(q, c, inputs, ContrastiveLossConfig(temperature=T), None)[0]
 
     def forward(i, mb):
         return model(mb["input_ids"], mb["attention_mask"])
@@ -332,7 +317,7 @@ def _check_pp2_grad_cache(rank, world_size):
     whole = {k: torch.cat([r[k][:per] for r in rows] + [r[k][per:] for r in rows]) for k in rows[0]}
 
     def direct_step(i, mb):
-        return forward(i, mb), lambda o: (loss_fn(o[:b], o[b:].view(b, n, -1)), {})
+        return forward(i, mb), lambda o: (loss_fn(o[:b], o[b:].view(b, n, -1), inputs), {})
 
     drive(direct_step, [whole], False)
     ref = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -341,7 +326,7 @@ def _check_pp2_grad_cache(rank, world_size):
     # GradCache, the trainer's routine: phase 1 the forward-only schedule, phase 2 the 1F1B
     # schedule with the cached gradients delivered through `surrogate_loss` on the last stage.
     result = grad_cache_step(
-        forward, rows, loss_fn, lambda mb: (per, n), drive=drive, last_stage=last
+        forward, micro, loss_fn, lambda mb: mb["loss"], drive=drive, last_stage=last
     )
     for k, p in model.named_parameters():
         assert (

@@ -68,8 +68,9 @@ def test_micro_batches_are_collated_as_the_trainer_does(bench, shape):
     skip = [s for _, s in queries]
     assert (mb.query["attention_mask"].sum(1) - mb.query["pool_mask"].sum(1)).tolist() == skip
     assert wide.query["input_ids"].shape[1] == wide.candidates["input_ids"].shape[1] == 32
-    assert mb.candidate_ids.shape == mb.candidate_mask.shape == (3, 3)
-    assert mb.candidate_ids.equal(wide.candidate_ids)  # hashes of the real tokens only
+    ids = mb.loss_inputs.candidate_ids
+    assert ids.shape == mb.loss_inputs.candidate_mask.shape == (3, 3)
+    assert ids.equal(wide.loss_inputs.candidate_ids)  # hashes of the real tokens only
 
 
 def test_layouts_are_the_trainers_plans(bench, shape):

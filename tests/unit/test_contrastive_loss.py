@@ -11,13 +11,17 @@
   forward replays exactly, the generator ends where the direct path leaves it, and `no_sync` is
   entered for every micro-batch but the last; randomness outside the captured generators is
   detected by the replay check;
-- config validation names the field; missing inputs raise ValueError.
+- config validation names the field; missing inputs raise ValueError;
+- `LossInputs`, the per-batch inputs: micro-batches' inputs concatenate (`cat`) to the whole
+  batch's, field by field, exactly; `to` moves every field; a field given for some parts only,
+  and a field of the wrong shape, are refused naming it.
 
 Run alone: pytest tests/unit/test_contrastive_loss.py
 """
 
 import contextlib
 import math
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -27,13 +31,14 @@ from megatron_nvembed.loss import (
     ContrastiveLoss,
     ContrastiveLossConfig,
     ContrastiveStats,
+    LossInputs,
     contrastive_loss,
     grad_cache_step,
     run_in_order,
     sequence_hash,
     surrogate_loss,
 )
-from megatron_nvembed.loss._toy import ToyEncoder, encode, slice_batch, toy_batch
+from megatron_nvembed.loss._toy import ToyEncoder, encode, loss_inputs, slice_batch, toy_batch
 
 T = 0.05
 
@@ -79,7 +84,8 @@ def _loop_reference(q, c, mask, in_batch, ids, margin=None, identical=True, t=T)
 def test_in_batch_off_equals_hand_computed_softmax():
     q, c = _unit(3, 4), _unit(3, 3, 4, seed=1)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    loss, stats = contrastive_loss(q, c, mask, temperature=T, in_batch_negatives=False)
+    settings = ContrastiveLossConfig(temperature=T, in_batch_negatives=False)
+    loss, stats = contrastive_loss(q, c, LossInputs(mask), settings)
     want = []
     for i in range(3):
         s = [float(q[i] @ c[i, j]) for j in range(3) if mask[i, j]]
@@ -93,9 +99,8 @@ def test_mixed_datasets_honour_their_own_switch():
     q, c = _unit(3, 4), _unit(3, 2, 4, seed=2)
     mask = torch.ones(3, 2, dtype=torch.bool)
     in_batch = torch.tensor([True, False, True])
-    loss, stats = contrastive_loss(
-        q, c, mask, temperature=T, in_batch=in_batch, mask_identical_positives=False
-    )
+    settings = ContrastiveLossConfig(temperature=T, mask_identical_positives=False)
+    loss, stats = contrastive_loss(q, c, LossInputs(mask, in_batch=in_batch), settings)
     want = []
     for i in range(3):
         own = [float(q[i] @ c[i, j]) for j in range(2)]
@@ -114,10 +119,10 @@ def test_identical_positive_is_masked_in_batch():
     q, c = _unit(2, 4), _unit(2, 2, 4, seed=3)
     mask = torch.ones(2, 2, dtype=torch.bool)
     ids = torch.tensor([[7, 8], [7, 9]])  # both positives are the same text
-    loss, with_rule = contrastive_loss(q, c, mask, temperature=T, candidate_ids=ids)
-    _, without = contrastive_loss(
-        q, c, mask, temperature=T, candidate_ids=ids, mask_identical_positives=False
-    )
+    inputs = LossInputs(mask, candidate_ids=ids)
+    loss, with_rule = contrastive_loss(q, c, inputs, ContrastiveLossConfig(temperature=T))
+    loose = ContrastiveLossConfig(temperature=T, mask_identical_positives=False)
+    _, without = contrastive_loss(q, c, inputs, loose)
     assert without.candidates_per_query_min == 4
     assert with_rule.candidates_per_query_max == 3  # the other query's positive is dropped
     want = [
@@ -131,9 +136,10 @@ def test_false_negative_margin_drops_high_scoring_negatives():
     q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     c = torch.tensor([[[0.8, 0.6], [0.9, 0.436], [0.1, 0.995]]], dtype=torch.float64)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    loss, stats = contrastive_loss(
-        q, c, mask, temperature=T, in_batch_negatives=False, false_negative_margin=0.95
+    settings = ContrastiveLossConfig(
+        temperature=T, in_batch_negatives=False, false_negative_margin=0.95
     )
+    loss, stats = contrastive_loss(q, c, LossInputs(mask), settings)
     # 0.9 > 0.95 * 0.8 = 0.76 is dropped; 0.1 is kept
     assert stats.candidates_per_query_max == 2
     assert abs(loss.item() - _nll(0.8, [0.1])) <= 1e-12
@@ -144,15 +150,11 @@ def test_all_rules_together_equal_loop_reference(margin):
     batch = toy_batch(8, 3, seed=5)
     torch.manual_seed(1)  # weights under which the shared positive scores > 0 for both queries
     q, c = encode(ToyEncoder(), batch)
-    loss, stats = contrastive_loss(
-        q,
-        c,
-        batch["candidate_mask"],
-        temperature=T,
-        in_batch=batch["in_batch"],
-        candidate_ids=batch["candidate_ids"],
-        false_negative_margin=margin,
+    inputs = LossInputs(
+        batch["candidate_mask"], in_batch=batch["in_batch"], candidate_ids=batch["candidate_ids"]
     )
+    settings = ContrastiveLossConfig(temperature=T, false_negative_margin=margin)
+    loss, stats = contrastive_loss(q, c, inputs, settings)
     args = (q.detach(), c.detach(), batch["candidate_mask"], batch["in_batch"])
     want, counts = _loop_reference(*args, batch["candidate_ids"], margin=margin)
     assert abs(loss.item() - want) <= 1e-12
@@ -174,7 +176,8 @@ def test_gradients_are_finite_when_everything_is_masked():
     q.requires_grad_(True)
     mask = torch.tensor([[1, 0, 0], [1, 0, 0]], dtype=torch.bool)
     in_batch = torch.tensor([False, False])
-    loss, stats = contrastive_loss(q, c, mask, in_batch=in_batch, candidate_ids=torch.zeros(2, 3))
+    inputs = LossInputs(mask, in_batch=in_batch, candidate_ids=torch.zeros(2, 3))
+    loss, stats = contrastive_loss(q, c, inputs)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(q.grad).all()
     assert stats.candidates_per_query_max == 1
@@ -184,12 +187,11 @@ def test_low_precision_embeddings_are_scored_in_float32():
     q, c = _unit(4, 16), _unit(4, 3, 16, seed=6)
     qb, cb = q.bfloat16().requires_grad_(True), c.bfloat16()
     mask = torch.ones(4, 3, dtype=torch.bool)
-    loss, _ = contrastive_loss(qb, cb, mask, temperature=0.02, mask_identical_positives=False)
+    settings = ContrastiveLossConfig(temperature=0.02, mask_identical_positives=False)
+    loss, _ = contrastive_loss(qb, cb, LossInputs(mask), settings)
     assert loss.dtype == torch.float32
     # float64 on the same bf16-rounded values; float32 accumulation over d=16 -> ~1e-6 relative
-    ref, _ = contrastive_loss(
-        qb.double(), cb.double(), mask, temperature=0.02, mask_identical_positives=False
-    )
+    ref, _ = contrastive_loss(qb.double(), cb.double(), LossInputs(mask), settings)
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     loss.backward()
     assert qb.grad.dtype == torch.bfloat16 and torch.isfinite(qb.grad.float()).all()
@@ -197,10 +199,6 @@ def test_low_precision_embeddings_are_scored_in_float32():
 
 def _rows(q, c):  # [b, d], [b, n, d] -> [b + b * n, d], the layout grad_cache_step splits
     return torch.cat([q, c.flatten(0, 1)])
-
-
-def _sizes(mb):
-    return tuple(mb["c_ids"].shape[:2])
 
 
 def _direct_or_cached(cached, micro, loss_fn, no_sync=None):
@@ -213,13 +211,14 @@ def _direct_or_cached(cached, micro, loss_fn, no_sync=None):
             lambda i, mb: _rows(*encode(model, mb)),
             micro,
             loss_fn,
-            _sizes,
+            loss_inputs,
             drive=partial(run_in_order, no_sync=no_sync),
         )
         loss = result.loss
     else:
         parts = [encode(model, mb) for mb in micro]  # keeps every activation
-        loss = loss_fn(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        all_q, all_c = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        loss = loss_fn(all_q, all_c, LossInputs.cat([loss_inputs(mb) for mb in micro]))
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return loss.item(), grads, torch.rand(1), result
@@ -228,12 +227,6 @@ def _direct_or_cached(cached, micro, loss_fn, no_sync=None):
 def test_grad_cache_equals_direct_computation():
     batch = toy_batch(8, 4, seed=0)
     loss_mod = ContrastiveLoss(ContrastiveLossConfig(temperature=T))
-
-    def loss_fn(all_q, all_c):
-        return loss_mod(
-            all_q, all_c, batch["candidate_mask"], batch["in_batch"], batch["candidate_ids"]
-        )
-
     micro = [slice_batch(batch, i, i + 2) for i in range(0, 8, 2)]
     entered = []
 
@@ -242,9 +235,9 @@ def test_grad_cache_equals_direct_computation():
         entered.append(len(entered))
         yield
 
-    direct_loss, direct_grads, direct_next, _ = _direct_or_cached(False, micro, loss_fn)
+    direct_loss, direct_grads, direct_next, _ = _direct_or_cached(False, micro, loss_mod)
     cached_loss, cached_grads, cached_next, result = _direct_or_cached(
-        True, micro, loss_fn, no_sync
+        True, micro, loss_mod, no_sync
     )
     assert abs(direct_loss - cached_loss) <= 1e-10
     for name in direct_grads:
@@ -267,11 +260,12 @@ def test_grad_cache_detects_randomness_it_cannot_replay():
         q, c = encode(model, mb)
         return _rows(q + 1e-3 * torch.rand(q.shape, generator=side, dtype=q.dtype), c)
 
-    def loss_fn(q, c):
-        return contrastive_loss(q, c, batch["candidate_mask"], mask_identical_positives=False)[0]
+    def loss_fn(q, c, inputs):
+        loose = ContrastiveLossConfig(mask_identical_positives=False)
+        return contrastive_loss(q, c, LossInputs(inputs.candidate_mask), loose)[0]
 
     micro = [slice_batch(batch, 0, 2), slice_batch(batch, 2, 4)]
-    assert grad_cache_step(encode_noisy, micro, loss_fn, _sizes).replay_max_diff > 1e-5
+    assert grad_cache_step(encode_noisy, micro, loss_fn, loss_inputs).replay_max_diff > 1e-5
 
 
 def test_surrogate_loss_delivers_the_given_gradients():
@@ -290,14 +284,14 @@ def test_stats_merge_and_span_message():
     loss_mod = ContrastiveLoss(
         ContrastiveLossConfig(mask_identical_positives=False), global_batch_size=8
     )
-    loss_mod(q[:2], c[:2], mask[:2])  # one micro-batch of 2 ...
-    loss_mod(q[2:], c[2:], mask[2:])  # ... and the next
+    loss_mod(q[:2], c[:2], LossInputs(mask[:2]))  # one micro-batch of 2 ...
+    loss_mod(q[2:], c[2:], LossInputs(mask[2:]))  # ... and the next
     merged = loss_mod.pop_stats()
     assert merged.calls == 2 and merged.local_queries == 4 and merged.pool_queries == 2
     assert merged.candidates_per_query_mean == 4.0  # 2 own + 2 of the other query
     assert "not the whole global batch of 8 (GradCache off)" in merged.summary(8)
     assert loss_mod.pop_stats() is None
-    whole = ContrastiveStats.merge([loss_mod(q, c, mask) and loss_mod.last_stats])
+    whole = ContrastiveStats.merge([loss_mod(q, c, LossInputs(mask)) and loss_mod.last_stats])
     assert "= the whole global batch of 4" in whole.summary(4)
 
 
@@ -317,17 +311,39 @@ def test_config_validation_names_fields():
 def test_bad_inputs_raise_value_errors():
     q, c = _unit(2, 4), _unit(2, 3, 4, seed=1)
     mask = torch.ones(2, 3, dtype=torch.bool)
+    stage2 = ContrastiveLossConfig(in_batch_negatives=False)
     with pytest.raises(ValueError, match="candidate_ids"):  # rule on, ids missing: never silent
-        ContrastiveLoss(ContrastiveLossConfig())(q, c, mask)
+        ContrastiveLoss(ContrastiveLossConfig())(q, c, LossInputs(mask))
     with pytest.raises(ValueError, match="candidate_mask"):
-        contrastive_loss(q, c, mask[:, :2], in_batch_negatives=False)
+        contrastive_loss(q, c, LossInputs(mask[:, :2]), stage2)
+    with pytest.raises(ValueError, match=r"in_batch must be \[b\]"):
+        contrastive_loss(q, c, LossInputs(mask, in_batch=torch.ones(3, dtype=torch.bool)), stage2)
     # checked on the device (no host read in the step): on the CPU it raises at once
     with pytest.raises(RuntimeError, match="positive"):
-        contrastive_loss(q, c, torch.zeros(2, 3, dtype=torch.bool), in_batch_negatives=False)
+        contrastive_loss(q, c, LossInputs(torch.zeros(2, 3, dtype=torch.bool)), stage2)
     with pytest.raises(ValueError, match="query"):
-        contrastive_loss(q[:1], c, mask, in_batch_negatives=False)
+        contrastive_loss(q[:1], c, LossInputs(mask), stage2)
     # stage 2 (in-batch off) needs no ids
-    ContrastiveLoss(ContrastiveLossConfig(in_batch_negatives=False))(q, c, mask)
+    ContrastiveLoss(stage2)(q, c, LossInputs(mask))
+
+
+def test_loss_inputs_concatenate_and_move_whole():
+    batch = toy_batch(8, 3, seed=0, document_ids=True)
+    whole = loss_inputs(batch)
+    parts = [loss_inputs(slice_batch(batch, i, min(i + 3, 8))) for i in (0, 3, 6)]  # 3 + 3 + 2
+    joined = LossInputs.cat(parts)
+    assert joined.shape == whole.shape == (8, 3)
+    for name, value in whole.tensors().items():  # exactly equal (NaN where the teacher has none)
+        torch.testing.assert_close(getattr(joined, name), value, rtol=0, atol=0, equal_nan=True)
+    moved = whole.to("meta")
+    assert {v.device.type for v in moved.tensors().values()} == {"meta"}
+    with pytest.raises(ValueError, match="teacher_scores is given for some parts only"):
+        LossInputs.cat([parts[0], replace(parts[1], teacher_scores=None)])
+    with pytest.raises(ValueError, match="at least one"):
+        LossInputs.cat([])
+    whole.check(8, 3)
+    with pytest.raises(ValueError, match=r"query_ids must be \[b\] = \(8,\), got \(2,\)"):
+        replace(whole, query_ids=whole.query_ids[:2]).check(8, 3)
 
 
 def test_sequence_hash_is_deterministic_and_ignores_padding():

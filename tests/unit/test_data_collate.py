@@ -1,6 +1,7 @@
 """Collation: queries get their task's instruction (masked out of pooling), candidates are
 [positive, sampled negatives, empty masked fillers], flags combine the dataset and stage switches,
-candidate hashes are equal exactly for equal texts; `--train-data` parsing and loading.
+candidate hashes are equal exactly for equal texts; the loss inputs come as one `LossInputs` with
+every field filled; `--train-data` parsing and loading.
 
 Run alone: pytest tests/unit/test_data_collate.py
 """
@@ -40,8 +41,11 @@ def test_collate_layout(tok):
     slots = [Slot(0, 0, 1, (1,)), Slot(1, 0, 0, ())]
     b = collate(slots, [[R1], [R2]], tok, num_negatives=2, dataset_in_batch=[True, False])
     assert b.candidates["input_ids"].shape[0] == 2 * 3
-    assert b.candidate_mask.tolist() == [[True, True, False], [True, False, False]]
-    assert b.in_batch.tolist() == [True, False]
+    inputs = b.loss_inputs  # built here, once, every field filled
+    assert inputs.candidate_mask.tolist() == [[True, True, False], [True, False, False]]
+    assert inputs.in_batch.tolist() == [True, False]
+    assert inputs.query_ids.shape == (2,) and inputs.teacher_scores.shape == (2, 3)
+    assert inputs.document_ids.tolist() == [[0, 0, 0], [0, 0, 0]]  # R1, R2 carry no ids
     # positive 1 of R1 is "cats purr"; negative 1 is "fish swim"
     first = tok.decode(b.candidates["input_ids"][0][b.candidates["attention_mask"][0].bool()])
     assert "cats purr" in first and "fish swim" in tok.decode(b.candidates["input_ids"][1])
@@ -52,7 +56,7 @@ def test_collate_layout(tok):
     )
     assert b.query["pool_mask"][0, :n_instr].sum() == 0 and b.query["pool_mask"][0, n_instr] == 1
     # the two empty fillers hash equal; different texts do not
-    ids = b.candidate_ids
+    ids = inputs.candidate_ids
     assert ids[0, 2] == ids[1, 1] and ids[0, 0] != ids[0, 1]
 
 

@@ -1,8 +1,8 @@
 """`build_train_data` end to end: `--train-data` files -> blended sampler -> `EmbeddingBatch`es.
 
 - layout: per micro-batch, query tensors [b, s] and candidate tensors [b * (1 + K), s] with s a
-  multiple of 8; `candidate_mask` True exactly for the record's available negatives (up to K);
-  `in_batch` = dataset flag (a sidecar turns one dataset off) AND the stage flag; the positive in
+  multiple of 8; `loss_inputs.candidate_mask` True exactly for the record's available negatives
+  (up to K); `loss_inputs.in_batch` = dataset flag (a sidecar turns one dataset off) AND the stage flag; the positive in
   column 0 is one of the record's positives;
 - exact resume: a pipeline restored from a JSON round trip of `state_dict()` yields tensors equal
   to a straight run's;
@@ -72,7 +72,9 @@ def _flat(batches):
     out = []
     for b in batches:
         out += [b.query["input_ids"], b.query["pool_mask"], b.candidates["input_ids"]]
-        out += [b.candidates["attention_mask"], b.candidate_mask, b.candidate_ids, b.in_batch]
+        inputs = b.loss_inputs
+        out += [b.candidates["attention_mask"], inputs.candidate_mask, inputs.candidate_ids]
+        out += [inputs.in_batch]
     return out
 
 
@@ -87,7 +89,7 @@ def test_layout_flags_and_positives(data_dir):
             assert b.query["input_ids"].shape[0] == 2 and b.query["input_ids"].shape[1] % 8 == 0
             assert b.candidates["input_ids"].shape[0] == 2 * 5
             for row, k in enumerate(b.dataset_index.tolist()):
-                assert b.in_batch[row].item() == (k == 0)
+                assert b.loss_inputs.in_batch[row].item() == (k == 0)
             ids = b.candidates["input_ids"].view(2, 5, -1)
             mask = b.candidates["attention_mask"].view(2, 5, -1)
             for row in range(2):
@@ -107,7 +109,7 @@ def test_candidate_mask_matches_available_negatives(data_dir):
         slots = data.sampler.global_batch()
         data.sampler.load_state_dict(state)  # replay the same global batch through the pipeline
         batches = data.next_global_batch()
-        masks = torch.cat([b.candidate_mask for b in batches])  # [G, 1 + K]
+        masks = torch.cat([b.loss_inputs.candidate_mask for b in batches])  # [G, 1 + K]
         for slot, m in zip(slots, masks):
             rec = (ret, cls)[slot.dataset][slot.index]
             assert m.tolist() == [True] + [j < min(4, len(rec["neg"])) for j in range(4)]

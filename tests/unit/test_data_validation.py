@@ -260,7 +260,7 @@ def test_teacher_scores_follow_the_sampled_texts(tmp_path):
     tok = build_word_tokenizer(["what is a cat a b c d cat is an animal dogs bark"])
     slots = [Slot(0, 0, 1, (1,)), Slot(0, 1, 0, (0,))]
     batch = collate(slots, [source], tok, num_negatives=2)
-    got = batch.teacher_scores.tolist()
+    got = batch.loss_inputs.teacher_scores.tolist()
     assert got[0][:2] == [2.0, 4.0] and got[0][2] != got[0][2]  # "b", "d", then absent: NaN
     assert all(v != v for v in got[1])
     assert source[0].to_json()["neg_scores"] == [3.0, 4.0]
@@ -303,7 +303,7 @@ def test_document_ids_follow_the_sampled_texts(tmp_path):
     tok = build_word_tokenizer(["what is a cat a b c d cat is an animal dogs bark"])
     slots = [Slot(0, 0, 1, (1,)), Slot(0, 1, 0, (0,))]
     batch = collate(slots, [source], tok, num_negatives=2)
-    assert batch.document_ids.tolist() == [
+    assert batch.loss_inputs.document_ids.tolist() == [
         [id_hash("7"), id_hash("n2"), 0],
         [0, id_hash("x"), 0],
     ]

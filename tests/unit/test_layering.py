@@ -44,6 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "checkpoint_safety",
             "flops",
             "hardware",
+            "loss_inputs",  # built by data/ (collation), read by loss/: shared from below both
         ),
     ),
     ("components", ("model", "loss", "data", "curation", "conversion", "retrieval")),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_nvembed.data.collate import EmbeddingBatch
+from megatron_nvembed.loss_inputs import LossInputs
 from megatron_nvembed.training.step import bucket_calls, plan_micro_batch
 
 
@@ -62,9 +63,11 @@ def _micro_batch():
     return EmbeddingBatch(
         query=_batch([5, 9, 2], width=9, seed=1),
         candidates=_batch([12, 3, 7, 16, 1, 8], width=16, seed=2),
-        candidate_mask=torch.ones(b, n, dtype=torch.bool),
-        candidate_ids=torch.arange(b * n).view(b, n),
-        in_batch=torch.ones(b, dtype=torch.bool),
+        loss_inputs=LossInputs(
+            candidate_mask=torch.ones(b, n, dtype=torch.bool),
+            in_batch=torch.ones(b, dtype=torch.bool),
+            candidate_ids=torch.arange(b * n).view(b, n),
+        ),
         dataset_index=torch.zeros(b, dtype=torch.long),
         truncated=0,
     )

@@ -24,10 +24,11 @@ import torch
 from megatron_nvembed.loss import (
     ContrastiveLoss,
     ContrastiveLossConfig,
+    LossInputs,
     Matryoshka,
     contrastive_loss,
 )
-from megatron_nvembed.loss._toy import ToyEncoder, encode, toy_batch
+from megatron_nvembed.loss._toy import ToyEncoder, encode, loss_inputs, toy_batch
 
 T = 0.05
 
@@ -136,19 +137,15 @@ def _batch():
     return batch, q, c
 
 
-def _loss(batch, q, c, **kw):
-    return contrastive_loss(
-        q,
-        c,
-        batch["candidate_mask"],
-        temperature=T,
-        in_batch=batch["in_batch"],
-        candidate_ids=batch["candidate_ids"],
-        query_ids=batch["query_ids"],
-        teacher_scores=batch["teacher_scores"],
-        document_ids=batch.get("document_ids"),
-        **kw,
-    )
+def _mrl(spec: Matryoshka) -> dict:
+    """The config fields of a Matryoshka spec (`--matryoshka-dims`, `--matryoshka-weights`)."""
+    return {"matryoshka_dims": list(spec.dims), "matryoshka_weights": list(spec.weights)}
+
+
+def _loss(batch, q, c, **settings):
+    """The loss of a toy batch (all its loss inputs) with `settings` (temperature T)."""
+    config = ContrastiveLossConfig(**{"temperature": T, **settings})
+    return contrastive_loss(q, c, loss_inputs(batch), config)
 
 
 @pytest.mark.parametrize("margin", [None, 0.3])
@@ -231,13 +228,13 @@ def test_same_document_id_is_never_a_negative(qq, dd):
 def test_matryoshka_is_the_weighted_sum_over_renormalised_prefixes(qq):
     batch, q, c = _batch()
     spec = Matryoshka((8, 4, 2), (1.0, 0.5, 0.25))
-    loss, _ = _loss(batch, q, c, matryoshka=spec, query_query=qq, false_negative_margin=0.9)
+    loss, _ = _loss(batch, q, c, **_mrl(spec), query_query=qq, false_negative_margin=0.9)
     want, _ = _reference(
         batch, q.detach(), c.detach(), qq=qq, margin=0.9, terms=tuple(zip(spec.dims, spec.weights))
     )
     assert abs(loss.item() - want) <= 1e-12
     # the full width alone, renormalised (a no-op up to rounding), is the plain loss
-    full, _ = _loss(batch, q, c, matryoshka=Matryoshka((8,)))
+    full, _ = _loss(batch, q, c, **_mrl(Matryoshka((8,))))
     plain, _ = _loss(batch, q, c)
     assert abs(full.item() - plain.item()) <= 1e-12
 
@@ -248,13 +245,13 @@ def test_distillation_adds_the_kl_to_the_teachers_distribution(in_batch):
     spec = Matryoshka((8, 4), (1.0, 0.5))
     loss, _ = _loss(
         batch, q, c, distill_weight=0.7, distill_temperature=2.0, in_batch_negatives=in_batch,
-        matryoshka=spec,
+        **_mrl(spec),
     )  # fmt: skip
     if in_batch:
         want, _ = _reference(batch, q.detach(), c.detach(), terms=tuple(zip(spec.dims,
                              spec.weights)), distill=(0.7, 2.0))  # fmt: skip
         assert abs(loss.item() - want) <= 1e-12
-    plain, _ = _loss(batch, q, c, in_batch_negatives=in_batch, matryoshka=spec)
+    plain, _ = _loss(batch, q, c, in_batch_negatives=in_batch, **_mrl(spec))
     assert loss.item() > plain.item() + 1e-3  # KL >= 0, and > 0 for random teachers
     # a teacher that agrees with the student at the student's temperature adds nothing
     agree = dict(batch)
@@ -268,8 +265,8 @@ def test_distillation_adds_the_kl_to_the_teachers_distribution(in_batch):
     base, _ = _loss(agree, q, c, in_batch_negatives=in_batch)
     assert abs(same.item() - base.item()) <= 1e-12
     with pytest.raises(ValueError, match="teacher_scores"):
-        contrastive_loss(q, c, batch["candidate_mask"], in_batch_negatives=False,
-                         distill_weight=1.0)  # fmt: skip
+        stage2 = ContrastiveLossConfig(in_batch_negatives=False, distill_weight=1.0)
+        contrastive_loss(q, c, LossInputs(batch["candidate_mask"]), stage2)
     for kw, flag in (
         (dict(distill_weight=-1.0), "--distill-weight"),
         (dict(distill_temperature=0.0), "--distill-temperature"),
@@ -283,7 +280,7 @@ def test_matryoshka_prefixes_send_no_gradient_beyond_the_widest():
     batch, q, c = _batch()
     q = q.detach().requires_grad_(True)
     c = c.detach().requires_grad_(True)
-    loss, _ = _loss(batch, q, c, matryoshka=Matryoshka((5, 3)), document_document=True)
+    loss, _ = _loss(batch, q, c, **_mrl(Matryoshka((5, 3))), document_document=True)
     loss.backward()
     assert q.grad[:, 5:].abs().max().item() == 0.0 and c.grad[..., 5:].abs().max().item() == 0.0
     assert q.grad[:, :5].abs().max().item() > 0.0 and c.grad[..., :5].abs().max().item() > 0.0
@@ -292,36 +289,31 @@ def test_matryoshka_prefixes_send_no_gradient_beyond_the_widest():
 def test_module_passes_its_settings_and_refuses_bad_ones():
     batch, q, c = _batch()
     cfg = ContrastiveLossConfig(
-        temperature=T, query_query=True, document_document=True, matryoshka=Matryoshka((8, 4))
+        temperature=T, query_query=True, document_document=True, **_mrl(Matryoshka((8, 4)))
     )
-    got = ContrastiveLoss(cfg)(
-        q,
-        c,
-        batch["candidate_mask"],
-        batch["in_batch"],
-        batch["candidate_ids"],
-        batch["query_ids"],
+    inputs = LossInputs(
+        batch["candidate_mask"], batch["in_batch"], batch["candidate_ids"], batch["query_ids"]
     )
+    got = ContrastiveLoss(cfg)(q, c, inputs)
     want, _ = _loss(batch, q, c, query_query=True, document_document=True,
-                    matryoshka=Matryoshka((8, 4)))  # fmt: skip
+                    **_mrl(Matryoshka((8, 4))))  # fmt: skip
     assert got.item() == want.item()
     bad = [
         (dict(query_query=True, in_batch_negatives=False), "in_batch_negatives"),
         (dict(document_document=True, in_batch_negatives=False), "in_batch_negatives"),
-        (dict(matryoshka=Matryoshka(())), "--matryoshka-dims"),
-        (dict(matryoshka=Matryoshka((4, 4))), "distinct"),
-        (dict(matryoshka=Matryoshka((4, 2), (1.0,))), "--matryoshka-weights"),
-        (dict(matryoshka=Matryoshka((4,), (-1.0,))), "> 0"),
+        (dict(matryoshka_weights=[1.0]), "--matryoshka-weights needs --matryoshka-dims"),
+        (dict(matryoshka_dims=[4, 4]), "distinct"),
+        (dict(matryoshka_dims=[4, 2], matryoshka_weights=[1.0]), "--matryoshka-weights"),
+        (dict(matryoshka_dims=[4], matryoshka_weights=[-1.0]), "> 0"),
     ]
     for kw, words in bad:
         with pytest.raises(ValueError, match=words):
             ContrastiveLossConfig(**kw).validate()
     with pytest.raises(ValueError, match="exceeds the embedding width 8"):
-        _loss(batch, q, c, matryoshka=Matryoshka((16,)))
+        _loss(batch, q, c, **_mrl(Matryoshka((16,))))
     with pytest.raises(ValueError, match="query_ids"):
-        contrastive_loss(
-            q, c, batch["candidate_mask"], candidate_ids=batch["candidate_ids"], query_query=True
-        )
+        inputs = LossInputs(batch["candidate_mask"], candidate_ids=batch["candidate_ids"])
+        contrastive_loss(q, c, inputs, ContrastiveLossConfig(query_query=True))
 
 
 def test_training_flags_reach_the_loss():

@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from megatron_nvembed.data.collate import EmbeddingBatch
+from megatron_nvembed.loss_inputs import LossInputs
 from megatron_nvembed.testing import init_single_process_megatron
 from megatron_nvembed.training.start import StartingPoint
 
@@ -59,15 +60,18 @@ def _part(n, width, seed):
 
 
 def _micro_batch(seed, b=2, n=4):
+    inputs = LossInputs(
+        candidate_mask=torch.ones(b, n, dtype=torch.bool),
+        in_batch=torch.ones(b, dtype=torch.bool),
+        candidate_ids=torch.arange(b * n).view(b, n) + 100 * seed,
+        document_ids=torch.arange(b * n).view(b, n) % 3 + 1000 * seed,
+    )
     return EmbeddingBatch(
         query=_part(b, 12, seed),
         candidates=_part(b * n, 20, seed + 1),
-        candidate_mask=torch.ones(b, n, dtype=torch.bool),
-        candidate_ids=torch.arange(b * n).view(b, n) + 100 * seed,
-        in_batch=torch.ones(b, dtype=torch.bool),
+        loss_inputs=inputs,
         dataset_index=torch.zeros(b, dtype=torch.long),
         truncated=0,
-        document_ids=torch.arange(b * n).view(b, n) % 3 + 1000 * seed,
     )
 
 
@@ -114,20 +118,19 @@ def test_step_makes_no_device_round_trip(grad_cache, layout):
 
 
 @pytest.mark.parametrize("grad_cache", [True, False], ids=["grad_cache", "direct"])
-def test_step_hands_the_document_ids_to_the_loss(grad_cache):
-    """The micro-batches' document ids reach the loss unchanged (GradCache: concatenated in
-    micro-batch order, the direct path: each micro-batch's own), with their candidates."""
+def test_step_hands_the_loss_inputs_to_the_loss(grad_cache):
+    """The micro-batches' loss inputs, as collation built them, reach the loss whole and
+    unchanged (GradCache: concatenated in micro-batch order, the direct path: each
+    micro-batch's own), with their candidates."""
     from megatron_nvembed.training.step import StepRunner, plan_micro_batch
 
     pg, ddp, loss, thd = _parts("sdpa")
     seen = []
     real = loss.forward
 
-    def recording(*args, **kwargs):
-        names = ("candidate_ids", "query_ids", "teacher_scores", "document_ids")
-        given = dict(zip(names, args[4:]), **kwargs)
-        seen.append((given["candidate_ids"].clone(), given["document_ids"].clone()))
-        return real(*args, **kwargs)
+    def recording(query, candidates, inputs):
+        seen.append({k: None if v is None else v.clone() for k, v in inputs.tensors().items()})
+        return real(query, candidates, inputs)
 
     loss.forward = recording
     try:
@@ -135,13 +138,16 @@ def test_step_hands_the_document_ids_to_the_loss(grad_cache):
         step = StepRunner(
             ddp, loss, pg, grad_cache=grad_cache, plan=plan, device=torch.device("cpu")
         )
-        mbs = [_micro_batch(5), _micro_batch(6)]
-        step.run(step.prepare(mbs))
+        step.run(step.prepare([_micro_batch(5), _micro_batch(6)]))
     finally:
         loss.forward = real
-    want = [(mb.candidate_ids, mb.document_ids) for mb in mbs]
+    want = [_micro_batch(seed).loss_inputs for seed in (5, 6)]  # built afresh: as collated
     if grad_cache:
-        want = [tuple(torch.cat([w[k] for w in want]) for k in range(2))]
+        want = [LossInputs.cat(want)]
     assert len(seen) == len(want)
-    for (ids, docs), (want_ids, want_docs) in zip(seen, want):
-        assert torch.equal(ids, want_ids) and torch.equal(docs, want_docs)
+    for got, expected in zip(seen, want):
+        for name, value in expected.tensors().items():
+            if value is None:
+                assert got[name] is None, name
+            else:
+                assert torch.equal(got[name], value), name
