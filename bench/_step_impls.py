@@ -129,11 +129,12 @@ def layout_plan(cfg: TrainingConfig, model_cfg, layout: str, thd: bool | None = 
     """The trainer's plan (`training.setup.step_plan`) for `cfg` with `layout`'s trainer settings
     (checked by `TrainingConfig.validate`); `cfg.data.length_bucket_size` is the size `buckets`
     uses; `thd` as `step_plan`'s."""
-    cfg = replace(
-        cfg,
+    data = replace(
+        cfg.data,
         length_bucket_size=cfg.data.length_bucket_size if layout == "buckets" else 0,
         pack_sequences=layout == "packed",
-    ).validate()
+    )
+    cfg = replace(cfg, data=data).validate()
     return step_plan(cfg, model_cfg, thd)
 
 

@@ -329,9 +329,9 @@ def _check_pp2_grad_cache(rank, world_size):
         forward, micro, loss_fn, lambda mb: mb["loss"], drive=drive, last_stage=last
     )
     for k, p in model.named_parameters():
-        assert (
-            _rel(p.grad, ref[k]) <= RTOL
-        ), f"stage {rank}: grad of {k} differs ({_rel(p.grad, ref[k])})"
+        assert _rel(p.grad, ref[k]) <= RTOL, (
+            f"stage {rank}: grad of {k} differs ({_rel(p.grad, ref[k])})"
+        )
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
     if last:
         assert result.replay_max_diff == 0.0 and result.loss is not None

@@ -438,12 +438,11 @@ def test_activation_recompute_leaves_training_unchanged(runs_1):
 
 def _validation_worker(rank, world, data, tmp):
     from megatron_nvembed.checkpoint import load_checkpoint, read_config
-    from megatron_nvembed.data.tokenization import tokenize_for_embedding
+    from megatron_nvembed.data.tokenization import load_tokenizer, tokenize_for_embedding
     from megatron_nvembed.evaluation.beir import load_beir
     from megatron_nvembed.evaluation.metrics import retrieval_metrics
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.parallel import initialize_model_parallel
-    from megatron_nvembed.data.tokenization import load_tokenizer
     from megatron_nvembed.training.trainer import train
 
     tmp = Path(tmp)

@@ -76,9 +76,12 @@ def test_micro_batches_are_collated_as_the_trainer_does(bench, shape):
 def test_layouts_are_the_trainers_plans(bench, shape):
     from _step_impls import LAYOUTS, layout_plan, micro_batch, synthetic_texts
 
+    from megatron_nvembed.data.config import DataConfig
     from megatron_nvembed.training.config import TrainingConfig
 
-    cfg = TrainingConfig(train_data=["synthetic"], seq_length=32, length_bucket_size=4)
+    cfg = TrainingConfig(
+        data=DataConfig(train_data=["synthetic"], seq_length=32, length_bucket_size=4)
+    )
     queries, passages, cut = synthetic_texts(shape, 0)[0]
     real = sum(len(t) for t, _ in queries + passages)
     plans = {
@@ -97,7 +100,7 @@ def test_layouts_are_the_trainers_plans(bench, shape):
     assert len(plans["buckets"].calls) > 2
     assert real <= plans["buckets"].positions < plans["padded"].positions < pad512.positions
     with pytest.raises(ValueError, match="pick one"):
-        replace(cfg, pack_sequences=True).validate()
+        replace(cfg, data=replace(cfg.data, pack_sequences=True)).validate()
 
 
 def test_paired_ratio_is_the_median_of_step_ratios(bench):

@@ -298,11 +298,11 @@ def test_stats_merge_and_span_message():
 def test_config_validation_names_fields():
     with pytest.raises(ValueError, match="temperature"):
         ContrastiveLossConfig(temperature=0).validate()
-    with pytest.raises(ValueError, match="false_negative_margin"):
+    with pytest.raises(ValueError, match="--false-negative-margin must be <= 1"):
         ContrastiveLossConfig(false_negative_margin=1.5).validate()
-    with pytest.raises(ValueError, match="false_negative_margin"):
+    with pytest.raises(ValueError, match="--false-negative-margin must be > 0"):
         ContrastiveLossConfig(false_negative_margin=0.0).validate()
-    with pytest.raises(ValueError, match="in_batch_negatives"):
+    with pytest.raises(ValueError, match="--in-batch-negatives must be true or false"):
         ContrastiveLossConfig(in_batch_negatives="yes").validate()
     cfg = ContrastiveLossConfig()
     assert cfg.validate() is cfg and cfg.temperature == 0.02

@@ -299,8 +299,8 @@ def test_module_passes_its_settings_and_refuses_bad_ones():
                     **_mrl(Matryoshka((8, 4))))  # fmt: skip
     assert got.item() == want.item()
     bad = [
-        (dict(query_query=True, in_batch_negatives=False), "in_batch_negatives"),
-        (dict(document_document=True, in_batch_negatives=False), "in_batch_negatives"),
+        (dict(query_query=True, in_batch_negatives=False), "needs in-batch negatives"),
+        (dict(document_document=True, in_batch_negatives=False), "needs in-batch negatives"),
         (dict(matryoshka_weights=[1.0]), "--matryoshka-weights needs --matryoshka-dims"),
         (dict(matryoshka_dims=[4, 4]), "distinct"),
         (dict(matryoshka_dims=[4, 2], matryoshka_weights=[1.0]), "--matryoshka-weights"),

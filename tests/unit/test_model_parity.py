@@ -155,7 +155,7 @@ def test_latent_kv_is_input_independent(pg):
             "num_attention_heads.*tensor-model-parallel-size",
         ),
         (dict(mask_type="sliding"), "mask_type"),
-        (dict(attention_backend="flash"), "attention_backend"),
+        (dict(attention_backend="flash"), "--attention-backend must be one of"),
     ],
 )
 def test_config_errors_name_the_setting(change, match):
