@@ -65,7 +65,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_nvembed", "megatron_nvembed.*"]),
-    package_data={"megatron_nvembed": ["data/*.json", "conversion/hf_files/*.py"]},
+    package_data={"megatron_nvembed": ["data/*.json", "hf_model/*.py"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

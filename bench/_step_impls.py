@@ -21,12 +21,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from megatron_nvembed.core.loss_inputs import LossInputs
 from megatron_nvembed.data.buckets import bucket_width
 from megatron_nvembed.data.collate import EmbeddingBatch
-from megatron_nvembed.hashing import sequence_hash
-from megatron_nvembed.loss_inputs import LossInputs
 from megatron_nvembed.training.config import TrainingConfig
 from megatron_nvembed.training.setup import step_plan
+from megatron_nvembed.utils.hashing import sequence_hash
 
 BOS, EOS = 1, 2  # EOS doubles as the padding id, as the project's tokenizers do
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -184,7 +184,7 @@ class OursStep:
 
     def step(self, micro_batches: list[EmbeddingBatch]):
         """One optimizer step; returns (loss tensor, the planned micro-batches)."""
-        from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
+        from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 
         o = self.ours
         batches = self.runner.prepare(micro_batches)
@@ -208,7 +208,7 @@ class OursStep:
 
 def hf_reference(cfg, seed: int, device, dtype):
     """transformers `MistralModel` (SDPA, padding-only 4-D mask) + the plain-torch latent head."""
-    from megatron_nvembed.reference import ReferenceEmbedder
+    from megatron_nvembed.testing.reference import ReferenceEmbedder
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()

@@ -77,7 +77,7 @@ def build_export(folder: Path, args) -> Path:
 
     from megatron_nvembed.conversion.export_hf import export_hf
     from megatron_nvembed.conversion.import_hf import import_hf
-    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.testing import build_word_tokenizer
 
     tok = build_word_tokenizer([" ".join(vocabulary())])
@@ -455,7 +455,7 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:
-        from megatron_nvembed.fileio import write_atomic
+        from megatron_nvembed.utils.fileio import write_atomic
 
         write_atomic(args.output, text + "\n")
     return 0

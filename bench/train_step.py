@@ -49,9 +49,9 @@ from _step_impls import (  # noqa: E402
 )
 from render_results import render  # noqa: E402
 
-from megatron_nvembed.fileio import write_atomic  # noqa: E402
-from megatron_nvembed.flops import flop_shape  # noqa: E402
-from megatron_nvembed.hardware import gpu_peak_bf16_tflops  # noqa: E402
+from megatron_nvembed.core.flops import flop_shape  # noqa: E402
+from megatron_nvembed.core.hardware import gpu_peak_bf16_tflops  # noqa: E402
+from megatron_nvembed.utils.fileio import write_atomic  # noqa: E402
 
 PRESETS = {
     # A small Mistral-shaped model that keeps NV-Embed's structure (GQA 4:1, SwiGLU 3x, latent
@@ -140,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configure(args):
     """(`TrainingConfig` of ours, the batches' `Shape`, warm-up steps, weights) from the flags."""
-    from megatron_nvembed.config import (
+    from megatron_nvembed.core.config import (
         EmbeddingModelConfig,
         ModelConfig,
         ParallelConfig,

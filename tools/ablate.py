@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         argv = [*argv, "--out", "."]
     args = p.parse_args(argv)
 
-    from megatron_nvembed.logging_utils import setup_logging
+    from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging()
     from megatron_nvembed.ablation.bases import derive_mask_variant

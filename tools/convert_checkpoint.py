@@ -190,7 +190,7 @@ def run_import_hf(args: argparse.Namespace) -> str:
 def run_export_hf(args: argparse.Namespace) -> str:
     """export-hf in this process at TP = PP = 1; returns the summary."""
     from megatron_nvembed.conversion.export_hf import check_export_paths, export_hf
-    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.core.parallel import initialize_model_parallel
 
     # Before megatron-core is set up or anything is read (the library repeats it).
     check_export_paths(args.load, args.hf_dir, overwrite=args.overwrite)
@@ -207,7 +207,7 @@ def run_merge_lora(args: argparse.Namespace) -> str:
         check_merge_lora_paths,
         merge_lora_checkpoint,
     )
-    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.core.parallel import initialize_model_parallel
 
     # Before megatron-core is set up or anything is read (the library repeats it).
     check_merge_lora_paths(args.load, args.save, args.peft_dir, overwrite=args.overwrite)
@@ -228,7 +228,7 @@ COMMANDS = {"import-hf": run_import_hf, "export-hf": run_export_hf, "merge-lora"
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_nvembed.logging_utils import setup_logging
+    from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
     try:

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     _check_flags(p, args)
-    from megatron_nvembed.logging_utils import setup_logging
+    from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
     from megatron_nvembed.evaluation.embed_run import embed_texts

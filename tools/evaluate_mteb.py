@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    from megatron_nvembed.logging_utils import setup_logging
+    from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
     logging.getLogger("mteb").setLevel(logging.WARNING)

@@ -79,7 +79,7 @@ def run_merge(args: argparse.Namespace) -> str:
     """Checks the merge before megatron-core is set up or any weight is read (the library
     repeats it), then merges in this process at TP = PP = 1; returns the summary line."""
     from megatron_nvembed.conversion.merge import check_merge, merge_checkpoints
-    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.core.parallel import initialize_model_parallel
 
     options = dict(
         method=args.method,
@@ -100,7 +100,7 @@ def run_merge(args: argparse.Namespace) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_nvembed.logging_utils import setup_logging
+    from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
     try:

@@ -150,8 +150,8 @@ def _teacher(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_nvembed.core.logging_utils import setup_logging
     from megatron_nvembed.curation.mining import mine_hard_negatives
-    from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging()
     try:

@@ -119,9 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_nvembed.core.logging_utils import setup_logging
     from megatron_nvembed.curation.prepare import prepare_data
     from megatron_nvembed.data.records import write_jsonl_atomic
-    from megatron_nvembed.logging_utils import setup_logging
 
     setup_logging()
     try:

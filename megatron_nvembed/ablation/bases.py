@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from megatron_nvembed.ablation.grid import MASKS
-from megatron_nvembed.checkpoint import CONFIG_FILE, TRACKER, is_checkpoint_dir
+from megatron_nvembed.checkpoint.store import CONFIG_FILE, TRACKER, is_checkpoint_dir
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from megatron_nvembed.ablation.grid import DEFAULT_OBJECTIVE
-from megatron_nvembed.fileio import write_atomic
+from megatron_nvembed.utils.fileio import write_atomic
 
 PLAN_FILE = "plan.json"
 DONE_FILE = "done.json"

@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from megatron_nvembed.config import MASK_TYPES
+from megatron_nvembed.core.config import MASK_TYPES
 
 # The paper's order (Tables 2-4): rows of the report and cells of a run follow it.
 POOLINGS = ("eos", "mean", "latent", "self-attention")

@@ -30,9 +30,9 @@ from megatron_nvembed.ablation.steps import (
     TrainStep,
     render_argv,
 )
-from megatron_nvembed.checkpoint import is_checkpoint_dir
-from megatron_nvembed.fileio import write_atomic
-from megatron_nvembed.launch import free_port
+from megatron_nvembed.checkpoint.store import is_checkpoint_dir
+from megatron_nvembed.core.launch import free_port
+from megatron_nvembed.utils.fileio import write_atomic
 
 EvalMain = Callable[[list[str]], int | None]
 """An evaluation entry point called in this process with an EvalStep's flags (the `main` of

@@ -29,7 +29,7 @@ from megatron_nvembed.ablation.steps import (
     render_argv,
     step_record,
 )
-from megatron_nvembed.checkpoint import TRACKER, is_checkpoint_dir, read_config
+from megatron_nvembed.checkpoint.store import TRACKER, is_checkpoint_dir, read_config
 
 BaseStep = ImportStep | DeriveStep
 

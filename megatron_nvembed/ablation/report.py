@@ -16,7 +16,7 @@ from pathlib import Path
 from megatron_nvembed.ablation.cells import DONE_FILE, SUMMARY
 from megatron_nvembed.ablation.grid import DEFAULT_OBJECTIVE, order_key
 from megatron_nvembed.evaluation.mteb_eval import CATEGORIES  # the paper's column order
-from megatron_nvembed.fileio import write_atomic
+from megatron_nvembed.utils.fileio import write_atomic
 
 # matplotlib is optional: the `ablate` extra of setup.py brings it (with mteb for the evaluations).
 PLOT_SKIPPED_MESSAGE = (

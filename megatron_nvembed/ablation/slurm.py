@@ -17,8 +17,8 @@ from pathlib import Path
 from megatron_nvembed.ablation import cells as cell_files
 from megatron_nvembed.ablation.plan import CellPlan, Plan
 from megatron_nvembed.ablation.steps import ROOT, FinishStep, TrainStep, render_argv
-from megatron_nvembed.checkpoint import TRACKER
-from megatron_nvembed.fileio import write_atomic
+from megatron_nvembed.checkpoint.store import TRACKER
+from megatron_nvembed.utils.fileio import write_atomic
 
 
 def _header(

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_nvembed.checkpoint import TOKENIZER_DIR, copy_tokenizer_files
-from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.conversion.hf_config import latent_attention_config_dict, text_config_dict
 from megatron_nvembed.conversion.hf_weights import write_safetensors_shards
 from megatron_nvembed.conversion.st_layout import PROMPTS_FILE, prompts_config, write_st_layout
-from megatron_nvembed.fileio import atomic_dir, check_output_dir
+from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
 
-HF_FILES_DIR = Path(__file__).parent / "hf_files"
+HF_FILES_DIR = Path(__file__).resolve().parents[1] / "hf_model"
 HF_MODEL_FILES = (
     "configuration_nvembed.py",
     "modeling_nvembed.py",
@@ -177,7 +177,7 @@ def export_hf(
             refused by `check_output_dir` (before the checkpoint is read).
         FileNotFoundError: the checkpoint holds no tokenizer files.
     """
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
     from megatron_nvembed.conversion.hf_mapping import megatron_to_hf, model_to_hf_shard
     from megatron_nvembed.model.build import build_model
 

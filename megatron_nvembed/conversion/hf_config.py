@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_nvembed.config import EmbeddingModelConfig, ModelConfig, PoolingConfig
 from megatron_nvembed.conversion.st_layout import read_st_layout
+from megatron_nvembed.core.config import EmbeddingModelConfig, ModelConfig, PoolingConfig
 
 BACKBONE_TYPES = (
     "mistral",

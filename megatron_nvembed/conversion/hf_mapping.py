@@ -2,7 +2,7 @@
 
 One table names every parameter on both sides and the transform kind between them (`replicated`,
 `column`, `row`, `vocab`, `qkv`, `pair`); the transforms themselves, full tensors <-> one TP
-rank's shard, are `megatron_nvembed.sharding`'s (its docstring tabulates the layouts).
+rank's shard, are `megatron_nvembed.utils.sharding`'s (its docstring tabulates the layouts).
 
 HF-side names are those of transformers' `MistralModel` / `LlamaModel` / `Qwen2Model` /
 `Qwen3Model` (no `model.` prefix) for the backbone and NV-Embed's `latent_attention_model.*` for
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_nvembed.config import EmbeddingModelConfig, padded_vocab_size
-from megatron_nvembed.sharding import shard, unshard, uses_te_names
+from megatron_nvembed.core.config import EmbeddingModelConfig, padded_vocab_size
+from megatron_nvembed.utils.sharding import shard, unshard, uses_te_names
 
 
 @dataclass(frozen=True)

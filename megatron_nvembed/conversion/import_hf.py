@@ -13,11 +13,11 @@ import os
 import time
 from pathlib import Path
 
-from megatron_nvembed.checkpoint import TOKENIZER_DIR, copy_tokenizer_files
-from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.conversion.hf_weights import LazyHFState, backbone_prefix
-from megatron_nvembed.fileio import atomic_dir, check_output_dir
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.core.logging_utils import get_logger
+from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
 
 logger = get_logger(__name__)
 
@@ -41,10 +41,10 @@ def _import_worker(
 ) -> None:
     """One of the TP x PP import processes: builds its model stage, fills it from the source and
     saves its shard of the checkpoint into `tmp_dir`."""
-    from megatron_nvembed.checkpoint import save_checkpoint
+    from megatron_nvembed.checkpoint.store import save_checkpoint
     from megatron_nvembed.conversion.hf_mapping import load_hf_into_model
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.parallel import initialize_model_parallel
 
     cfg = EmbeddingModelConfig.from_dict(cfg_dict)
     par = cfg.parallel
@@ -161,7 +161,7 @@ def import_hf(
         FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault
             (output folder: `check_output_dir`, before anything is read).
     """
-    from megatron_nvembed.launch import run_distributed
+    from megatron_nvembed.core.launch import run_distributed
 
     final = check_output_dir(save_dir, "--save", [("--hf-dir", hf_dir)], overwrite=overwrite)
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_nvembed.checkpoint import (
+from megatron_nvembed.checkpoint.store import (
     CONFIG_FILE,
     LORA_FILE,
     TOKENIZER_DIR,
@@ -44,9 +44,9 @@ from megatron_nvembed.checkpoint import (
     read_config,
     read_lora,
 )
-from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig
-from megatron_nvembed.fileio import atomic_dir, check_output_dir
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.core.logging_utils import get_logger
+from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
 
 logger = get_logger(__name__)
 
@@ -289,7 +289,7 @@ def _tokenizer_differs(first: Path, other: Path) -> bool:
 def _check_input_files(plan: MergePlan) -> None:
     """Every input's checkpoint files checked safe to load (`verify_checkpoint_folder`) before
     any weight is read; a warning for each input whose tokenizer files differ from the first's."""
-    from megatron_nvembed.checkpoint_safety import verify_checkpoint_folder
+    from megatron_nvembed.checkpoint.safety import verify_checkpoint_folder
 
     for path, it in zip(plan.loads, plan.iterations):
         verify_checkpoint_folder(iteration_dir(path, it))
@@ -306,7 +306,7 @@ def _fold_inputs(model: torch.nn.Module, plan: MergePlan) -> int:
     """Loads each input into `model` in turn and folds it into the result, which `model` holds
     at the end (linear: the weighted sum; slerp: the interpolation). Returns the number of
     parameter tensors merged."""
-    from megatron_nvembed.checkpoint import load_checkpoint
+    from megatron_nvembed.checkpoint.store import load_checkpoint
 
     params = dict(model.named_parameters())
     held: dict[str, torch.Tensor] = {}  # linear: the running sum; slerp: the first input
@@ -341,7 +341,7 @@ def _fold_inputs(model: torch.nn.Module, plan: MergePlan) -> int:
 def _write_merged(model: torch.nn.Module, plan: MergePlan, overwrite: bool) -> None:
     """Saves the merged `model` (iteration 0, the first input's LoRA settings) with the first
     input's tokenizer files beside `plan.final`, then swaps it in."""
-    from megatron_nvembed.checkpoint import save_checkpoint
+    from megatron_nvembed.checkpoint.store import save_checkpoint
 
     with atomic_dir(plan.final, overwrite=overwrite, flag="--save") as tmp:
         save_checkpoint(model, plan.cfg, tmp, iteration=0, lora=plan.lora)

@@ -12,9 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_nvembed.config import ParallelConfig
-from megatron_nvembed.fileio import atomic_dir, check_output_dir, folder_relation
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.config import ParallelConfig
+from megatron_nvembed.core.logging_utils import get_logger
+from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir, folder_relation
 
 logger = get_logger(__name__)
 
@@ -89,7 +89,7 @@ def merge_lora_checkpoint(
             `peft_base_model` or `peft_target` without `peft_dir`; an unknown `peft_target`;
             an output folder refused by `check_merge_lora_paths` (before the checkpoint is read).
     """
-    from megatron_nvembed.checkpoint import (
+    from megatron_nvembed.checkpoint.store import (
         TOKENIZER_DIR,
         load_checkpoint,
         read_config,

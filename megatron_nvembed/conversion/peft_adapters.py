@@ -4,7 +4,7 @@ exported NV-Embed model (or of a plain transformers `MistralModel`), plus the tr
 `save_peft_adapters` writes `adapter_config.json` + `adapter_model.safetensors` (the fused QKV
 and gate/up adapters split into q/k/v and gate/up adapters sharing A, exact since the fused
 output rows are those projections); `load_peft_adapters` applies such files with peft and fails
-on any key that matches nothing. The layouts come from `megatron_nvembed.sharding`, the head's HF
+on any key that matches nothing. The layouts come from `megatron_nvembed.utils.sharding`, the head's HF
 names from `hf_mapping.head_rules`: that name map is why this lives in conversion/ and not next
 to the adapter layers.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 from megatron_nvembed.conversion.hf_mapping import head_rules
 from megatron_nvembed.model.lora import COLUMN_TARGETS, LoRAParallelLinear
-from megatron_nvembed.sharding import unshard
+from megatron_nvembed.utils.sharding import unshard
 
 
 def lora_to_hf(

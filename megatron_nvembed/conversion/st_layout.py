@@ -18,8 +18,8 @@ import json
 import re
 from pathlib import Path
 
-from megatron_nvembed.config import EmbeddingModelConfig
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.config import EmbeddingModelConfig
+from megatron_nvembed.core.logging_utils import get_logger
 
 logger = get_logger(__name__)
 

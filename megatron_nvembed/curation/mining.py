@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.curation.mining_options import MiningOptions, MiningSummary
 from megatron_nvembed.curation.mining_select import mine_blocks, split_blocks
 from megatron_nvembed.curation.mining_state import (
@@ -76,7 +77,6 @@ from megatron_nvembed.curation.mining_state import (
     resume,
 )
 from megatron_nvembed.data.records import MissingInstructionError, ReadStats, Record, iter_records
-from megatron_nvembed.logging_utils import get_logger
 from megatron_nvembed.retrieval.search import EXACT
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.curation.mining_options import MiningOptions
 from megatron_nvembed.data.records import Record
 from megatron_nvembed.data.templates import query_instruction

@@ -15,9 +15,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.curation.mining_options import MiningSummary
-from megatron_nvembed.fileio import remove_stale_temporaries, write_atomic
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.utils.fileio import remove_stale_temporaries, write_atomic
 
 logger = get_logger(__name__)
 

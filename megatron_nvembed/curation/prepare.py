@@ -58,7 +58,7 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
 def remove_own_temporaries(path: str | Path) -> int:
     """Removes the temporaries a run killed while writing `path` left beside it (only those of
     `path`: its folder may be shared with runs writing other files); returns how many."""
-    from megatron_nvembed.fileio import remove_stale_temporaries
+    from megatron_nvembed.utils.fileio import remove_stale_temporaries
 
     path = Path(path)
     return remove_stale_temporaries(path.parent, path.name)

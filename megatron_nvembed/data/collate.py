@@ -5,8 +5,8 @@ negatives. An absent negative (the record had fewer than K) is an empty text (BO
 tokens, then padding) whose `candidate_mask` entry is False: the candidate tensors always have
 b * (1 + K) rows (as GradCache and pipeline schedules want fixed shapes) at the cost of a short
 row. What the loss needs besides the embeddings is built here, once, as one `LossInputs`
-(`megatron_nvembed/loss_inputs.py`), which the training step carries and moves whole.
-Candidate ids are `megatron_nvembed.hashing.sequence_hash` of each row's token ids, so equal
+(`megatron_nvembed/core/loss_inputs.py`), which the training step carries and moves whole.
+Candidate ids are `megatron_nvembed.utils.hashing.sequence_hash` of each row's token ids, so equal
 texts (a positive that is also another query's positive) get equal ids; query ids the same of
 each query's token ids; document ids `hashing.id_hash` of the records' `pos_ids` / `neg_ids`
 (0 where a record gives none), so the same document under another text is recognised too.
@@ -19,13 +19,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.loss_inputs import LossInputs
 from megatron_nvembed.data.blending import Slot
 from megatron_nvembed.data.records import Record
 from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
-from megatron_nvembed.hashing import id_hash, sequence_hash
-from megatron_nvembed.loss_inputs import LossInputs
+from megatron_nvembed.utils.hashing import id_hash, sequence_hash
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_nvembed.options import check_options, option
+from megatron_nvembed.utils.options import check_options, option
 
 BATCH_COMPOSITIONS = ("systematic", "multinomial", "homogeneous")
 """How datasets make up a global batch (`--batch-composition`; `data/blending.py`)."""

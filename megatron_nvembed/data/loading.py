@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.data.records import ReadStats, Record
 from megatron_nvembed.data.sources import (
     SIDECAR_SUFFIX,
@@ -39,7 +40,6 @@ from megatron_nvembed.data.sources import (
     index_jsonl,
     parquet_source,
 )
-from megatron_nvembed.logging_utils import get_logger
 
 logger = get_logger(__name__)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.data.blending import BlendedSampler
 from megatron_nvembed.data.collate import EmbeddingBatch, collate
 from megatron_nvembed.data.loading import load_dataset_spec, parse_data_paths
-from megatron_nvembed.logging_utils import get_logger
 
 logger = get_logger(__name__)
 

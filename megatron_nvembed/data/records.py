@@ -396,7 +396,7 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     Returns:
         The number of rows written.
     """
-    from megatron_nvembed.fileio import atomic_path
+    from megatron_nvembed.utils.fileio import atomic_path
 
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:

@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
 
 _FILE = Path(__file__).with_name("task_definitions.json")
 SPLITS = ("train", "eval")

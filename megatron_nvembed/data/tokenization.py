@@ -28,7 +28,7 @@ import torch
 # The one tokenizer loader (tokenizer.json read unchanged; see its module) and the one pad-token
 # rule: they ship inside exports too, so training, tools/embed.py, tools/evaluate_mteb.py and the
 # exported model's `encode` tokenise and pad alike.
-from megatron_nvembed.conversion.hf_files.tokenization_nvembed import (
+from megatron_nvembed.hf_model.tokenization_nvembed import (
     load_tokenizer,  # noqa: F401 - re-exported
     pad_token_id,
 )

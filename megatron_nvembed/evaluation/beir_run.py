@@ -21,9 +21,9 @@ from megatron_nvembed.evaluation.embedder import Embedder
 from megatron_nvembed.evaluation.encoder_flags import FlagError
 from megatron_nvembed.evaluation.retrieval_eval import evaluate_beir_sharded
 from megatron_nvembed.evaluation.run_setup import RunSetup, Scored
-from megatron_nvembed.fileio import write_atomic
 from megatron_nvembed.retrieval.search import describe
 from megatron_nvembed.retrieval.shards import META
+from megatron_nvembed.utils.fileio import write_atomic
 
 logger = logging.getLogger("evaluate_mteb")  # the tool's name in its progress lines
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.loss.matryoshka import prefix
 
@@ -152,7 +152,7 @@ class Embedder:
         import torch.distributed as dist
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from megatron_nvembed.parallel import init_distributed
+            from megatron_nvembed.core.parallel import init_distributed
 
             init_distributed()
         if dist.is_initialized():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.tokenization import load_tokenizer
 from megatron_nvembed.evaluation.embedder import Embedder, token_lengths
 
@@ -39,15 +39,15 @@ class MegatronEmbedder(Embedder):
         super().__init__(**kw)
         import torch.distributed as dist
 
-        from megatron_nvembed.checkpoint import (
+        from megatron_nvembed.checkpoint.store import (
             TOKENIZER_DIR,
             latest_iteration,
             load_checkpoint,
             read_config,
         )
-        from megatron_nvembed.config import ParallelConfig
+        from megatron_nvembed.core.config import ParallelConfig
+        from megatron_nvembed.core.parallel import initialize_model_parallel
         from megatron_nvembed.model.build import build_model
-        from megatron_nvembed.parallel import initialize_model_parallel
 
         tok_dir = Path(load) / TOKENIZER_DIR
         if not tok_dir.is_dir():
@@ -91,7 +91,7 @@ class HFEmbedder(Embedder):
         super().__init__(**kw)
         import json
 
-        from megatron_nvembed.conversion.hf_files.modeling_nvembed import NVEmbedModel
+        from megatron_nvembed.hf_model.modeling_nvembed import NVEmbedModel
 
         config = Path(path) / "config.json"
         try:
@@ -199,7 +199,7 @@ def detect_model_format(path: str | os.PathLike) -> str:
     """
     import json
 
-    from megatron_nvembed.checkpoint import is_checkpoint_dir
+    from megatron_nvembed.checkpoint.store import is_checkpoint_dir
 
     p = Path(path)
     if not p.is_dir():
@@ -227,7 +227,7 @@ def query_template_of(path: str | os.PathLike) -> str:
     (`st_layout.prompt_query_template`); else NV-Embed's. Read from the config files only, so
     tools resolve instructions before loading the model."""
     if detect_model_format(path) == "megatron":
-        from megatron_nvembed.checkpoint import read_config
+        from megatron_nvembed.checkpoint.store import read_config
 
         return read_config(path).prompts.query_template
     from megatron_nvembed.conversion.st_layout import prompt_query_template

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
 from megatron_nvembed.data.templates import (
     format_query_instruction,
     get_task_definition,
     query_instruction,
 )
-from megatron_nvembed.fileio import write_atomic
+from megatron_nvembed.utils.fileio import write_atomic
 
 CATEGORIES = (
     "Retrieval",

@@ -64,7 +64,7 @@ class Scored:
 def _revision(model: str, fmt: str) -> str:
     if fmt != "megatron":
         return "hf"
-    from megatron_nvembed.checkpoint import latest_iteration
+    from megatron_nvembed.checkpoint.store import latest_iteration
 
     try:
         return f"iter_{latest_iteration(model):07d}"

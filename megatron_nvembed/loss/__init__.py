@@ -3,7 +3,7 @@
 The loss (`contrastive.py`) in its parts: settings (`config.py`), the gathered in-batch pool
 (`pool.py`, over `gather.py`), the exclusion masks (`masks.py`), the per-width InfoNCE and the
 distillation term (`contrastive.py`, widths from `matryoshka.py`), statistics (`stats.py`). Its
-per-batch inputs are one `LossInputs` (`megatron_nvembed/loss_inputs.py`, re-exported here).
+per-batch inputs are one `LossInputs` (`megatron_nvembed/core/loss_inputs.py`, re-exported here).
 
 The names below load their module on first use, so `megatron_nvembed.loss.config` (the loss's
 flags, read by `--help` and `--check-args`) imports without torch.
@@ -12,8 +12,8 @@ flags, read by `--help` and `--check-args`) imports without torch.
 import importlib
 
 _WHERE = {
-    "sequence_hash": "megatron_nvembed.hashing",  # the loss's candidate ids
-    "LossInputs": "megatron_nvembed.loss_inputs",  # built by collation
+    "sequence_hash": "megatron_nvembed.utils.hashing",  # the loss's candidate ids
+    "LossInputs": "megatron_nvembed.core.loss_inputs",  # built by collation
     "ContrastiveLossConfig": "megatron_nvembed.loss.config",
     "ContrastiveLoss": "megatron_nvembed.loss.contrastive",
     "contrastive_loss": "megatron_nvembed.loss.contrastive",

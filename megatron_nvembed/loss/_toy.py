@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_nvembed.hashing import sequence_hash
-from megatron_nvembed.loss_inputs import LossInputs
+from megatron_nvembed.core.loss_inputs import LossInputs
+from megatron_nvembed.utils.hashing import sequence_hash
 
 
 class ToyEncoder(nn.Module):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_nvembed.config import Matryoshka
-from megatron_nvembed.options import check_options, option
+from megatron_nvembed.core.config import Matryoshka
+from megatron_nvembed.utils.options import check_options, option
 
 
 @dataclass

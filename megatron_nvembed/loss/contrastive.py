@@ -4,7 +4,7 @@
 local queries, n = 1 + max hard negatives, d embedding width):
 - `query` [b, d] and `candidates` [b, n, d], L2-normalised by the pooling head, so a dot product
   is a cosine score; `candidates[:, 0]` is the positive;
-- `inputs`, a `LossInputs` (`megatron_nvembed/loss_inputs.py`: candidate mask, per-query
+- `inputs`, a `LossInputs` (`megatron_nvembed/core/loss_inputs.py`: candidate mask, per-query
   in-batch switch, text and document hashes, teacher scores, shapes on its fields), built by
   collation;
 - `config`, the `ContrastiveLossConfig` (`config.py`).
@@ -59,14 +59,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_nvembed.logging_utils import get_logger, log_rank0
+from megatron_nvembed.core.logging_utils import get_logger, log_rank0
+from megatron_nvembed.core.loss_inputs import LossInputs
 from megatron_nvembed.loss.config import ContrastiveLossConfig
 from megatron_nvembed.loss.masks import Exclusions, exclusion_masks
 from megatron_nvembed.loss.matryoshka import prefix
 from megatron_nvembed.loss.matryoshka import terms as matryoshka_terms
 from megatron_nvembed.loss.pool import GatheredPool, gather_pool
 from megatron_nvembed.loss.stats import ContrastiveStats, call_stats
-from megatron_nvembed.loss_inputs import LossInputs
 
 logger = get_logger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from megatron_nvembed.loss_inputs import LossInputs
-from megatron_nvembed.rng import RngSnapshot, capture_rng_state, restore_rng_state
+from megatron_nvembed.core.loss_inputs import LossInputs
+from megatron_nvembed.utils.rng import RngSnapshot, capture_rng_state, restore_rng_state
 
 
 class RngReplay:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_nvembed.core.loss_inputs import LossInputs
 from megatron_nvembed.loss.config import ContrastiveLossConfig
 from megatron_nvembed.loss.pool import GatheredPool
-from megatron_nvembed.loss_inputs import LossInputs
 
 
 @dataclass

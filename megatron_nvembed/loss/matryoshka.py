@@ -25,7 +25,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_nvembed.config import Matryoshka  # re-exported: the settings live with the configs
+from megatron_nvembed.core.config import (
+    Matryoshka,  # re-exported: the settings live with the configs
+)
 
 
 def prefix(x: torch.Tensor, dim: int | None) -> torch.Tensor:

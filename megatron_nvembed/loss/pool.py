@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_nvembed.core.loss_inputs import LossInputs
 from megatron_nvembed.loss.config import ContrastiveLossConfig
 from megatron_nvembed.loss.gather import (
     all_gather_no_grad,
@@ -25,7 +26,6 @@ from megatron_nvembed.loss.gather import (
     gather_row_counts,
     group_size,
 )
-from megatron_nvembed.loss_inputs import LossInputs
 
 
 @dataclass

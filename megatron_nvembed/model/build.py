@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_nvembed.config import EmbeddingModelConfig
-from megatron_nvembed.cpu_support import cpu_mode
+from megatron_nvembed.core.config import EmbeddingModelConfig
+from megatron_nvembed.core.cpu_support import cpu_mode
 
 
 def transformer_config(

@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from torch import nn
 
-from megatron_nvembed.sharding import uses_te_names
+from megatron_nvembed.utils.sharding import uses_te_names
 
 COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
 ROW_TARGETS = ("linear_proj", "linear_fc2")
@@ -139,7 +139,7 @@ def _dp_cp_group(metadata):
     in the sharded-state-dict metadata; older callers do not)."""
     group = (metadata or {}).get("dp_cp_group")
     if group is None:
-        from megatron_nvembed.parallel import data_parallel_group
+        from megatron_nvembed.core.parallel import data_parallel_group
 
         group = data_parallel_group()
     return group

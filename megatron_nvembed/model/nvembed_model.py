@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_nvembed.config import EmbeddingModelConfig, padded_vocab_size
+from megatron_nvembed.core.config import EmbeddingModelConfig, padded_vocab_size
 from megatron_nvembed.model.pooling import build_pooling
 from megatron_nvembed.model.specs import (
     build_attention_mask,

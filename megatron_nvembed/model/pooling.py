@@ -27,8 +27,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import nn
 
-from megatron_nvembed.config import PoolingConfig
-from megatron_nvembed.sharding import shard
+from megatron_nvembed.core.config import PoolingConfig
+from megatron_nvembed.utils.sharding import shard
 
 
 def masked_mean(hidden_bsh: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:

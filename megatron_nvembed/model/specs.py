@@ -13,7 +13,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_nvembed.config import ModelConfig
+from megatron_nvembed.core.config import ModelConfig
 
 
 def te_available() -> bool:

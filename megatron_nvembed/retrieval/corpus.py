@@ -57,7 +57,7 @@ def embed_row(obj: dict, where: str, template: str | None = None) -> CorpusRow:
     """`tools/embed.py` input: `{"text", "instruction"?}`; the instruction is a task definition
     put into the model's query template (`template`; None: NV-Embed's "Instruct: {definition}\\n
     Query: "), or a complete "Instruct:" prefix, kept."""
-    from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+    from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
     from megatron_nvembed.data.templates import query_instruction
 
     if "text" not in obj:

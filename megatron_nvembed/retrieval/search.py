@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.logging_utils import get_logger
 
 logger = get_logger(__name__)
 
@@ -204,7 +204,7 @@ def search(
     else:
         built = build_index(corpus, index, train_size=train_size, seed=seed)
         if cache is not None:
-            from megatron_nvembed.fileio import write_with
+            from megatron_nvembed.utils.fileio import write_with
 
             write_with(cache, lambda tmp: faiss.write_index(built, str(tmp)))
     if cache is not None:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_nvembed.fileio import remove_stale_temporaries, save_npy_atomic, write_atomic
-from megatron_nvembed.logging_utils import SPEAKER, get_logger
+from megatron_nvembed.core.logging_utils import SPEAKER, get_logger
+from megatron_nvembed.utils.fileio import remove_stale_temporaries, save_npy_atomic, write_atomic
 
 logger = get_logger(__name__)
 
@@ -385,7 +385,7 @@ def encode_corpus(
 def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> None:
     """All shards as one float32 `.npy` [rows, dim], written shard by shard through a memory
     map into a temporary file, then renamed (memory: one shard)."""
-    from megatron_nvembed.fileio import write_with
+    from megatron_nvembed.utils.fileio import write_with
 
     def write(tmp: Path) -> None:
         out = np.lib.format.open_memmap(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_nvembed.options import field_type, option_of, walk_options
 from megatron_nvembed.training.config import TrainingConfig
 from megatron_nvembed.training.recipes import RECIPES, get_recipe
+from megatron_nvembed.utils.options import field_type, option_of, walk_options
 
 
 def _add_flag(parser, path: str, cls: type, f) -> None:

@@ -3,7 +3,7 @@ distributed checkpointing (reshardable to any TP/PP/DP), plus what exact resumpt
 
 ```
 iter_XXXXXXX/
-  (model + optimizer shards, nvembed_config.json, lora.json)   see megatron_nvembed/checkpoint.py
+  (model + optimizer shards, nvembed_config.json, lora.json)   see megatron_nvembed/checkpoint/store.py
   train_state.json      iteration, scheduler, data position, skipped steps, layout, run settings
   rng/rank_XXXXX.pt     each rank's CPU / CUDA / tensor-parallel generator states
 ```
@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.checkpoint import (
+from megatron_nvembed.checkpoint.safety import load_rng_file
+from megatron_nvembed.checkpoint.store import (
     TOKENIZER_DIR,
     copy_tokenizer_files,
     iteration_dir,
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_nvembed.checkpoint_safety import load_rng_file
-from megatron_nvembed.logging_utils import get_logger, log_rank0
-from megatron_nvembed.rng import RngSnapshot, capture_rng_state, restore_rng_state
+from megatron_nvembed.core.logging_utils import get_logger, log_rank0
+from megatron_nvembed.utils.rng import RngSnapshot, capture_rng_state, restore_rng_state
 
 logger = get_logger(__name__)
 TRAIN_STATE = "train_state.json"
@@ -168,7 +168,7 @@ def load_training_checkpoint(start, model, optimizer, scheduler, data, layout: d
         restore_rng_state(RngSnapshot(saved["cpu"], saved["cuda"], saved["tracker"]))
         log_rank0(logger, "resumed at iteration %d with every rank's RNG state", it)
     else:
-        from megatron_nvembed.cpu_support import model_parallel_seed
+        from megatron_nvembed.core.cpu_support import model_parallel_seed
 
         tp_rank = model.pg_collection.tp.rank()
         model_parallel_seed(seed + 7919 * it, tp_rank=tp_rank)

@@ -81,14 +81,14 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         return _error(err)
 
-    from megatron_nvembed.logging_utils import setup_logging
+    from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
     # Tokenizers' own thread pool would fight the training processes for cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from megatron_nvembed.checkpoint import CheckpointSaveError
-    from megatron_nvembed.logging_utils import is_rank0
+    from megatron_nvembed.checkpoint.store import CheckpointSaveError
+    from megatron_nvembed.core.logging_utils import is_rank0
     from megatron_nvembed.training.trainer import train
 
     try:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     except CheckpointSaveError as err:
         return _error(err, 3)
     finally:
-        from megatron_nvembed.parallel import destroy_parallel
+        from megatron_nvembed.core.parallel import destroy_parallel
 
         destroy_parallel()
     if is_rank0():

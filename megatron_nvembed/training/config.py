@@ -21,10 +21,10 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
-from megatron_nvembed.config import EmbeddingModelConfig
+from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.data.config import DataConfig
 from megatron_nvembed.loss.config import ContrastiveLossConfig
-from megatron_nvembed.options import check_options, option
+from megatron_nvembed.utils.options import check_options, option
 
 
 @dataclass

@@ -9,7 +9,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.training.config import CheckpointConfig
 
 logger = get_logger(__name__)
@@ -76,7 +76,7 @@ def nonfinite_grads(ddp) -> torch.Tensor:
 
 
 def latest_or_none(root) -> str:
-    from megatron_nvembed.checkpoint import is_checkpoint_dir, latest_iteration
+    from megatron_nvembed.checkpoint.store import is_checkpoint_dir, latest_iteration
 
     if root and is_checkpoint_dir(root):
         return f"iteration {latest_iteration(root)} in {root}"

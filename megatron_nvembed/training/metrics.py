@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.flops import loss_flops, model_step_flops
-from megatron_nvembed.logging_utils import SPEAKER, get_logger
+from megatron_nvembed.core.flops import loss_flops, model_step_flops
+from megatron_nvembed.core.logging_utils import SPEAKER, get_logger
 
 logger = get_logger(__name__)
 
@@ -107,7 +107,7 @@ class ThroughputWindow:
 def peak_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
-    from megatron_nvembed.hardware import gpu_peak_bf16_tflops
+    from megatron_nvembed.core.hardware import gpu_peak_bf16_tflops
 
     return gpu_peak_bf16_tflops(torch.cuda.get_device_name(device))
 

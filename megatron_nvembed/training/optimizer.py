@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 from megatron_nvembed.training.config import OptimizerConfig
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from megatron_nvembed.config import (
+from megatron_nvembed.core.config import (
     QWEN3_EMBEDDING_QUERY_TEMPLATE,
     EmbeddingModelConfig,
     ModelConfig,

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.cpu_support import cpu_mode
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.cpu_support import cpu_mode
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.training.config import TrainingConfig
 from megatron_nvembed.training.start import StartingPoint, model_config, resolve_start
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_nvembed.config import EmbeddingModelConfig
+    from megatron_nvembed.core.config import EmbeddingModelConfig
     from megatron_nvembed.data.pipeline import BlendedEmbeddingData
     from megatron_nvembed.loss import ContrastiveLoss
     from megatron_nvembed.model.nvembed_model import NVEmbedModel
@@ -72,7 +72,7 @@ def build_model(cfg: TrainingConfig, model_cfg, pg, start: StartingPoint) -> NVE
     """This rank's model stage as training starts: built, initial weights from
     `--pretrained-checkpoint` (a checkpoint with LoRA adapters, e.g. stage 1, is merged into the
     base first), then new adapters when `--lora-rank` > 0. A resume loads its weights later."""
-    from megatron_nvembed.checkpoint import load_checkpoint
+    from megatron_nvembed.checkpoint.store import load_checkpoint
     from megatron_nvembed.model.build import build_model as build
     from megatron_nvembed.model.lora import apply_lora
 
@@ -118,9 +118,9 @@ def build(cfg: TrainingConfig) -> Run:
     """Resolves the starting point and the model, initialises the process groups, then builds
     data (first: bad records stop the run before any weight is loaded), model, optimizer and
     loss, for a validated `cfg`."""
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.data.tokenization import load_tokenizer
     from megatron_nvembed.loss import ContrastiveLoss
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.training.optimizer import build_optimizer
 
     start = resolve_start(cfg)

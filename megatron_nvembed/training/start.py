@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from megatron_nvembed.checkpoint import (
+from megatron_nvembed.checkpoint.store import (
     CONFIG_FILE,
     TOKENIZER_DIR,
     is_checkpoint_dir,
@@ -22,12 +22,12 @@ from megatron_nvembed.checkpoint import (
     read_config,
     read_lora,
 )
-from megatron_nvembed.config import EmbeddingModelConfig
-from megatron_nvembed.cpu_support import cpu_mode
-from megatron_nvembed.logging_utils import get_logger, log_rank0
-from megatron_nvembed.options import option_of
+from megatron_nvembed.core.config import EmbeddingModelConfig
+from megatron_nvembed.core.cpu_support import cpu_mode
+from megatron_nvembed.core.logging_utils import get_logger, log_rank0
 from megatron_nvembed.training.checkpointing import check_schedule, read_train_state
 from megatron_nvembed.training.config import TrainingConfig
+from megatron_nvembed.utils.options import option_of
 
 logger = get_logger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 from megatron_nvembed.data.buckets import bucket_width, length_grouped_batches
 from megatron_nvembed.data.collate import EmbeddingBatch
 from megatron_nvembed.loss import ContrastiveLoss, LossInputs, grad_cache_step

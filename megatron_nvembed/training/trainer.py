@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
-from megatron_nvembed.flops import flop_shape
-from megatron_nvembed.logging_utils import get_logger
+from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.core.flops import flop_shape
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.training import checkpointing as ckpt
 from megatron_nvembed.training import setup
 from megatron_nvembed.training.config import TrainingConfig

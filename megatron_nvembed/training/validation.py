@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
+from megatron_nvembed.core.logging_utils import SPEAKER, get_logger
 from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
 from megatron_nvembed.evaluation.beir import load_beir
 from megatron_nvembed.evaluation.metrics import MARGINS
 from megatron_nvembed.evaluation.retrieval_eval import evaluate_embeddings
-from megatron_nvembed.logging_utils import SPEAKER, get_logger
 from megatron_nvembed.model.inference import embed_microbatches
 from megatron_nvembed.training.config import EvaluationConfig
 

@@ -23,9 +23,9 @@ TOL = 1e-5
 
 def _check(rank, world_size):
     from megatron_nvembed.conversion import hf_mapping as hm
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import LoRAParallelLinear, apply_lora, merge_lora
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.testing import (
         random_padded_batch,
         randomized_reference,

@@ -274,6 +274,7 @@ def _pp_rows(n_queries, n_cand, width, seed):
 
 
 def _check_pp2_grad_cache(rank, world_size):
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.loss import (
         ContrastiveLossConfig,
         LossInputs,
@@ -281,10 +282,9 @@ def _check_pp2_grad_cache(rank, world_size):
         grad_cache_step,
     )
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.parallel import initialize_model_parallel
-    from megatron_nvembed.rng import capture_rng_state
     from megatron_nvembed.testing import tiny_model_config
     from megatron_nvembed.training.step import ScheduleDriver
+    from megatron_nvembed.utils.rng import capture_rng_state
 
     pg = initialize_model_parallel(1, 2, seed=7)
     last = rank == 1

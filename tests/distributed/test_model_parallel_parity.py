@@ -29,8 +29,8 @@ POOLINGS = ("latent", "mean", "self-attention")
 
 def _check_tp2(rank, world_size):
     from megatron_nvembed.conversion import hf_mapping as hm
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.testing import (
         random_padded_batch,
         randomized_reference,
@@ -70,9 +70,9 @@ def _check_tp2(rank, world_size):
 
 def _check_pp2(rank, world_size):
     from megatron_nvembed.conversion import hf_mapping as hm
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.inference import embed_microbatches
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.testing import (
         random_padded_batch,
         randomized_reference,
@@ -114,9 +114,9 @@ def _check_pp2(rank, world_size):
 
 def _hf_backbone_pair(kind, pg, tp_rank, pp_rank, tp=1, pp=1):
     """A tiny transformers backbone and this rank's megatron stage loaded from it."""
-    from megatron_nvembed.config import EmbeddingModelConfig, ParallelConfig, PoolingConfig
     from megatron_nvembed.conversion import hf_mapping as hm
     from megatron_nvembed.conversion.hf_config import model_config_from_hf
+    from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig, PoolingConfig
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.testing import tiny_hf_backbone
 
@@ -136,7 +136,7 @@ HF_BACKBONE_BATCH = dict(lengths=[13, 40, 9, 2], seed=4)
 
 def _check_hf_backbones_tp2(rank, world_size):
     from megatron_nvembed.conversion import hf_mapping as hm
-    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.testing import TINY_HF_KINDS, random_padded_batch
 
     pg = initialize_model_parallel(2, 1, seed=7)
@@ -159,7 +159,7 @@ def _check_hf_backbones_tp2(rank, world_size):
 
 def _check_hf_backbones_pp2(rank, world_size):
     from megatron_nvembed.conversion import hf_mapping as hm
-    from megatron_nvembed.parallel import initialize_model_parallel
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.testing import TINY_HF_KINDS, random_padded_batch
 
     pg = initialize_model_parallel(1, 2, seed=7)

@@ -18,9 +18,9 @@ TOL = 1e-5
 
 
 def _check_tp2(rank, world_size):
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.data.packing import pack_batch
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.testing import random_padded_batch, tiny_model_config
 
     pg = initialize_model_parallel(2, 1, seed=7)
@@ -52,10 +52,10 @@ def _check_tp2(rank, world_size):
 
 
 def _check_pp2(rank, world_size):
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.data.packing import pack_batch
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.inference import embed_microbatches
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.testing import random_padded_batch, tiny_model_config
 
     pg = initialize_model_parallel(1, 2, seed=7)

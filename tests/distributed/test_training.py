@@ -38,8 +38,8 @@ def _set_tracker(root: Path, iteration: int) -> None:
 
 def _load_state(root):
     """{name: tensor} of a checkpoint loaded at TP = PP = 1 (adapters kept unmerged)."""
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config, read_lora
-    from megatron_nvembed.config import ParallelConfig
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config, read_lora
+    from megatron_nvembed.core.config import ParallelConfig
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import apply_lora
 
@@ -177,9 +177,9 @@ def test_resume_at_another_tp_pp_dp_layout(runs_2):
 
 
 def _handoff_worker(rank, world, data, tmp):
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.training.recipes import get_recipe
     from megatron_nvembed.training.setup import build_model as build_training_model
     from megatron_nvembed.training.start import model_config, resolve_start
@@ -284,7 +284,7 @@ def _guard_worker(rank, world, data, tmp):
         return real_save(*args, write_files=broken, **kwargs)
 
     checkpointing.save_checkpoint = failing_save
-    from megatron_nvembed.checkpoint import CheckpointSaveError
+    from megatron_nvembed.checkpoint.store import CheckpointSaveError
 
     try:
         train(
@@ -437,12 +437,12 @@ def test_activation_recompute_leaves_training_unchanged(runs_1):
 
 
 def _validation_worker(rank, world, data, tmp):
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.data.tokenization import load_tokenizer, tokenize_for_embedding
     from megatron_nvembed.evaluation.beir import load_beir
     from megatron_nvembed.evaluation.metrics import retrieval_metrics
     from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.parallel import initialize_model_parallel
     from megatron_nvembed.training.trainer import train
 
     tmp = Path(tmp)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_nvembed.launch import run_distributed
+from megatron_nvembed.core.launch import run_distributed
 from megatron_nvembed.testing import tiny_training_config, write_synthetic_retrieval
 
 pytestmark = pytest.mark.faults
@@ -67,7 +67,7 @@ def _tracker(root: Path) -> int:
 
 
 def _all_finite(root: Path) -> bool:
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
     from megatron_nvembed.model.build import build_model
 
     model = build_model(read_config(root))
@@ -78,7 +78,7 @@ def _all_finite(root: Path) -> bool:
 def _disk_full(data, tmp: Path, out: dict) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_nvembed.checkpoint import CheckpointSaveError
+    from megatron_nvembed.checkpoint.store import CheckpointSaveError
     from megatron_nvembed.training.trainer import train
 
     root = tmp / "full"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_nvembed.checkpoint_safety import verify_checkpoint_folder
+from megatron_nvembed.checkpoint.safety import verify_checkpoint_folder
 from megatron_nvembed.testing import write_synthetic_retrieval
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -33,7 +33,7 @@ from megatron_nvembed.ablation.cells import is_done
 from megatron_nvembed.ablation.grid import MASKS, POOLINGS, SCHEDULES, cell_name, parse_grid
 from megatron_nvembed.ablation.plan import build_plan, combine_data
 from megatron_nvembed.ablation.steps import render_argv
-from megatron_nvembed.checkpoint import CONFIG_FILE, iteration_dir, latest_iteration
+from megatron_nvembed.checkpoint.store import CONFIG_FILE, iteration_dir, latest_iteration
 
 pytest.importorskip("mteb")
 pytest.importorskip("matplotlib")

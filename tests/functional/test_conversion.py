@@ -100,7 +100,7 @@ def test_round_trips_resharding_and_hf_loading(tmp_path, tokenizer):
     from transformers import AutoModel
 
     from megatron_nvembed.conversion.hf_config import config_from_hf_dir
-    from megatron_nvembed.reference import ReferenceEmbedder
+    from megatron_nvembed.testing.reference import ReferenceEmbedder
 
     config = json.loads((out_tp2 / "config.json").read_text())
     assert config["text_config"]["_name_or_path"] == "."  # nothing outside the folder

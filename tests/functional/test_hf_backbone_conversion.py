@@ -18,7 +18,7 @@ import json
 import pytest
 import torch
 
-from megatron_nvembed.config import ParallelConfig
+from megatron_nvembed.core.config import ParallelConfig
 from megatron_nvembed.testing import (
     backbone_hidden_states,
     hf_hidden_states,
@@ -39,7 +39,7 @@ TEXTS = ["how do plants make food", "paris is the capital of france", "the sky i
 def test_import_forward_export_reload(tmp_path, pg):
     from transformers import AutoModel
 
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
     from megatron_nvembed.conversion.export_hf import export_hf
     from megatron_nvembed.conversion.import_hf import import_hf
     from megatron_nvembed.model.build import build_model

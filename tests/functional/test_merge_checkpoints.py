@@ -58,8 +58,8 @@ def _run(capsys, *argv, tool="merge_checkpoints.py"):
 
 def _params(root, *, lora=None):
     """{name: tensor} of checkpoint `root` loaded at TP=1 (adapters kept when `lora`)."""
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config
-    from megatron_nvembed.config import ParallelConfig
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
+    from megatron_nvembed.core.config import ParallelConfig
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import apply_lora
 
@@ -90,7 +90,7 @@ def _max_diff(got, want):
 def _save_tiny(rank, world, root, seed, vocab_size):
     """A tiny model (`tiny_model_config`) at TP=`world`, every weight but the embedding moved
     by seeded noise (the layer norms too), saved to `root` (runs on each TP rank)."""
-    from megatron_nvembed.checkpoint import save_checkpoint
+    from megatron_nvembed.checkpoint.store import save_checkpoint
     from megatron_nvembed.model.build import build_model
 
     pg = init_single_process_megatron(tp=world, seed=seed)
@@ -107,7 +107,7 @@ def _save_tiny(rank, world, root, seed, vocab_size):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A saved at TP=2 (two processes), B at TP=1 (this process), same tokenizer files."""
-    from megatron_nvembed.checkpoint import TOKENIZER_DIR, copy_tokenizer_files
+    from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
 
     root = tmp_path_factory.mktemp("merge")
     tok = build_word_tokenizer(TEXTS)
@@ -123,7 +123,7 @@ def ckpts(tmp_path_factory):
 def test_linear_and_slerp_equal_plain_torch_and_export(ckpts, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from megatron_nvembed.checkpoint import (
+    from megatron_nvembed.checkpoint.store import (
         TOKENIZER_DIR,
         latest_iteration,
         read_config,
@@ -195,11 +195,11 @@ def test_linear_and_slerp_equal_plain_torch_and_export(ckpts, tmp_path, capsys):
 
 @pytest.mark.functional
 def test_lora_checkpoints_merge_as_stored(ckpts, tmp_path, capsys):
-    from megatron_nvembed.checkpoint import read_lora, save_checkpoint
+    from megatron_nvembed.checkpoint.store import read_lora, save_checkpoint
     from megatron_nvembed.model.lora import LoRAParallelLinear, apply_lora
 
     lora = {"rank": 4, "alpha": 8.0, "dropout": 0.1}
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
     from megatron_nvembed.model.build import build_model
 
     for name, base, seed in (("la", ckpts / "b", 0), ("lb", ckpts / "b", 100)):

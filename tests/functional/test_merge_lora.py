@@ -36,7 +36,7 @@ TEXTS = ["how do plants make food", "the sky is blue"]
 def test_lora_checkpoint_merge_and_export(tmp_path):
     from transformers import AutoModel
 
-    from megatron_nvembed.checkpoint import (
+    from megatron_nvembed.checkpoint.store import (
         load_checkpoint,
         read_config,
         read_lora,

@@ -83,7 +83,7 @@ def _clean_env():
 def lora_run(tmp_path_factory):
     """SRC, BASE export, LoRA checkpoint, MERGED export, "nvembed" and "mistral" adapters,
     token ids."""
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config, save_checkpoint
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config, save_checkpoint
     from megatron_nvembed.conversion.export_hf import export_hf
     from megatron_nvembed.conversion.import_hf import import_hf
     from megatron_nvembed.conversion.merge_lora import merge_lora_checkpoint
@@ -200,12 +200,12 @@ def test_mistral_adapters_reproduce_merged_backbone(lora_run):
 
 
 def _save_at_tp2(rank, world_size, lora_dir, out_dir, base_model):
-    from megatron_nvembed.checkpoint import load_checkpoint, read_config, read_lora
-    from megatron_nvembed.config import ParallelConfig
+    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config, read_lora
     from megatron_nvembed.conversion.peft_adapters import save_peft_adapters
+    from megatron_nvembed.core.config import ParallelConfig
+    from megatron_nvembed.core.parallel import initialize_model_parallel
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import apply_lora
-    from megatron_nvembed.parallel import initialize_model_parallel
 
     pg = initialize_model_parallel(2, 1)
     cfg, lora = read_config(lora_dir), read_lora(lora_dir)

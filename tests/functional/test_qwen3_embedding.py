@@ -178,7 +178,7 @@ def test_import_reads_the_sentence_transformers_layout(run, tmp_path):
     """The imported Qwen3-Embedding folder is a causal model with a normalised eos head and the
     folder's query template; a folder whose modules hold weights we would drop (Dense) or whose
     pooling has no equivalent head (CLS) is refused naming the file."""
-    from megatron_nvembed.checkpoint import read_config
+    from megatron_nvembed.checkpoint.store import read_config
     from megatron_nvembed.conversion.st_layout import read_st_layout
 
     tmp, _ = run
@@ -293,7 +293,7 @@ def test_sentence_transformers_export_refuses_what_the_layout_cannot_hold(run, t
     """Another head, a bidirectional mask, or a tokenizer that appends no end token: refused
     naming `--format sentence-transformers` and the cause; from the command line exit code 2,
     before anything is written."""
-    from megatron_nvembed.checkpoint import read_config
+    from megatron_nvembed.checkpoint.store import read_config
     from megatron_nvembed.conversion.export_hf import check_st_exportable
     from megatron_nvembed.testing import build_word_tokenizer
 

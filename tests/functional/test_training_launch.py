@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_nvembed.launch import free_port
+from megatron_nvembed.core.launch import free_port
 from megatron_nvembed.testing import write_synthetic_retrieval
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Loading a checkpoint runs no code from crafted files (megatron_nvembed.checkpoint_safety).
+"""Loading a checkpoint runs no code from crafted files (megatron_nvembed.checkpoint.safety).
 
 A small torch distributed checkpoint folder is written with `torch.distributed.checkpoint.save`
 (one process, no process group: tensors, plus non-tensor values that become "bytes" items like
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_nvembed.checkpoint_safety import (
+from megatron_nvembed.checkpoint.safety import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     load_rng_file,
@@ -429,9 +429,9 @@ def test_damaged_rng_file(tmp_path, damage):
 
 _MCORE_SAVE = """
 import contextlib, sys, torch
-from megatron_nvembed import checkpoint
+from megatron_nvembed.checkpoint import store as checkpoint
 from megatron_nvembed.testing import init_single_process_megatron
-from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 init_single_process_megatron()

@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_nvembed.core.launch import run_distributed
 from megatron_nvembed.data.pipeline import build_train_data
 from megatron_nvembed.data.toy_tokenizer import build_toy_tokenizer
-from megatron_nvembed.launch import run_distributed
 
 WORDS = "cat dog fish bird tree river stone cloud rain wind sun moon star road city".split()
 

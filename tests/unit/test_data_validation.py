@@ -290,7 +290,7 @@ def test_document_ids_follow_the_sampled_texts(tmp_path):
     """Each candidate gets `id_hash` of its own text's document id (integers read as strings),
     0 where its record has none (one list may come without the other) and for absent negatives;
     ids are written back unchanged in type-normalised form."""
-    from megatron_nvembed.hashing import id_hash
+    from megatron_nvembed.utils.hashing import id_hash
 
     rows = [
         dict(GOOD, task="SQuAD", pos=["a", "b"], neg=["c", "d"], pos_ids=["p1", 7],

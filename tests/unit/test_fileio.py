@@ -1,4 +1,4 @@
-"""Atomic writes (`megatron_nvembed/fileio.py`): the old file or the new one, never half of one;
+"""Atomic writes (`megatron_nvembed/utils/fileio.py`): the old file or the new one, never half of one;
 nothing left on failure; results readable as a plain write would leave them (the umask's mode,
 not mkstemp's private 0600); stale temporaries of one file removed without touching others'.
 Folders (`atomic_dir`): the old folder or the new one, replaced whole, nothing left beside it;
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from megatron_nvembed.fileio import (
+from megatron_nvembed.utils.fileio import (
     atomic_dir,
     atomic_path,
     check_output_dir,

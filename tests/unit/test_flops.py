@@ -1,7 +1,7 @@
-"""megatron_nvembed/flops.py against hand counts (exact integer equality); the module imports
+"""megatron_nvembed/core/flops.py against hand counts (exact integer equality); the module imports
 nothing but the standard library, so this runs in well under a second."""
 
-from megatron_nvembed import flops
+from megatron_nvembed.core import flops
 
 SHAPE = flops.FlopShape(
     hidden=8,
@@ -123,7 +123,7 @@ def test_pooling_types():
 
 
 def test_flop_shape_from_model_config():
-    from megatron_nvembed.config import EmbeddingModelConfig, ModelConfig, PoolingConfig
+    from megatron_nvembed.core.config import EmbeddingModelConfig, ModelConfig, PoolingConfig
 
     cfg = EmbeddingModelConfig(
         model=ModelConfig(

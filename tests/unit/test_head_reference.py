@@ -41,7 +41,7 @@ import math
 import pytest
 import torch
 
-from megatron_nvembed.config import PoolingConfig
+from megatron_nvembed.core.config import PoolingConfig
 from megatron_nvembed.testing import init_single_process_megatron, tiny_model_config
 
 TOL = 1e-10

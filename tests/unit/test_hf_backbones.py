@@ -27,9 +27,14 @@ import json
 import pytest
 import torch
 
-from megatron_nvembed.config import EmbeddingModelConfig, ModelConfig, ParallelConfig, PoolingConfig
 from megatron_nvembed.conversion import hf_mapping as hm
 from megatron_nvembed.conversion.hf_config import model_config_from_hf, text_config_dict
+from megatron_nvembed.core.config import (
+    EmbeddingModelConfig,
+    ModelConfig,
+    ParallelConfig,
+    PoolingConfig,
+)
 from megatron_nvembed.testing import (
     QWEN_KINDS,
     TINY_HF_KINDS,
@@ -284,8 +289,8 @@ def test_text_config_is_the_same_architecture_for_transformers(kind):
     ids=lambda c: next(iter(c)),
 )
 def test_mistral_reference_refuses_features_it_lacks(change):
-    from megatron_nvembed.reference import mistral_config
     from megatron_nvembed.testing import tiny_model_config
+    from megatron_nvembed.testing.reference import mistral_config
 
     cfg = tiny_model_config()
     for k, v in change.items():

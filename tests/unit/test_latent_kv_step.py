@@ -133,7 +133,7 @@ def test_through_megatron_ddp_and_schedule(model):
     )
     from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 
-    from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
+    from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, check_for_nan_in_grad=False

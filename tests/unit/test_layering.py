@@ -4,13 +4,14 @@ Every module of `megatron_nvembed` is parsed with `ast` (nothing is imported or 
 every import it holds is checked: module level, inside functions (lazy imports), under
 `TYPE_CHECKING`, relative ones resolved. Proves:
 - every module has a place in `LAYERS`, and no module imports one of a higher layer;
-- the bottom layer (`fileio`, `rng`, `hashing`, `sharding`, `options`) imports nothing of the
-  package;
+- the bottom layer (`utils/`, and `hf_model/`, which imports only its own files) imports
+  nothing of the package;
+- nothing of the runtime package imports the test helpers (`testing/`);
 - the peer rules: model/ imports none of conversion/, training/, evaluation/, ablation/,
   curation/; data/ none of loss/, model/, training/, evaluation/; loss/ none of model/, data/,
   training/, evaluation/; training/checkpointing.py nothing of loss/;
 - no import cycle, even within a layer (each layer is ordered too, just not written down);
-- the HF model files that ship inside exports (`conversion/hf_files/`) import only each other;
+- the HF model files that ship inside exports (`hf_model/`) import only each other;
 - no module touches `sys.path`.
 
 Run alone: pytest tests/unit/test_layering.py (well under 2 s).
@@ -31,26 +32,14 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 # below, never of a layer above. Entries are module paths below `megatron_nvembed`; a module takes
 # the layer of its longest matching entry (so `conversion.import_hf` sits above `conversion`).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("bottom", ("fileio", "rng", "hashing", "sharding", "options")),
-    (
-        "base",
-        (
-            "config",
-            "cpu_support",
-            "parallel",
-            "launch",
-            "logging_utils",
-            "safe_unpickling",
-            "checkpoint_safety",
-            "flops",
-            "hardware",
-            "loss_inputs",  # built by data/ (collation), read by loss/: shared from below both
-        ),
-    ),
+    # utils/: helpers; hf_model/: the HF model files that ship inside exports (standalone)
+    ("bottom", ("utils", "hf_model")),
+    # core/ (configs, process groups, CPU support, launcher, logging, FLOPs, LossInputs) and the
+    # checks a checkpoint folder passes before anything is loaded
+    ("base", ("core", "checkpoint.safety", "checkpoint.unpickling")),
     ("components", ("model", "loss", "data", "curation", "conversion", "retrieval")),
     # Built on components: checkpoints merge LoRA adapters on load (model.lora), the conversion
-    # jobs and the checkpoint merge build models and write checkpoints, the reference runs
-    # conversion's HF files.
+    # jobs and the checkpoint merge build models and write checkpoints.
     (
         "assembly",
         (
@@ -59,10 +48,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "conversion.export_hf",
             "conversion.merge_lora",
             "conversion.merge",
-            "reference",
         ),
     ),
-    ("entry points", ("training", "evaluation", "ablation", "testing")),
+    ("entry points", ("training", "evaluation", "ablation")),
+    # tests, examples and benchmarks only: nothing of the runtime package imports it
+    ("test helpers", ("testing",)),
 )
 BOTTOM = LAYERS[0][1]
 
@@ -75,7 +65,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 }
 
 # Copied next to exported weights and imported by transformers on its own: only each other.
-STANDALONE = "conversion.hf_files"
+STANDALONE = "hf_model"
 
 
 def _module_name(path: Path) -> str:
@@ -139,7 +129,7 @@ def _layer(module: str) -> int | None:
 
 def test_the_parser_sees_lazy_relative_and_submodule_imports():
     source = (
-        "import megatron_nvembed.config\n"
+        "import megatron_nvembed.core.config\n"
         "from . import sibling\n"
         "from ..data import records\n"
         "def f():\n"
@@ -149,7 +139,7 @@ def test_the_parser_sees_lazy_relative_and_submodule_imports():
     known = {"megatron_nvembed.loss.sibling", "megatron_nvembed.data.records"}
     got = _imported("megatron_nvembed.loss.mod", Path("mod.py"), ast.parse(source), known)
     assert got == {
-        "megatron_nvembed.config",
+        "megatron_nvembed.core.config",
         "megatron_nvembed.loss.sibling",
         "megatron_nvembed.data.records",
         "megatron_nvembed.model.lora",
@@ -173,10 +163,27 @@ def test_no_import_runs_up():
 
 
 def test_bottom_layer_imports_nothing_of_the_package():
-    bottom = {f"{PACKAGE}.{b}" for b in BOTTOM}
-    assert bottom <= set(_modules()), f"bottom-layer modules missing: {bottom - set(_modules())}"
-    offending = {m: sorted(_graph()[m]) for m in sorted(bottom) if _graph()[m]}
+    bottom = sorted(m for m in _modules() if any(_under(m, b) for b in BOTTOM))
+    assert {f"{PACKAGE}.{b}" for b in BOTTOM} <= set(bottom), "bottom-layer packages missing"
+    # the HF model files import each other (checked below); nothing else of the package
+    allowed = {m: STANDALONE if _under(m, STANDALONE) else None for m in bottom}
+    offending = {
+        m: bad
+        for m in bottom
+        if (bad := sorted(t for t in _graph()[m] if not (allowed[m] and _under(t, allowed[m]))))
+    }
     assert not offending, f"bottom-layer modules import the package: {offending}"
+
+
+def test_the_runtime_package_never_imports_the_test_helpers():
+    offending = [
+        f"{m} imports {t}"
+        for m, targets in sorted(_graph().items())
+        if not _under(m, "testing")
+        for t in sorted(targets)
+        if _under(t, "testing")
+    ]
+    assert not offending, offending
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

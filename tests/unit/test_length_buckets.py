@@ -7,8 +7,8 @@ padding after it). Run alone: pytest tests/unit/test_length_buckets.py
 import pytest
 import torch
 
+from megatron_nvembed.core.loss_inputs import LossInputs
 from megatron_nvembed.data.collate import EmbeddingBatch
-from megatron_nvembed.loss_inputs import LossInputs
 from megatron_nvembed.training.step import bucket_calls, plan_micro_batch
 
 

@@ -15,8 +15,8 @@ Run alone: pytest tests/unit/test_model_parity.py
 import pytest
 import torch
 
-from megatron_nvembed.config import ModelConfig
 from megatron_nvembed.conversion import hf_mapping as hm
+from megatron_nvembed.core.config import ModelConfig
 from megatron_nvembed.testing import (
     init_single_process_megatron,
     random_padded_batch,

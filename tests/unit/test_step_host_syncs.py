@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from megatron_nvembed.core.loss_inputs import LossInputs
 from megatron_nvembed.data.collate import EmbeddingBatch
-from megatron_nvembed.loss_inputs import LossInputs
 from megatron_nvembed.testing import init_single_process_megatron
 from megatron_nvembed.training.start import StartingPoint
 

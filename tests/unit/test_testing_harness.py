@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_nvembed.launch import run_distributed
+from megatron_nvembed.core.launch import run_distributed
 
 
 def _sum_ranks(rank, world_size):

@@ -182,8 +182,8 @@ def test_batch_composition_reaches_the_data(monkeypatch, tmp_path):
     """--batch-composition is handed to the data pipeline as its composition (the sampler's
     behaviour is tested in test_data_records_and_blending.py); the data is built before any
     model, so a stand-in pipeline that stops the build sees it first."""
+    import megatron_nvembed.core.parallel as parallel
     import megatron_nvembed.data.pipeline as pipeline
-    import megatron_nvembed.parallel as parallel
     from megatron_nvembed.testing import build_word_tokenizer
     from megatron_nvembed.training import setup
     from megatron_nvembed.training.arguments import parse_args
@@ -218,7 +218,7 @@ def test_matryoshka_widths_are_checked_against_the_checkpoints_model(monkeypatch
     """With --pretrained-checkpoint the model's width is the checkpoint's, not the recipe's: a
     width the recipe allows but the checkpoint's model does not is refused when the checkpoint's
     config is read, naming the flag and the checkpoint, before anything else is built."""
-    import megatron_nvembed.parallel as parallel
+    import megatron_nvembed.core.parallel as parallel
     from megatron_nvembed.testing import tiny_model_config
     from megatron_nvembed.training import setup
     from megatron_nvembed.training.start import StartingPoint

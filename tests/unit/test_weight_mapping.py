@@ -3,7 +3,7 @@
 Pure tensor tests (no process group): HF -> shards -> HF for every TP x PP split in
 {1, 2, 4} x {1, 2}, for the Mistral (no prefix), *ForCausalLM (`model.`) and NV-Embed
 (`embedding_model.` + `latent_attention_model.`) layouts; and hand-checked QKV / gate-up /
-vocabulary-padding layouts of `megatron_nvembed.sharding`, the transforms the map applies.
+vocabulary-padding layouts of `megatron_nvembed.utils.sharding`, the transforms the map applies.
 
 Run alone: pytest tests/unit/test_weight_mapping.py
 """
@@ -13,9 +13,9 @@ import itertools
 import pytest
 import torch
 
-from megatron_nvembed import sharding
 from megatron_nvembed.conversion import hf_mapping as hm
 from megatron_nvembed.testing import tiny_model_config
+from megatron_nvembed.utils import sharding
 
 
 def _random_hf_state(cfg, backbone_prefix, head_prefix, seed=0):

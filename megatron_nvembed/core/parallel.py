@@ -15,7 +15,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.cpu_support import cpu_mode, enable_cpu_support, model_parallel_seed
+from megatron_nvembed.core.cpu_support import cpu_mode, enable_cpu_support, model_parallel_seed
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
 """A plain-torch NV-Embed reference: transformers' MistralModel with a padding-only mask plus the
-latent-attention head of the exported HF model files (`conversion/hf_files/modeling_nvembed.py`),
+latent-attention head of the exported HF model files (`hf_model/modeling_nvembed.py`),
 in NV-Embed's own key layout.
 
 It shares no code with `NVEmbedModel` (no megatron-core, no tensor parallelism), so parity
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_nvembed.config import EmbeddingModelConfig
 from megatron_nvembed.conversion.hf_config import latent_attention_config_dict
-from megatron_nvembed.conversion.hf_files.configuration_nvembed import LatentAttentionConfig
-from megatron_nvembed.conversion.hf_files.modeling_nvembed import (
+from megatron_nvembed.core.config import EmbeddingModelConfig
+from megatron_nvembed.hf_model.configuration_nvembed import LatentAttentionConfig
+from megatron_nvembed.hf_model.modeling_nvembed import (
     LatentAttentionModel,
     padding_mask_4d,
 )

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from megatron_nvembed.options import check_options, option
+from megatron_nvembed.utils.options import check_options, option
 
 MaskType = Literal["bidirectional", "causal"]
 AttentionBackend = Literal["auto", "te", "sdpa", "local"]

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_nvembed.safe_unpickling import (
+from megatron_nvembed.checkpoint.unpickling import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     error_cause,

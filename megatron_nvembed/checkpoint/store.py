@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.checkpoint_safety import CorruptCheckpointError, verify_checkpoint_folder
-from megatron_nvembed.config import EmbeddingModelConfig
-from megatron_nvembed.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.checkpoint.safety import CorruptCheckpointError, verify_checkpoint_folder
+from megatron_nvembed.core.config import EmbeddingModelConfig
+from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "nvembed_config.json"

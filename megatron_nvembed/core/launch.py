@@ -17,8 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_nvembed.logging_utils import quiet_known_noise
-from megatron_nvembed.parallel import destroy_parallel, free_port  # free_port: also re-exported
+from megatron_nvembed.core.logging_utils import quiet_known_noise
+from megatron_nvembed.core.parallel import (  # free_port: also re-exported
+    destroy_parallel,
+    free_port,
+)
 
 
 def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
