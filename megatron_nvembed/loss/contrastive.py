@@ -105,12 +105,13 @@ def contrastive_loss(
         (loss scalar in the compute dtype (float32 or float64), ContrastiveStats).
 
     Raises:
-        ValueError: on inconsistent shapes, invalid settings (`ContrastiveLossConfig.validate`),
-            an input missing that a setting needs, or a Matryoshka width above d.
+        ValueError: on inconsistent shapes, an input missing that a setting needs, or a
+            Matryoshka width above d. `config` is taken as validated (`ContrastiveLoss` and the
+            training config validate it once, not on every call).
         RuntimeError: a query without its positive (`candidate_mask[:, 0]` False), checked on
             the mask's device: at once on the CPU, at the next synchronisation on a GPU.
     """
-    config = (ContrastiveLossConfig() if config is None else config).validate()
+    config = ContrastiveLossConfig() if config is None else config
     widths = _checked_widths(query, candidates, inputs, config)
     inputs = _completed(inputs)
     compute = torch.promote_types(query.dtype, torch.float32)

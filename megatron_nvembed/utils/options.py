@@ -12,6 +12,7 @@ Bottom layer: imports nothing of the package.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -75,13 +76,19 @@ class FieldType:
     """None is allowed (means "not set")."""
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    """A dataclass's resolved annotations (resolved once per class: checks run per config)."""
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, name: str) -> FieldType:
     """The `FieldType` of field `name` of dataclass `cls` (annotations resolved).
 
     Raises:
         TypeError: an annotation a flag cannot take (a nested dataclass, a dict, ...).
     """
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     optional = False
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
@@ -105,7 +112,7 @@ def walk_options(obj_or_cls, prefix: str = "") -> Iterator[tuple[str, type, data
     Nested dataclass fields are descended into; their plain fields are skipped.
     """
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if option_of(f) is not None:
             yield prefix + f.name, cls, f
