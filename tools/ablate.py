@@ -135,75 +135,11 @@ def main(argv=None) -> int:
         argv = [*argv, "--out", "."]
     args = p.parse_args(argv)
 
+    from megatron_nvembed.ablation.run import run_ablation
     from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging()
-    from megatron_nvembed.ablation.bases import derive_mask_variant
-    from megatron_nvembed.ablation.cells import finish_cell
-    from megatron_nvembed.ablation.grid import parse_grid, parse_objectives
-    from megatron_nvembed.ablation.local import run_local
-    from megatron_nvembed.ablation.plan import build_plan
-    from megatron_nvembed.ablation.report import collect
-    from megatron_nvembed.ablation.slurm import write_slurm
-
-    if args.derive_mask:
-        derive_mask_variant(*args.derive_mask)
-        print(f"wrote {args.derive_mask[1]}")
-        return 0
-    if args.finish_cell:
-        done = finish_cell(*args.finish_cell)
-        print(f"{done['cell']}: done (average {done['average']})")
-        return 0
-
-    out = Path(args.out)
-    status: dict[str, str] = {}
-    if not args.collect:
-        if args.nproc < 1:
-            p.error(f"--nproc must be >= 1, got {args.nproc}")
-        try:
-            objectives = parse_objectives(args.objective)
-            grid = parse_grid(args.grid, objectives)
-            plan = build_plan(
-                out=out,
-                grid=grid,
-                recipe=args.recipe,
-                stage1_data=args.stage1_data,
-                stage2_data=args.stage2_data,
-                base_hf=args.base_hf,
-                base_checkpoint=args.base_checkpoint,
-                eval_beir=args.eval_beir,
-                tasks=args.tasks,
-                instruction=args.instruction,
-                nproc=args.nproc,
-                extra=extra,
-                objectives=objectives,
-            )
-        except (ValueError, FileNotFoundError) as err:
-            p.error(str(err))
-        for folder in args.eval_beir:
-            if not Path(folder).is_dir():
-                p.error(f"--eval-beir {folder}: not a directory")
-        print(f"{len(plan.cells)} cells: {', '.join(plan.cells)}", flush=True)
-        if args.run == "slurm":
-            written = write_slurm(
-                plan,
-                nodes=args.slurm_nodes,
-                gpus_per_node=args.slurm_gpus_per_node,
-                time_limit=args.slurm_time,
-                sbatch_lines=args.sbatch,
-            )
-            print(f"wrote {len(written)} scripts; submit with: bash {written[-1]}")
-        else:
-            eval_main = None if args.eval_subprocess else _evaluate_mteb_main()
-            status = run_local(plan, eval_main=eval_main)
-    rows = collect(out)
-    written = ".csv, .png" if rows and (out / "ablation.png").is_file() else ".csv"
-    print(f"collected {len(rows)} finished cells into {out / 'ablation.md'} ({written})")
-    print((out / "ablation.md").read_text())
-    failed = {k: v for k, v in status.items() if v.startswith("failed")}
-    for name, why in failed.items():
-        print(f"{name}: {why}", file=sys.stderr)
-    return 1 if failed else 0
+    return run_ablation(args, extra, _evaluate_mteb_main, usage_error=p.error)
 
 
 if __name__ == "__main__":

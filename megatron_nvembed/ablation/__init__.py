@@ -14,7 +14,8 @@ by job:
 - `bases`: the mask variant of a base checkpoint;
 - `cells`: a cell's files (plan.json, step markers, logs, done.json);
 - `local`: runs a plan here, resumable; `slurm`: writes its SLURM scripts;
-- `report`: ablation.md, ablation.csv and ablation.png from the finished cells.
+- `report`: ablation.md, ablation.csv and ablation.png from the finished cells;
+- `run`: `tools/ablate.py`'s work after parsing (plan, run or write SLURM scripts, report).
 
 Layout of `OUT`:
 ```
