@@ -1,6 +1,6 @@
 """Command line of the training entry point: `--recipe NAME` plus Megatron-LM's flag names.
 
-The flags are generated from `TrainingConfig`'s fields (`options.option`: flag, type, help);
+The flags are generated from `TrainingConfig`'s fields (`utils.options.option`: flag, type, help);
 nothing here names a setting. Every flag defaults to "not given"; the recipe supplies the value
 unless the flag is given, so `--recipe nvembed_mistral_7b_stage1 --lr 1e-5` changes exactly the
 learning rate.
@@ -58,7 +58,7 @@ def build_parser(recipe: str | None = None, stage: int | None = None) -> argpars
         default="tiny",
         help=f"one of {sorted(RECIPES)} (or a name without _stageN plus --stage)",
     )
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups = {}  # one --help section per config section
     for path, cls, f in walk_options(TrainingConfig):
         section = path.split(".")[0] if "." in path else "run"
         if section not in groups:
