@@ -11,7 +11,7 @@
 | `evaluation` | `EvaluationConfig` | validation during training |
 | `logging` | `LoggingConfig` | log lines, JSON log, TensorBoard, W&B |
 
-A field declared with `options.option` is a flag: `training/arguments.py` generates the parser
+A field declared with `utils.options.option` is a flag: `training/arguments.py` generates the parser
 from the fields (name, type, help, bounds), and each section checks its own fields once in its
 `validate()`; `TrainingConfig.validate()` adds only the rules that span sections.
 """
