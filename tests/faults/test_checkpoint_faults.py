@@ -99,7 +99,7 @@ def _disk_full(data, tmp: Path, out: dict) -> None:
 
 
 def _resave_killed_between_renames(data, tmp: Path, out: dict) -> None:
-    from megatron_nvembed import checkpoint
+    from megatron_nvembed.checkpoint import store as checkpoint
     from megatron_nvembed.training.trainer import train
 
     root = tmp / "resave"
