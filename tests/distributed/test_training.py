@@ -92,23 +92,18 @@ def _resume_worker(rank, world, data, tmp):
                 }
             )
         )
-        frozen_same, head_changed, lora_nonzero = True, False, False
+        frozen_same, head_move, lora_b = True, float("inf"), 0.0
         for name, value in final_state.items():
-            if name.startswith("pooling."):
-                head_changed |= not torch.equal(value, base_state[name])
-            elif ".lora_B" in name:
-                lora_nonzero |= bool(value.abs().sum() > 0)
+            if name.startswith("pooling."):  # the least-moved tensor, relative to its size
+                change = (value - base_state[name]).abs().max()
+                head_move = min(head_move, float(change / value.abs().max().clamp(min=1e-30)))
+            elif ".lora_B" in name:  # zero at the start
+                lora_b = max(lora_b, float(value.abs().max()))
             elif ".lora_A" not in name:
                 key = name.replace(".base.", ".")
                 frozen_same &= torch.equal(value, base_state[key])
         (tmp / "lora.json").write_text(
-            json.dumps(
-                {
-                    "frozen_same": frozen_same,
-                    "head_changed": head_changed,
-                    "lora_nonzero": lora_nonzero,
-                }
-            )
+            json.dumps({"frozen_same": frozen_same, "head_move": head_move, "lora_b": lora_b})
         )
 
 
@@ -116,7 +111,8 @@ def test_resume_at_n_logs_the_same_losses_and_lora_keeps_the_base_frozen(runs_2)
     """DP=2, LoRA with dropout, GradCache: a 6-iteration run resumed at 3 logs the same losses
     for iterations 4-6 (model, optimizer, scheduler, RNG, data position restored; exact up to
     1e-6 relative, observed bit-identical), and after training only the adapters and the pooling
-    head differ from the initial weights (the frozen base is bit-identical)."""
+    head moved (adapters' B from zero to > 1e-3, every head tensor by > 1e-4 of its size; the
+    frozen base is bit-identical)."""
     tmp_path = runs_2["_resume_worker"]
     losses = json.loads((tmp_path / "losses.json").read_text())
     straight = {int(k): v for k, v in losses["straight"].items()}
@@ -125,7 +121,12 @@ def test_resume_at_n_logs_the_same_losses_and_lora_keeps_the_base_frozen(runs_2)
     for it in (4, 5, 6):
         assert resumed[it] == pytest.approx(straight[it], rel=1e-6, abs=0)
     flags = json.loads((tmp_path / "lora.json").read_text())
-    assert flags == {"frozen_same": True, "head_changed": True, "lora_nonzero": True}
+    assert flags["frozen_same"]
+    # Adam moves each trained weight by about the learning rate (2e-3 at the peak) per step, so 6
+    # steps move every head tensor by >~1e-3 of its size and the adapters' B (zero at the start)
+    # to ~1e-2: thresholds 10x below that and far above float noise (~1e-7).
+    assert flags["head_move"] > 1e-4, flags
+    assert flags["lora_b"] > 1e-3, flags
 
 
 def _reshard_worker(rank, world, data, tmp):
@@ -404,6 +405,8 @@ def test_loss_objectives_train_alike_with_and_without_grad_cache(runs_2):
         assert out["obj_gc_mb2"]["losses"][it] == pytest.approx(
             out["obj_direct"]["losses"][it], rel=1e-5
         )
+    # the objectives add weighted terms of the order of the loss itself (widths 32 and 16 at
+    # 0.5 and 0.25, two more negative kinds, distillation), far above float noise
     assert abs(out["obj_direct"]["losses"]["1"] - out["direct"]["losses"]["1"]) > 1e-3
     assert out["unscored"].startswith("--distill-weight 0.5: no record of --train-data")
 

@@ -168,7 +168,8 @@ def _check_retrieval(summary: dict, want: dict) -> None:
 def test_checkpoint_hf_and_torchrun(setup, capsys):
     tmp, hf, beir = setup["tmp"], setup["hf"], setup["beir"]
     want = _expected(hf, beir)
-    # the comparison can tell a missing query instruction apart
+    # the comparison can tell a missing query instruction apart (0.44 with it, 0.74 without, for
+    # this seeded model; its score gaps >= 4e-4 leave the rankings far above float noise)
     assert abs(want["toybeir"]["ndcg_at_10"] - want["no_instruction"]["ndcg_at_10"]) > 10 * TOL
 
     out = tmp / "out_ckpt"

@@ -134,7 +134,8 @@ def test_linear_and_slerp_equal_plain_torch_and_export(ckpts, tmp_path, capsys):
     assert read_config(a).parallel.tensor_model_parallel_size == 2
     pa, pb = _params(a), _params(b)
     assert len(pa) == 28
-    assert all(not torch.equal(pa[k], pb[k]) for k in pa)  # every tensor differs
+    # every tensor differs, far above float noise (seeded inits and noise 0.05 N(0, 1) per model)
+    assert min(float((pa[k] - pb[k]).abs().max()) for k in pa) > 1e-3
 
     out = tmp_path / "linear"
     code, errors = _run(capsys, "--load", a, b, "--save", out, "--weights", "1", "3")

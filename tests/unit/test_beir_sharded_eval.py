@@ -131,7 +131,8 @@ def _run(folder, work, embedder=None, **kw):
 def test_sharded_evaluation_equals_dense_scoring(tmp_path):
     folder = _write_beir(tmp_path / "toy")
     want = _dense(folder)
-    assert 0.0 < want["ndcg_at_10"] < 1.0 and want["score_margin_mean"] != 0.0
+    # non-trivial values to compare (nDCG@10 0.64 and margin 0.31 here; float noise ~1e-6)
+    assert 0.0 < want["ndcg_at_10"] < 1.0 and abs(want["score_margin_mean"]) > 0.05
     got = _run(folder, tmp_path / "work")
     assert len(list((tmp_path / "work").glob("emb_*.npy"))) == -(-N_DOCS // SHARD) == 6
     _assert_close(got, want)

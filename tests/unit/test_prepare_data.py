@@ -21,17 +21,18 @@ pytestmark = pytest.mark.faults  # a kill
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "prepare_data.py"
 
-# Runs the tool with json.dumps slowed to a halt at the third record written: the output's
-# temporary file then exists, holding part of the records, until the test kills the process.
+# Runs the tool with json.dumps halted for good at the third record written: the output's
+# temporary file then exists, holding part of the records, until the test kills the process
+# (however late the test gets to it: the tool cannot move on by itself).
 HOOK = """
-import json, runpy, sys, time
+import json, runpy, sys, threading
 marker, real, seen = sys.argv[1], json.dumps, [0]
 def dumps(obj, *args, **kwargs):
     if isinstance(obj, dict) and "query" in obj:
         seen[0] += 1
         if seen[0] == 3:
             open(marker, "w").close()
-            time.sleep(120)
+            threading.Event().wait()
     return real(obj, *args, **kwargs)
 json.dumps = dumps
 sys.argv = sys.argv[2:]
@@ -90,7 +91,8 @@ def test_rerun_after_kill_removes_temporaries_and_writes_the_same_output(tmp_pat
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 60
+        # a hang guard only: the tool gets there in seconds, and halts there until killed
+        deadline = time.monotonic() + 600
         while not marker.exists():
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the tool never reached its write"
