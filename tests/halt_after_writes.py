@@ -3,7 +3,7 @@ a kill test's "random moment" is bounded by the tool's progress, not by how fast
 
     python tests/halt_after_writes.py N REGEX TOOL.py [TOOL ARGS...]
 
-Every write through `megatron_nvembed.fileio` (`write_atomic`, `save_npy_atomic`, `write_with`;
+Every write through `megatron_nvembed.utils.fileio` (`write_atomic`, `save_npy_atomic`, `write_with`;
 all go through `fileio.atomic_path`) of a file whose name fully matches REGEX is counted; the
 first N proceed, the next one blocks until the process is killed. A test waits for some of the N
 writes, kills the tool at a random moment after that, and knows that at most N were made
@@ -19,7 +19,7 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from megatron_nvembed import fileio
+from megatron_nvembed.utils import fileio
 
 allowed, pattern = int(sys.argv[1]), re.compile(sys.argv[2])
 real_atomic_path, seen = fileio.atomic_path, [0]
