@@ -149,12 +149,14 @@ print("iteration 2 | loss 0.5")
 """
 
 
-def test_run_echoes_each_line_while_the_step_runs(tmp_path, capsys):
+def test_run_echoes_each_line_while_the_step_runs(tmp_path, capsys, monkeypatch):
     """`run` (examples/quickstart.py) echoes the first line of a step that cannot end before the
     test has seen that line: the echo streams by causality, on any machine. Then the second line
     and "done in" follow, and the log holds both lines."""
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
     quickstart = importlib.util.module_from_spec(spec)
+    # registered as an import would, so its dataclasses can resolve their module
+    monkeypatch.setitem(sys.modules, spec.name, quickstart)
     spec.loader.exec_module(quickstart)
     go, log = tmp_path / "go", tmp_path / "step.log"
     cmd = [sys.executable, "-c", _WAITING_STEP, str(go)]
