@@ -13,7 +13,10 @@
 # flag check and the launcher), TORCHRUN ($PYTHON -m megatron_nvembed.training.torchrun: torchrun
 # that turns bad input or a failed save found after the start into one error line and exit code
 # 2 or 3, without its failure traceback, and exits 0 when a SIGTERM's save succeeded on every
-# worker), TORCH_ELASTIC_SHUTDOWN_TIMEOUT (240: seconds from SIGTERM to SIGKILL of the workers).
+# worker), TORCH_ELASTIC_SHUTDOWN_TIMEOUT (240: seconds from SIGTERM to SIGKILL of the workers),
+# NVEMBED_SIGNAL_EXIT (unset: a SIGTERM before torchrun ends this script with 143, and a
+# SIGTERM's successful save with 0; set, e.g. to 75 by examples/slurm_train.sh: the exit code of
+# both, "stopped on a signal, nothing lost: run again to resume").
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -26,7 +29,19 @@ for arg in "$@"; do
     exec $PYTHON "$HERE/pretrain_nvembed.py" "$@"
   fi
 done
-$PYTHON "$HERE/pretrain_nvembed.py" --check-args "$@" || exit $?
+# A SIGTERM during the checks (a job preempted as it starts) stops before torchrun: nothing ran.
+SIGNALLED=0
+trap 'SIGNALLED=1' TERM
+stop_if_signalled() {
+  if [[ "$SIGNALLED" == 1 ]]; then
+    echo "SIGTERM before training started: nothing to save" >&2
+    exit "${NVEMBED_SIGNAL_EXIT:-143}"
+  fi
+}
+status=0
+$PYTHON "$HERE/pretrain_nvembed.py" --check-args "$@" || status=$?
+stop_if_signalled
+[[ "$status" == 0 ]] || exit "$status"
 
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
@@ -42,14 +57,19 @@ if [[ -n "${GPUS_PER_NODE:-}" ]]; then
 elif [[ -n "${NPROC_PER_NODE:-}" ]]; then
   NPROC="$NPROC_PER_NODE"
 else
-  NPROC="$($PYTHON -c 'import torch; print(torch.cuda.device_count() or 2)')"
+  NPROC="$($PYTHON -c 'import torch; print(torch.cuda.device_count() or 2)')" || NPROC=""
 fi
+stop_if_signalled
 for name in NNODES NODE_RANK MASTER_PORT NPROC; do
   if ! [[ "${!name}" =~ ^[0-9]+$ ]]; then
     echo "error: $name must be a non-negative integer, got '${!name}'" >&2
     exit 2
   fi
 done
+if [[ "$NPROC" == 0 || "$NNODES" == 0 ]]; then
+  echo "error: processes per node (GPUS_PER_NODE / NPROC_PER_NODE) and NNODES must be at least 1, got $NPROC and $NNODES" >&2
+  exit 2
+fi
 
 # gloo on CPU: one thread per process, the cores are shared.
 if ! $PYTHON -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -61,6 +81,8 @@ export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
 TORCHRUN="${TORCHRUN:-$PYTHON -m megatron_nvembed.training.torchrun}"
 
+stop_if_signalled
+trap - TERM  # from here torchrun (exec'd below) handles it
 if [[ "$STANDALONE" == "1" ]]; then
   echo "launching 1 node x $NPROC process(es) (torchrun --standalone: a free local port)" >&2
   exec $TORCHRUN --standalone --nnodes 1 --nproc_per_node "$NPROC" \

@@ -1,5 +1,5 @@
 """Test tiers as markers: every test carries the marker of its folder (`unit`, `distributed`,
-`functional`, `gpu`, `faults`, `compat`), so `pytest -m unit` runs the fast tier and
+`functional`, `gpu`, `faults`, `compat`, `slurm`), so `pytest -m unit` runs the fast tier and
 `pytest -m "not faults and not compat"` leaves out the slow ones. A test may carry more
 markers of its own (a functional test that starts gloo processes is also `distributed`)."""
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "distributed", "functional", "gpu", "faults", "compat")
+TIERS = ("unit", "distributed", "functional", "gpu", "faults", "compat", "slurm")
 _ROOT = Path(__file__).resolve().parent
 
 

@@ -31,7 +31,6 @@ from megatron_nvembed.ablation.steps import (
     render_argv,
 )
 from megatron_nvembed.checkpoint.store import is_checkpoint_dir
-from megatron_nvembed.core.launch import free_port
 from megatron_nvembed.utils.fileio import write_atomic
 
 EvalMain = Callable[[list[str]], int | None]
@@ -47,9 +46,12 @@ def _run_logged(argv: list[str], log: Path, env: dict[str, str]) -> None:
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     print("$ " + shlex.join(argv), flush=True)
+    # A one-node local step finds its own free port (torchrun --standalone); a MASTER_PORT
+    # inherited from a surrounding job would make every step listen on that one port.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.run(
-            argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env}
+            argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**inherited, **env}
         )
     if proc.returncode != 0:
         text = log.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -100,13 +102,12 @@ def _run_step(step: Step, log: Path, nproc: int, eval_main: EvalMain | None) -> 
         _eval_in_process(eval_main, step, log)
     elif isinstance(step, EvalStep) and nproc > 1:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        torchrun += ["--master_port", str(free_port())]
+        torchrun += ["--standalone"]  # torchrun binds a free port itself: nothing to race for
         threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         _run_logged(render_argv(step, torchrun), log, threads)
     elif isinstance(step, TrainStep):
         env = {
             "NPROC_PER_NODE": str(nproc),
-            "MASTER_PORT": str(free_port()),
             "PYTHON": sys.executable,
         }
         _run_logged(render_argv(step), log, env)

@@ -19,8 +19,8 @@ from megatron_nvembed.core.cpu_support import cpu_mode, enable_cpu_support, mode
 
 
 def free_port() -> int:
-    """Returns a TCP port on 127.0.0.1 that was free a moment ago (a lone process's rendezvous,
-    and `launch.run_distributed`'s)."""
+    """Returns a TCP port on 127.0.0.1 that was free a moment ago (for tests that start several
+    launchers that must agree on one port; anything else rendezvouses without a port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -30,9 +30,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     """Initialises the default process group from torchrun's environment (or as one process).
 
     NCCL when CUDA is available, gloo otherwise. A no-op if a group already exists. A lone
-    process (no torchrun, WORLD_SIZE unset or 1) rendezvouses with itself on a free port and
-    leaves the environment alone, so an inherited MASTER_PORT (e.g. of a parent job) is never
-    reused and child processes inherit nothing stale.
+    process (no torchrun, WORLD_SIZE unset or 1) rendezvouses with itself through an in-memory
+    store: no port is opened, an inherited MASTER_PORT (e.g. of a parent job) is never reused and
+    child processes inherit nothing stale.
     """
     if dist.is_initialized():
         return
@@ -47,7 +47,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if lone:
         dist.init_process_group(
             backend,
-            init_method=f"tcp://127.0.0.1:{free_port()}",
+            store=dist.HashStore(),
             rank=0,
             world_size=1,
             timeout=timeout,

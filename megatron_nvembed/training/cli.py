@@ -68,6 +68,18 @@ def _error(err: Exception, code: int = 2) -> int:
     return code
 
 
+class EarlyTerm:
+    """The SIGTERM handler while a worker starts (imports, model build, checkpoint load): records
+    the signal instead of dying; the training loop's handler (`guards.SigtermFlag`) takes it over,
+    so the run saves and exits after its first iteration as on any SIGTERM."""
+
+    def __init__(self):
+        self.raised = False
+
+    def __call__(self, signum, frame) -> None:
+        self.raised = True
+
+
 def main(argv=None) -> int:
     from megatron_nvembed.training.arguments import config_from_args, parser_for
 
@@ -81,6 +93,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         return _error(err)
 
+    import signal
+
+    signal.signal(signal.SIGTERM, EarlyTerm())
     from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)

@@ -55,8 +55,10 @@ class SigtermFlag:
     """Set by SIGTERM (cluster preemption); the loop saves and exits at the end of the step."""
 
     def __init__(self):
-        self.raised = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        # A SIGTERM that arrived while the run was being set up (`cli.EarlyTerm`) counts: the
+        # first iteration ends with a save and the exit.
+        self.raised = bool(getattr(self._previous, "raised", False))
 
     def _handle(self, signum, frame):
         self.raised = True

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_nvembed.core.flops import loss_flops, model_step_flops
-from megatron_nvembed.core.logging_utils import SPEAKER, get_logger
+from megatron_nvembed.core.logging_utils import get_logger
 
 logger = get_logger(__name__)
 
@@ -199,14 +199,17 @@ def hms(seconds: float) -> str:
 
 class TrainingLog:
     """The log line every `--log-interval` iterations and the sinks' records (JSON log,
-    TensorBoard, W&B), written by the reporting rank only: the last stage's last DP rank, as
-    Megatron-LM's `print_rank_last`."""
+    TensorBoard, W&B). The line is made where the loss is, the last stage's last DP rank (as
+    Megatron-LM's `print_rank_last`), and written by global rank 0: on several nodes rank 0's
+    output is the one a user watches (the last rank's is the last node's)."""
 
     def __init__(self, cfg, device, started: float):
         from megatron_nvembed.training.sinks import Sinks, build_sinks
 
         self.cfg, self.device, self.started = cfg, device, started
-        self.reporter = dist.get_rank() == dist.get_world_size() - 1
+        self.source = dist.get_world_size() - 1
+        self.maker = dist.get_rank() == self.source
+        self.reporter = dist.get_rank() == 0
         self.sinks = build_sinks(cfg) if self.reporter else Sinks()
         self.window = ThroughputWindow()
         self.peak = peak_tflops(device)
@@ -223,8 +226,12 @@ class TrainingLog:
             iteration, loss, optimizer, grad_norm, self.window, loss_stats, cfg, self.device,
             self.peak, skipped, time.perf_counter() - self.started,
         )  # fmt: skip
+        box = [(record, log_line(record, loss_stats, cfg)) if self.maker else None]
+        if self.source != 0:
+            dist.broadcast_object_list(box, src=self.source)
         if self.reporter:
-            logger.info(log_line(record, loss_stats, cfg), extra=SPEAKER)
+            record, line = box[0]
+            logger.info(line)
             self.sinks.write(record, iteration)
         self.window.reset()
 

@@ -15,11 +15,17 @@
   the exit code is 0 and one line says so; otherwise it is 128 + the signal number. torchrun
   waits `--shutdown-timeout` seconds (default: `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, 30) before it
   kills the workers: the save must fit in that time (`pretrain_nvembed.sh` sets 240 s).
+  With `NVEMBED_SIGNAL_EXIT` set (`examples/slurm_train.sh` sets 75), that code replaces the 0,
+  so a batch script can tell "stopped on a signal, saved: run again to resume" from "finished".
+  A signal that lands before any worker started (this process still starting) ends it with
+  that code too: nothing ran, nothing is lost.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 BAD_INPUT = 2
@@ -55,8 +61,25 @@ def _record_worker_exits(codes: list[int | None]):
     api.SubprocessContext._close = recording_close
 
 
+def signal_exit_code() -> int:
+    """The exit code after a signal stopped training with nothing lost (`NVEMBED_SIGNAL_EXIT`,
+    default 0).
+
+    Raises:
+        ValueError: when `NVEMBED_SIGNAL_EXIT` is not an integer in 0..255.
+    """
+    value = os.environ.get("NVEMBED_SIGNAL_EXIT", "0")
+    if not value.isdigit() or int(value) > 255:
+        raise ValueError(f"NVEMBED_SIGNAL_EXIT must be an exit code 0..255, got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs torchrun with `argv` (its command line); returns the exit code."""
+    stopped_code = signal_exit_code()
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -67,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     exits: list[int | None] = []
     _record_worker_exits(exits)
+    if early:  # torchrun installs its own handlers when it starts the workers
+        print(
+            f"{signal.Signals(early[0]).name} before any worker started: nothing to save",
+            file=sys.stderr,
+        )
+        return stopped_code
     try:
         run(args)
     except ChildFailedError as err:
@@ -77,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {first.message}", file=sys.stderr)
         return first.exitcode
     except SignalException as err:
-        if exits and all(code == 0 for code in exits):
+        if not exits:
+            print(f"{err.sigval.name} before any worker started: nothing to save", file=sys.stderr)
+            return stopped_code
+        if all(code == 0 for code in exits):
             print(
                 f"{err.sigval.name}: all {len(exits)} worker(s) of this node exited 0 "
                 "(with --save, after saving a checkpoint)",
                 file=sys.stderr,
             )
-            return 0
+            return stopped_code
         print(
             f"{err.sigval.name}: worker exit codes {exits} (a negative code is the signal that "
             "ended it)",

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
-from megatron_nvembed.core.logging_utils import SPEAKER, get_logger
+from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.data.buckets import length_grouped_batches
 from megatron_nvembed.data.templates import query_instruction
 from megatron_nvembed.data.tokenization import tokenize_for_embedding
@@ -106,7 +106,7 @@ class Validator:
         box = [metrics]
         dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
         metrics = box[0]
-        if dist.get_rank() == dist.get_world_size() - 1:
+        if dist.get_rank() == 0:  # the output a user watches, on several nodes too
             for name, m in metrics.items():
                 logger.info(
                     "validation iteration %d | %s | %d queries | nDCG@10 %.4f | MRR@10 %.4f | "
@@ -123,6 +123,5 @@ class Validator:
                     m["score_margin_hardest"],
                     m["score_margin_mean"],
                     time.perf_counter() - start,
-                    extra=SPEAKER,
                 )
         return metrics

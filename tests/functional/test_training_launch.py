@@ -7,6 +7,7 @@ launcher: tests/faults/test_preemption.py.)
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,10 @@ def test_two_nodes_on_localhost_train_one_job_and_loss_goes_down(synthetic, tmp_
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     assert "TP=1 PP=1 DP=2" in outs[0]  # one job over both "nodes"
+    # Every line a user watches is in node 0's output (global rank 0), none in node 1's.
+    lines = [ln for ln in outs[0].splitlines() if re.search(r"iteration +\d+/12 \|", ln)]
+    assert len(lines) == 12, outs[0][-3000:]
+    assert not re.search(r"iteration +\d+/12 \|", outs[1]), outs[1][-3000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     losses = [r["loss"] for r in records]
     assert len(losses) == 12
