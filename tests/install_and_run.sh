@@ -29,6 +29,12 @@ if [[ "${SKIP_PLAIN_INSTALL:-0}" != 1 ]]; then
   bash tests/plain_install_check.sh
 fi
 
+# The slurm tests (tests/slurm/) start a one-node SLURM from Debian's packages: installed here
+# where this is a root Debian machine (they skip elsewhere, and fail under CI=true).
+if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  bash tests/slurm/cluster.sh install "${TMPDIR:-/tmp}/nvembed-slurm-install"
+fi
+
 # Two workers (-n 2), each taking whole test modules (--dist loadfile), so a module-scoped
 # fixture (a training run several tests read) runs once. Most tests wait on subprocesses
 # (megatron-core imports, torchrun, gloo), so two workers halve the wall time on 2 cores.

@@ -114,6 +114,10 @@ def main(argv=None) -> int:
     except CheckpointSaveError as err:
         return _error(err, 3)
     finally:
+        # Training is over (saved, or failed): a SIGTERM now (a time limit's signal just after
+        # the last save) must not kill the exit, which it would once the interpreter resets its
+        # handlers; torchrun then sees exit codes, not a worker killed by the signal.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         from megatron_nvembed.core.parallel import destroy_parallel
 
         destroy_parallel()

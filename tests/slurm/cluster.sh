@@ -6,11 +6,14 @@
 #                                          slurmd, waits until the node is idle; prints
 #                                          "SLURM_CONF=DIR/slurm.conf" (export it for sbatch)
 #   bash tests/slurm/cluster.sh down DIR   stops the daemons by their pid files
+#   bash tests/slurm/cluster.sh install DIR  only the packages (DIR holds apt-get's log)
 #
-# Jobs run as the submitting user on this machine's CPUs; KillWait is 30 s, SLURM's default.
+# Jobs run as the submitting user on this machine's CPUs; KillWait is 30 s, SLURM's default; a
+# requeued job may start again after 10 s (cred_expire; 120 s by default on a real cluster), and
+# the scheduler looks at pending jobs every 2 s (60 s / 30 s by default).
 set -euo pipefail
-ACTION="${1:?usage: cluster.sh up|down DIR}"
-DIR="$(mkdir -p "${2:?usage: cluster.sh up|down DIR}" && cd "$2" && pwd)"
+ACTION="${1:?usage: cluster.sh up|down|install DIR}"
+DIR="$(mkdir -p "${2:?usage: cluster.sh up|down|install DIR}" && cd "$2" && pwd)"
 
 stop() {
   for name in slurmd slurmctld munged; do
@@ -27,25 +30,35 @@ stop() {
   done
 }
 
-if [[ "$ACTION" == down ]]; then
-  stop
-  exit 0
-fi
-[[ "$ACTION" == up ]] || { echo "error: unknown action '$ACTION' (up or down)" >&2; exit 2; }
+installed() {
+  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+    && command -v sbatch >/dev/null
+}
 
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-   || ! command -v sbatch >/dev/null; then
+install() {
+  # One installer at a time (two test processes may start a cluster each).
+  exec 9>"${TMPDIR:-/tmp}/nvembed-slurm-install.lock"
+  flock 9
+  installed && return 0
   if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then
     echo "error: SLURM is not installed and this is not a root Debian machine: install slurmctld slurmd slurm-client munge" >&2
-    exit 1
+    return 1
   fi
   echo "installing slurmctld slurmd slurm-client munge (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >"$DIR/apt.log" 2>&1 \
+  local pkgs=(slurmctld slurmd slurm-client munge)
+  apt-get install -y -q --no-install-recommends "${pkgs[@]}" >"$DIR/apt.log" 2>&1 \
     || { apt-get update -q >>"$DIR/apt.log" 2>&1 \
-         && apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >>"$DIR/apt.log" 2>&1; } \
-    || { tail -n 20 "$DIR/apt.log" >&2; echo "error: apt-get install failed, see $DIR/apt.log" >&2; exit 1; }
-fi
+         && apt-get install -y -q --no-install-recommends "${pkgs[@]}" >>"$DIR/apt.log" 2>&1; } \
+    || { tail -n 20 "$DIR/apt.log" >&2; echo "error: apt-get install failed, see $DIR/apt.log" >&2; return 1; }
+}
+
+case "$ACTION" in
+  down) stop; exit 0 ;;
+  install) install; exit $? ;;
+  up) install ;;
+  *) echo "error: unknown action '$ACTION' (up, down or install)" >&2; exit 2 ;;
+esac
 
 stop  # a cluster left by an earlier run in this folder
 USER_NAME="$(id -un)"
@@ -70,7 +83,7 @@ SlurmctldHost=$HOST
 SlurmUser=$USER_NAME
 SlurmdUser=$USER_NAME
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 CredType=cred/munge
 SlurmctldPort=$((6817 + RANDOM % 1000 * 2))
 SlurmdPort=$((7817 + RANDOM % 1000 * 2))
@@ -93,6 +106,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 KillWait=30
 MinJobAge=600
+SchedulerParameters=sched_interval=2,bf_interval=2
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=ci Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
