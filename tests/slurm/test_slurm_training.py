@@ -77,14 +77,19 @@ def jobs(slurm, tmp_path_factory):
             env={**two, "PYTHON": _slow_python(home, "early", 120, python)},
         ),  # fmt: skip
     }
-    # Both 2-process jobs on the one node at once (seen by the scheduler): one poll until then.
-    deadline, together = time.monotonic() + 300, False
-    while time.monotonic() < deadline and not together:
-        states = {slurm.job(ids[n]).get("JobState") for n in ("reference", "requeued")}
-        together = states == {"RUNNING"}
-        if states & FINAL_STATES:
-            break
-        time.sleep(0.5)
+    # One poll: until both 2-process jobs are seen RUNNING on the one node at once, and until the
+    # early-signal job started its (sleeping) checks, which then get SIGTERM on every process of
+    # the job's step (`scancel --signal=TERM`), as a preemption that lands as a job starts.
+    deadline, together, ended, signalled = time.monotonic() + 600, False, False, False
+    while time.monotonic() < deadline and not ((together or ended) and signalled):
+        if not (together or ended):
+            states = {slurm.job(ids[n]).get("JobState") for n in ("reference", "requeued")}
+            together, ended = states == {"RUNNING"}, bool(states & FINAL_STATES)
+        if not signalled and (home / "early.started").exists():
+            slurm.run("scancel", "--signal=TERM", ids["early_signal"])
+            signalled = True
+        time.sleep(0.2)
+    assert signalled, "the early-signal job never started its checks"
     return home, ids, together
 
 
@@ -161,13 +166,7 @@ def test_time_limit_signal_saves_requeues_and_finishes_every_iteration(slurm, jo
 
 def test_signal_during_the_launcher_checks_requeues_and_the_next_run_trains(slurm, jobs):
     home, ids, _ = jobs
-    job = ids["early_signal"]
-    marker = home / "early.started"
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the early-signal job never started its checks"
-        time.sleep(0.2)
-    slurm.run("scancel", "--signal=TERM", job)  # every process of the job's step
+    job = ids["early_signal"]  # signalled by the fixture during its first run's checks
     fields = _completed(slurm, job, home)
     text = _out(home, job).read_text()
     assert fields["Restarts"] == "1", text[-3000:]
