@@ -29,7 +29,8 @@ objective axis is not swept unless named: a grid without `objective=` trains the
 objective (infonce: the recipe's loss, no extra flags) and names its cells as before.
 Objectives: infonce, qq-dd (--query-query-negatives --document-document-negatives),
 homogeneous (--batch-composition homogeneous), and those of --objective, e.g.
---objective matryoshka="--matryoshka-dims 2048 1024 512" (widths up to the model's hidden size). Layout and details: docs/ablations.md.
+--objective matryoshka="--matryoshka-dims 2048 1024 512" (widths up to the model's hidden size).
+Layout and details: docs/ablations.md.
 """
 
 from __future__ import annotations

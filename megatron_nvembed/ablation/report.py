@@ -199,9 +199,9 @@ def render_png(rows: list[dict]) -> bytes:
 
 def collect(out: str | os.PathLike) -> list[dict]:
     """Writes OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png (each atomically) from every
-    finished cell (the tables and the CSV also list the incomplete ones). Without matplotlib the plot is skipped with a one-line message naming the
-    extra to install, and an ablation.png of an earlier collection is removed (it would disagree
-    with the new table).
+    finished cell (ablation.md and ablation.csv also list the incomplete ones). Without
+    matplotlib the plot is skipped with a one-line message naming the extra to install, and an
+    ablation.png of an earlier collection is removed (it would disagree with the new table).
 
     Returns:
         The rows (`load_results`).

@@ -110,7 +110,8 @@ def _cell_body(out: Path, cell: CellPlan, nproc: int) -> list[str]:
         'mkdir -p "$CELL/steps" "$CELL/logs"',
         f"export NPROC_PER_NODE={nproc}",
         "# a step's marker: its seconds in this run of the job (atomic)",
-        'mark() { printf \'{"seconds": %d}\\n\' "$((SECONDS - START))" >"$1.tmp"; mv "$1.tmp" "$1"; }',
+        'mark() { printf \'{"seconds": %d}\\n\' "$((SECONDS - START))" >"$1.tmp"; '
+        'mv "$1.tmp" "$1"; }',
     ]
     for step in cell.steps:
         marker = f'"$CELL/steps/{step.name}.done"'
