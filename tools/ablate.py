@@ -19,15 +19,18 @@ mask changed), training with examples/pretrain_nvembed.sh (NPROC_PER_NODE=--npro
 schedule with the objective's training flags (before the `--` flags), evaluation of the final
 checkpoint with tools/evaluate_mteb.py, then done.json (atomic). Run again, finished cells are
 skipped and unfinished ones continue (finished steps skipped, training resumed through --load).
---run slurm writes OUT/slurm/{bases.sbatch,<cell>.sbatch,submit_all.sh} and runs nothing.
+--run slurm writes OUT/slurm/{bases.sbatch,<cell>.sbatch,submit_all.sh} and runs nothing: each
+cell job trains through examples/slurm_train.sh (a job stopped by its --signal saves and
+requeues itself) and finishes a cell only once its checkpoints reached their last iteration.
 --collect only gathers. Every run ends by writing OUT/ablation.{md,csv,png} from the finished
-cells. Data flags take paths or weight/path pairs like --train-data; single-stage schedules train
-on both stages' data. The objective axis is not swept unless named: a grid without
-`objective=` trains the default objective (infonce: the recipe's loss, no extra flags) and names
-its cells as before. Objectives: infonce, qq-dd (--query-query-negatives
---document-document-negatives), homogeneous (--batch-composition homogeneous), and those of
---objective, e.g. --objective matryoshka="--matryoshka-dims 2048 1024 512" (widths up to the
-model's hidden size). Layout and details: docs/ablations.md.
+cells (incomplete ones listed with the iteration they reached). Data flags take paths or
+weight/path pairs like --train-data; single-stage schedules train on both stages' data. The
+objective axis is not swept unless named: a grid without `objective=` trains the default
+objective (infonce: the recipe's loss, no extra flags) and names its cells as before.
+Objectives: infonce, qq-dd (--query-query-negatives --document-document-negatives),
+homogeneous (--batch-composition homogeneous), and those of --objective, e.g.
+--objective matryoshka="--matryoshka-dims 2048 1024 512" (widths up to the model's hidden size).
+Layout and details: docs/ablations.md.
 """
 
 from __future__ import annotations
@@ -95,7 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         default="local",
         help="local: run the cells here; slurm: write sbatch scripts only",
     )
-    p.add_argument("--nproc", type=int, default=1, help="processes per node (training, eval)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes per node of training and evaluation (default 1); --run slurm: on CPU "
+        "nodes (--slurm-gpus-per-node 0), else the GPU count per node",
+    )
     p.add_argument("--collect", action="store_true", help="only gather finished cells")
     p.add_argument(
         "--eval-subprocess",
@@ -104,12 +113,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     s = p.add_argument_group("--run slurm")
     s.add_argument("--slurm-nodes", type=int, default=1, help="nodes per training job")
-    s.add_argument("--slurm-gpus-per-node", type=int, default=8, help="GPUs per node")
+    s.add_argument(
+        "--slurm-gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node, one process each (default: --nproc if given, else 8); 0: CPU "
+        "nodes, --nproc processes each",
+    )
     s.add_argument("--slurm-time", default="24:00:00", help="time limit per job (#SBATCH --time)")
+    s.add_argument(
+        "--slurm-signal-lead",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="SIGTERM this long before the time limit (#SBATCH --signal=TERM@N): training saves "
+        "and the job requeues itself",
+    )
     s.add_argument("--sbatch", action="append", default=[], help='extra "#SBATCH" line content')
     # helpers used by the generated scripts
     p.add_argument("--derive-mask", nargs=3, metavar=("SRC", "DST", "MASK"), help=argparse.SUPPRESS)
     p.add_argument("--finish-cell", nargs=2, metavar=("OUT", "CELL"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--check-trained", nargs=3, metavar=("OUT", "CELL", "STEP"), help=argparse.SUPPRESS
+    )
     return p
 
 
@@ -131,7 +157,7 @@ def main(argv=None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     p = _parser()
-    if argv[:1] in (["--derive-mask"], ["--finish-cell"]):  # no --out needed
+    if argv[:1] in (["--derive-mask"], ["--finish-cell"], ["--check-trained"]):  # no --out
         argv = [*argv, "--out", "."]
     args = p.parse_args(argv)
 

@@ -144,6 +144,8 @@ def _run_cell(plan: Plan, cell: CellPlan, eval_main: EvalMain | None) -> None:
             continue
         log = cell_files.step_log(out, name, step.name)
         sec = _run_step(step, log, plan.nproc, eval_main)
+        if isinstance(step, TrainStep):  # stopped early (a signal) but exit 0: not finished
+            cell_files.check_trained(step.save, cell.train_iters[step.name])
         write_atomic(marker, json.dumps({"seconds": round(sec, 2)}))
         print(f"  {step.name}: {sec:.1f}s", flush=True)
     cell_files.finish_cell(out, name)

@@ -17,7 +17,7 @@ import argparse
 import os
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_nvembed.ablation.grid import DEFAULT_OBJECTIVE, OBJECTIVES, Cell, base_name, cells
@@ -50,10 +50,18 @@ class CellPlan:
     """Names of the local BEIR sets it is evaluated on (columns of the report)."""
     objective_flags: tuple[str, ...] = ()
     """The training flags of the cell's objective (in every training run, before `-- FLAGS`)."""
+    train_iters: dict[str, int] = field(default_factory=dict)
+    """Training run name -> its last iteration (`--train-iters`, given or the recipe's): a run
+    is finished only when its checkpoint reached it."""
 
     @property
     def final_checkpoint(self) -> str:
         return [s for s in self.steps if isinstance(s, TrainStep)][-1].save
+
+    def _step_record(self, step: TrainStep | EvalStep) -> dict:
+        if isinstance(step, TrainStep) and step.name in self.train_iters:
+            return {**step_record(step), "train_iters": self.train_iters[step.name]}
+        return step_record(step)
 
     def record(self) -> dict:
         """The cell's plan.json: its settings and the command line of each step."""
@@ -69,7 +77,7 @@ class CellPlan:
             "base_name": self.cell.base,
             "final_checkpoint": self.final_checkpoint,
             "beir_sets": self.beir_sets,
-            "steps": [step_record(s) for s in self.steps],
+            "steps": [self._step_record(s) for s in self.steps],
         }
 
 
@@ -299,6 +307,15 @@ def _check_in_batch(
             )
 
 
+def _train_iters(step: TrainStep, parser: argparse.ArgumentParser) -> int:
+    """The last iteration of a training run: its `--train-iters`, else its recipe's."""
+    from megatron_nvembed.training.recipes import get_recipe
+
+    args, _ = parser.parse_known_args(render_argv(step, program=False))
+    given = getattr(args, "optimizer.train_iters")
+    return given if given is not None else get_recipe(step.recipe, step.stage).optimizer.train_iters
+
+
 def build_plan(
     *,
     out: str | os.PathLike,
@@ -382,5 +399,8 @@ def build_plan(
             instruction=instruction,
         )
         beir_sets = [Path(d).name for d in beir_dirs]
-        plans[cell.name] = CellPlan(cell, recipe, base, [*steps, evaluate], beir_sets, flags)
+        iters = {t.name: _train_iters(t, parser) for t in train}
+        plans[cell.name] = CellPlan(
+            cell, recipe, base, [*steps, evaluate], beir_sets, flags, train_iters=iters
+        )
     return Plan(out, recipe, nproc, bases, base_paths, plans)

@@ -3,6 +3,9 @@ pooling x mask, scores x 100), `ablation.csv` (the same values unscaled, one row
 `ablation.png` (grouped bars; needs matplotlib) from every finished cell. The objective axis
 shows (a column of both tables, part of each bar's label) when a finished cell has another
 objective than the default one; a cell recorded without an objective has the default one.
+Incomplete cells (a plan.json, no done.json: not run yet, stopped, failed) are listed under the
+tables with the step and iteration they reached, and are rows of ablation.csv without scores,
+with a `status` column that the CSV has only then.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_nvembed.ablation.cells import DONE_FILE, SUMMARY
+from megatron_nvembed.ablation.cells import DONE_FILE, PLAN_FILE, SUMMARY, progress
 from megatron_nvembed.ablation.grid import DEFAULT_OBJECTIVE, order_key
 from megatron_nvembed.evaluation.mteb_eval import CATEGORIES  # the paper's column order
 from megatron_nvembed.utils.fileio import write_atomic
@@ -37,6 +41,27 @@ def load_results(out: str | os.PathLike) -> list[dict]:
         done = json.loads(done_path.read_text())
         summary = json.loads((done_path.parent / SUMMARY).read_text())
         rows.append({"objective": DEFAULT_OBJECTIVE, **done, "eval": summary})
+    return sorted(rows, key=order_key)
+
+
+def load_incomplete(out: str | os.PathLike) -> list[dict]:
+    """Every cell of `out` with a plan.json and no done.json.
+
+    Returns:
+        Its settings (plan.json) and `progress` (`cells.progress`: the step, and iteration, it
+        reached), in grid order.
+    """
+    rows = []
+    for plan_path in sorted(Path(out).glob(f"cells/*/{PLAN_FILE}")):
+        if (plan_path.parent / DONE_FILE).exists():
+            continue
+        try:
+            plan = json.loads(plan_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # being rewritten: the next collection lists it
+        settings = {k: plan[k] for k in ("cell", "schedule", "pooling", "mask")}
+        objective = plan.get("objective", DEFAULT_OBJECTIVE)
+        rows.append({"objective": objective, **settings, "progress": progress(out, plan["cell"])})
     return sorted(rows, key=order_key)
 
 
@@ -65,31 +90,42 @@ def _values(row: dict, cats: list[str], beir: list[str]) -> list[float | None]:
     return vals
 
 
-def render_csv(rows: list[dict]) -> str:
-    """`ablation.csv`: one row per cell, the summary.json values unscaled."""
+def render_csv(rows: list[dict], incomplete: Sequence[dict] = ()) -> str:
+    """`ablation.csv`: one row per cell, the summary.json values unscaled; with `incomplete`
+    cells (`load_incomplete`) a `status` column ("done", "incomplete: <progress>") and their
+    rows, unscored."""
     cats, beir = table_columns(rows)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     beir_cols = [f"ndcg_at_10:{b}" for b in beir]
-    objective = ["objective"] if shows_objective(rows) else []
-    w.writerow(["cell", "schedule", "pooling", "mask", *objective, *cats, "Average", *beir_cols])
-    for r in rows:
-        vals = ["" if v is None else repr(float(v)) for v in _values(r, cats, beir)]
+    objective = ["objective"] if shows_objective([*rows, *incomplete]) else []
+    status = ["status"] if incomplete else []
+    head = ["cell", "schedule", "pooling", "mask", *objective, *status]
+    w.writerow([*head, *cats, "Average", *beir_cols])
+    for r in sorted([*rows, *incomplete], key=order_key):
+        if "eval" in r:
+            vals = ["" if v is None else repr(float(v)) for v in _values(r, cats, beir)]
+        else:
+            vals = [""] * (len(cats) + 1 + len(beir))
         settings = [r["schedule"], r["pooling"], r["mask"]]
         settings += [r.get("objective", DEFAULT_OBJECTIVE)] if objective else []
+        settings += [f"incomplete: {r['progress']}" if "progress" in r else "done"] * len(status)
         w.writerow([r["cell"], *settings, *vals])
     return buf.getvalue()
 
 
-def render_markdown(rows: list[dict]) -> str:
+def render_markdown(rows: list[dict], incomplete: Sequence[dict] = ()) -> str:
     """`ablation.md`: the paper's Tables 2-4 layout: one table per schedule, rows (objective x)
-    pooling x mask, MTEB category columns (scores x 100), then nDCG@10 per local BEIR set."""
+    pooling x mask, MTEB category columns (scores x 100), then nDCG@10 per local BEIR set; then
+    the `incomplete` cells (`load_incomplete`), each with the step it reached."""
     cats, beir = table_columns(rows)
     objective = shows_objective(rows)
     title = "training schedule x objective" if objective else "training schedule"
     lines = [f"# Ablation: pooling x attention mask x {title}", ""]
+    unfinished = ["", "## Incomplete cells (not in the tables)", ""]
+    unfinished += [f"- {r['cell']}: {r['progress']}" for r in incomplete]
     if not rows:
-        return "\n".join([*lines, "No finished cell yet.", ""])
+        return "\n".join([*lines, "No finished cell yet.", *(unfinished if incomplete else []), ""])
     lines.append(
         "Scores x 100 from each cell's `eval/summary.json` (mteb main scores; category = mean of "
         "its tasks, Average = mean over all tasks of the seven categories)."
@@ -108,7 +144,7 @@ def render_markdown(rows: list[dict]) -> str:
             settings = [r.get("objective", DEFAULT_OBJECTIVE)] if objective else []
             settings += [r["pooling"], r["mask"]]
             lines.append("| " + " | ".join([*settings, *vals]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *(unfinished if incomplete else [])]) + "\n"
 
 
 def _ntasks(rows: list[dict], cat: str) -> int:
@@ -163,17 +199,18 @@ def render_png(rows: list[dict]) -> bytes:
 
 def collect(out: str | os.PathLike) -> list[dict]:
     """Writes OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png (each atomically) from every
-    finished cell. Without matplotlib the plot is skipped with a one-line message naming the
-    extra to install, and an ablation.png of an earlier collection is removed (it would disagree
-    with the new table).
+    finished cell (ablation.md and ablation.csv also list the incomplete ones). Without
+    matplotlib the plot is skipped with a one-line message naming the extra to install, and an
+    ablation.png of an earlier collection is removed (it would disagree with the new table).
 
     Returns:
         The rows (`load_results`).
     """
     out = Path(out)
     rows = load_results(out)
-    write_atomic(out / "ablation.md", render_markdown(rows))
-    write_atomic(out / "ablation.csv", render_csv(rows))
+    incomplete = load_incomplete(out)
+    write_atomic(out / "ablation.md", render_markdown(rows, incomplete))
+    write_atomic(out / "ablation.csv", render_csv(rows, incomplete))
     if rows:
         if plotting_available():
             write_atomic(out / "ablation.png", render_png(rows))

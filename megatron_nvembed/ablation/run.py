@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 from megatron_nvembed.ablation.bases import derive_mask_variant
-from megatron_nvembed.ablation.cells import finish_cell
+from megatron_nvembed.ablation.cells import check_trained_step, finish_cell
 from megatron_nvembed.ablation.grid import parse_grid, parse_objectives
 from megatron_nvembed.ablation.local import run_local
 from megatron_nvembed.ablation.plan import Plan, build_plan
-from megatron_nvembed.ablation.report import collect
-from megatron_nvembed.ablation.slurm import write_slurm
+from megatron_nvembed.ablation.report import collect, load_incomplete
+from megatron_nvembed.ablation.slurm import SlurmOptions, write_slurm
 
 
 def plan_grid(args: argparse.Namespace, extra: list[str]) -> Plan:
@@ -26,7 +26,7 @@ def plan_grid(args: argparse.Namespace, extra: list[str]) -> Plan:
     Raises:
         ValueError / FileNotFoundError: naming the flag.
     """
-    if args.nproc < 1:
+    if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     objectives = parse_objectives(args.objective)
     plan = build_plan(
@@ -40,7 +40,7 @@ def plan_grid(args: argparse.Namespace, extra: list[str]) -> Plan:
         eval_beir=args.eval_beir,
         tasks=args.tasks,
         instruction=args.instruction,
-        nproc=args.nproc,
+        nproc=1 if args.nproc is None else args.nproc,
         extra=extra,
         objectives=objectives,
     )
@@ -50,19 +50,44 @@ def plan_grid(args: argparse.Namespace, extra: list[str]) -> Plan:
     return plan
 
 
-def run_plan(plan: Plan, args: argparse.Namespace, load_eval_main) -> dict[str, str]:
-    """Runs `plan` here (cell name -> status), or writes its SLURM scripts (`--run slurm`: no
-    status). `load_eval_main()` returns the in-process evaluation's `main` (called only for a
-    local run without `--eval-subprocess`)."""
-    print(f"{len(plan.cells)} cells: {', '.join(plan.cells)}", flush=True)
-    if args.run == "slurm":
-        written = write_slurm(
-            plan,
-            nodes=args.slurm_nodes,
-            gpus_per_node=args.slurm_gpus_per_node,
-            time_limit=args.slurm_time,
-            sbatch_lines=args.sbatch,
+def slurm_options(args: argparse.Namespace) -> SlurmOptions:
+    """The `--slurm-*` flags and `--nproc`: GPUs per node `--slurm-gpus-per-node`, else
+    `--nproc` when given, else 8; processes per node the allocated GPUs, or `--nproc` (default 1)
+    on CPU nodes (`--slurm-gpus-per-node 0`).
+
+    Raises:
+        ValueError: naming the flags, when `--nproc` and a GPU count disagree, or a count is
+            negative.
+    """
+    gpus = args.slurm_gpus_per_node
+    if gpus is None:
+        gpus = 8 if args.nproc is None else args.nproc
+    if gpus < 0 or args.slurm_signal_lead < 0:
+        raise ValueError("--slurm-gpus-per-node and --slurm-signal-lead must be >= 0")
+    if gpus > 0 and args.nproc is not None and args.nproc != gpus:
+        raise ValueError(
+            f"--nproc {args.nproc} with --slurm-gpus-per-node {gpus}: on GPU nodes a job runs one "
+            "process per allocated GPU (give one of the two; --nproc alone sets both)"
         )
+    return SlurmOptions(
+        nodes=args.slurm_nodes,
+        gpus_per_node=gpus,
+        nproc=1 if args.nproc is None else args.nproc,
+        time_limit=args.slurm_time,
+        signal_lead=args.slurm_signal_lead,
+        sbatch_lines=args.sbatch,
+    )
+
+
+def run_plan(
+    plan: Plan, args: argparse.Namespace, load_eval_main, slurm: SlurmOptions | None = None
+) -> dict[str, str]:
+    """Runs `plan` here (cell name -> status), or writes its SLURM scripts with `slurm`
+    (`--run slurm`: no status). `load_eval_main()` returns the in-process evaluation's `main`
+    (called only for a local run without `--eval-subprocess`)."""
+    print(f"{len(plan.cells)} cells: {', '.join(plan.cells)}", flush=True)
+    if slurm is not None:
+        written = write_slurm(plan, slurm)
         print(f"wrote {len(written)} scripts; submit with: bash {written[-1]}")
         return {}
     eval_main = None if args.eval_subprocess or load_eval_main is None else load_eval_main()
@@ -74,7 +99,9 @@ def report(out: Path, status: dict[str, str]) -> int:
     failed cell; returns 1 when a cell failed."""
     rows = collect(out)
     written = ".csv, .png" if rows and (out / "ablation.png").is_file() else ".csv"
-    print(f"collected {len(rows)} finished cells into {out / 'ablation.md'} ({written})")
+    unfinished = load_incomplete(out)
+    more = f"; {len(unfinished)} incomplete cells listed there" if unfinished else ""
+    print(f"collected {len(rows)} finished cells into {out / 'ablation.md'} ({written}){more}")
     print((out / "ablation.md").read_text())
     failed = {k: v for k, v in status.items() if v.startswith("failed")}
     for name, why in failed.items():
@@ -103,17 +130,30 @@ def run_ablation(
         derive_mask_variant(*args.derive_mask)
         print(f"wrote {args.derive_mask[1]}")
         return 0
+    if args.check_trained:
+        try:
+            reached = check_trained_step(*args.check_trained)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"{args.check_trained[1]}: {args.check_trained[2]} finished (iteration {reached})")
+        return 0
     if args.finish_cell:
-        done = finish_cell(*args.finish_cell)
+        try:
+            done = finish_cell(*args.finish_cell)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         print(f"{done['cell']}: done (average {done['average']})")
         return 0
     status: dict[str, str] = {}
     if not args.collect:
         try:
             plan = plan_grid(args, extra)
+            slurm = slurm_options(args) if args.run == "slurm" else None
         except (ValueError, FileNotFoundError) as err:
             if usage_error is None:
                 raise
             usage_error(str(err))
-        status = run_plan(plan, args, load_eval_main)
+        status = run_plan(plan, args, load_eval_main, slurm)
     return report(Path(args.out), status)

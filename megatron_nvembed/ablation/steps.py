@@ -132,7 +132,30 @@ class FinishStep:
         return str(Path(self.out) / "cells" / self.cell)
 
 
-Step = ImportStep | DeriveStep | TrainStep | EvalStep | FinishStep
+@dataclass(frozen=True)
+class CheckStep:
+    """A SLURM cell script's command after a training run: `tools/ablate.py --check-trained`
+    fails unless the run's checkpoint reached the run's last iteration (`cells.check_trained`),
+    so that the run's step marker is written only then."""
+
+    kind: ClassVar[str] = "check"
+    out: str
+    """The grid's output folder."""
+    cell: str
+    """The cell's name."""
+    step: str
+    """The training run's step name (`stage1`, `stage2`, `train`)."""
+
+    @property
+    def name(self) -> str:
+        return f"check_{self.step}"
+
+    @property
+    def output(self) -> str:
+        return str(Path(self.out) / "cells" / self.cell / "steps")
+
+
+Step = ImportStep | DeriveStep | TrainStep | EvalStep | FinishStep | CheckStep
 
 
 def render_argv(
@@ -177,6 +200,8 @@ def render_argv(
             flags += [] if step.instruction is None else ["--instruction", step.instruction]
         elif isinstance(step, FinishStep):
             path, flags = ABLATE_TOOL, ["--finish-cell", step.out, step.cell]
+        elif isinstance(step, CheckStep):
+            path, flags = ABLATE_TOOL, ["--check-trained", step.out, step.cell, step.step]
         else:
             raise TypeError(f"not an ablation step: {step!r}")
     if not program:

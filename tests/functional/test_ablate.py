@@ -11,9 +11,9 @@
   kept) and gets the same scores.
 - --run slurm on the same OUT with the whole grid and three objectives (infonce, homogeneous and
   one of --objective): bases.sbatch (the same bases: objectives share them), one script per
-  unfinished cell, submit_all.sh; every script passes `bash -n` and launches
-  examples/pretrain_nvembed.sh through srun with the allocation mapped as
-  examples/pretrain_nvembed.slurm does, with its objective's flags.
+  unfinished cell, submit_all.sh; every script passes `bash -n`, trains through
+  examples/slurm_train.sh (requeue on the signal's save) with its objective's flags, checks
+  each run's checkpoint and runs every tool under the `$PYTHON` of this interpreter.
 - Fast checks: the mask variant of a base equals import-hf's config except mask_type and leaves
   its source untouched; grid errors name the flag.
 
@@ -199,11 +199,14 @@ def test_slurm_writes_a_script_per_unfinished_cell(grid_run):
     for path in [*sdir.glob("*.sbatch"), sdir / "submit_all.sh"]:
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
     two = (sdir / f"{cell_name('two-stage', 'eos', 'causal')}.sbatch").read_text()
-    assert "#SBATCH --nodes=2" in two
-    assert two.count("srun --kill-on-bad-exit=1 bash -c") == 2  # stage 1, stage 2
-    assert "NODE_RANK=$SLURM_NODEID bash" in two and "examples/pretrain_nvembed.sh" in two
-    assert 'export NNODES="$SLURM_NNODES"' in two and "--finish-cell" in two
-    assert "--stage 2" in two and "tools/evaluate_mteb.py" in two
+    for line in ("--nodes=2", "--gpus-per-node=8", "--signal=TERM@300", "--requeue"):
+        assert f"#SBATCH {line}\n" in two
+    assert "#SBATCH --open-mode=append\n" in two
+    # stage 1, stage 2: through slurm_train.sh (job port, GPUs, requeue), each run checked
+    assert two.count("examples/slurm_train.sh --recipe") == 2 and "MASTER_PORT" not in two
+    assert two.count("--check-trained") == 2 and "--finish-cell" in two
+    assert f'export PYTHON="${{PYTHON:-{sys.executable}}}"' in two
+    assert '"$PYTHON" -m torch.distributed.run' in two and "--stage 2" in two
     bases = (sdir / "bases.sbatch").read_text()
     assert bases.count("import-hf") == 4 and bases.count("--derive-mask") == 4
     assert not (out / "cells" / cell_name("two-stage", "eos", "causal") / "done.json").exists()

@@ -97,6 +97,10 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SwitchType=switch/none
+# Job ids start at a random point: jobs of two test clusters on one machine rarely share a
+# port (examples/slurm_train.sh's is 20000 + job id % 40000). A requeued job starts again
+# after cred_expire (10 s instead of 120 s) and the next scheduling pass (every 2 s).
+FirstJobId=$((1000 + RANDOM % 39000))
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none

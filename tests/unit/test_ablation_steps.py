@@ -1,9 +1,9 @@
 """The ablation's typed steps, its `--grid` flag and its objective axis, without running anything.
 
-Proves: `render_argv` turns each kind of step (train, import, mask variant, evaluation, finish)
-into exactly the command line its program expects, with the launcher in front replaceable
-(torchrun) and the flags alone for an in-process `main(argv)`; `plan.json`'s record of a step
-carries that same command line; a bad `--grid` value is refused with a message naming the flag.
+Proves: `render_argv` turns each kind of step (train, import, mask variant, evaluation, finish,
+check) into exactly the command line its program expects, with the launcher in front replaceable
+(torchrun, `$PYTHON`) and the flags alone for an in-process `main(argv)`; `plan.json`'s record
+of a step carries that same command line; a bad `--grid` value is refused with a message naming the flag.
 Objective axis: `--objective NAME=FLAGS` items parse (shlex) or are refused naming the flag; a
 grid that does not name the axis has the default objective only, with the cell names of before;
 each training run of a cell gets its objective's flags through `TrainStep.extra`, before the
@@ -34,6 +34,7 @@ from megatron_nvembed.ablation.grid import (
 )
 from megatron_nvembed.ablation.steps import (
     ROOT,
+    CheckStep,
     DeriveStep,
     EvalStep,
     FinishStep,
@@ -116,6 +117,16 @@ def test_tool_steps_render_each_tools_flags():
         "/o",
         "cell",
     ]
+    check = CheckStep("/o", "cell", "stage1")
+    assert render_argv(check, ["$PYTHON"]) == [
+        "$PYTHON",
+        str(ROOT / "tools/ablate.py"),
+        "--check-trained",
+        "/o",
+        "cell",
+        "stage1",
+    ]
+    assert (check.name, check.output) == ("check_stage1", "/o/cells/cell/steps")
 
 
 def test_eval_step_renders_optional_flags_only_when_set():

@@ -1,0 +1,154 @@
+"""tools/ablate.py --run slurm on a real one-node SLURM (tests/slurm/conftest.py), against a local
+run of the same plan.
+
+The grid: 2 cells of one base on the synthetic retrieval task, recipe tiny, 1 gloo process per
+cell, told apart by two objectives that are training lengths: `short` (20 iterations) and `long`
+(LONG_ITERS). The scripts get `--slurm-time 10 --slurm-signal-lead 90`. Once the long cell
+trains, the test shortens its job's time limit (scontrol update) to 60-120 s from then: the
+--signal is due, and SLURM sends SIGTERM at its next time-limit check (within 30 s), while the
+long cell still trains (LONG_ITERS iterations take over 40 s at 0.1 s each). So the signal lands
+in training whatever the machine's load, which a fixed short limit cannot promise: a start takes
+10 s on an idle machine and over 60 s on a busy one, and a limit is a whole number of minutes.
+Training saves and the job requeues itself (examples/slurm_train.sh); the test gives the job its
+10 minutes back so that the requeued run is not stopped again, and that run resumes from the
+checkpoint and finishes the cell. The short cell runs once. Meanwhile the local run trains the
+same plan in one go.
+
+Proves: both cell jobs end COMPLETED with done.json and each step's seconds; the long cell's job
+restarted, its training log shows the signal's save and the resume from that iteration, and its
+checkpoint reached LONG_ITERS; the table of the SLURM run (ablation.csv after --collect) has the
+local run's cells, columns and scores (within 1e-6): an interrupted, requeued and resumed
+training ends where an uninterrupted one does.
+
+Run alone: pytest tests/slurm/test_slurm_ablation.py   (4 to 6 minutes on 2 busy cores)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_nvembed.checkpoint.store import latest_iteration
+
+pytest.importorskip("mteb")
+
+ROOT = Path(__file__).resolve().parents[2]
+LONG_ITERS = 450
+LEAD = 90  # --slurm-signal-lead
+CELL = "single-stage-no-inbatch_mean_bidirectional"
+SHORT, LONG = f"{CELL}_short", f"{CELL}_long"
+
+
+def _grid_args(tmp: Path) -> list[str]:
+    """The plan's flags (data and a tiny decoder written under `tmp`), without --out and --run."""
+    from transformers import AutoTokenizer
+
+    from megatron_nvembed.testing import save_tiny_hf_decoder, write_synthetic_retrieval
+
+    data = write_synthetic_retrieval(tmp / "data")
+    save_tiny_hf_decoder(tmp / "hf", AutoTokenizer.from_pretrained(data["tokenizer"]))
+    return [
+        "--base-hf", str(tmp / "hf"), "--stage1-data", data["train"],
+        "--eval-beir", data["eval"], "--instruction", data["instruction"], "--recipe", "tiny",
+        "--grid", "pooling=mean", "mask=bidirectional", "schedule=single-stage-no-inbatch",
+        "objective=short,long",
+        "--objective", "short=--train-iters 20", f"long=--train-iters {LONG_ITERS}",
+        "--nproc", "1",
+    ]  # fmt: skip
+
+
+def _ablate(*args: str, env: dict | None = None, timeout: float = 300) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "ablate.py"), *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _shorten_time_limit(slurm, job: str) -> None:
+    """Sets the running job's time limit (whole minutes) to 60 to 120 s from now: SLURM sends the
+    --signal when the limit is LEAD + 30 s or less away at one of its checks (every 30 s), so at
+    the next check, and the limit leaves the save and the requeue at least 30 s after it."""
+    run_time = slurm.job(job)["RunTime"]  # [D-]HH:MM:SS
+    days, _, hms = run_time.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    elapsed = int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+    minutes = -(-(elapsed + 60) // 60)
+    slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}")
+
+
+def _table(out: Path) -> list[dict[str, str]]:
+    with open(out / "ablation.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_requeued_cell_resumes_and_matches_a_local_run(slurm, tmp_path):
+    grid = _grid_args(tmp_path)
+    extra = ["--", "--lr-warmup-iters", "1"]
+    local_out, slurm_out = tmp_path / "local", tmp_path / "slurm"
+    # the local run trains the same plan meanwhile (its cells' in-process evaluation: --nproc 1)
+    local_log = tmp_path / "local.log"
+    with open(local_log, "w") as log:
+        local = subprocess.Popen(
+            [sys.executable, str(ROOT / "tools" / "ablate.py"), *grid, "--out", str(local_out),
+             "--run", "local", *extra],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+    try:
+        _ablate(
+            *grid, "--out", str(slurm_out), "--run", "slurm", "--slurm-gpus-per-node", "0",
+            "--slurm-time", "10", "--slurm-signal-lead", str(LEAD), "--sbatch=--cpus-per-task=1",
+            *extra, env=slurm.env,
+        )  # fmt: skip
+        submit = slurm_out / "slurm" / "submit_all.sh"
+        # submit_all.sh prints the cell jobs' ids in the order of its sbatch lines
+        ids = re.findall(r"Submitted batch job (\d+)", slurm.run("bash", str(submit)))
+        scripts = re.findall(r"afterok:\$BASES \S*/([^/\s]+)\.sbatch", submit.read_text())
+        assert sorted(scripts) == sorted([SHORT, LONG]) and len(ids) == 2
+        ids = dict(zip(scripts, ids))
+        long_log = slurm_out / "cells" / LONG / "logs" / "train.log"
+        slurm.wait_for_line(long_log, rf"iteration +\d+/{LONG_ITERS} \|", ids[LONG], timeout=300)
+        _shorten_time_limit(slurm, ids[LONG])
+        slurm.wait_for_line(long_log, "requeued, it resumes", ids[LONG], timeout=180)
+        slurm.run("scontrol", "update", f"JobId={ids[LONG]}", "TimeLimit=10")
+        jobs = {cell: slurm.wait(job, timeout=420) for cell, job in ids.items()}
+        local.wait(timeout=420)
+    finally:
+        if local.poll() is None:
+            local.kill()
+    assert local.returncode == 0, local_log.read_text()[-4000:]
+
+    logs = {c: (slurm_out / "cells" / c / "logs" / "train.log").read_text() for c in jobs}
+    for cell, job in jobs.items():
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (job, logs[cell][-3000:])
+        done = json.loads((slurm_out / "cells" / cell / "done.json").read_text())
+        assert {k: type(v) for k, v in done["seconds"].items()} == {"train": int, "eval": int}
+    # the long cell: stopped by the signal after a save, requeued, resumed from that iteration
+    assert int(jobs[LONG]["Restarts"]) >= 1, jobs[LONG]
+    saved = re.findall(r"SIGTERM received: saving at iteration (\d+)", logs[LONG])
+    resumed = re.findall(r"resumed at iteration (\d+)", logs[LONG])
+    assert saved and saved == resumed and 0 < int(saved[0]) < LONG_ITERS, logs[LONG][-3000:]
+    assert f"job {ids[LONG]} requeued" in logs[LONG]
+    assert latest_iteration(slurm_out / "cells" / LONG / "train") == LONG_ITERS
+
+    _ablate("--collect", "--out", str(slurm_out), env=slurm.env)
+    local_rows, slurm_rows = _table(local_out), _table(slurm_out)
+    assert [r["cell"] for r in slurm_rows] == [r["cell"] for r in local_rows]
+    assert sorted(r["cell"] for r in local_rows) == sorted([SHORT, LONG])
+    assert list(slurm_rows[0]) == list(local_rows[0])
+    assert "status" not in slurm_rows[0]  # no incomplete cell
+    for got, want in zip(slurm_rows, local_rows):
+        for column, value in want.items():
+            if column in ("cell", "schedule", "pooling", "mask", "objective"):
+                assert got[column] == value
+            else:
+                assert got[column] != "" and abs(float(got[column]) - float(value)) <= 1e-6, (
+                    column, got, want,
+                )  # fmt: skip
