@@ -81,8 +81,7 @@ def machine(report: dict) -> str:
 def render(path: Path, report: dict) -> str:
     """Markdown of one result file: its command, the two tables and the machine."""
     return (
-        f"`{path.name}`: `{report['config']['command']}`\n\n{tables(report)}\n\n"
-        f"{machine(report)}"
+        f"`{path.name}`: `{report['config']['command']}`\n\n{tables(report)}\n\n{machine(report)}"
     )
 
 

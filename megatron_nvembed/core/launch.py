@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from megatron_nvembed.core.logging_utils import quiet_known_noise
 from megatron_nvembed.core.parallel import (  # free_port: also re-exported
     destroy_parallel,
-    free_port,
+    free_port,  # noqa: F401  (re-exported: tests and testing import it from here)
 )
 
 

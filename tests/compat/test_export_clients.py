@@ -372,9 +372,9 @@ def test_token_ids_and_pool_masks_equal_nvidia_and_sentencepiece(run):
 
     def check(name, ids, pool=None):
         bad = [i for i, (a, b) in enumerate(zip(ids, want_ids)) if a != b]
-        assert (
-            not bad
-        ), f"{name}: {len(bad)} of {len(ids)} texts differ in ids, e.g. {order[bad[0]]!r}"
+        assert not bad, (
+            f"{name}: {len(bad)} of {len(ids)} texts differ in ids, e.g. {order[bad[0]]!r}"
+        )
         if pool is not None:
             bad = [i for i, (a, b) in enumerate(zip(pool, want_pool)) if a != b]
             assert not bad, f"{name}: {len(bad)} pool masks differ, e.g. {order[bad[0]]!r}"
