@@ -1,8 +1,8 @@
 """Local multi-process launching on one machine (gloo on CPU).
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises a gloo
-process group in each (rendezvous through a file in a fresh temporary folder: no port to
-race for), calls `fn(rank, world_size,
+process group in each (rendezvous through a TCP store this process opens on a port the OS
+picks and keeps it for the run: no port to race for), calls `fn(rank, world_size,
 *args)` and re-raises the first failure in the parent. `fn` must be a module-level function so
 that `torch.multiprocessing.spawn` can pickle it. The checkpoint importer uses it to run one
 process per TP x PP shard; tests use it for every distributed check.
@@ -11,7 +11,6 @@ process per TP x PP shard; tests use it for every distributed check.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +25,9 @@ from megatron_nvembed.core.parallel import (  # free_port: also re-exported
 )
 
 
-def _worker(rank: int, fn: Callable, world_size: int, store_file: str, args: tuple) -> None:
-    # The processes meet through a file, not a TCP port: a port found free a moment ago can be
-    # taken by another process (EADDRINUSE) before rank 0 listens on it.
+def _worker(rank: int, fn: Callable, world_size: int, store_port: int, args: tuple) -> None:
+    # The processes meet at the parent's store, not at a port found free a moment ago: such a
+    # port can be taken by another process (EADDRINUSE) before rank 0 listens on it.
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
     os.environ["RANK"] = str(rank)
@@ -38,9 +37,8 @@ def _worker(rank: int, fn: Callable, world_size: int, store_file: str, args: tup
     quiet_known_noise()
     # Two cores are shared by all ranks; more threads per rank only adds contention.
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size
-    )
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -54,6 +52,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None
         torch.multiprocessing.ProcessRaisedException: when any rank raises; the message holds
         that rank's traceback.
     """
-    with tempfile.TemporaryDirectory(prefix="nvembed-rendezvous-") as folder:
-        store_file = os.path.join(folder, "store")
-        mp.spawn(_worker, args=(fn, world_size, store_file, args), nprocs=world_size, join=True)
+    # Port 0: the OS binds a free port at once; the store lives here until the processes end.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        mp.spawn(_worker, args=(fn, world_size, store.port, args), nprocs=world_size, join=True)
+    finally:
+        del store

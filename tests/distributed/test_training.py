@@ -342,8 +342,9 @@ def _grad_cache_switch_worker(rank, world, data, tmp):
         )
         out[name] = {
             "losses": result.losses,
+            # Global rank 0 writes the JSON log (complete once its train() returned).
             "pool": [json.loads(x)["in_batch_pool_queries"] for x in log.read_text().splitlines()]
-            if rank == world - 1
+            if rank == 0
             else [],
         }
     # Every optional loss term on (no dropout: the two paths then compute the same thing).
@@ -375,7 +376,7 @@ def _grad_cache_switch_worker(rank, world, data, tmp):
         out["unscored"] = "accepted"
     except ValueError as err:
         out["unscored"] = str(err)
-    if rank == world - 1:
+    if rank == 0:  # the rank that read the logs
         (tmp / "switch.json").write_text(json.dumps(out))
 
 

@@ -84,7 +84,7 @@ def _sinks_worker(rank, world, data, tmp):
         )
     finally:
         validation.embed_microbatches = real_embed
-    if rank == world - 1:
+    if rank == 0:  # global rank 0 prints the iteration lines
         (tmp / "out.json").write_text(
             json.dumps(
                 {
