@@ -38,5 +38,24 @@ fi
 # Two workers (-n 2), each taking whole test modules (--dist loadfile), so a module-scoped
 # fixture (a training run several tests read) runs once. Most tests wait on subprocesses
 # (megatron-core imports, torchrun, gloo), so two workers halve the wall time on 2 cores.
-# Pass -n 0 to run serially (e.g. to read one test's output in order).
-python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests "$@"
+# Arguments go to pytest (e.g. -n 0 to run serially, or a test path), all in one run.
+if [[ $# -gt 0 ]]; then
+  exec python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests "$@"
+fi
+# Without arguments the slurm tests, which mostly wait on the scheduler and on requeues, run in a
+# pytest of their own beside the rest from the start; their report follows the main one.
+SLURM_REPORT="$(mktemp)"
+SLURM_TMP="$(mktemp -d)"
+python3 -m pytest -q -p no:cacheprovider --durations=8 --basetemp="$SLURM_TMP/t" tests/slurm \
+  >"$SLURM_REPORT" 2>&1 &
+SLURM_PID=$!
+status=0
+python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests \
+  --ignore=tests/slurm || status=$?
+slurm_status=0
+wait "$SLURM_PID" || slurm_status=$?
+echo "== tests/slurm (run beside the rest)"
+cat "$SLURM_REPORT"
+rm -rf "$SLURM_REPORT" "$SLURM_TMP"
+if [[ "$status" != 0 ]]; then exit "$status"; fi
+exit "$slurm_status"
