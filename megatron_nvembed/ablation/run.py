@@ -109,6 +109,17 @@ def report(out: Path, status: dict[str, str]) -> int:
     return 1 if failed else 0
 
 
+def _say(job, line) -> int:
+    """Runs a cell script's bookkeeping step: its line and 0, or one error line and 1."""
+    try:
+        result = job()
+    except (RuntimeError, OSError) as err:  # OSError: a cell folder or plan.json missing
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(line(result))
+    return 0
+
+
 def run_ablation(
     args: argparse.Namespace, extra: list[str], load_eval_main=None, usage_error=None
 ) -> int:
@@ -131,21 +142,16 @@ def run_ablation(
         print(f"wrote {args.derive_mask[1]}")
         return 0
     if args.check_trained:
-        try:
-            reached = check_trained_step(*args.check_trained)
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"{args.check_trained[1]}: {args.check_trained[2]} finished (iteration {reached})")
-        return 0
+        _, cell, step = args.check_trained
+        return _say(
+            lambda: check_trained_step(*args.check_trained),
+            lambda reached: f"{cell}: {step} finished (iteration {reached})",
+        )
     if args.finish_cell:
-        try:
-            done = finish_cell(*args.finish_cell)
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"{done['cell']}: done (average {done['average']})")
-        return 0
+        return _say(
+            lambda: finish_cell(*args.finish_cell),
+            lambda done: f"{done['cell']}: done (average {done['average']})",
+        )
     status: dict[str, str] = {}
     if not args.collect:
         try:
