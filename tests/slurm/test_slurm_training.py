@@ -3,7 +3,8 @@ CPU), as a user submits it: from another folder, with extra flags, relative path
 
 The jobs are submitted together once (module fixture) and run side by side on the node:
 - `reference`: 60 uninterrupted iterations (2 processes);
-- `requeued`: the same command, requeued with `scontrol requeue` once it logged 5 iterations;
+- `requeued`: the same command, requeued with `scontrol requeue` as soon as it logged 5
+  iterations (the fixture's poll, every 0.2 s: 60 iterations take about 20 s on an idle machine);
   it saves on the SIGTERM, the requeued run resumes at the saved iteration, and every loss equals
   the reference's (1e-6);
 - `time_limit`: `--time=3 --signal=TERM@60`, the first run starting its launcher checks 100 s
@@ -50,7 +51,9 @@ def _losses(log: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def jobs(slurm, tmp_path_factory):
-    """Submits the four jobs from a folder outside the checkout; returns (folder, job ids)."""
+    """Submits the four jobs from a folder outside the checkout and signals them as the module
+    docstring says; returns (folder, job ids, whether `reference` and `requeued` were RUNNING at
+    once, the last iteration `requeued` had logged when it was requeued)."""
     home = tmp_path_factory.mktemp("submit")
     write_synthetic_retrieval(home / "data", num_topics=8, train_per_topic=12)
     two = {"NPROC_PER_NODE": "2"}
@@ -79,12 +82,23 @@ def jobs(slurm, tmp_path_factory):
             env={**two, "PYTHON": _slow_python(home, "early", 120, python)},
         ),  # fmt: skip
     }
-    # One poll: until both 2-process jobs are seen RUNNING on the one node at once, and until the
-    # early-signal job started its (sleeping) checks, which then get SIGTERM on every process of
-    # the job's step (`scancel --signal=TERM`), as a preemption that lands as a job starts.
+    # One poll, until every job got what it waits for:
+    # - `requeued` is requeued (`scontrol requeue`: SIGTERM, as a preemption) once it logged its
+    #   5th iteration, here and not in a test, which would start after this loop;
+    # - both 2-process jobs are seen RUNNING on the one node at once;
+    # - the early-signal job started its (sleeping) checks, which then get SIGTERM on every
+    #   process of the job's step (`scancel --signal=TERM`), as a preemption that lands as a job
+    #   starts.
     deadline, together, ended, signalled = time.monotonic() + 600, False, False, False
-    requeued = False
-    while time.monotonic() < deadline and not ((together or ended) and signalled and requeued):
+    requeued, preempted_at = False, None
+    done = lambda: (together or ended) and signalled and requeued and preempted_at is not None  # noqa: E731
+    while time.monotonic() < deadline and not done():
+        if preempted_at is None:
+            # (a line may be half-written while it is read: the numbers alone are taken)
+            logged = re.findall(r'"iteration": (\d+)', _text(home / "req" / "log.jsonl"))
+            if len(logged) >= 5:
+                slurm.run("scontrol", "requeue", ids["requeued"])
+                preempted_at = max(map(int, logged))
         if not requeued and "requeued, it resumes" in _text(_out(home, ids["time_limit"])):
             # The time limit stopped the first run, which saved and requeued the job. A run of a
             # real job gets its whole limit; this one is 3 minutes, and on a loaded machine a
@@ -99,7 +113,8 @@ def jobs(slurm, tmp_path_factory):
             signalled = True
         time.sleep(0.2)
     assert signalled, "the early-signal job never started its checks"
-    return home, ids, together
+    assert preempted_at is not None, "the requeued job never logged 5 iterations"
+    return home, ids, together, preempted_at
 
 
 def _slow_python(home: Path, name: str, seconds: int, python: str) -> str:
@@ -133,19 +148,20 @@ def _completed(slurm, job_id: str, home: Path, timeout: float = 900) -> dict[str
 
 
 def test_requeued_job_resumes_at_its_save_with_the_losses_of_an_uninterrupted_run(slurm, jobs):
-    home, ids, _ = jobs
+    home, ids, _, preempted_at = jobs
     job = ids["requeued"]
-    slurm.wait_for_line(home / "req" / "log.jsonl", r'"iteration": 5\b', job)
-    slurm.run("scontrol", "requeue", job)
+    assert preempted_at < 60, "the job logged all 60 iterations before the test requeued it"
     fields = _completed(slurm, job, home)
     _completed(slurm, ids["reference"], home)
-    assert fields["Restarts"] == "1"
     text = _out(home, job).read_text()
+    assert fields["Restarts"] == "1", text[-3000:]
     # The first run's output is kept (--open-mode=append): both runs' launcher lines are there.
     assert f"slurm_train: job {job} (restart 0)" in text
     assert f"slurm_train: job {job} (restart 1)" in text
-    saved = int(re.search(r"SIGTERM received: saving at iteration (\d+)", text).group(1))
-    assert 5 <= saved < 60
+    found = re.search(r"SIGTERM received: saving at iteration (\d+)", text)
+    assert found, text[-3000:]
+    saved = int(found.group(1))
+    assert preempted_at <= saved < 60
     assert f"resumed at iteration {saved} with every rank's RNG state" in text
     requeued, reference = _losses(home / "req" / "log.jsonl"), _losses(home / "ref" / "log.jsonl")
     assert sorted(requeued) == sorted(reference) == list(range(1, 61))
@@ -154,7 +170,7 @@ def test_requeued_job_resumes_at_its_save_with_the_losses_of_an_uninterrupted_ru
 
 
 def test_two_jobs_share_the_node_each_on_its_own_port(slurm, jobs):
-    home, ids, _ = jobs
+    home, ids, *_ = jobs
     a, b = ids["reference"], ids["requeued"]
     _completed(slurm, a, home)
     _completed(slurm, b, home)
@@ -167,7 +183,7 @@ def test_two_jobs_share_the_node_each_on_its_own_port(slurm, jobs):
 
 
 def test_time_limit_signal_saves_requeues_and_finishes_every_iteration(slurm, jobs):
-    home, ids, _ = jobs
+    home, ids, *_ = jobs
     job = ids["time_limit"]
     fields = _completed(slurm, job, home, timeout=1200)
     text = _out(home, job).read_text()
@@ -178,7 +194,7 @@ def test_time_limit_signal_saves_requeues_and_finishes_every_iteration(slurm, jo
 
 
 def test_signal_during_the_launcher_checks_requeues_and_the_next_run_trains(slurm, jobs):
-    home, ids, _ = jobs
+    home, ids, *_ = jobs
     job = ids["early_signal"]  # signalled by the fixture during its first run's checks
     fields = _completed(slurm, job, home)
     text = _out(home, job).read_text()
