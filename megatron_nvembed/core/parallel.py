@@ -78,6 +78,10 @@ def initialize_model_parallel(
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    if parallel_state.model_parallel_is_initialized() and dist.get_world_size() == 1:
+        # A lone process initialising again (tests, tools building several models): its previous
+        # groups are destroyed, not just forgotten; each holds gloo threads until destroyed.
+        destroy_parallel()
     init_distributed()
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size

@@ -1,7 +1,10 @@
-"""The gloo test harness really runs every rank and surfaces failures.
+"""The gloo test harness really runs every rank and surfaces failures; a process that initialises
+megatron-core's groups again does not keep the previous ones (their gloo threads).
 
 Run alone: pytest tests/unit/test_testing_harness.py
 """
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_nvembed.core.launch import run_distributed
+from megatron_nvembed.testing import init_single_process_megatron
 
 
 def _sum_ranks(rank, world_size):
@@ -29,3 +33,22 @@ def test_all_reduce_over_two_ranks():
 def test_failure_on_one_rank_is_raised():
     with pytest.raises(mp.ProcessRaisedException, match="rank one failed on purpose"):
         run_distributed(_fail_on_rank_one, 2)
+
+
+def _gloo_threads() -> int:
+    """Threads of this process that gloo process groups run (named pt_gloo_* / gloo_*)."""
+    return sum(
+        (task / "comm").read_text(errors="replace").startswith(("gloo", "pt_gloo"))
+        for task in Path("/proc/self/task").iterdir()
+        if (task / "comm").exists()
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_initialising_again_destroys_the_previous_groups_and_their_threads():
+    init_single_process_megatron()
+    first = _gloo_threads()
+    assert first > 0  # the groups of one initialisation run threads
+    for _ in range(3):
+        init_single_process_megatron(tp=1, pp=1, seed=7)
+    assert _gloo_threads() == first  # not 4x: the previous groups were destroyed
