@@ -67,8 +67,8 @@ def _killed_then_rerun(rng, seed, command, source, out_flag, straight: Path, out
     killed = _convert(command, *source, out_flag, out)
     time.sleep(rng.uniform(0.2, 0.9) * duration)
     killed.kill()
-    # A hang guard only: the pipe closes when the tool's worker processes, which outlive a
-    # SIGKILL of the tool (issue: workers die with their parent), have ended too.
+    # A hang guard only: the pipe closes once the tool's worker processes, which outlive a
+    # SIGKILL of the tool, have ended too.
     killed.communicate(timeout=300)
     # Whatever moment the kill hit, the output is absent or complete: a kill after the swap
     # leaves the finished folder, and a user reruns with --overwrite to be sure.

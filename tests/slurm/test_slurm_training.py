@@ -90,21 +90,22 @@ def jobs(slurm, tmp_path_factory):
     #   process of the job's step (`scancel --signal=TERM`), as a preemption that lands as a job
     #   starts.
     deadline, together, ended, signalled = time.monotonic() + 600, False, False, False
-    requeued, preempted_at = False, None
-    done = lambda: (together or ended) and signalled and requeued and preempted_at is not None  # noqa: E731
-    while time.monotonic() < deadline and not done():
+    limit_raised, preempted_at = False, None
+    while time.monotonic() < deadline and not (
+        (together or ended) and signalled and limit_raised and preempted_at is not None
+    ):
         if preempted_at is None:
             # (a line may be half-written while it is read: the numbers alone are taken)
             logged = re.findall(r'"iteration": (\d+)', _text(home / "req" / "log.jsonl"))
             if len(logged) >= 5:
                 slurm.run("scontrol", "requeue", ids["requeued"])
                 preempted_at = max(map(int, logged))
-        if not requeued and "requeued, it resumes" in _text(_out(home, ids["time_limit"])):
+        if not limit_raised and "requeued, it resumes" in _text(_out(home, ids["time_limit"])):
             # The time limit stopped the first run, which saved and requeued the job. A run of a
             # real job gets its whole limit; this one is 3 minutes, and on a loaded machine a
             # start alone can take most of it: the requeued run gets 10 minutes to finish.
             slurm.run("scontrol", "update", f"JobId={ids['time_limit']}", "TimeLimit=10")
-            requeued = True
+            limit_raised = True
         if not (together or ended):
             states = {slurm.job(ids[n]).get("JobState") for n in ("reference", "requeued")}
             together, ended = states == {"RUNNING"}, bool(states & FINAL_STATES)
