@@ -4,7 +4,8 @@
   import-hf  --hf-dir SRC --save DST [--tensor-model-parallel-size N]
              [--pipeline-model-parallel-size M] [--pooling latent|mean|eos|self-attention]
              [--mask-type bidirectional|causal] [--pooling-num-latents R]
-             [--pooling-num-attention-heads H] [--pooling-head-dim D] [--overwrite]
+             [--pooling-num-attention-heads H] [--pooling-head-dim D]
+             [--dtype bfloat16|float16|float32] [--overwrite]
   export-hf  --load SRC --hf-dir DST [--dtype bfloat16|float16|float32]
              [--format nvembed|sentence-transformers] [--overwrite]
   merge-lora --load SRC --save DST [--peft-dir DIR --peft-base-model BASE
@@ -16,7 +17,9 @@ conversion has succeeded. An output that is SRC, lies inside SRC or holds SRC is
 as is an output path that is a file or a symbolic link. These checks run before anything is read.
 
 import-hf reads Mistral/Llama (`*ForCausalLM` or bare `*Model`) and NV-Embed checkpoints and
-writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine).
+writes a checkpoint sharded for the requested TP/PP (it runs TP x PP processes on this machine),
+in the source's dtype unless --dtype is given; export-hf writes the checkpoint's dtype unless
+--dtype is given. Every conversion holds one parameter (or one layer) at a time.
 A source without a pooling head gets a new, seeded one: --pooling picks its type and
 --pooling-num-latents / --pooling-num-attention-heads / --pooling-head-dim its size (NV-Embed's
 512 / 8 / model width by default); for a source that has a head these flags are errors.
@@ -93,6 +96,13 @@ def _add_import_hf(sub) -> None:
         default=None,
         help="width of each of those heads (default: the model width, as NV-Embed)",
     )
+    imp.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the checkpoint's weights (default: the source's, e.g. bfloat16 for a "
+        "bf16 model; training keeps fp32 master weights in its optimizer whatever the dtype)",
+    )
     imp.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
 
@@ -107,9 +117,9 @@ def _add_export_hf(sub) -> None:
     )
     exp.add_argument(
         "--dtype",
-        default="bfloat16",
+        default=None,
         choices=["bfloat16", "float16", "float32"],
-        help="dtype of the written weights",
+        help="dtype of the written weights (default: the checkpoint's)",
     )
     exp.add_argument(
         "--format",
@@ -180,6 +190,7 @@ def run_import_hf(args: argparse.Namespace) -> str:
         num_heads=args.pooling_num_attention_heads,
         head_dim=args.pooling_head_dim,
         overwrite=args.overwrite,
+        dtype=args.dtype,
     )
     return (
         f"wrote {args.save} (TP={args.tensor_model_parallel_size}, "

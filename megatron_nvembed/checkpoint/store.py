@@ -176,6 +176,7 @@ def save_checkpoint(
     optimizer=None,
     lora: dict | None = None,
     write_files: Callable[[Path], None] | None = None,
+    values: Callable[[str], torch.Tensor] | None = None,
 ) -> Path:
     """Saves this rank's model stage (all ranks call it) as iteration `iteration` under `root`.
 
@@ -190,6 +191,9 @@ def save_checkpoint(
         lora: {"rank", "alpha", "dropout"} when the model carries adapters (required then).
         write_files: called on every rank with the temporary iteration folder before it is
             renamed (per-rank RNG states, training state...).
+        values: for a model built on the meta device (`streaming.meta_model`): each
+            parameter's value, `values(name)` (state-dict name), asked for when its bytes are
+            written and dropped after them, so the save holds one parameter at a time.
 
     Returns:
         The final iteration directory.
@@ -222,8 +226,16 @@ def save_checkpoint(
             shutil.rmtree(left)  # leftovers of interrupted saves (never what --load picks)
         tmp.mkdir()
     _barrier()
+    from megatron_nvembed.checkpoint.streaming import (
+        _Resolver,
+        resolving_writes,
+        streaming_strategy,
+    )
+
+    resolver = _Resolver(model, values) if values is not None else None
+    strategy = streaming_strategy() if values is not None else None
     try:
-        with cuda_allocations_on_cpu(), _writes_in_this_process():
+        with cuda_allocations_on_cpu(), _writes_in_this_process(resolver):
             state = model.sharded_state_dict()
             if optimizer is not None:
                 state["optimizer"] = optimizer.sharded_state_dict(
@@ -231,7 +243,8 @@ def save_checkpoint(
                 )
             if extra_state:
                 state.update(extra_state)
-            dist_checkpointing.save(state, str(tmp))
+            with resolving_writes(resolver):
+                dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
         if write_files is not None:
             write_files(tmp)
     except _FAILURES as err:
@@ -290,7 +303,7 @@ def _save_failure(err: BaseException, root: Path, tmp: Path) -> str:
 
 
 @contextmanager
-def _writes_in_this_process():
+def _writes_in_this_process(resolver=None):
     """Makes megatron-core's torch_dist save write every shard from the rank's own process.
 
     megatron-core 0.16's writer hands a save's buckets to forked worker processes and collects
@@ -300,7 +313,8 @@ def _writes_in_this_process():
     writer that dies leaves the save waiting forever. Written here, bucket after bucket, with the
     results in an in-process queue, a save has no child to lose and any write error (disk full)
     comes back as this rank's exception. Sequential writes cost little: the shards of one rank
-    go to one filesystem anyway.
+    go to one filesystem anyway. With a `streaming._Resolver`, each bucket's meta tensors get
+    their values as they are written.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
 
@@ -311,6 +325,9 @@ def _writes_in_this_process():
     def write_buckets(transform_list, use_msc, rank, write_buckets, results_queue):
         results = {}
         for i, bucket in enumerate(write_buckets):
+            if resolver is not None:
+                path, key, (bytes_data, tensor_data) = bucket
+                bucket = (path, key, (bytes_data, resolver.ordered(tensor_data)))
             local, count = queue.Queue(), queue.Queue()
             count.put(i)
             extra = {"use_msc": use_msc} if use_msc else {}

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_nvembed.checkpoint.lazy import DTYPES
 from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.conversion.hf_config import latent_attention_config_dict, text_config_dict
 from megatron_nvembed.conversion.hf_weights import write_safetensors_shards
 from megatron_nvembed.conversion.st_layout import PROMPTS_FILE, prompts_config, write_st_layout
-from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
+from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
 
 HF_FILES_DIR = Path(__file__).resolve().parents[1] / "hf_model"
@@ -33,8 +34,6 @@ EXPORT_FORMATS = ("nvembed", "sentence-transformers")
 """`export-hf --format`: NV-Embed's format (every head and mask; model code shipped in the folder)
 or sentence-transformers' native layout (a plain transformers backbone + Pooling + Normalize
 modules; last-token pooling and a causal mask only, loaded without remote code)."""
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-"""`export-hf --dtype`: the dtype of the written weights."""
 
 
 def check_export_paths(
@@ -144,11 +143,35 @@ def _write_model_files(out: Path, cfg: EmbeddingModelConfig, dtype: str, st: boo
     _write_sentence_transformers_files(out, cfg.prompts.query_template)
 
 
+def _hf_tensors(reader, prefix: str, dtype: torch.dtype):
+    """The export's tensors: HF key -> meta tensor (shape and dtype, for the files' headers) and
+    a function giving each key's value, reading one megatron parameter at a time (the last two
+    kept: a fused parameter's HF tensors are written close together, in key order)."""
+    from megatron_nvembed.conversion.hf_mapping import hf_sources, hf_tensors_of
+
+    sources = hf_sources(reader.cfg, backbone_prefix=prefix)
+    params = dict(reader.plain.named_parameters())
+    layout = {}
+    for key, (mname, kind, n, i) in sources.items():
+        layout[key] = hf_tensors_of([params[mname]], reader.cfg, kind, n)[i].to(dtype)
+    last: dict[str, tuple] = {}
+
+    def produce(key: str) -> torch.Tensor:
+        mname, kind, n, i = sources[key]
+        if mname not in last:
+            while len(last) >= 2:
+                last.pop(next(iter(last)))  # the oldest
+            last[mname] = hf_tensors_of([reader.merged(mname)], reader.cfg, kind, n)
+        return last[mname][i].to(dtype).contiguous()
+
+    return layout, produce
+
+
 def export_hf(
     load_dir: str | os.PathLike,
     hf_dir: str | os.PathLike,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     format: str = "nvembed",
@@ -157,7 +180,9 @@ def export_hf(
     with `format="sentence-transformers"` in that library's native layout (`st_layout`).
 
     Must run in one process with megatron-core's parallel state at TP = PP = 1 (the CLI does
-    this); the checkpoint is resharded on load, so any saved layout works.
+    this); any saved layout works. The weights are read one parameter at a time
+    (`checkpoint.lazy.CheckpointTensors`, LoRA adapters folded in) and written one tensor at a
+    time, in `dtype` (`--dtype`; None: the checkpoint's).
 
     Every head and both masks are written (see `nvembed_config_json` for what NV-Embed's own
     code accepts); the tokenizer files are copied byte for byte. The sentence-transformers layout
@@ -177,28 +202,25 @@ def export_hf(
             refused by `check_output_dir` (before the checkpoint is read).
         FileNotFoundError: the checkpoint holds no tokenizer files.
     """
-    from megatron_nvembed.checkpoint.store import load_checkpoint, read_config
-    from megatron_nvembed.conversion.hf_mapping import megatron_to_hf, model_to_hf_shard
-    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.checkpoint.lazy import DTYPE_NAMES, CheckpointTensors, parse_dtype
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype is not None:
+        parse_dtype(dtype)
     if format not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {EXPORT_FORMATS}, got {format!r}")
     final = check_export_paths(load_dir, hf_dir, overwrite=overwrite)
     load_dir, hf_dir = Path(load_dir), Path(hf_dir)
-    cfg = read_config(load_dir)
     st = format == "sentence-transformers"
     if st:
-        check_st_exportable(cfg, load_dir / TOKENIZER_DIR)
-    cfg.parallel = ParallelConfig(1, 1)
-    model = build_model(cfg)
-    load_checkpoint(model, load_dir)
-    prefix = "" if st else "embedding_model."
-    state = megatron_to_hf([[model_to_hf_shard(model)]], cfg, backbone_prefix=prefix)
-    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+        from megatron_nvembed.checkpoint.store import read_config
+
+        check_st_exportable(read_config(load_dir), load_dir / TOKENIZER_DIR)
+    reader = CheckpointTensors(load_dir)
+    cfg = reader.cfg
+    dtype = dtype or DTYPE_NAMES[reader.dtype]
+    layout, produce = _hf_tensors(reader, "" if st else "embedding_model.", DTYPES[dtype])
     with atomic_dir(final, overwrite=overwrite, flag="--hf-dir") as tmp:
-        write_safetensors_shards(state, tmp, max_shard_bytes)
+        write_safetensors_shards(layout, tmp, max_shard_bytes, produce)
         _write_model_files(tmp, cfg, dtype, st)
         if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
             raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")

@@ -154,6 +154,48 @@ def _transform_kwargs(cfg: EmbeddingModelConfig) -> dict:
     )
 
 
+def stage_sources(
+    cfg: EmbeddingModelConfig,
+    pp_rank: int,
+    *,
+    backbone_prefix: str = "",
+    head_prefix: str = "latent_attention_model.",
+    te_names: bool = False,
+    include_head: bool = True,
+) -> dict[str, tuple[list[str], str]]:
+    """megatron name -> (HF keys, transform kind) for every parameter of one PP stage (the
+    pooling head's only with `include_head`); arguments as `hf_to_megatron`."""
+    out = {}
+    for mname, hf_names, kind in stage_rules(cfg, pp_rank, te_names):
+        if not include_head and mname.startswith("pooling."):
+            continue
+        out[mname] = ([_hf_key(n, backbone_prefix, head_prefix) for n in hf_names], kind)
+    return out
+
+
+def hf_parameter(
+    hf_state: Mapping[str, torch.Tensor],
+    cfg: EmbeddingModelConfig,
+    tp_rank: int,
+    source: tuple[list[str], str],
+) -> torch.Tensor:
+    """One parameter's TP shard (`source`: an entry of `stage_sources`), read from `hf_state`
+    one HF tensor at a time.
+
+    Raises:
+        KeyError: naming the missing HF key.
+        ValueError: naming a key whose shape does not match the config.
+    """
+    keys, kind = source
+    tensors = []
+    for key in keys:
+        if key not in hf_state:
+            raise KeyError(f"missing key {key!r} in the source state dict")
+        tensors.append(hf_state[key])
+    tp = cfg.parallel.tensor_model_parallel_size
+    return shard(kind, tensors, tp_rank, tp, **_transform_kwargs(cfg))
+
+
 def hf_to_megatron(
     hf_state: Mapping[str, torch.Tensor],
     cfg: EmbeddingModelConfig,
@@ -165,7 +207,9 @@ def hf_to_megatron(
     te_names: bool = False,
     include_head: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The state dict of one (TP rank, PP stage) shard of `NVEmbedModel` from HF tensors.
+    """The state dict of one (TP rank, PP stage) shard of `NVEmbedModel` from HF tensors (all
+    of them at once; conversions take one parameter at a time with `stage_sources` and
+    `hf_parameter`).
 
     Args:
         hf_state: HF-named tensors (any mapping with `__getitem__`, e.g. a lazy safetensors view).
@@ -184,20 +228,43 @@ def hf_to_megatron(
         KeyError: naming the missing HF key.
         ValueError: naming a key whose shape does not match the config.
     """
-    tp = cfg.parallel.tensor_model_parallel_size
-    kw = _transform_kwargs(cfg)
+    sources = stage_sources(
+        cfg,
+        pp_rank,
+        backbone_prefix=backbone_prefix,
+        head_prefix=head_prefix,
+        te_names=te_names,
+        include_head=include_head,
+    )
+    return {
+        mname: hf_parameter(hf_state, cfg, tp_rank, source).contiguous().clone()
+        for mname, source in sources.items()
+    }
+
+
+def hf_sources(
+    cfg: EmbeddingModelConfig,
+    *,
+    backbone_prefix: str = "",
+    head_prefix: str = "latent_attention_model.",
+) -> dict[str, tuple[str, str, int, int]]:
+    """HF key -> (megatron name, kind, n, i) for a model at TP = PP = 1: the key is the i-th
+    of the n HF tensors that megatron parameter splits into (`hf_tensors_of`). Export reads
+    one parameter at a time with it."""
+    if cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size != 1:
+        raise ValueError("hf_sources maps a model at TP = PP = 1")
     out = {}
-    for mname, hf_names, kind in stage_rules(cfg, pp_rank, te_names):
-        if not include_head and mname.startswith("pooling."):
-            continue
-        keys = [_hf_key(n, backbone_prefix, head_prefix) for n in hf_names]
-        tensors = []
-        for key in keys:
-            if key not in hf_state:
-                raise KeyError(f"missing key {key!r} in the source state dict")
-            tensors.append(hf_state[key])
-        out[mname] = shard(kind, tensors, tp_rank, tp, **kw).contiguous().clone()
+    for mname, hf_names, kind in stage_rules(cfg, 0):
+        for i, tagged in enumerate(hf_names):
+            out[_hf_key(tagged, backbone_prefix, head_prefix)] = (mname, kind, len(hf_names), i)
     return out
+
+
+def hf_tensors_of(
+    parts: list[torch.Tensor], cfg: EmbeddingModelConfig, kind: str, count: int
+) -> tuple[torch.Tensor, ...]:
+    """The `count` full HF tensors of one megatron parameter from its TP shards `parts`."""
+    return unshard(kind, parts, count, **_transform_kwargs(cfg))
 
 
 def megatron_to_hf(
@@ -218,7 +285,6 @@ def megatron_to_hf(
     pp = cfg.parallel.pipeline_model_parallel_size
     if len(shards) != pp or any(len(s) != tp for s in shards):
         raise ValueError(f"expected {pp} pipeline stages x {tp} tensor-parallel shards")
-    kw = _transform_kwargs(cfg)
     out = {}
     for p in range(pp):
         for mname, hf_names, kind in stage_rules(cfg, p, te_names):
@@ -227,7 +293,7 @@ def megatron_to_hf(
                 if mname not in shards[p][r]:
                     raise KeyError(f"missing {mname!r} in shard (pp={p}, tp={r})")
                 parts.append(shards[p][r][mname])
-            full = unshard(kind, parts, len(hf_names), **kw)
+            full = hf_tensors_of(parts, cfg, kind, len(hf_names))
             for tagged, tensor in zip(hf_names, full):
                 out[_hf_key(tagged, backbone_prefix, head_prefix)] = tensor.contiguous().clone()
     return out

@@ -2,14 +2,17 @@
 
 Weights are read with safetensors (or `torch.load(weights_only=True)` for `.bin` files): loading
 never unpickles code. `import_hf` reads a source through `LazyHFState`; `export_hf` writes with
-`write_safetensors_shards`.
+`write_safetensors_shards`, which writes each file's header first and then its tensors one at a
+time (the safetensors format: an 8-byte little-endian header length, a JSON header of dtypes,
+shapes and byte ranges, the bytes), so an export never holds more than one tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -84,30 +87,89 @@ def backbone_prefix(state: Mapping, hf_dir: Path, default: str) -> str:
     raise KeyError(f"{hf_dir}: no embed_tokens.weight under any known prefix")
 
 
-def write_safetensors_shards(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
+
+
+def write_safetensors_shards(
+    state: Mapping[str, torch.Tensor],
+    out: Path,
+    max_bytes: int,
+    produce: Callable[[str], torch.Tensor] | None = None,
+) -> None:
     """Writes `state` into `out` as `model.safetensors`, or, past `max_bytes` per file, as
     `model-0000i-of-0000n.safetensors` shards with a `model.safetensors.index.json` (keys in
-    sorted order, a shard closed before the tensor that would take it past `max_bytes`)."""
-    from safetensors.torch import save_file
+    sorted order, a shard closed before the tensor that would take it past `max_bytes`).
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    Args:
+        state: name -> tensor; with `produce`, tensors that only give their shape and dtype (meta
+            tensors), the values coming from `produce(name)` one at a time as each is written,
+            so a file of any size is written holding one tensor.
+    """
+    shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(state):
         nbytes = state[key].numel() * state[key].element_size()
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = state[key]
+        shards[-1].append(key)
         size += nbytes
+    get = produce or state.__getitem__
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        _write_safetensors(out / "model.safetensors", shards[0], state, get)
         return
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
+    for i, keys in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        for k, v in shard.items():
+        _write_safetensors(out / name, keys, state, get)
+        for k in keys:
             weight_map[k] = name
-            total += v.numel() * v.element_size()
+            total += state[k].numel() * state[k].element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_safetensors(
+    path: Path,
+    keys: list[str],
+    layout: Mapping[str, torch.Tensor],
+    get: Callable[[str], torch.Tensor],
+) -> None:
+    """One safetensors file: the header (every tensor's dtype, shape and byte range, from
+    `layout`), then each tensor's bytes in `keys` order, produced by `get` as it is written."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in keys:
+        t = layout[key]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{key}: dtype {t.dtype} has no safetensors name here")
+        nbytes = t.numel() * t.element_size()
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the byte buffer starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)))
+        fh.write(text)
+        for key in keys:
+            value = get(key)
+            want = layout[key]
+            if value.shape != want.shape or value.dtype != want.dtype:
+                raise ValueError(
+                    f"{key}: produced {tuple(value.shape)} {value.dtype} for a header of "
+                    f"{tuple(want.shape)} {want.dtype}"
+                )
+            flat = value.detach().contiguous().reshape(-1).view(torch.uint8)
+            fh.write(memoryview(flat.numpy()))
+            del value, flat  # one tensor at a time

@@ -4,7 +4,9 @@ The output folder is checked before anything is read (`fileio.check_output_dir`:
 non-empty folder is replaced only with `overwrite=True`, an output that is, holds or lies inside
 the source is always refused), written into a temporary sibling folder and swapped in at the end
 (`fileio.atomic_dir`), so a failed import never leaves a half-written output. The source's
-weights are read one tensor at a time (`hf_weights.LazyHFState`), never unpickling code.
+weights are read one tensor at a time (`hf_weights.LazyHFState`), never unpickling code, and
+written one parameter at a time (`checkpoint.streaming`): memory does not grow with the model's
+depth. The checkpoint keeps the source's dtype unless `--dtype` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
+from megatron_nvembed.checkpoint.lazy import DTYPE_NAMES, parse_dtype
 from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.conversion.hf_weights import LazyHFState, backbone_prefix
 from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
@@ -38,31 +43,70 @@ def _import_worker(
     has_head: bool,
     prefix: str,
     seed: int,
+    dtype_name: str,
 ) -> None:
-    """One of the TP x PP import processes: builds its model stage, fills it from the source and
-    saves its shard of the checkpoint into `tmp_dir`."""
+    """One of the TP x PP import processes: writes its shard of the checkpoint into `tmp_dir`,
+    one parameter at a time (its model stage is built on the meta device: nothing is allocated
+    or randomly initialised for weights the source gives)."""
+    from megatron_nvembed.checkpoint.lazy import DTYPES, meta_model
     from megatron_nvembed.checkpoint.store import save_checkpoint
-    from megatron_nvembed.conversion.hf_mapping import load_hf_into_model
+    from megatron_nvembed.conversion.hf_mapping import hf_parameter, stage_sources
     from megatron_nvembed.core.parallel import initialize_model_parallel
-    from megatron_nvembed.model.build import build_model
+    from megatron_nvembed.utils.sharding import uses_te_names
 
     cfg = EmbeddingModelConfig.from_dict(cfg_dict)
     par = cfg.parallel
     pg = initialize_model_parallel(
         par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=seed
     )
-    model = build_model(cfg, pg)
+    dtype = DTYPES[dtype_name]
+    model = meta_model(cfg, dtype, pg)
+    new_head = {} if has_head else _new_head(model, cfg, pg, seed, dtype)
     state = LazyHFState(hf_dir)
-    load_hf_into_model(
-        model,
-        state,
+    tp_rank = pg.tp.rank()
+    sources = stage_sources(
         cfg,
-        pg.tp.rank(),
         pg.pp.rank(),
         backbone_prefix=prefix,
+        te_names=uses_te_names(model),
         include_head=has_head,
     )
-    save_checkpoint(model, cfg, tmp_dir, iteration=0)
+    params = dict(model.named_parameters())
+    unmapped = [n for n in params if n not in sources and n not in new_head]
+    if unmapped or set(sources) - set(params):
+        raise KeyError(
+            f"no source tensor for model parameter(s) {unmapped}; no model parameter for "
+            f"{sorted(set(sources) - set(params))}"
+        )
+
+    def value(name: str) -> torch.Tensor:
+        if name in new_head:
+            return new_head[name]
+        tensor = hf_parameter(state, cfg, tp_rank, sources[name])
+        if tensor.shape != params[name].shape:
+            raise ValueError(
+                f"shape mismatch for {name!r}: model {tuple(params[name].shape)}, "
+                f"{hf_dir} gives {tuple(tensor.shape)} (from {', '.join(sources[name][0])})"
+            )
+        return tensor.to(dtype)
+
+    save_checkpoint(model, cfg, tmp_dir, iteration=0, values=value)
+
+
+def _new_head(model, cfg: EmbeddingModelConfig, pg, seed: int, dtype) -> dict:
+    """This stage's values of a new pooling head (none off the last stage or for a head without
+    parameters): the head built alone from `seed`, so its initialisation is the same at every
+    TP / PP layout and whatever the backbone's depth."""
+    from megatron_nvembed.model.build import transformer_config
+    from megatron_nvembed.model.pooling import build_pooling
+
+    if model.pooling is None or not any(True for _ in model.pooling.parameters()):
+        return {}
+    torch.manual_seed(seed)
+    head = build_pooling(
+        cfg.model.hidden_size, cfg.pooling, transformer_config(cfg, params_dtype=dtype), pg.tp
+    )
+    return {f"pooling.{n}": p.detach() for n, p in head.named_parameters()}
 
 
 def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
@@ -83,6 +127,21 @@ def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
             "(the fast tokenizer file published with Mistral / Llama models)"
         )
     return cfg, has_head, prefix
+
+
+def _source_dtype(hf_dir: Path, prefix: str) -> str:
+    """The name of the source's weights' dtype (its token embedding's).
+
+    Raises:
+        ValueError: naming the file and `--dtype` for a dtype a checkpoint cannot hold.
+    """
+    tensor = LazyHFState(hf_dir)[f"{prefix}embed_tokens.weight"]
+    if tensor.dtype not in DTYPE_NAMES:
+        raise ValueError(
+            f"{hf_dir}: weights in {tensor.dtype}; choose the checkpoint's with --dtype "
+            f"({' / '.join(DTYPE_NAMES.values())})"
+        )
+    return DTYPE_NAMES[tensor.dtype]
 
 
 def _apply_head_options(
@@ -139,6 +198,7 @@ def import_hf(
     num_heads: int | None = None,
     head_dim: int | None = None,
     overwrite: bool = False,
+    dtype: str | None = None,
 ) -> EmbeddingModelConfig:
     """Converts a transformers Mistral/Llama or NV-Embed checkpoint into a sharded checkpoint.
 
@@ -153,6 +213,8 @@ def import_hf(
             that setting.
         overwrite: replace an existing non-empty `save_dir` (`--overwrite`); without it such a
             folder is refused. `save_dir` may never be, hold or lie inside `hf_dir`.
+        dtype: the checkpoint's weights' dtype (`--dtype` bfloat16 / float16 / float32); None:
+            the source's (that of its token embedding), so a bf16 model stays bf16.
 
     Returns:
         The written checkpoint's model config.
@@ -169,6 +231,8 @@ def import_hf(
     _apply_head_options(cfg, has_head, pooling, (num_latents, num_heads, head_dim), mask_type)
     cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
     cfg.validate()
+    dtype = dtype or _source_dtype(hf_dir, prefix)
+    parse_dtype(dtype)
     start = time.perf_counter()
     with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp:
         run_distributed(
@@ -180,7 +244,10 @@ def import_hf(
             has_head,
             prefix,
             seed,
+            dtype,
         )
         copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-    logger.info("imported %s -> %s in %.1fs", hf_dir, save_dir, time.perf_counter() - start)
+    logger.info(
+        "imported %s -> %s (%s) in %.1fs", hf_dir, save_dir, dtype, time.perf_counter() - start
+    )
     return cfg

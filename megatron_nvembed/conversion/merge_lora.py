@@ -12,7 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_nvembed.core.config import ParallelConfig
+import torch
+
 from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir, folder_relation
 
@@ -62,9 +63,11 @@ def merge_lora_checkpoint(
     """Folds a checkpoint's LoRA adapters into its base weights and writes a plain checkpoint.
 
     Must run in one process with megatron-core's parallel state at TP = PP = 1 (the CLI does
-    this); any saved layout is resharded on load. The output has the same model config (pooling
-    head included, trained as saved) and tokenizer, and no optimizer state: it is what
-    `export-hf`, `tools/embed.py` and `--pretrained-checkpoint` take.
+    this); any saved layout works. One layer is read, merged and written at a time
+    (`checkpoint.lazy.CheckpointTensors.merged`: in float32, written in the checkpoint's dtype).
+    The output has the same model config (pooling head included, trained as saved) and
+    tokenizer, and no optimizer state: it is what `export-hf`, `tools/embed.py` and
+    `--pretrained-checkpoint` take.
 
     Args:
         peft_dir: also write the adapters in PEFT's format (adapter_config.json +
@@ -89,16 +92,9 @@ def merge_lora_checkpoint(
             `peft_base_model` or `peft_target` without `peft_dir`; an unknown `peft_target`;
             an output folder refused by `check_merge_lora_paths` (before the checkpoint is read).
     """
-    from megatron_nvembed.checkpoint.store import (
-        TOKENIZER_DIR,
-        load_checkpoint,
-        read_config,
-        read_lora,
-        save_checkpoint,
-    )
+    from megatron_nvembed.checkpoint.lazy import CheckpointTensors
+    from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, read_lora, save_checkpoint
     from megatron_nvembed.conversion.peft_adapters import check_peft_options, save_peft_adapters
-    from megatron_nvembed.model.build import build_model
-    from megatron_nvembed.model.lora import apply_lora, merge_lora
 
     if peft_dir is not None:  # before the checkpoint is read
         peft_target = peft_target or "nvembed"
@@ -110,11 +106,8 @@ def merge_lora_checkpoint(
     lora = read_lora(load_dir)
     if lora is None:
         raise ValueError(f"{load_dir}: the checkpoint holds no LoRA adapters (no lora.json)")
-    cfg = read_config(load_dir)
-    cfg.parallel = ParallelConfig(1, 1)
-    model = build_model(cfg)
-    apply_lora(model, lora["rank"], lora["alpha"], 0.0)
-    load_checkpoint(model, load_dir, merge_adapters=False)
+    reader = CheckpointTensors(load_dir)
+    cfg = reader.cfg
     peft_out = (
         atomic_dir(Path(peft_dir).resolve(), overwrite=overwrite, flag="--peft-dir")
         if peft_dir is not None
@@ -124,7 +117,7 @@ def merge_lora_checkpoint(
     with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp, peft_out as peft_tmp:
         if peft_tmp is not None:
             save_peft_adapters(
-                model,
+                _with_adapters_read(reader),
                 cfg,
                 peft_tmp,
                 lora["rank"],
@@ -133,9 +126,34 @@ def merge_lora_checkpoint(
                 base_model_name_or_path=peft_base_model,
                 target=peft_target,
             )
-        count = merge_lora(model)
-        save_checkpoint(model, cfg, tmp, iteration=0)
+        # The plain model's parameters, each merged when written (one layer's at a time).
+        save_checkpoint(
+            reader.plain,
+            cfg,
+            tmp,
+            iteration=0,
+            values=lambda name: reader.merged(name).to(reader.dtype),
+        )
         if (load_dir / TOKENIZER_DIR).is_dir():
             shutil.copytree(load_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+    count = sum(1 for n in reader.names() if n.endswith(".lora_A"))
     logger.info("merged %d adapters (rank %d) into %s", count, lora["rank"], save_dir)
     return lora
+
+
+def _with_adapters_read(reader):
+    """The reader's meta model with its adapters and pooling head read from the checkpoint
+    (what `save_peft_adapters` takes; the backbone's base weights stay on the meta device)."""
+    names = [n for n in reader.names() if n.endswith((".lora_A", ".lora_B"))]
+    names += [n for n in reader.names() if n.startswith("pooling.")]
+    values = reader.read(names)
+    model = reader.model
+    for name, value in values.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        param = getattr(module, attr)
+        new = torch.nn.Parameter(value, requires_grad=param.requires_grad)
+        for key, item in vars(param).items():  # megatron-core's TP attributes
+            setattr(new, key, item)
+        setattr(module, attr, new)
+    return model

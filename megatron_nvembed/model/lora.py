@@ -130,8 +130,17 @@ class LoRAParallelLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Folds s * B A into the base weight shard and returns the base layer."""
-        self.base.weight.add_(self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype))
+        fold_adapter(self.base.weight, self.lora_A, self.lora_B, self.scale)
         return self.base
+
+
+@torch.no_grad()
+def fold_adapter(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`weight += scale * B A` in place (in `weight`'s dtype); returns `weight`. The one merge
+    rule: of a model's adapters (`merge_lora`) and of a checkpoint's, one layer at a time."""
+    return weight.add_(scale * (lora_b @ lora_a).to(weight.dtype))
 
 
 def _dp_cp_group(metadata):

@@ -143,7 +143,6 @@ class AttentionPooling(MegatronModule):
         ff_inner = cfg.ff_mult * hidden_size
         self.heads_per_partition = divide(cfg.num_heads, tp)
         self.ff_per_partition = divide(ff_inner, tp)
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         dtype = config.params_dtype
         init = config.init_method
         common = dict(config=config, init_method=init, tp_group=tp_group)
@@ -173,7 +172,8 @@ class AttentionPooling(MegatronModule):
         )
         self._step_kv: _StepKV | None = None  # set by `latent_kv_once_per_step`
         self._init_pair_layouts(config, tp_group)
-        self.to(device)
+        if torch.cuda.is_available() and not self.to_q.weight.is_meta:  # meta: a conversion's plan
+            self.to(torch.cuda.current_device())
         for p in self.parameters():
             # Replicated over TP ranks (megatron-core marks its sharded weights itself).
             if not hasattr(p, "tensor_model_parallel"):
