@@ -2,7 +2,7 @@
 
 Opening a JSONL dataset needs, per record, where it is (byte offset, and its line for messages)
 and its number of positives and negatives; finding them means parsing and validating every line
-(about 50,000 records/s on one core). The index keeps them in one file per data file, so a
+(about 60,000 records/s on one core: `bench/data_index.py`). The index keeps them in one file per data file, so a
 restart, a resume and every other rank map it instead of reading the data again:
 
 - where: beside the data file as named, `<file>.nvembed-index`; or, with `--data-cache-path DIR`,
