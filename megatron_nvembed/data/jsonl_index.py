@@ -163,20 +163,38 @@ def _read(path: Path) -> FileIndex:
         _Unusable: saying why (none yet, damaged, another format).
     """
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
+        fh = open(path, "rb")  # noqa: SIM115 (one file for the checks and the map)
+    except (FileNotFoundError, NotADirectoryError):
         raise _Unusable("none yet") from None
+    except OSError as err:
+        raise _Unusable(f"unreadable ({err})") from None
+    with fh:
+        footer, size, length = _footer(fh)
+        n = footer["records"]
+        if n < 0 or n * ROW.itemsize + length + _END.size != size:
+            need = n * ROW.itemsize + length + _END.size
+            raise _Unusable(f"damaged: {size} bytes, where {n} records need {need}")
+        rows = np.memmap(fh, ROW, mode="r", shape=(n,)) if n else np.zeros(0, ROW)
+    return FileIndex(path, rows, footer)
+
+
+def _footer(fh) -> tuple[dict, int, int]:
+    """(footer, file size, footer length) of an open index file.
+
+    Raises:
+        _Unusable: as `_read`.
+    """
+    size = os.fstat(fh.fileno()).st_size
     if size < _END.size:
         raise _Unusable(f"damaged: {size} bytes, too short for an index")
-    with open(path, "rb") as fh:
-        fh.seek(size - _END.size)
-        length, magic = _END.unpack(fh.read(_END.size))
-        if magic != MAGIC:
-            raise _Unusable("damaged: no end marker (truncated, or not an index file)")
-        if length > size - _END.size:
-            raise _Unusable(f"damaged: a footer of {length} bytes in a file of {size}")
-        fh.seek(size - _END.size - length)
-        raw = fh.read(length)
+    fh.seek(size - _END.size)
+    length, magic = _END.unpack(fh.read(_END.size))
+    if magic != MAGIC:
+        raise _Unusable("damaged: no end marker (truncated, or not an index file)")
+    if length > size - _END.size:
+        raise _Unusable(f"damaged: a footer of {length} bytes in a file of {size}")
+    fh.seek(size - _END.size - length)
+    raw = fh.read(length)
     try:
         footer = json.loads(raw)
         fmt = footer["format"]
@@ -185,18 +203,13 @@ def _read(path: Path) -> FileIndex:
     if fmt != INDEX_FORMAT:
         raise _Unusable(f"written in index format {fmt!r}, this version reads {INDEX_FORMAT}")
     wrong = [k for k, t in _FOOTER_TYPES.items() if not isinstance(footer.get(k), t)]
-    wrong += [f"key.{k}" for k in _KEY_FIELDS if k not in footer.get("key", {})]
+    key = footer["key"] if isinstance(footer.get("key"), dict) else {}
+    wrong += [f"key.{k}" for k in _KEY_FIELDS if k not in key]
     if wrong or footer.get("in_batch_negatives") not in (None, True, False):
         raise _Unusable(
             f"damaged: footer fields {wrong or ['in_batch_negatives']} missing or wrong"
         )
-    n = footer["records"]
-    if n < 0 or n * ROW.itemsize + length + _END.size != size:
-        raise _Unusable(
-            f"damaged: {size} bytes, where {n} records need {n * ROW.itemsize + length + _END.size}"
-        )
-    rows = np.memmap(path, ROW, mode="r", shape=(n,)) if n else np.zeros(0, ROW)
-    return FileIndex(path, rows, footer)
+    return footer, size, length
 
 
 def _misfit(ix: FileIndex, key: dict) -> str | None:
@@ -268,8 +281,8 @@ def open_file_index(
         return _build(data_file, target, key, fv)
     except OSError as err:
         raise OSError(
-            f"data index {target}: cannot write it ({err}); --data-cache-path DIR puts the "
-            "training data's indexes in a writable folder"
+            f"data index {target}: could not build it from {data_file} ({err}); "
+            "--data-cache-path DIR puts the training data's indexes in another folder"
         ) from err
 
 

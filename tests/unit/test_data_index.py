@@ -5,8 +5,9 @@ be, and never a different dataset than reading the file itself.
   index file keeps its inode and mtime; the log says "reused");
 - the data file changed (a record appended; same size and mtime but other bytes; only its mtime):
   rebuilt, the log line naming the index and why;
-- a damaged index (truncated, garbage, unreadable footer, a row missing) is rebuilt, the log line
-  naming it;
+- a damaged index (truncated, garbage, unreadable footer, footer fields of the wrong type, a row
+  missing) is rebuilt, the log line naming it; a cache folder that cannot be written is an error
+  naming the index and `--data-cache-path`;
 - records, counts, stats, flag and the sampler's batches through a first build and a reused
   index equal those of reading the files with `records.iter_records`;
 - `--data-cache-path` parses, reaches the trainer's `build_data` and puts the index there (not
@@ -127,7 +128,9 @@ def test_rebuilt_when_the_data_file_changes(tmp_path, log):
     assert log[0] == f"data index {index}: building (the data file was modified since (mtime))"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "footer", "row missing"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage", "footer", "footer fields", "row missing"]
+)
 def test_damaged_index_is_rebuilt_with_a_line_naming_it(tmp_path, log, damage):
     data = _write(tmp_path / "a.jsonl", ROWS)
     index = _index(data)
@@ -140,6 +143,11 @@ def test_damaged_index_is_rebuilt_with_a_line_naming_it(tmp_path, log, damage):
         index.write_bytes(random.Random(0).randbytes(len(raw)))
     elif damage == "footer":  # the end marker intact, the JSON before it not
         index.write_bytes(raw[:rows_end] + b"{" * (len(raw) - rows_end - 16) + raw[-16:])
+    elif damage == "footer fields":  # JSON, but not what an index holds
+        footer = json.dumps({"format": 1, "key": 5, "records": "12"}).encode()
+        index.write_bytes(
+            raw[:rows_end] + footer + jsonl_index._END.pack(len(footer), jsonl_index.MAGIC)
+        )
     else:  # one row fewer than the footer counts
         index.write_bytes(raw[jsonl_index.ROW.itemsize :])
     log.clear()
@@ -222,6 +230,16 @@ def test_data_cache_path_flag_reaches_the_index(tmp_path, log):
     log.clear()
     build_data(cfg, None, pg, "Instruct: {instruction}\nQuery: ")
     assert log == [f"data index {index}: reused (12 records of {data})"]
+
+
+def test_cache_folder_that_cannot_be_written_is_an_error_naming_the_flag(tmp_path):
+    data = _write(tmp_path / "a.jsonl", ROWS)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(
+        OSError,
+        match=r"data index .*taken.*could not build it from .*a.jsonl.*--data-cache-path DIR",
+    ):
+        load_dataset_spec(str(data), data_cache_path=tmp_path / "taken" / "cache")
 
 
 def test_read_only_data_folder_sends_the_index_to_the_temporary_folder(tmp_path, log, monkeypatch):
