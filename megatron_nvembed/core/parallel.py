@@ -11,11 +11,15 @@ import datetime
 import gc
 import os
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from megatron_nvembed.core.cpu_support import cpu_mode, enable_cpu_support, model_parallel_seed
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -120,6 +124,44 @@ def data_parallel_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def in_rank_stages(job: Callable[[], T]) -> T:
+    """`job()` once on every rank of the default group, in three stages: global rank 0, then each
+    node's local rank 0 (`LOCAL_RANK`), then the other ranks; each stage starts once the one
+    before has finished on every rank. For work that one rank does and the others reuse (the
+    training data's indexes: the first builds, the later ones map what it wrote, a node that
+    cannot see it builds its own).
+
+    Raises:
+        What `job` raised, on the rank that raised it; on every other rank a ValueError with the
+        same message (for another kind of error, a RuntimeError naming the rank and the error),
+        so no rank waits for one that failed.
+    """
+    rank = dist.get_rank()
+    stage = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", rank)) == 0 else 2
+    result = None
+    for s in range(3):
+        mine = None
+        if s == stage:
+            try:
+                result = job()
+            except Exception as err:  # every rank learns of it below, then all raise
+                mine = err
+        said = (
+            None if mine is None else (type(mine).__name__, str(mine), isinstance(mine, ValueError))
+        )
+        failures: list = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, said)
+        if mine is not None:
+            raise mine
+        for r, failure in enumerate(failures):
+            if failure is not None:
+                kind, msg, is_value = failure
+                if is_value:
+                    raise ValueError(msg)
+                raise RuntimeError(f"rank {r} failed: {kind}: {msg}")
+    return result
 
 
 def destroy_parallel() -> None:

@@ -48,6 +48,13 @@ class DataConfig:
         "--skip-bad-records",
         "skip (and count) malformed records instead of stopping at the first",
     )
+    data_cache_path: str | None = option(
+        None,
+        "--data-cache-path",
+        "folder for the JSONL training files' indexes, built once and reused until a file "
+        "changes (default: beside each file; a read-only data folder: the system temporary "
+        "folder, with a warning)",
+    )
     batch_composition: str = option(
         "systematic",
         "--batch-composition",

@@ -3,12 +3,14 @@ saved with `save_to_disk` (a `Dataset`, or a `DatasetDict`: its `train` split, o
 `folder:split`), or `datasets` names (`owner/name`, `owner/name:split`); weights as in Megatron's
 `--data-path`.
 
-Every record is validated once when a dataset is opened, by `records.record_from_dict` (types,
-duplicate keys, task names resolved against Table 6; the first bad record is a ValueError naming
-file:line, the key and the cause), so a bad record stops a run before its first step, and
-only what the sampler needs is kept in memory: per record its number of positives and negatives
-and where to find it (a byte offset for JSONL, a row for Arrow-backed data). Records are read
-again on demand, so a rank holds a few bytes per record, not the texts.
+Every record is validated by `records.record_from_dict` (types, duplicate keys, task names
+resolved against Table 6; the first bad record is a ValueError naming file:line, the key and the
+cause), so a bad record stops a run before its first step: for JSONL once, when the file's index
+is built (`jsonl_index`: built by one rank, written beside the data or under `--data-cache-path`,
+mapped by every rank and reused by later starts until the file changes), for Arrow-backed data
+each time it is opened. Only what the sampler needs is kept: per record its number of positives
+and negatives and where to find it (a byte offset for JSONL, mapped from the index, not loaded; a
+row for Arrow-backed data). Records are read again on demand, so a rank holds no texts.
 
 A dataset's `in_batch_negatives` flag comes from, in order: the `in_batch_negatives` argument
 (a training config), the sidecar file `<path>.meta.json` (`{"in_batch_negatives": false}`), the
@@ -16,7 +18,8 @@ records' own `in_batch_negatives` key (all records of a dataset must agree), els
 that contradicts the records is an error.
 
 Here: the `--train-data` items (`parse_data_paths`, `split_spec`), the choice of the input kind
-(`open_source`) and the flag; the record sources of each kind are `data.sources`.
+(`open_source`) and the flag; the record sources of each kind are `data.sources`, the JSONL
+files' indexes `data.jsonl_index`.
 """
 
 from __future__ import annotations
@@ -28,16 +31,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from megatron_nvembed.core.logging_utils import get_logger
+from megatron_nvembed.data.jsonl_index import jsonl_source
 from megatron_nvembed.data.records import ReadStats, Record
 from megatron_nvembed.data.sources import (
     SIDECAR_SUFFIX,
     RecordSource,
     RecordValidator,
     datasets_source,
-    index_jsonl,
     parquet_source,
 )
 
@@ -172,8 +173,10 @@ def load_dataset_spec(
     skip_bad_records: bool = False,
     in_batch_negatives: bool | None = None,
     split: str | None = None,
+    data_cache_path: str | os.PathLike | None = None,
 ) -> RecordSource:
-    """Opens one `--train-data` dataset and validates every record.
+    """Opens one `--train-data` dataset; every record is validated (JSONL: when its index is
+    built, see `jsonl_index`).
 
     Args:
         spec: a `.jsonl`/`.json`/`.parquet` file; a folder of such files (all of one kind, read in
@@ -187,6 +190,8 @@ def load_dataset_spec(
         in_batch_negatives: overrides the sidecar's and the records' flag.
         split: the split of a DatasetDict folder or a `datasets` name, as `spec:split` does
             (default "train").
+        data_cache_path: the folder of the JSONL files' indexes (`--data-cache-path`); None:
+            beside each file (`jsonl_index.index_places`).
 
     Returns:
         A `RecordSource` (a Sequence of `Record`).
@@ -198,6 +203,7 @@ def load_dataset_spec(
             its splits for an unknown split or a DatasetDict without "train" and no split chosen;
             a split given for a source that has none.
         ImportError: `datasets` / `pyarrow` missing for a source that needs them.
+        OSError: a JSONL index that cannot be written (naming it and `--data-cache-path`).
     """
     start = time.perf_counter()
     base, split = _resolve_split(spec, split)
@@ -205,19 +211,19 @@ def load_dataset_spec(
     meta = _read_sidecar(path) if path.exists() else {}
     stats = ReadStats()
     v = RecordValidator(meta.get("name", spec), skip_bad_records, stats)
-    source = open_source(spec, base, split, v, named="name" in meta)
-    if len(v.n_pos) == 0:
+    source = open_source(
+        spec, base, split, v, named="name" in meta, data_cache_path=data_cache_path
+    )
+    if len(source) == 0:
         raise ValueError(f"--train-data: {spec} holds no usable records ({stats.skipped} skipped)")
     source.name = v.dataset
     source.stats = stats
-    source.num_positives = np.asarray(v.n_pos, dtype=np.int32)
-    source.num_negatives = np.asarray(v.n_neg, dtype=np.int32)
     source.scored_records = v.scored
     source.in_batch_negatives = _in_batch_negatives(v, meta, in_batch_negatives)
     took = time.perf_counter() - start
     logger.info(
         f"{source.name}: {stats.read} records ({stats.skipped} skipped), "
-        f"in_batch_negatives={source.in_batch_negatives}, indexed in {took:.1f} s "
+        f"in_batch_negatives={source.in_batch_negatives}, opened in {took:.1f} s "
         f"({stats.read / max(took, 1e-9):.0f} records/s)"
     )
     for msg in stats.errors:
@@ -238,11 +244,18 @@ def _resolve_split(spec: str, split: str | None) -> tuple[str, str | None]:
 
 
 def open_source(
-    spec: str, base: str, split: str | None, v: RecordValidator, *, named: bool = False
+    spec: str,
+    base: str,
+    split: str | None,
+    v: RecordValidator,
+    *,
+    named: bool = False,
+    data_cache_path: str | os.PathLike | None = None,
 ) -> RecordSource:
     """The record source of one `--train-data` item (`base`, `split`: `_resolve_split`), every
-    record read through `v`. A DatasetDict split's display name (`v.dataset`) becomes
-    `folder:split` unless the sidecar names the dataset (`named`).
+    record read through `v` (JSONL: when its index is built, under `data_cache_path` or beside
+    the file; a reused index gives `v` the counts it recorded). A DatasetDict split's display
+    name (`v.dataset`) becomes `folder:split` unless the sidecar names the dataset (`named`).
 
     Raises:
         As `load_dataset_spec`.
@@ -264,13 +277,15 @@ def open_source(
 
         return datasets_source(datasets.load_from_disk(str(path)), str(path), v)
     if path.exists():
-        return _files_source(spec, path, v)
+        return _files_source(spec, path, v, data_cache_path)
     if local_spec_missing(spec):
         raise FileNotFoundError(f"--train-data: {spec} does not exist")
     return _hub_source(spec, base, split or "train", v)
 
 
-def _files_source(spec: str, path: Path, v: RecordValidator) -> RecordSource:
+def _files_source(
+    spec: str, path: Path, v: RecordValidator, data_cache_path: str | os.PathLike | None
+) -> RecordSource:
     """A JSONL or Parquet file, or a folder of them (all of one kind, in name order)."""
     files = (
         sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RECORD_SUFFIXES)
@@ -282,7 +297,9 @@ def _files_source(spec: str, path: Path, v: RecordValidator) -> RecordSource:
     kinds = {f.suffix == ".parquet" for f in files}
     if len(kinds) > 1:
         raise ValueError(f"--train-data: {spec} mixes Parquet and JSONL files; split them")
-    return parquet_source(files, v) if kinds.pop() else index_jsonl(files, v)
+    if kinds.pop():
+        return parquet_source(files, v)
+    return jsonl_source(files, v, data_cache_path)
 
 
 def _hub_source(spec: str, base: str, split: str, v: RecordValidator) -> RecordSource:

@@ -134,15 +134,19 @@ def build_train_data(
     *,
     skip_bad_records: bool = False,
     in_batch_negatives: Sequence[bool | None] | None = None,
+    data_cache_path: str | None = None,
     **kwargs,
 ) -> BlendedEmbeddingData:
     """Opens `--train-data` (`["a.jsonl"]` or `["0.3", "a.jsonl", "0.7", "b.jsonl"]`) and returns
     this rank's batches.
 
-    Every record of every dataset is validated here, before the first batch (types, duplicate
-    keys, and task names resolved against Table 6 for records without an `instruction`; see
-    `records.record_from_dict`): a bad record is a ValueError naming `file:line`, the key and the
-    cause (with `skip_bad_records`, skipped and counted). Call it before building the model, so
+    Every record of every dataset is validated before the first batch (types, duplicate keys,
+    and task names resolved against Table 6 for records without an `instruction`; see
+    `records.record_from_dict`; for JSONL when its index is built, `jsonl_index`, reused by
+    later starts until the file changes): a bad record is a ValueError naming `file:line`, the
+    key and the cause (with `skip_bad_records`, skipped and counted). Under torch.distributed
+    every rank of the default group must call it with the same `train_data` (one rank builds a
+    missing index, the others map it). Call it before building the model, so
     bad data stops a run before it costs anything. Nothing here needs the model: only this rank's
     place in the data-parallel group (`dp_rank`, `dp_size`) and the tokenizer, which is first
     used by the first batch.
@@ -152,6 +156,8 @@ def build_train_data(
         tokenizer: a tokenizer that adds BOS.
         skip_bad_records: `--skip-bad-records` (skipped records are counted and logged).
         in_batch_negatives: per dataset, a flag overriding the data's (None keeps it).
+        data_cache_path: `--data-cache-path`: the folder of the JSONL indexes (None: beside
+            each file).
         kwargs: `BlendedEmbeddingData` keywords (global_batch_size, micro_batch_size, ...).
 
     Raises:
@@ -170,6 +176,7 @@ def build_train_data(
             path,
             skip_bad_records=skip_bad_records,
             in_batch_negatives=None if in_batch_negatives is None else in_batch_negatives[i],
+            data_cache_path=data_cache_path,
         )
         for i, (_, path) in enumerate(pairs)
     ]

@@ -1,13 +1,15 @@
 """Random access to one dataset's validated records, per input kind: JSONL files (found again
-by byte offset, `index_jsonl`), Parquet files (`parquet_source`) and `datasets` datasets
-(`datasets_source`), the last two as Arrow-backed rows. Opening a source reads every record once
-through a `RecordValidator` (`records.record_from_dict`: the first bad record is a ValueError
-naming file:line or row, the key and the cause); only what the sampler needs stays in memory.
+by byte offset through their mapped per-file indexes, `jsonl_index`), Parquet files
+(`parquet_source`) and `datasets` datasets (`datasets_source`), the last two as Arrow-backed rows.
+Every record is read once through a `RecordValidator` (`records.record_from_dict`: the first bad
+record is a ValueError naming file:line or row, the key and the cause): for JSONL when its index
+is built, for rows each time the dataset is opened; only what the sampler needs stays in memory.
 `loading.load_dataset_spec` chooses the kind from a `--train-data` item.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,7 +31,8 @@ class RecordSource(Sequence):
 
     Attributes:
         name: a display name (the sidecar's `name`, else the path).
-        num_positives, num_negatives: [n] int32, per record.
+        num_positives, num_negatives: [n] int32, per record (JSONL: a view of the file's mapped
+            index; a copy when the dataset spans several files: use `counts(i)` per record).
         in_batch_negatives: the dataset's flag (see the module docstring).
         stats: counts of the validating read (read, skipped).
         scored_records: records carrying teacher scores (`pos_scores` / `neg_scores`).
@@ -62,23 +65,54 @@ class RecordSource(Sequence):
 
 
 class JsonlSource(RecordSource):
-    """Records of JSONL files, found again by byte offset."""
+    """Records of JSONL files, found again by byte offset.
 
-    def __init__(self, files: list[Path], offsets: list[np.ndarray], lines: list[np.ndarray]):
+    Args:
+        files: the data files, as named (error messages name them so).
+        indexes: one `jsonl_index.FileIndex` per file: its rows (byte offset, 1-based line,
+            positives, negatives per kept record) memory-mapped, not loaded.
+    """
+
+    def __init__(self, files: list[Path], indexes: list):
         self.files = files
-        self.offsets = offsets  # per file [n_f] int64 byte offsets
-        self.lines = lines  # per file [n_f] int64 1-based line numbers (for error messages)
-        self.ends = np.cumsum([len(o) for o in offsets])  # [n_files]
+        self.indexes = indexes
+        self.ends = np.cumsum([len(ix) for ix in indexes], dtype=np.int64)  # [n_files]
         self._handles: dict[int, object] = {}
 
-    def _get(self, index: int) -> Record:
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(file, row within its index) of record `index` (0 <= index < len)."""
         f = int(np.searchsorted(self.ends, index, side="right"))
-        local = index - (int(self.ends[f - 1]) if f else 0)
+        return f, index - (int(self.ends[f - 1]) if f else 0)
+
+    def counts(self, index: int) -> tuple[int, int]:
+        f, local = self._locate(index)
+        row = self.indexes[f].rows[local]
+        return int(row["num_positives"]), int(row["num_negatives"])
+
+    def _column(self, name: str) -> np.ndarray:
+        if len(self.indexes) == 1:
+            return self.indexes[0].rows[name]  # a view of the map
+        return np.concatenate([ix.rows[name] for ix in self.indexes])  # a copy: several files
+
+    @property
+    def num_positives(self) -> np.ndarray:  # type: ignore[override]
+        return self._column("num_positives")
+
+    @property
+    def num_negatives(self) -> np.ndarray:  # type: ignore[override]
+        return self._column("num_negatives")
+
+    def _get(self, index: int) -> Record:
+        f, local = self._locate(index)
         fh = self._handles.get(f)
         if fh is None:
             fh = self._handles[f] = open(self.files[f], "rb")  # noqa: SIM115 (kept open)
-        fh.seek(int(self.offsets[f][local]))
-        where = f"{self.files[f]}:{int(self.lines[f][local])}"
+        row = self.indexes[f].rows[local]
+        fh.seek(int(row["offset"]))
+        where = f"{self.files[f]}:{int(row['line'])}"
         try:
             obj = parse_json_line(fh.readline())
         except ValueError as err:  # the file changed after it was indexed
@@ -106,7 +140,7 @@ class RowsSource(RecordSource):
         return record_from_dict(self._get_row(row), f"{self.where}: row {row + 1}", True)
 
 
-def _progress(total: int | None, desc: str):
+def progress_bar(total: int | None, desc: str):
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, silence in CI logs (the summary line still comes).
@@ -121,17 +155,47 @@ def _progress(total: int | None, desc: str):
 
 
 class RecordValidator:
-    """Collects counts and the in-batch flags while records are validated."""
+    """Collects counts and the in-batch flags while records are validated.
 
-    def __init__(self, dataset: str, skip_bad_records: bool, stats: ReadStats):
+    Args:
+        dataset: the dataset's display name (messages).
+        skip_bad_records: count and skip bad records instead of raising.
+        stats: where the counts go.
+        keep_counts: keep each record's number of positives and negatives (`n_pos`, `n_neg`:
+            4 bytes each per record); the JSONL index writes its own and passes False.
+    """
+
+    def __init__(
+        self, dataset: str, skip_bad_records: bool, stats: ReadStats, keep_counts: bool = True
+    ):
         self.dataset, self.skip, self.stats = dataset, skip_bad_records, stats
-        self.n_pos: list[int] = []
-        self.n_neg: list[int] = []
+        self.n_pos: array | None = array("i") if keep_counts else None
+        self.n_neg: array | None = array("i") if keep_counts else None
         self.scored = 0
         self.flag: bool | None = None
         self.flag_where = ""
 
-    def add(self, obj, where: str) -> bool:
+    def count_skipped(self, msg: str) -> None:
+        """Counts a skipped bad record (or line), keeping the first five messages."""
+        self.stats.skipped += 1
+        if len(self.stats.errors) < 5:
+            self.stats.errors.append(msg)
+
+    def conflict(self, flag: bool, where: str) -> str:
+        """The message for a record at `where` whose flag disagrees with the dataset's."""
+        return (
+            f"{where}: in_batch_negatives={flag} but {self.flag_where} has {self.flag}; "
+            f"all records of dataset {self.dataset} must agree (or use a sidecar "
+            f"{SIDECAR_SUFFIX})"
+        )
+
+    def add(self, obj, where: str) -> Record | None:
+        """The validated record, or None when it is skipped (bad, with `skip_bad_records`).
+
+        Raises:
+            ValueError: a bad record (without `skip_bad_records`), or one whose
+                `in_batch_negatives` disagrees with an earlier record's (always).
+        """
         try:
             rec = record_from_dict(obj, where, require_positive=True)
             flag = rec.extra.get("in_batch_negatives")
@@ -140,76 +204,35 @@ class RecordValidator:
         except ValueError as err:
             if not self.skip:
                 raise
-            self.stats.skipped += 1
-            if len(self.stats.errors) < 5:
-                self.stats.errors.append(str(err))
-            return False
+            self.count_skipped(str(err))
+            return None
         if flag is not None:
             if self.flag is None:
                 self.flag, self.flag_where = flag, where
             elif flag != self.flag:
-                raise ValueError(
-                    f"{where}: in_batch_negatives={flag} but {self.flag_where} has {self.flag}; "
-                    f"all records of dataset {self.dataset} must agree (or use a sidecar "
-                    f"{SIDECAR_SUFFIX})"
-                )
+                raise ValueError(self.conflict(flag, where))
         self.stats.read += 1
-        self.n_pos.append(len(rec.pos))
-        self.n_neg.append(len(rec.neg))
+        if self.n_pos is not None:
+            self.n_pos.append(len(rec.pos))
+            self.n_neg.append(len(rec.neg))
         self.scored += rec.pos_scores is not None
-        return True
-
-
-def index_jsonl(files: list[Path], v: RecordValidator) -> JsonlSource:
-    all_offsets, all_lines = [], []
-    total = sum(f.stat().st_size for f in files)
-    with _progress(total, f"indexing {v.dataset} bytes") as bar:
-        for path in files:
-            offsets, lines = [], []
-            with open(path, "rb") as fh:
-                offset, lineno = 0, 0
-                shown = 0
-                for raw in fh:
-                    lineno += 1
-                    here, offset = offset, offset + len(raw)
-                    if offset - shown >= 1 << 20:  # per MiB: a bar update per line costs more
-                        bar.update(offset - shown)
-                        shown = offset
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = parse_json_line(raw)  # refuses a key that appears twice
-                    except ValueError as err:
-                        obj = err
-                    where = f"{path}:{lineno}"
-                    if isinstance(obj, ValueError):
-                        msg = json_line_error(where, obj)
-                        if not v.skip:
-                            raise ValueError(msg) from obj
-                        v.stats.skipped += 1
-                        if len(v.stats.errors) < 5:
-                            v.stats.errors.append(msg)
-                        continue
-                    if v.add(obj, where):
-                        offsets.append(here)
-                        lines.append(lineno)
-                bar.update(offset - shown)
-            all_offsets.append(np.asarray(offsets, dtype=np.int64))
-            all_lines.append(np.asarray(lines, dtype=np.int64))
-    return JsonlSource(files, all_offsets, all_lines)
+        return rec
 
 
 def index_rows(get_row, batches, n_rows: int, where: str, v: RecordValidator) -> RowsSource:
     """`batches` yields lists of row dicts in order; rows are validated and the good ones kept."""
-    keep, row = [], 0
-    with _progress(n_rows, f"indexing {v.dataset}") as bar:
+    keep, row = array("q"), 0
+    with progress_bar(n_rows, f"indexing {v.dataset}") as bar:
         for batch in batches:
             for obj in batch:
-                if v.add(obj, f"{where}: row {row + 1}"):
+                if v.add(obj, f"{where}: row {row + 1}") is not None:
                     keep.append(row)
                 row += 1
             bar.update(len(batch))
-    return RowsSource(get_row, np.asarray(keep, dtype=np.int64), where)
+    source = RowsSource(get_row, np.asarray(keep, dtype=np.int64), where)
+    source.num_positives = np.asarray(v.n_pos, dtype=np.int32)
+    source.num_negatives = np.asarray(v.n_neg, dtype=np.int32)
+    return source
 
 
 def parquet_source(files: list[Path], v: RecordValidator) -> RowsSource:
@@ -243,6 +266,7 @@ __all__ = [
     "RecordValidator",
     "RowsSource",
     "datasets_source",
-    "index_jsonl",
+    "index_rows",
     "parquet_source",
+    "progress_bar",
 ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from megatron_nvembed.core.config import DEFAULT_QUERY_TEMPLATE
 
-_FILE = Path(__file__).with_name("task_definitions.json")
+TASK_DEFINITIONS_FILE = Path(__file__).with_name("task_definitions.json")
 SPLITS = ("train", "eval")
 
 
@@ -28,13 +28,13 @@ def _norm(name: str) -> str:
 
 @functools.cache
 def _tables() -> dict[str, dict[str, str]]:
-    data = json.loads(_FILE.read_text(encoding="utf-8"))
+    data = json.loads(TASK_DEFINITIONS_FILE.read_text(encoding="utf-8"))
     return {split: {_norm(k): v for k, v in data[split].items()} for split in SPLITS}
 
 
 @functools.cache
 def _aliases() -> dict[str, str]:
-    data = json.loads(_FILE.read_text(encoding="utf-8"))
+    data = json.loads(TASK_DEFINITIONS_FILE.read_text(encoding="utf-8"))
     return {_norm(k): _norm(v) for k, v in data["aliases"].items()}
 
 
@@ -43,7 +43,7 @@ def task_names(split: str = "train") -> tuple[str, ...]:
     """Task names of Table 6 (`train`) or Table 7 (`eval`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return tuple(json.loads(_FILE.read_text(encoding="utf-8"))[split])
+    return tuple(json.loads(TASK_DEFINITIONS_FILE.read_text(encoding="utf-8"))[split])
 
 
 def get_task_definition(task: str, split: str = "train") -> str:

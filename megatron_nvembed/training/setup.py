@@ -96,6 +96,7 @@ def build_data(cfg: TrainingConfig, tokenizer, pg, query_template: str) -> Blend
         d.train_data,
         tokenizer,
         skip_bad_records=d.skip_bad_records,
+        data_cache_path=d.data_cache_path,
         global_batch_size=d.global_batch_size,
         micro_batch_size=d.micro_batch_size,
         num_negatives=d.num_negatives,

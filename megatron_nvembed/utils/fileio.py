@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,13 +79,23 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     write_with(path, write)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> int:
+def remove_stale_temporaries(
+    folder: str | os.PathLike, name: str | None = None, *, min_age_s: float = 0.0
+) -> int:
     """Removes the `.NAME.*.tmp` files a killed writer left in `folder` (only those of file
     `name` when given: a folder other runs write other files into at this moment); returns how
-    many."""
+    many. With `min_age_s`, only those unmodified for that long: where another process may be
+    writing the same file right now (a writer that is alive keeps its temporary's mtime recent)."""
     pattern = f".{glob.escape(name)}.*.tmp" if name is not None else ".*.tmp"
+    now = time.time()
     n = 0
     for p in Path(folder).glob(pattern):
+        if min_age_s:
+            try:
+                if now - p.stat().st_mtime < min_age_s:
+                    continue
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                continue
         p.unlink(missing_ok=True)
         n += 1
     return n

@@ -7,6 +7,7 @@ a non-empty folder only with overwrite, never the source, inside it or around it
 refusal messages and exit codes are tested in tests/functional/test_conversion.py.)"""
 
 import os
+import time
 
 import pytest
 
@@ -48,6 +49,15 @@ def test_stale_temporaries_of_one_file_only(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".b.jsonl.x2.tmp"]
     assert remove_stale_temporaries(tmp_path) == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_stale_temporaries_younger_than_min_age_are_kept(tmp_path):
+    """A writer that is alive keeps its temporary's mtime recent: only an old one is removed."""
+    (tmp_path / ".a.idx.live.tmp").write_text("")
+    (tmp_path / ".a.idx.dead.tmp").write_text("")
+    os.utime(tmp_path / ".a.idx.dead.tmp", (0, time.time() - 7200))
+    assert remove_stale_temporaries(tmp_path, "a.idx", min_age_s=3600) == 1
+    assert os.listdir(tmp_path) == [".a.idx.live.tmp"]
 
 
 def test_atomic_dir_swaps_in_whole_and_a_failure_keeps_the_old_folder(tmp_path):
