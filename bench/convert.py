@@ -21,7 +21,8 @@ as its own process, as a user runs them:
 Reported per step: peak resident memory of the process tree (all processes summed, sampled every
 50 ms), wall time, bytes read and written (folder sizes), the input/output byte ratio; and per
 step the growth of the peak per layer between depths. Outputs are deleted as soon as measured
-(32 layers need about 45 GB of disk at a time).
+(32 layers need about 45 GB of disk at a time). `copy` is the reference: the source folder
+copied with `shutil.copytree` (the same bytes read and written, no conversion).
 """
 
 from __future__ import annotations
@@ -202,7 +203,12 @@ def run_step(name: str, cmd: list[str], reads: list[Path], writes: list[Path]) -
         "read_gb": round(read / 1e9, 3),
         "written_gb": round(written / 1e9, 3),
         "gb_per_s": round((read + written) / 1e9 / wall, 3),
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+    model = [int(line.split()[2]) for line in out.decode().splitlines() if "MODEL_BYTES" in line]
+    if model:  # the reshard worker: the model's own bytes, summed over its processes
+        row["model_gib"] = round(sum(model) / 2**30, 3)
+        row["beyond_model_gib"] = round((rss - sum(model)) / 2**30, 3)
     print(f"    {row}", flush=True)
     return row
 
@@ -243,6 +249,17 @@ def bench_depth(layers: int, work: Path) -> dict:
     src = make_source(d / "src", layers)
     rows = {"source_gb": round(folder_bytes(src) / 1e9, 3)}
     print(f"  source {rows['source_gb']} GB in {time.perf_counter() - t0:.0f} s", flush=True)
+    # The reference speed of this disk: copying the source (read + write, page cache dropped
+    # by nothing: as warm as the conversions' reads).
+    t0 = time.perf_counter()
+    shutil.copytree(src, d / "copy")
+    copy_s = time.perf_counter() - t0
+    rows["copy"] = {
+        "wall_s": round(copy_s, 1),
+        "gb_per_s": round(2 * folder_bytes(src) / 1e9 / copy_s, 3),
+    }
+    shutil.rmtree(d / "copy")
+    print(f"  copy {rows['copy']}", flush=True)
     ck = d / "ckpt"
     common = ["--pooling", "eos", "--mask-type", "causal"]
     rows["import-hf"] = run_step(
@@ -322,7 +339,7 @@ def main(argv=None) -> int:
     growth = {}
     for a, b in zip(depths, depths[1:]):
         for step, row in result["depths"][b].items():
-            if isinstance(row, dict):
+            if isinstance(row, dict) and "peak_rss_gib" in row:
                 before = result["depths"][a][step]["peak_rss_gib"]
                 per_layer = (row["peak_rss_gib"] - before) / (b - a)
                 growth.setdefault(step, {})[f"L{a}->L{b}"] = round(per_layer, 4)

@@ -8,8 +8,9 @@ random initialisation), then:
   plans the save from the meta parameters as for a real model, and each parameter's value is asked
   of `produce(name)` only when its bytes are written (`streaming`), then dropped; the files
   are those of a save of the real model;
-- reads a checkpoint with `CheckpointTensors`: megatron-core's loader fills only the parameters
-  asked for, in any saved TP/PP layout, so a reader holds one layer at a time.
+- reads a checkpoint with `CheckpointTensors`: torch's distributed-checkpoint reader fills only
+  the parameters asked for (their regions of megatron-core's saved global tensors), in any saved
+  TP/PP layout, so a reader holds what it asked for: one layer's parameters at a time.
 
 Memory is a fixed overhead (the process, megatron-core's plan) plus the largest parameter (twice,
 while its bytes are serialised), whatever the depth of the model: `bench/convert.py` measures it.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -83,8 +85,10 @@ def saved_dtype(folder: str | os.PathLike) -> torch.dtype:
 class CheckpointTensors:
     """A checkpoint's parameters read on demand, at TP = PP = 1 whatever layout it was saved at.
 
-    `read(names)` asks megatron-core's loader for those parameters only (their full tensors,
-    resharded from the saved shards), so a reader holds what it asked for and nothing else.
+    `read(names)` reads those parameters only: their regions of the saved global tensors
+    (megatron-core's keys and offsets: `sharded_state_dict()` of a TP = PP = 1 meta model,
+    SwiGLU-style halves included) through torch's distributed-checkpoint reader, from whichever
+    saved shards hold them; a reader holds what it asked for and nothing else.
     Names are those of the TP = PP = 1 model's state dict (`decoder.layers.3.mlp.linear_fc1.weight`;
     with adapters `...linear_fc1.base.weight`, `...linear_fc1.lora_A`).
 
@@ -161,7 +165,7 @@ class CheckpointTensors:
         )
 
         from megatron_nvembed.checkpoint.safety import CorruptCheckpointError
-        from megatron_nvembed.checkpoint.store import _FAILURES, CONFIG_FILE, _first_line
+        from megatron_nvembed.checkpoint.store import CHECKPOINT_FAILURES, CONFIG_FILE, first_line
 
         request = {}
         for name in names:
@@ -176,16 +180,18 @@ class CheckpointTensors:
         dict_list_map_inplace(lambda t: regions.append(t) or t, request)
         planner = _RegionPlanner(regions)
         try:
-            dcp.load(
-                {},
-                storage_reader=dcp.FileSystemReader(str(self.folder)),
-                planner=planner,
-                no_dist=True,
-            )
-        except _FAILURES as err:
+            with warnings.catch_warnings():  # no_dist: this process reads alone, as asked
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(
+                    {},
+                    storage_reader=dcp.FileSystemReader(str(self.folder)),
+                    planner=planner,
+                    no_dist=True,
+                )
+        except CHECKPOINT_FAILURES as err:
             raise CorruptCheckpointError(
                 f"{self.folder}: the shards do not hold the model of "
-                f"{self.folder / CONFIG_FILE} ({type(err).__name__}: {_first_line(err)})"
+                f"{self.folder / CONFIG_FILE} ({type(err).__name__}: {first_line(err)})"
             ) from err
         loaded = dict_list_map_inplace(lambda t: t.data, request)
         loaded = apply_factory_merges(loaded, factories)

@@ -12,7 +12,7 @@ Each iteration folder is written as `iter_XXXXXXX.tmp` and renamed once every ra
 Saving an iteration that already exists (a finished run relaunched onto the same `--save`) moves
 the old folder aside as `iter_XXXXXXX.replaced` before the rename and deletes it after; readers
 fall back to it if a kill lands between the two renames, so there is never a moment without a
-loadable checkpoint. The shards are written by each rank's own process (`_writes_in_this_process`).
+loadable checkpoint. The shards are written by each rank's own process (`streaming.writes_in_this_process`).
 
 Over 400 lines on purpose: saving, loading and the re-save fallback share one folder protocol
 (tracker, iteration folders, `.replaced`), which is easier to check in one file.
@@ -23,16 +23,21 @@ from __future__ import annotations
 import errno
 import json
 import os
-import queue
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_nvembed.checkpoint.safety import CorruptCheckpointError, verify_checkpoint_folder
+from megatron_nvembed.checkpoint.streaming import (
+    Resolver,
+    merge_in_place,
+    resolving_writes,
+    streaming_strategy,
+    writes_in_this_process,
+)
 from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 
@@ -84,7 +89,7 @@ def _failures() -> tuple[type[BaseException], ...]:
     return (Exception, CheckpointException)
 
 
-_FAILURES = _failures()
+CHECKPOINT_FAILURES = _failures()
 
 
 def _iteration_path(root: str | os.PathLike, iteration: int) -> Path:
@@ -226,16 +231,10 @@ def save_checkpoint(
             shutil.rmtree(left)  # leftovers of interrupted saves (never what --load picks)
         tmp.mkdir()
     _barrier()
-    from megatron_nvembed.checkpoint.streaming import (
-        _Resolver,
-        resolving_writes,
-        streaming_strategy,
-    )
-
-    resolver = _Resolver(model, values) if values is not None else None
+    resolver = Resolver(model, values) if values is not None else None
     strategy = streaming_strategy() if values is not None else None
     try:
-        with cuda_allocations_on_cpu(), _writes_in_this_process(resolver):
+        with cuda_allocations_on_cpu(), writes_in_this_process(resolver):
             state = model.sharded_state_dict()
             if optimizer is not None:
                 state["optimizer"] = optimizer.sharded_state_dict(
@@ -247,7 +246,7 @@ def save_checkpoint(
                 dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
         if write_files is not None:
             write_files(tmp)
-    except _FAILURES as err:
+    except CHECKPOINT_FAILURES as err:
         message = _save_failure(err, root, tmp)
         if _rank() == 0:  # a failed save's shards are garbage: give the space back
             shutil.rmtree(tmp, ignore_errors=True)
@@ -270,7 +269,7 @@ def save_checkpoint(
     return final
 
 
-def _first_line(err: BaseException, limit: int = 300) -> str:
+def first_line(err: BaseException, limit: int = 300) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else "")[:limit]
 
@@ -300,52 +299,6 @@ def _save_failure(err: BaseException, root: Path, tmp: Path) -> str:
         else f"{type(causes[-1]).__name__}: {causes[-1]}"
     )
     return f"saving checkpoint {tmp.name} in {root} failed on rank {_rank()}: {cause}; {previous}"
-
-
-@contextmanager
-def _writes_in_this_process(resolver=None):
-    """Makes megatron-core's torch_dist save write every shard from the rank's own process.
-
-    megatron-core 0.16's writer hands a save's buckets to forked worker processes and collects
-    their results through a spawned multiprocessing Manager that lives on after the first save.
-    On preemption torchrun sends SIGTERM to each worker's whole process group: the Manager dies
-    with it (the next save, the one the signal asked for, fails with BrokenPipeError), and a
-    writer that dies leaves the save waiting forever. Written here, bucket after bucket, with the
-    results in an in-process queue, a save has no child to lose and any write error (disk full)
-    comes back as this rank's exception. Sequential writes cost little: the shards of one rank
-    go to one filesystem anyway. With a `streaming._Resolver`, each bucket's meta tensors get
-    their values as they are written.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
-
-    writer = fsa.FileSystemWriterAsync
-    saved_fn = writer.__dict__["write_preloaded_data_multiproc"]
-    saved_queue = fsa._results_queue
-
-    def write_buckets(transform_list, use_msc, rank, write_buckets, results_queue):
-        results = {}
-        for i, bucket in enumerate(write_buckets):
-            if resolver is not None:
-                path, key, (bytes_data, tensor_data) = bucket
-                bucket = (path, key, (bytes_data, resolver.ordered(tensor_data)))
-            local, count = queue.Queue(), queue.Queue()
-            count.put(i)
-            extra = {"use_msc": use_msc} if use_msc else {}
-            writer.write_preloaded_data(transform_list, i, bucket, local, count, True, **extra)
-            _, out = local.get_nowait()
-            if isinstance(out, Exception):
-                results_queue.put(out)
-                return
-            results[i] = out
-        results_queue.put(results)
-
-    writer.write_preloaded_data_multiproc = staticmethod(write_buckets)
-    fsa._results_queue = queue.Queue()
-    try:
-        yield
-    finally:
-        writer.write_preloaded_data_multiproc = saved_fn
-        fsa._results_queue = saved_queue
 
 
 def load_checkpoint(
@@ -422,16 +375,17 @@ def load_checkpoint(
     verify_checkpoint_folder(folder)
     with cuda_allocations_on_cpu():
         request = model.sharded_state_dict()
+        merge_in_place(request)
         if optimizer is not None:
             request["optimizer"] = optimizer.sharded_state_dict(
                 model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_SHARDING
             )
         try:
             state = dist_checkpointing.load(request, str(folder))
-        except _FAILURES as err:
+        except CHECKPOINT_FAILURES as err:
             raise CorruptCheckpointError(
                 f"{folder}: the shards do not load into the model built from "
-                f"{folder / CONFIG_FILE} ({type(err).__name__}: {_first_line(err)}); the files "
+                f"{folder / CONFIG_FILE} ({type(err).__name__}: {first_line(err)}); the files "
                 "were edited, truncated, or belong to another model"
             ) from err
         if optimizer is not None:

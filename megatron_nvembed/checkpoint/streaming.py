@@ -4,12 +4,13 @@
 (`lazy.meta_model`: shapes and megatron-core's checkpoint layout, no storage) lets megatron-core
 plan the save as for a real model; each write item's tensor is a meta parameter or a view of one,
 and its value is the same view of `produce(name)`, asked for when the item is written and dropped
-after it (`_Resolver`). The files are those a save of the real model writes. Reading one tensor
+after it (`Resolver`). The files are those a save of the real model writes. Reading one tensor
 at a time is `lazy.CheckpointTensors`.
 """
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,7 +23,7 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-class _Resolver:
+class Resolver:
     """Real values for the meta tensors of a save plan: each write item's tensor is a meta
     parameter or a view of one (megatron-core's SwiGLU halves, prepended axes); its value is the
     same view of `values(name)`, cloned when it is part of a larger tensor, so that only its own
@@ -72,9 +73,9 @@ class _Resolver:
 
 
 @contextmanager
-def resolving_writes(resolver: _Resolver | None):
+def resolving_writes(resolver: Resolver | None):
     """While active, megatron-core's save keeps meta tensors in its plan (no copy to the host)
-    and `store._writes_in_this_process` resolves them as it writes them (`resolver.ordered`)."""
+    and `writes_in_this_process` resolves them as it writes them (`resolver.ordered`)."""
     if resolver is None:
         yield
         return
@@ -99,3 +100,83 @@ def streaming_strategy():
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+
+
+def merge_in_place(request: dict) -> None:
+    """Makes the model's split parameters (megatron-core's SwiGLU-style factories: a parameter
+    saved as consecutive halves) load without a copy: the halves are loaded into views of the
+    parameter, so megatron-core's merge, a concatenation into a new tensor kept until the
+    whole model is loaded (one fc1 per layer: memory growing with depth), is replaced by the
+    parameter itself when the halves are exactly its consecutive parts."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    for value in request.values():
+        if isinstance(value, ShardedTensorFactory):
+            value.merge_fn = parameter_if_parts(value.merge_fn, value.data)
+
+
+def parameter_if_parts(merge_fn, data: torch.Tensor):
+    def merge(parts):
+        if isinstance(parts, (list, tuple)) and data.is_contiguous():
+            offset = data.storage_offset()
+            for t in parts:
+                if not (
+                    isinstance(t, torch.Tensor)
+                    and t.is_contiguous()
+                    and t.untyped_storage().data_ptr() == data.untyped_storage().data_ptr()
+                    and t.storage_offset() == offset
+                ):
+                    break
+                offset += t.numel()
+            else:
+                if offset == data.storage_offset() + data.numel():
+                    return data
+        return merge_fn(parts)
+
+    return merge
+
+
+@contextmanager
+def writes_in_this_process(resolver: Resolver | None = None):
+    """Makes megatron-core's torch_dist save write every shard from the rank's own process.
+
+    megatron-core 0.16's writer hands a save's buckets to forked worker processes and collects
+    their results through a spawned multiprocessing Manager that lives on after the first save.
+    On preemption torchrun sends SIGTERM to each worker's whole process group: the Manager dies
+    with it (the next save, the one the signal asked for, fails with BrokenPipeError), and a
+    writer that dies leaves the save waiting forever. Written here, bucket after bucket, with the
+    results in an in-process queue, a save has no child to lose and any write error (disk full)
+    comes back as this rank's exception. Sequential writes cost little: the shards of one rank
+    go to one filesystem anyway. With a `streaming.Resolver`, each bucket's meta tensors get
+    their values as they are written.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    writer = fsa.FileSystemWriterAsync
+    saved_fn = writer.__dict__["write_preloaded_data_multiproc"]
+    saved_queue = fsa._results_queue
+
+    def write_buckets(transform_list, use_msc, rank, write_buckets, results_queue):
+        results = {}
+        for i, bucket in enumerate(write_buckets):
+            if resolver is not None:
+                path, key, (bytes_data, tensor_data) = bucket
+                bucket = (path, key, (bytes_data, resolver.ordered(tensor_data)))
+            local, count = queue.Queue(), queue.Queue()
+            count.put(i)
+            extra = {"use_msc": use_msc} if use_msc else {}
+            writer.write_preloaded_data(transform_list, i, bucket, local, count, True, **extra)
+            _, out = local.get_nowait()
+            if isinstance(out, Exception):
+                results_queue.put(out)
+                return
+            results[i] = out
+        results_queue.put(results)
+
+    writer.write_preloaded_data_multiproc = staticmethod(write_buckets)
+    fsa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        writer.write_preloaded_data_multiproc = saved_fn
+        fsa._results_queue = saved_queue

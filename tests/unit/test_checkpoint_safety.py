@@ -428,8 +428,7 @@ def test_damaged_rng_file(tmp_path, damage):
 # ----------------------------------------------------------------------------- megatron-core
 
 _MCORE_SAVE = """
-import contextlib, sys, torch
-from megatron_nvembed.checkpoint import store as checkpoint
+import sys, torch
 from megatron_nvembed.testing import init_single_process_megatron
 from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 from megatron.core import dist_checkpointing
@@ -441,8 +440,8 @@ state = {
     "decoder._extra_state": ShardedObject("decoder._extra_state", None, (1,), (0,), replica_id=0),
     "optimizer": {"param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]},
 }
-# the project's way of writing the shards (in this process), where it has one
-writes_here = getattr(checkpoint, "_writes_in_this_process", contextlib.nullcontext)
+# the project's way of writing the shards (in this process)
+from megatron_nvembed.checkpoint.streaming import writes_in_this_process as writes_here
 with cuda_allocations_on_cpu(), writes_here():
     dist_checkpointing.save(state, sys.argv[1])
 """
