@@ -3,14 +3,19 @@
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises a gloo
 process group in each (rendezvous through a TCP store this process opens on a port the OS
 picks and keeps it for the run: no port to race for), calls `fn(rank, world_size,
-*args)` and re-raises the first failure in the parent. `fn` must be a module-level function so
+*args)` and re-raises the first failure in the parent. The processes die with the parent (Linux's
+parent-death signal): a killed tool leaves no worker writing on, nor one waiting for ever on the
+parent's store. `fn` must be a module-level function so
 that `torch.multiprocessing.spawn` can pickle it. The checkpoint importer uses it to run one
 process per TP x PP shard; tests use it for every distributed check.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +29,24 @@ from megatron_nvembed.core.parallel import (  # free_port: also re-exported
     free_port,  # noqa: F401  (re-exported: tests and testing import it from here)
 )
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-def _worker(rank: int, fn: Callable, world_size: int, store_port: int, args: tuple) -> None:
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent ends, however it ends (SIGKILL included)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # The parent may have ended before the signal was asked for: then nobody sends it.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _worker(
+    rank: int, fn: Callable, world_size: int, store_port: int, parent_pid: int, args: tuple
+) -> None:
+    _die_with_parent(parent_pid)
     # The processes meet at the parent's store, not at a port found free a moment ago: such a
     # port can be taken by another process (EADDRINUSE) before rank 0 listens on it.
     for name in ("MASTER_ADDR", "MASTER_PORT"):
@@ -55,6 +76,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None
     # Port 0: the OS binds a free port at once; the store lives here until the processes end.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     try:
-        mp.spawn(_worker, args=(fn, world_size, store.port, args), nprocs=world_size, join=True)
+        mp.spawn(
+            _worker,
+            args=(fn, world_size, store.port, os.getpid(), args),
+            nprocs=world_size,
+            join=True,
+        )
     finally:
         del store

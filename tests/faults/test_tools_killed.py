@@ -7,6 +7,8 @@ import-hf stands for the three commands: they share the write-beside-then-swap r
 tests/functional/test_conversion.py. (Mining, prepare_data and the corpus encoder have their own
 kill-and-rerun tests: tests/functional/test_mining.py, tests/unit/test_prepare_data.py,
 tests/functional/test_embed_tool.py.)
+The tools' worker processes (`core/launch.run_distributed`) die with the tool: a SIGKILLed tool
+leaves none writing on, nor one waiting for ever on the tool's rendezvous store.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megatron_nvembed.testing import build_word_tokenizer, save_tiny_hf_decoder
@@ -67,8 +71,7 @@ def _killed_then_rerun(rng, seed, command, source, out_flag, straight: Path, out
     killed = _convert(command, *source, out_flag, out)
     time.sleep(rng.uniform(0.2, 0.9) * duration)
     killed.kill()
-    # A hang guard only: the pipe closes once the tool's worker processes, which outlive a
-    # SIGKILL of the tool, have ended too.
+    # A hang guard only: the pipe closes once the tool's worker processes have ended too.
     killed.communicate(timeout=300)
     # Whatever moment the kill hit, the output is absent or complete: a kill after the swap
     # leaves the finished folder, and a user reruns with --overwrite to be sure.
@@ -88,3 +91,61 @@ def test_conversion_killed_then_rerun_equals_an_uninterrupted_run(tmp_path):
     _killed_then_rerun(
         rng, seed, "import-hf", ("--hf-dir", hf), "--save", tmp_path / "ckpt", tmp_path / "ckpt2"
     )
+
+
+_SLEEPING_WORKERS = """
+import os, signal, sys, time
+from megatron_nvembed.core.launch import run_distributed
+
+def worker(rank, world, folder):
+    # torch.multiprocessing.spawn asks for SIGINT at its parent's death; a worker inside a long
+    # C++ call (a store wait, a shard write) or one catching KeyboardInterrupt goes on regardless
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with open(os.path.join(folder, f"{rank}.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(os.path.join(folder, f"{rank}.pid.tmp"), os.path.join(folder, f"{rank}.pid"))
+    time.sleep(3600)
+
+if __name__ == "__main__":
+    run_distributed(worker, 2, sys.argv[1])
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_workers_of_a_sigkilled_tool_end_with_it(tmp_path):
+    """Two workers that would sleep an hour, deaf to SIGINT; SIGKILL of their parent ends both.
+    The polls are hang guards: each step is awaited, never timed."""
+    script = tmp_path / "sleeping_workers.py"
+    script.write_text(_SLEEPING_WORKERS)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT)
+    try:
+        pid_files = [tmp_path / f"{rank}.pid" for rank in range(2)]
+        for _ in range(1200):  # up to 10 minutes for the workers to start
+            if all(p.exists() for p in pid_files) or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the launcher ended early: {proc.returncode}"
+        pids = [int(p.read_text()) for p in pid_files]
+        assert all(psutil.Process(pid).ppid() == proc.pid for pid in pids)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        for _ in range(240):  # the kernel signals them at once; 2 minutes is the guard
+            if all(_gone(pid) for pid in pids):
+                break
+            time.sleep(0.5)
+        left = [pid for pid in pids if not _gone(pid)]
+        assert not left, f"workers {left} outlived their SIGKILLed parent"
+    finally:
+        for pid_file in tmp_path.glob("*.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
