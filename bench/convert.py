@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -205,7 +206,8 @@ def run_step(name: str, cmd: list[str], reads: list[Path], writes: list[Path]) -
         "gb_per_s": round((read + written) / 1e9 / wall, 3),
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
-    model = [int(line.split()[2]) for line in out.decode().splitlines() if "MODEL_BYTES" in line]
+    # ranks print into one pipe at once, so records may run together: each ends with ";"
+    model = [int(n) for _, n in re.findall(r"MODEL_BYTES (\d+) (\d+);", out.decode())]
     if model:  # the reshard worker: the model's own bytes, summed over its processes
         row["model_gib"] = round(sum(model) / 2**30, 3)
         row["beyond_model_gib"] = round((rss - sum(model)) / 2**30, 3)
@@ -232,7 +234,7 @@ def worker(rank, world, ckpt):
     model.to_empty(device="cpu")
     load_checkpoint(model, ckpt)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"MODEL_BYTES {rank} {nbytes}", flush=True)
+    print(f"MODEL_BYTES {rank} {nbytes};", flush=True)
 
 if __name__ == "__main__":
     run_distributed(worker, int(sys.argv[2]), sys.argv[1])
