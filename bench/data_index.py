@@ -17,6 +17,10 @@ instead, 10% with teacher scores, 1-2 positives and 0-3 hard negatives of 12-30 
   own) and file-backed pages (the mapped index, shared by every rank of the machine through the
   page cache);
 - the index's size on disk;
+- with `--trainer K`: K starts of the trainer on the data and K on a 1,000-record file, alternating
+  (`examples/pretrain_nvembed.sh --recipe tiny`, 2 gloo processes, `--data-cache-path` holding
+  the indexes): seconds from launch to the first iteration's log record; the small file's starts
+  are the trainer's fixed start-up on this machine;
 - with `--before DIR` (a checkout of the code before the index, e.g. `git archive`), for sizes up
   to `--before-up-to`: an open with that code (which read and validated every record at every
   start), for comparison.
@@ -202,6 +206,16 @@ def measure(n: int, args) -> dict:
         times = sorted(o["seconds_to_usable"] for o in row["opens"])
         row["open_seconds_median"] = times[len(times) // 2]
         print(f"  opens: {times} s", file=sys.stderr)
+        if args.trainer:
+            small = folder / "small" / "train.jsonl"
+            small.parent.mkdir()
+            write_records(small, 1000)
+            row["trainer_starts"] = []
+            for _ in range(args.trainer):  # alternating: the machine's load hits both alike
+                for name, path in ((f"{n} records", data), ("1000 records", small)):
+                    start = _trainer_start(path, cache, folder, len(row["trainer_starts"]))
+                    row["trainer_starts"].append(dict(start, data=name))
+            print(f"  trainer: {row['trainer_starts']}", file=sys.stderr)
         if args.before and n <= args.before_up_to:
             row["before_open"] = _run_child("open", data, cache, Path(args.before).resolve())
             print(f"  before: {row['before_open']['seconds_to_usable']} s", file=sys.stderr)
@@ -211,6 +225,54 @@ def measure(n: int, args) -> dict:
             print(f"  kept {folder}", file=sys.stderr)
         else:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _trainer_start(data: Path, cache: Path, folder: Path, attempt: int) -> dict:
+    """One start of the trainer (`examples/pretrain_nvembed.sh --recipe tiny`, 2 gloo processes,
+    indexes under `cache`): seconds from launch to its first iteration's log record, then the run
+    is stopped (its whole process group killed, waited for)."""
+    import signal
+
+    from megatron_nvembed.testing import build_word_tokenizer
+
+    tok_dir = folder / "tokenizer"
+    if not tok_dir.exists():
+        with open(data) as fh:
+            texts = [json.loads(next(fh))["query"] for _ in range(200)]
+        build_word_tokenizer(texts).save_pretrained(tok_dir)
+    log = folder / f"start{attempt}.jsonl"
+    cmd = ["bash", "examples/pretrain_nvembed.sh", "--recipe", "tiny", "--tokenizer", str(tok_dir)]
+    cmd += ["--train-data", str(data), "--data-cache-path", str(cache), "--log-interval", "1"]
+    cmd += ["--log-json", str(log), "--save", str(folder / f"ckpt{attempt}")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NPROC_PER_NODE="2")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / f"start{attempt}.err", "wb"),  # a file: a full pipe would stall it
+        start_new_session=True,
+    )
+    while proc.poll() is None and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    if proc.poll() is None:
+        import psutil
+
+        # torchrun's workers may run in process groups of their own: the whole tree is stopped
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        psutil.wait_procs([p for p in psutil.process_iter() if p.pid in tree], timeout=30)
+    elif proc.returncode != 0:
+        err = (folder / f"start{attempt}.err").read_text(errors="replace")
+        raise SystemExit(f"trainer failed: {err[-3000:]}")
+    return {"seconds_to_first_iteration": round(seconds, 1)}
 
 
 def main(argv=None) -> int:
@@ -228,6 +290,14 @@ def main(argv=None) -> int:
     p.add_argument("--before", help="PYTHONPATH of the code before the index (comparison)")
     p.add_argument("--before-up-to", type=int, default=1_000_000, help="largest size for it")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument(
+        "--trainer",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also start the trainer (tiny recipe, 2 processes) K times on the data and K times "
+        "on 1,000 records (alternating): seconds to its first iteration, indexes present",
+    )
     p.add_argument("--output")
     args = p.parse_args(argv)
     start = time.perf_counter()
