@@ -188,7 +188,9 @@ def run_step(name: str, cmd: list[str], reads: list[Path], writes: list[Path]) -
     print(f"  {name}: {' '.join(str(c) for c in cmd[1:])}", flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     peak = TreePeak(proc.pid)
     out, _ = proc.communicate()
     wall = time.perf_counter() - t0
