@@ -10,6 +10,21 @@ L2-normalised, and the prompts in `config_sentence_transformers.json` (`{"query"
 What maps onto this project's model: last-token pooling is the `eos` head, mean pooling the `mean`
 head; a plain transformers decoder is causal; a query prompt `"Instruct: <definition>\\nQuery:"`
 (with or without the trailing space) gives the model's query template (`config.PromptConfig`).
+
+Two forms of the layout are read, as sentence-transformers 6 itself loads both:
+- sentence-transformers <= 5 (and the released models saved by it): module types
+  `sentence_transformers.models.<Class>`; the Pooling config holds one boolean per mode
+  (`pooling_mode_lasttoken`, `pooling_mode_mean_tokens`, ...) and `word_embedding_dimension`.
+- sentence-transformers 6: module types are the classes' full paths
+  (`sentence_transformers.base.modules.transformer.Transformer`,
+  `sentence_transformers.sentence_transformer.modules.pooling.Pooling`, ...); the Pooling config
+  holds `"pooling_mode": "<mode>"` (a list for several concatenated modes) and
+  `embedding_dimension`. A present `pooling_mode` wins over the booleans, and a config with
+  neither means mean pooling (the Pooling module's default in both versions).
+A module is identified by its class name, the type's last component, for types inside the
+`sentence_transformers` package only (a remote-code module of the same class name is refused).
+
+Exports are written in the first form, which sentence-transformers 5 and 6 both load.
 """
 
 from __future__ import annotations
@@ -23,9 +38,15 @@ from megatron_nvembed.core.logging_utils import get_logger
 
 logger = get_logger(__name__)
 
-POOLING_MODES = {"pooling_mode_lasttoken": "eos", "pooling_mode_mean_tokens": "mean"}
-"""sentence-transformers pooling modes with an equivalent head here."""
+POOLING_MODES = {"lasttoken": "eos", "mean": "mean"}
+"""sentence-transformers pooling modes (`pooling_mode`'s values) with an equivalent head here."""
+LEGACY_POOLING_KEYS = {"pooling_mode_lasttoken": "lasttoken", "pooling_mode_mean_tokens": "mean"}
+"""The boolean Pooling keys sentence-transformers <= 5 wrote for those modes (its other
+`pooling_mode_*` keys name modes with no equivalent head)."""
 _MODULE = "sentence_transformers.models."
+"""The module-type prefix sentence-transformers <= 5 wrote (and exports here write)."""
+_PACKAGE = "sentence_transformers."
+_MODULES = ("Transformer", "Pooling", "Normalize")
 _PROMPT = re.compile(r"Instruct: (?P<definition>[^\n]+)\nQuery:(?P<space> ?)")
 
 
@@ -55,6 +76,36 @@ def prompt_query_template(folder: str | Path) -> str | None:
     return "Instruct: {instruction}\nQuery:" + match["space"] if match else None
 
 
+def _pooling_mode(path: Path, cfg: dict) -> str:
+    """The one pooling mode of a Pooling config in either form (module docstring), if it has an
+    equivalent head here.
+
+    Raises:
+        ValueError: naming `path` and the field: several or no modes, or a mode with no head.
+    """
+    need = (
+        f"one of {sorted(POOLING_MODES)} is needed (last-token pooling maps to the eos head, "
+        "mean pooling to the mean head)"
+    )
+    if "pooling_mode" in cfg:  # sentence-transformers 6 (its value wins over the booleans)
+        mode = cfg["pooling_mode"]
+        if isinstance(mode, list) and len(mode) == 1:
+            mode = mode[0]
+        if not isinstance(mode, str) or mode not in POOLING_MODES:
+            raise ValueError(f"{path}: pooling_mode is {mode!r}; {need}")
+        return mode
+    legacy = [k for k in cfg if k.startswith("pooling_mode_")]
+    if not legacy:
+        return "mean"  # the Pooling module's default in sentence-transformers 5 and 6
+    on = [k for k in legacy if cfg[k] is True]
+    if len(on) != 1 or on[0] not in LEGACY_POOLING_KEYS:
+        raise ValueError(
+            f"{path}: pooling_mode_* keys set true: {on}; {need} (one true key of "
+            f"{sorted(LEGACY_POOLING_KEYS)})"
+        )
+    return LEGACY_POOLING_KEYS[on[0]]
+
+
 def read_st_layout(hf_dir: str | Path) -> dict | None:
     """The embedding settings of a sentence-transformers folder, or None when `hf_dir` has no
     `modules.json`.
@@ -64,10 +115,14 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
         template is None when the folder has no query prompt or one not of the form
         "Instruct: <definition>\\nQuery:" (a warning names the latter).
 
+    Either form of the layout (sentence-transformers <= 5 or 6; module docstring). A mean-pooled
+    folder with a query prompt that `include_prompt`s it is read with a warning: this project's
+    mean head leaves the instruction out of the average.
+
     Raises:
-        ValueError: naming the file and key: a module other than Transformer / Pooling /
-            Normalize (e.g. Dense: its weights would be lost), a pooling mode with no equivalent
-            head, invalid JSON.
+        ValueError: naming the file and key: a module other than sentence-transformers'
+            Transformer / Pooling / Normalize (e.g. Dense: its weights would be lost), a pooling
+            mode with no equivalent head (or several modes), invalid JSON.
     """
     hf_dir = Path(hf_dir)
     modules_path = hf_dir / "modules.json"
@@ -79,12 +134,12 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
     kinds = {}
     for i, module in enumerate(modules):
         kind = str(module.get("type", "")) if isinstance(module, dict) else ""
-        name = kind.removeprefix(_MODULE)
-        if name not in ("Transformer", "Pooling", "Normalize"):
+        name = kind.rsplit(".", 1)[-1] if kind.startswith(_PACKAGE) else ""
+        if name not in _MODULES:
             raise ValueError(
-                f"{modules_path}: module {i} has type {kind!r}; only Transformer, Pooling and "
-                "Normalize modules map onto this project's model (other modules' weights would "
-                "be lost)"
+                f"{modules_path}: module {i} has type {kind!r}; only sentence-transformers' "
+                "Transformer, Pooling and Normalize modules map onto this project's model (other "
+                "modules' weights would be lost)"
             )
         kinds[name] = module
     if "Pooling" not in kinds:
@@ -93,13 +148,17 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
     if not pooling_path.is_file():
         raise FileNotFoundError(f"{pooling_path}: missing (the Pooling module's config)")
     pooling_cfg = _read(pooling_path)
-    modes = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode_") and v is True]
-    if len(modes) != 1 or modes[0] not in POOLING_MODES:
-        raise ValueError(
-            f"{pooling_path}: pooling modes {modes}; one of {sorted(POOLING_MODES)} is needed "
-            "(last-token pooling maps to the eos head, mean pooling to the mean head)"
-        )
+    if not isinstance(pooling_cfg, dict):
+        raise ValueError(f"{pooling_path}: expected a JSON object (the Pooling module's config)")
+    mode = _pooling_mode(pooling_path, pooling_cfg)
     query = query_prompt(hf_dir)
+    if mode == "mean" and query and pooling_cfg.get("include_prompt", True) is not False:
+        logger.warning(
+            "%s: include_prompt is true: sentence-transformers averages the query prompt's "
+            "tokens too, while this project's mean head leaves the instruction out, so "
+            "queries embed differently from sentence-transformers' encode (documents alike)",
+            pooling_path,
+        )
     template = prompt_query_template(hf_dir)
     if query is not None and template is None:
         logger.warning(
@@ -110,7 +169,7 @@ def read_st_layout(hf_dir: str | Path) -> dict | None:
             query,
         )
     return {
-        "pooling": POOLING_MODES[modes[0]],
+        "pooling": POOLING_MODES[mode],
         "normalize": "Normalize" in kinds,
         "query_template": template,
     }
@@ -149,7 +208,7 @@ def write_st_layout(out: Path, cfg: EmbeddingModelConfig, max_seq_length: int = 
         (out / "2_Normalize").mkdir(exist_ok=True)
     mode = {v: k for k, v in POOLING_MODES.items()}[cfg.pooling.type]
     pooling = {"word_embedding_dimension": cfg.model.hidden_size, "include_prompt": True}
-    pooling.update({m: m == mode for m in POOLING_MODES})
+    pooling.update({k: m == mode for k, m in LEGACY_POOLING_KEYS.items()})
     files = {
         "modules.json": modules,
         "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},

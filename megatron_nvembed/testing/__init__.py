@@ -27,6 +27,7 @@ from megatron_nvembed.testing.st_folders import (
     QWEN3_EMBEDDING_QUERY_PROMPT,
     build_qwen3_embedding_tokenizer,
     save_tiny_qwen3_embedding,
+    save_tiny_qwen3_embedding_st5,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "run_distributed",
     "save_tiny_hf_decoder",
     "save_tiny_qwen3_embedding",
+    "save_tiny_qwen3_embedding_st5",
     "tiny_hf_backbone",
     "tiny_model_config",
     "tiny_training_config",

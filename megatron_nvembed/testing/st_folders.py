@@ -1,5 +1,6 @@
 """A tiny Qwen3-Embedding-style sentence-transformers folder (byte-level BPE tokenizer, Qwen3Model,
-last-token pooling, Normalize, prompts), built locally."""
+last-token pooling, Normalize, prompts), built locally and saved by the installed
+sentence-transformers itself; the same folder in the layout sentence-transformers 5 wrote."""
 
 from __future__ import annotations
 
@@ -71,61 +72,112 @@ QWEN3_EMBEDDING_QUERY_PROMPT = (
 """The `query` prompt Qwen3-Embedding ships in `config_sentence_transformers.json`."""
 
 
-def save_tiny_qwen3_embedding(out_dir, tokenizer_dir, seed: int = 0, max_seq_length: int = 64):
-    """A tiny random Qwen3-Embedding-style folder, laid out as that model is published: a
-    `Qwen3Model` (`tiny_hf_backbone("qwen3")`), the tokenizer files of `tokenizer_dir` (see
-    `build_qwen3_embedding_tokenizer`), and sentence-transformers modules: Transformer, Pooling
-    with `pooling_mode_lasttoken`, Normalize, and the `query` / `document` prompts.
+def save_tiny_qwen3_embedding(
+    out_dir,
+    tokenizer_dir,
+    seed: int = 0,
+    max_seq_length: int = 64,
+    pooling_mode: str = "lasttoken",
+    include_prompt: bool = True,
+):
+    """A tiny random Qwen3-Embedding-style folder, written by the installed sentence-transformers'
+    own `save()`: a `Transformer` module over a `Qwen3Model` (`tiny_hf_backbone("qwen3")`) and the
+    tokenizer of `tokenizer_dir` (see `build_qwen3_embedding_tokenizer`), a `Pooling` module
+    (`pooling_mode`, default last-token as Qwen3-Embedding's; `include_prompt`), `Normalize`, and
+    the `query` / `document` prompts with cosine similarity. The layout is thus the installed
+    version's (sentence-transformers 6: full class paths as module types, `"pooling_mode":
+    "<mode>"`); `save_tiny_qwen3_embedding_st5` rewrites it into the form version 5 wrote.
 
     Returns:
         `out_dir`.
     """
-    import json
+    import tempfile
     from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     from megatron_nvembed.checkpoint.store import copy_tokenizer_files
     from megatron_nvembed.data.tokenization import load_tokenizer
     from megatron_nvembed.testing.models import tiny_hf_backbone
 
-    out = Path(out_dir)
     vocab = len(load_tokenizer(tokenizer_dir))
-    tiny_hf_backbone("qwen3", vocab_size=vocab, seed=seed).save_pretrained(out)
-    copy_tokenizer_files(tokenizer_dir, out)
-    files = {
-        "modules.json": [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {
-                "idx": 1,
-                "name": "1",
-                "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling",
-            },
-            {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize",
-            },
-        ],
-        "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
-        "config_sentence_transformers.json": {
-            "prompts": {"query": QWEN3_EMBEDDING_QUERY_PROMPT, "document": ""},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-        "1_Pooling/config.json": {
-            "word_embedding_dimension": 64,
-            "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": False,
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-            "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": True,
-            "include_prompt": True,
-        },
-    }
-    for name, value in files.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
-    (out / "2_Normalize").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the backbone as a plain transformers folder
+        tiny_hf_backbone("qwen3", vocab_size=vocab, seed=seed).save_pretrained(tmp)
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        backbone = Transformer(tmp, max_seq_length=max_seq_length)
+        dim = backbone.get_embedding_dimension()
+        model = SentenceTransformer(
+            modules=[backbone, Pooling(dim, pooling_mode, include_prompt), Normalize()],
+            prompts={"query": QWEN3_EMBEDDING_QUERY_PROMPT, "document": ""},
+            similarity_fn_name="cosine",
+            device="cpu",
+        )
+        model.save(str(Path(out_dir)))
+    return out_dir
+
+
+ST5_POOLING_KEYS = (
+    "pooling_mode_cls_token",
+    "pooling_mode_mean_tokens",
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+    "pooling_mode_lasttoken",
+)
+"""The boolean keys of sentence-transformers 5's Pooling config, one per mode, in its order."""
+ST5_MODE_KEYS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}
+"""sentence-transformers 6's `pooling_mode` values and the version 5 key of each."""
+
+
+def rewrite_as_st5_layout(folder, max_seq_length: int = 64) -> None:
+    """Turns a folder saved by sentence-transformers 6 into the form version 5 wrote (and
+    released models such as all-MiniLM-L6-v2 carry): module types `sentence_transformers.models.
+    <Class>`, the Pooling config as `word_embedding_dimension` + one boolean per mode +
+    `include_prompt`, and `sentence_bert_config.json` as `max_seq_length` / `do_lower_case`. The
+    weights, tokenizer and prompts are left as saved."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    for module in modules:
+        module["type"] = "sentence_transformers.models." + module["type"].rsplit(".", 1)[-1]
+        if module["type"].endswith(".Pooling"):
+            path = folder / module["path"] / "config.json"
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+            st5 = {"word_embedding_dimension": cfg["embedding_dimension"]}
+            st5.update({k: ST5_MODE_KEYS[cfg["pooling_mode"]] == k for k in ST5_POOLING_KEYS})
+            st5["include_prompt"] = cfg["include_prompt"]
+            path.write_text(json.dumps(st5, indent=2), encoding="utf-8")
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
+    bert = {"max_seq_length": max_seq_length, "do_lower_case": False}
+    (folder / "sentence_bert_config.json").write_text(json.dumps(bert, indent=2), encoding="utf-8")
+
+
+def save_tiny_qwen3_embedding_st5(
+    out_dir,
+    tokenizer_dir,
+    seed: int = 0,
+    max_seq_length: int = 64,
+    pooling_mode: str = "lasttoken",
+    include_prompt: bool = True,
+):
+    """`save_tiny_qwen3_embedding` in the layout sentence-transformers 5 wrote
+    (`rewrite_as_st5_layout`): the same model, tokenizer and prompts.
+
+    Returns:
+        `out_dir`.
+    """
+    save_tiny_qwen3_embedding(
+        out_dir, tokenizer_dir, seed, max_seq_length, pooling_mode, include_prompt
+    )
+    rewrite_as_st5_layout(out_dir, max_seq_length)
     return out_dir

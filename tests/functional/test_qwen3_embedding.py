@@ -2,10 +2,12 @@
 pooled as that model is, fine-tuned with the `qwen3_embedding_8b` recipe, exported back to the
 layout sentence-transformers loads natively.
 
-A tiny random Qwen3-Embedding-style folder is built locally (`save_tiny_qwen3_embedding`: a
-`Qwen3Model`, a byte-level BPE tokenizer whose post-processor appends `<|endoftext|>` with no BOS,
-`eos_token` `<|im_end|>`, left padding, Transformer + last-token Pooling + Normalize modules and
-the `"Instruct: ...\\nQuery:"` prompt). The independent references are transformers'
+A tiny random Qwen3-Embedding-style folder is built locally and saved by the installed
+sentence-transformers' own `save()` (`save_tiny_qwen3_embedding`: a `Qwen3Model`, a byte-level BPE
+tokenizer whose post-processor appends `<|endoftext|>` with no BOS, `eos_token` `<|im_end|>`, left
+padding, Transformer + last-token Pooling + Normalize modules and the `"Instruct: ...\\nQuery:"`
+prompt; sentence-transformers 6 writes its own layout, tests/functional/test_st_layouts.py has
+both versions' forms). The independent references are transformers'
 `AutoTokenizer` / `AutoModel` (the model card's recipe: left padding, the last position's state,
 L2-normalised) and `SentenceTransformer` on the folder, neither running this package's code.
 
@@ -197,9 +199,9 @@ def test_import_reads_the_sentence_transformers_layout(run, tmp_path):
     cls = tmp_path / "cls"
     shutil.copytree(tmp / "q3e", cls)
     pooling = json.loads((cls / "1_Pooling/config.json").read_text())
-    pooling.update(pooling_mode_lasttoken=False, pooling_mode_cls_token=True)
+    pooling["pooling_mode"] = "cls"  # sentence-transformers 6's form (the folder is saved by it)
     (cls / "1_Pooling/config.json").write_text(json.dumps(pooling))
-    with pytest.raises(ValueError, match=r"1_Pooling/config\.json: pooling modes"):
+    with pytest.raises(ValueError, match=r"1_Pooling/config\.json: pooling_mode is 'cls'"):
         read_st_layout(cls)
 
 
