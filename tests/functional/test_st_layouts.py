@@ -10,7 +10,8 @@ wrote, and a released model's folder (all-MiniLM-L6-v2, shipped offline by the
 - import-hf of a mean-pooled folder saved by sentence-transformers 6 embeds queries (prompt left
   out of the average, `include_prompt` false) and documents as `SentenceTransformer.encode`
   does: max |diff| <= 1e-5 (fp32). (Last-token folders: tests/functional/test_qwen3_embedding.py,
-  whose folder is saved the same way.)
+  whose folder is saved the same way.) With `include_prompt` true sentence-transformers averages
+  the prompt too (queries differ > 1e-3), and the import warns naming the file and field.
 - The released all-MiniLM-L6-v2 folder: its layout reads as mean pooling + Normalize; import-hf
   refuses the BERT encoder in one line naming config.json and its model_type.
 - An unknown pooling mode (either form) or module type is refused in one line naming the file
@@ -22,6 +23,7 @@ Run alone: pytest tests/functional/test_st_layouts.py
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -127,34 +129,47 @@ def test_both_layouts_read_alike(folders):
         assert (got6 - got5).abs().max().item() <= 1e-6, pooling
 
 
-def test_mean_pooled_st6_folder_imports_and_embeds_as_sentence_transformers(folders):
+def test_mean_pooled_st6_folder_imports_and_embeds_as_sentence_transformers(folders, caplog):
     """import-hf of the mean-pooled folder saved by sentence-transformers 6 (prompt not pooled):
     a causal model with a normalised mean head and the prompt's template, whose embeddings
-    (`tools/embed.py`: queries given the task definition, documents none) equal
+    (queries given the task definition in that template, documents none) equal
     `SentenceTransformer.encode` of the folder (queries with `prompt_name="query"`), max |diff|
-    <= 1e-5."""
+    <= 1e-5. With `include_prompt` true sentence-transformers' queries differ (> 1e-3), and
+    reading that folder warns naming the file and field."""
     from sentence_transformers import SentenceTransformer
 
     from megatron_nvembed.checkpoint.store import read_config
+    from megatron_nvembed.conversion.import_hf import import_hf
+    from megatron_nvembed.conversion.st_layout import read_st_layout
+    from megatron_nvembed.data.templates import format_query_instruction
+    from megatron_nvembed.evaluation.encoder import load_embedder
 
-    proc = _tool("convert_checkpoint.py", "import-hf", "--hf-dir", folders / "st6_mean",
-                 "--save", folders / "ck_mean")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    import_hf(folders / "st6_mean", folders / "ck_mean")
     cfg = read_config(folders / "ck_mean")
     assert cfg.pooling.type == "mean" and cfg.pooling.normalize
     assert cfg.model.mask_type == "causal" and cfg.prompts.query_template == TEMPLATE
-    lines = [{"text": t, "instruction": DEFINITION} for t in TEXTS] + [{"text": t} for t in TEXTS]
-    (folders / "texts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = folders / "mean.npy"
-    proc = _tool("embed.py", "--load", folders / "ck_mean", "--input", folders / "texts.jsonl",
-                 "--output", out)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = torch.from_numpy(np.load(out))
+    prefix = format_query_instruction(DEFINITION, TEMPLATE)
+    assert prefix == QWEN3_EMBEDDING_QUERY_PROMPT
+    ours = load_embedder(folders / "ck_mean", show_progress=False)
     st = SentenceTransformer(str(folders / "st6_mean"), device="cpu")
     want_q = st.encode(TEXTS, prompt_name="query", convert_to_tensor=True)
     want_d = st.encode(TEXTS, convert_to_tensor=True)
-    assert (ours[: len(TEXTS)] - want_q).abs().max().item() <= TOL
-    assert (ours[len(TEXTS) :] - want_d).abs().max().item() <= TOL
+    got_q = torch.as_tensor(np.asarray(ours.embed(TEXTS, prefix)))
+    assert (got_q - want_q).abs().max() <= TOL
+    assert (torch.as_tensor(np.asarray(ours.embed(TEXTS, None))) - want_d).abs().max() <= TOL
+    # sentence-transformers' default include_prompt (true) averages the prompt too: the same
+    # weights then embed queries otherwise (> 1e-3), which the import's warning names
+    incl = folders / "st6_mean_incl"
+    shutil.copytree(folders / "st6_mean", incl)
+    pooling = json.loads((incl / "1_Pooling/config.json").read_text())
+    (incl / "1_Pooling/config.json").write_text(json.dumps(dict(pooling, include_prompt=True)))
+    st_incl = SentenceTransformer(str(incl), device="cpu")
+    assert (
+        st_incl.encode(TEXTS, prompt_name="query", convert_to_tensor=True) - got_q
+    ).abs().max() > 1e-3
+    with caplog.at_level(logging.WARNING, logger="megatron_nvembed"):
+        assert read_st_layout(incl)["pooling"] == "mean"
+    assert f"{incl / '1_Pooling/config.json'}: include_prompt is true" in caplog.text
 
 
 def test_released_minilm_layout_is_read_and_its_encoder_refused(tmp_path):
