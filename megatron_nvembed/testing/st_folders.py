@@ -117,15 +117,6 @@ def save_tiny_qwen3_embedding(
     return out_dir
 
 
-ST5_POOLING_KEYS = (
-    "pooling_mode_cls_token",
-    "pooling_mode_mean_tokens",
-    "pooling_mode_max_tokens",
-    "pooling_mode_mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens",
-    "pooling_mode_lasttoken",
-)
-"""The boolean keys of sentence-transformers 5's Pooling config, one per mode, in its order."""
 ST5_MODE_KEYS = {
     "cls": "pooling_mode_cls_token",
     "mean": "pooling_mode_mean_tokens",
@@ -134,7 +125,8 @@ ST5_MODE_KEYS = {
     "weightedmean": "pooling_mode_weightedmean_tokens",
     "lasttoken": "pooling_mode_lasttoken",
 }
-"""sentence-transformers 6's `pooling_mode` values and the version 5 key of each."""
+"""sentence-transformers 6's `pooling_mode` values and the boolean key of each in version 5's
+Pooling config (in its order)."""
 
 
 def rewrite_as_st5_layout(folder, max_seq_length: int = 64) -> None:
@@ -154,7 +146,7 @@ def rewrite_as_st5_layout(folder, max_seq_length: int = 64) -> None:
             path = folder / module["path"] / "config.json"
             cfg = json.loads(path.read_text(encoding="utf-8"))
             st5 = {"word_embedding_dimension": cfg["embedding_dimension"]}
-            st5.update({k: ST5_MODE_KEYS[cfg["pooling_mode"]] == k for k in ST5_POOLING_KEYS})
+            st5.update({k: m == cfg["pooling_mode"] for m, k in ST5_MODE_KEYS.items()})
             st5["include_prompt"] = cfg["include_prompt"]
             path.write_text(json.dumps(st5, indent=2), encoding="utf-8")
     (folder / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
