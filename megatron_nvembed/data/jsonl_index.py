@@ -15,10 +15,11 @@ restart, a resume and every other rank map it instead of reading the data again:
   line, a build id), the footer's length (uint64) and `MAGIC`. Written to a temporary file beside
   it and renamed into place (`utils.fileio.atomic_path`): a reader sees a whole index or none.
 - key: the format, the data file's resolved path, size, mtime_ns, blake2b of its first and last
-  MiB, `--skip-bad-records`, and the task table (`task_definitions.json`: task names decide which
-  records are valid). An index whose key differs (stale) or that is no index of this format (too
-  short, no end marker, an unreadable footer, a size that does not fit its record count: damaged)
-  is rebuilt, with one log line naming the index file and why; a fresh one is mapped and reused
+  MiB, `--skip-bad-records`, and the record rules (`records.RULES_VERSION`, raised when a rule
+  changes, and the task table, `task_definitions.json`: task names decide which records are
+  valid). An index whose key differs (stale) or that is no index of this format (too short, no
+  end marker, an unreadable footer, a size that does not fit its record count: damaged) is
+  rebuilt, with one log line naming the index file and why; a fresh one is mapped and reused
   (one log line too).
 - who builds: under torch.distributed, global rank 0 first, then each node's local rank 0 (for an
   index it cannot see: a node-local folder), then the other ranks, which map what is there; so
@@ -50,7 +51,12 @@ from pathlib import Path
 import numpy as np
 
 from megatron_nvembed.core.logging_utils import get_logger
-from megatron_nvembed.data.records import ReadStats, json_line_error, parse_json_line
+from megatron_nvembed.data.records import (
+    RULES_VERSION,
+    ReadStats,
+    json_line_error,
+    parse_json_line,
+)
 from megatron_nvembed.data.sources import JsonlSource, RecordValidator, progress_bar
 from megatron_nvembed.utils.fileio import atomic_path, remove_stale_temporaries
 
@@ -99,10 +105,14 @@ def _remap(path: str, build: str) -> FileIndex:
 
 @functools.cache
 def _rules() -> str:
-    """A hash of the task table (which records are valid depends on its task names)."""
+    """A hash of the record rules' version and the task table (which records are valid depends
+    on both: its task names)."""
     from megatron_nvembed.data.templates import TASK_DEFINITIONS_FILE
 
-    return hashlib.blake2b(TASK_DEFINITIONS_FILE.read_bytes(), digest_size=8).hexdigest()
+    h = hashlib.blake2b(TASK_DEFINITIONS_FILE.read_bytes(), digest_size=8)
+    if RULES_VERSION > 1:  # version 1 hashed the task table alone
+        h.update(f"record rules {RULES_VERSION}".encode())
+    return h.hexdigest()
 
 
 def file_key(data_file: Path, skip_bad_records: bool) -> dict:
@@ -139,7 +149,7 @@ def _difference(built: dict, now: dict) -> str | None:
         )
         return f"built with --skip-bad-records {was}, this run has it {now_on}"
     if built["rules"] != now["rules"]:
-        return "the task table (task_definitions.json) changed since"
+        return "the record rules or the task table (task_definitions.json) changed since"
     return None
 
 

@@ -3,8 +3,10 @@
 and line, and written atomically.
 
 One function checks a record whatever its source, `record_from_dict`; JSONL lines are decoded by
-`parse_json_line`, which refuses a key that appears twice in one object. See docs/data.md,
-"Validation".
+`parse_json_line`, which refuses a key that appears twice in one object and bytes that are not
+UTF-8. Text that UTF-8 cannot encode (a lone surrogate such as JSON's "\\ud800") is refused by
+`utf8.check_encodable`, shared with the tools' other readers (`retrieval.corpus.JsonlCorpus`).
+See docs/data.md, "Validation".
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_nvembed.data.utf8 import check_encodable, utf8_error
+
+RULES_VERSION = 2
+"""The version of the record rules; a data index records it (with the task table) in its key, so
+an index built under other rules is rebuilt. 2: texts UTF-8 cannot encode are refused."""
 
 RECORD_KEYS = (
     "query",
@@ -109,7 +117,8 @@ def parse_json_line(line: bytes | str):
     Raises:
         DuplicateKeyError: (a ValueError) an object of the line names a key twice, e.g.
             `key 'query' appears twice`.
-        ValueError: malformed JSON (`json.JSONDecodeError`) or bytes that are not UTF-8.
+        ValueError: malformed JSON (`json.JSONDecodeError`) or bytes that are not UTF-8
+            (`UnicodeDecodeError`, surrogates encoded as UTF-8 included).
     """
     if isinstance(line, bytes):
         line = line.decode("utf-8")
@@ -119,10 +128,12 @@ def parse_json_line(line: bytes | str):
 
 
 def json_line_error(where: str, err: ValueError) -> str:
-    """The message for a line `parse_json_line` refused: `{where}: key 'query' appears twice` or
-    `{where}: malformed record (...)`."""
+    """The message for a line `parse_json_line` refused: `{where}: key 'query' appears twice`,
+    `{where}: not UTF-8 text (...)` (see `utf8_error`) or `{where}: malformed record (...)`."""
     if isinstance(err, DuplicateKeyError):
         return f"{where}: {err}"
+    if isinstance(err, UnicodeDecodeError):
+        return utf8_error(where, err)
     return f"{where}: malformed record ({err})"
 
 
@@ -245,14 +256,16 @@ def record_from_dict(
     `pos` / `neg` text. `pos_ids` / `neg_ids` (document ids, each optional): lists of strings or
     integers (read as strings), one per `pos` / `neg` text. Null counts as absent for `pos`,
     `neg`, `task`, `instruction`, the scores and the ids (Parquet and pandas write missing values
-    as null).
+    as null). Every text of the record, other keys' included, must be encodable as UTF-8 (no lone
+    surrogate: `check_encodable`).
 
     Raises:
         ValueError: one message per record, naming `where`, the key and the cause:
             `{where}: missing key 'query'` (absent key), `{where}: key 'neg' must be a list of
             strings, got str` (wrong type; `..., item 2 is int` for a list item), `{where}: key
             'pos' item 0 is an empty or blank string`, `{where}: key 'task': unknown task ...`
-            (with close names), `{where}: record has no positive (...)`.
+            (with close names), `{where}: record has no positive (...)`, `{where}: key 'pos'
+            item 1 cannot be encoded as UTF-8 (lone surrogate U+D800 at character 0)`.
         MissingInstructionError: (a ValueError) `needs_instruction` and neither `task` nor
             `instruction` is present.
     """
@@ -296,6 +309,7 @@ def record_from_dict(
             raise ValueError(f"{where}: key 'task': {unknown}")
     pos_scores, neg_scores = _scores(obj, pos, neg, where)
     pos_ids, neg_ids = _ids(obj, "pos_ids", pos, where), _ids(obj, "neg_ids", neg, where)
+    check_encodable(obj, where)
     extra = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
     return Record(
         obj["query"], pos, neg, task, instruction, extra, pos_scores, neg_scores, pos_ids, neg_ids
@@ -307,7 +321,7 @@ def iter_jsonl_lines(
 ) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) of each non-blank line; errors as `iter_jsonl`."""
     stats = stats if stats is not None else ReadStats()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # decoded per line: bytes that are not UTF-8 name their line
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -329,8 +343,9 @@ def iter_jsonl_lines(
 def iter_jsonl(
     path: str | os.PathLike, *, skip_bad_records: bool = False, stats: ReadStats | None = None
 ) -> Iterator[dict]:
-    """JSON objects of a JSONL file; a malformed line is a ValueError naming file and line
-    (or, with `skip_bad_records`, skipped and counted in `stats`). Blank lines are ignored."""
+    """JSON objects of a JSONL file; a malformed line (bad JSON, a duplicated key, bytes that are
+    not UTF-8) is a ValueError naming file and line (or, with `skip_bad_records`, skipped and
+    counted in `stats`). Blank lines are ignored."""
     stats = stats if stats is not None else ReadStats()
     for _, obj in iter_jsonl_lines(path, skip_bad_records, stats):
         stats.read += 1

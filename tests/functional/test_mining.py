@@ -15,7 +15,9 @@ Proves:
   file:line and says what to add, before the teacher is loaded or anything encoded;
 - `--corpus-embeddings DIR`: a second query file mined with the same DIR encodes nothing (shard
   files untouched) and equals mining without it; a DIR made for another corpus is refused;
-- the tool: bad input is one `error:` line and exit code 2, before the model loads; SIGKILLed at a
+- the tool: bad input is one `error:` line and exit code 2, before the model loads (text that
+  cannot be encoded too: a lone surrogate or bytes that are not UTF-8, in the corpus or the
+  queries, named by file:line; skipped and counted under --skip-bad-records); SIGKILLed at a
   random moment during the corpus encoding and again during the query phase (the seed is printed;
   set MINING_KILL_SEED to repeat one; the tool halts a shard or a chunk after the one the kill
   waits for, tests/halt_after_writes.py, so the kill falls in its phase on any machine), then
@@ -320,6 +322,49 @@ def test_tool_bad_input_is_one_error_line(tmp_path, capsys):
         assert len(errors) == 1 and message in errors[0], (extra, err)
         assert "Traceback" not in err
     assert not (tmp_path / "o.jsonl.partial").exists() and not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.functional
+def test_tool_refuses_text_that_cannot_be_encoded(tmp_path, capsys):
+    """A lone surrogate (JSON "\\ud800") or bytes that are not UTF-8, in the corpus or the
+    queries: one `error:` line naming file:line (and the key), exit 2, before the model loads;
+    with --skip-bad-records such query records are skipped and counted like other bad ones."""
+    from megatron_nvembed.curation.mining import MiningOptions, count_queries
+
+    _write(tmp_path)
+    main = _tool_main()
+    base = ["--input", str(tmp_path / "q.jsonl"), "--corpus", str(tmp_path / "corpus.jsonl")]
+    base += ["--model", str(tmp_path / "no_such_model"), "--output", str(tmp_path / "o.jsonl")]
+    base += ["--no-instruction"]
+    good_q = json.dumps({"query": "q", "pos": ["p"]}).encode()
+    files = {
+        "sur_corpus.jsonl": b'{"text": "fine"}\n{"text": "x\\ud800"}\n',
+        "bytes_corpus.jsonl": b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
+        "sur_q.jsonl": b'{"query": "q", "pos": ["\\udc00"]}\n' + good_q + b"\n",
+        "bytes_q.jsonl": b'{"query": "\xff", "pos": ["p"]}\n' + good_q + b"\n",
+    }
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+    cases = [
+        (["--corpus", "sur_corpus.jsonl"], "sur_corpus.jsonl:2: key 'text' cannot be encoded as"),
+        (["--corpus", "bytes_corpus.jsonl"], "bytes_corpus.jsonl:2: not UTF-8 text (byte e9"),
+        (["--input", "sur_q.jsonl"], "sur_q.jsonl:1: key 'pos' item 0 cannot be encoded as"),
+        (["--input", "bytes_q.jsonl"], "bytes_q.jsonl:1: not UTF-8 text (byte ff"),
+        # skipped, the good record stays: the inputs pass and the model path is next
+        (["--input", "sur_q.jsonl", "--skip-bad-records"], "no_such_model"),
+    ]
+    for (flag, name, *rest), message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            raise SystemExit(main(base + [flag, str(tmp_path / name), *rest]))
+        assert exit_.value.code == 2, name
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], (name, err)
+        assert "Traceback" not in err
+    opt = MiningOptions(use_instruction=False, skip_bad_records=True)
+    for name in ("sur_q.jsonl", "bytes_q.jsonl"):
+        total, read = count_queries(tmp_path / name, opt)
+        assert (total, read.read, read.skipped) == (1, 1, 1), name
 
 
 def _kill_corpus(tmp_path: Path) -> tuple[list[str], int]:

@@ -15,6 +15,8 @@ be, and never a different dataset than reading the file itself.
   warning;
 - a bad record stops the first build naming file:line and leaves no index; `--skip-bad-records`
   counts are the same from a reused index, and switching the flag rebuilds;
+- an index built under older record rules (before text UTF-8 cannot encode was refused) is
+  rebuilt, and the record it kept is now skipped;
 - records of two files that disagree on `in_batch_negatives` give the same message from built and
   from reused indexes;
 - a pickled source carries no rows (it maps the file again).
@@ -294,6 +296,33 @@ def test_skipped_counts_are_the_same_from_a_reused_index(tmp_path, log):
     log.clear()
     load_dataset_spec(str(data), skip_bad_records=True)  # the failed build kept the old index
     assert log[0].startswith(f"data index {index}: reused")
+
+
+def test_index_built_under_older_record_rules_is_rebuilt(tmp_path, log, monkeypatch):
+    """An index of the rules before text that UTF-8 cannot encode was refused (key "rules": the
+    task table's hash alone) kept such a record; now it is stale, rebuilt, and the record is
+    skipped and counted."""
+    import hashlib
+
+    from megatron_nvembed.data import records
+    from megatron_nvembed.data.templates import TASK_DEFINITIONS_FILE
+
+    old_rules = hashlib.blake2b(TASK_DEFINITIONS_FILE.read_bytes(), digest_size=8).hexdigest()
+    assert jsonl_index._rules() != old_rules
+    data = _write(tmp_path / "a.jsonl", [ROWS[0], dict(ROWS[1], pos=["p\ud800"]), ROWS[2]])
+    index = _index(data)
+    with monkeypatch.context() as old:  # the code before the rule: no check, the old key
+        old.setattr(records, "check_encodable", lambda obj, where: None)
+        old.setattr(jsonl_index, "_rules", lambda: old_rules)
+        assert len(load_dataset_spec(str(data), skip_bad_records=True)) == 3
+    log.clear()
+    now = load_dataset_spec(str(data), skip_bad_records=True)
+    assert log[0] == (
+        f"data index {index}: building (the record rules or the task table "
+        "(task_definitions.json) changed since)"
+    )
+    assert (len(now), now.stats.skipped) == (2, 1)
+    assert now.stats.errors[0].startswith(f"{data}:2: key 'pos' item 0 cannot be encoded")
 
 
 def test_files_disagreeing_on_in_batch_negatives_same_message_built_or_reused(tmp_path):

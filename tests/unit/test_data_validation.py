@@ -11,6 +11,9 @@ one ValueError naming file:line, the key and the cause.
   (with close names), or is skipped and counted with `skip_bad_records`;
 - an explicit `instruction` makes `task` optional (and lets it be any name), and the query then
   trains with that instruction;
+- text that cannot be encoded is refused naming file:line: a lone surrogate (JSON "\\ud800") in
+  `query`, `pos`, `neg`, `instruction` or another key (naming the key and item), and a line whose
+  bytes are not UTF-8; with `skip_bad_records` both are skipped and counted, the rest trains;
 - the same rules hold for tools reading records (`iter_records`, `iter_jsonl`).
 
 Run alone: pytest tests/unit/test_data_validation.py
@@ -310,3 +313,73 @@ def test_document_ids_follow_the_sampled_texts(tmp_path):
     assert 0 not in (id_hash("7"), id_hash("n2"), id_hash("x"))
     assert source[0].to_json()["pos_ids"] == ["p1", "7"]
     assert "pos_ids" not in source[1].to_json() and source[1].to_json()["neg_ids"] == ["x"]
+
+
+# text that cannot be encoded: JSON escapes of lone surrogates, bytes that are not UTF-8
+
+SURROGATE = "\ud800"  # json.dumps writes it as the escape "\ud800": the line itself is ASCII
+
+
+@pytest.mark.parametrize(
+    "row, key",
+    [
+        (dict(GOOD, task="SQuAD", query="what is " + SURROGATE), "key 'query'"),
+        (dict(GOOD, task="SQuAD", pos=["fine", SURROGATE + "x"]), "key 'pos' item 1"),
+        (dict(GOOD, task="SQuAD", neg=["x\udfff"]), "key 'neg' item 0"),
+        (dict(GOOD, instruction="Given a " + SURROGATE), "key 'instruction'"),
+        (dict(GOOD, task="SQuAD", id=SURROGATE), "key 'id'"),  # kept and written back
+    ],
+)
+def test_text_utf8_cannot_encode_is_refused_at_open(tmp_path, row, key):
+    """A lone surrogate stops the open (before any batch) naming file:line and the key, in the
+    trainer's loader and the tools' reader alike."""
+    line = json.dumps(row)
+    assert line.isascii() and "\\ud" in line
+    path = _write(tmp_path / "u.jsonl", line)
+    msg = _open_error(path, f"{key} cannot be encoded as UTF-8 (lone surrogate U+D")
+    assert "\n" not in msg and msg.isascii(), msg  # one printable line
+    with pytest.raises(ValueError, match=rf"u.jsonl:3: {key} cannot be encoded as UTF-8"):
+        list(iter_records(path))
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (b"\xff", "not UTF-8 text (byte ff at byte 14 of the line: invalid start byte)"),
+        (b"\xed\xa0\x80", "not UTF-8 text (byte ed at byte 14 of the line: invalid continuation"),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_refused_naming_the_line(tmp_path, bad, needle):
+    """Invalid bytes (and a surrogate encoded as UTF-8) in a line: an error naming file:line, from
+    the index build, the tools' record reader and the raw-row reader (which read text before)."""
+    path = tmp_path / "b.jsonl"
+    line = b'{"query": "caf' + bad + b'", "pos": ["p"], "task": "SQuAD"}'
+    path.write_bytes(b"\n".join([GOOD_LINE.encode()] * 2 + [line, GOOD_LINE.encode()]) + b"\n")
+    _open_error(path, needle)
+    for read in (iter_records, iter_jsonl):
+        with pytest.raises(ValueError, match=rf"b.jsonl:3: {needle[:12]}"):
+            list(read(path))
+
+
+def test_text_that_cannot_be_encoded_is_skipped_and_counted(tmp_path):
+    """With skip_bad_records both kinds are skipped and counted; the other records train."""
+    path = tmp_path / "mixed.jsonl"
+    lines = [
+        GOOD_LINE.encode(),
+        json.dumps(dict(GOOD, task="SQuAD", neg=["x" + SURROGATE])).encode(),
+        b'{"query": "\xc3", "pos": ["p"], "task": "SQuAD"}',
+        json.dumps(dict(GOOD, task="SQuAD", query="caf\u00e9 \U0001f600")).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    data = build_train_data(
+        [str(path)], None, skip_bad_records=True, global_batch_size=2, micro_batch_size=1
+    )
+    (source,) = data.sources
+    assert (source.stats.read, source.stats.skipped) == (2, 2)
+    assert [r.query for r in source] == [GOOD["query"], "caf\u00e9 \U0001f600"]
+    errors = source.stats.errors
+    assert errors[0].startswith(f"{path}:2: key 'neg' item 0 cannot be encoded as UTF-8"), errors
+    assert errors[1].startswith(f"{path}:3: not UTF-8 text"), errors
+    stats = ReadStats()
+    assert len(list(iter_records(path, skip_bad_records=True, stats=stats))) == 2
+    assert (stats.read, stats.skipped) == (2, 2)
