@@ -5,7 +5,9 @@ file:line before anything is encoded; bytes that are not UTF-8 and text UTF-8 ca
 lone surrogate such as JSON's "\\ud800", are refused as training records are:
 `data.utf8.check_encodable`) and only its byte range is kept (16 bytes a row). Rows are
 then read back by range (`rows(lo, hi)`, one seek) or one at a time (`row(i)`), so encoding and
-mining hold one shard of texts at a time, never the corpus.
+mining hold one shard of texts at a time, never the corpus. With `unique_ids` a duplicated id is
+refused, naming the first two lines holding it (the scan keeps an 8-byte hash a row, not the ids;
+rows whose hashes collide are read back and compared).
 
 A `parse(obj, where)` function turns a line's object into a `CorpusRow`; the three formats the
 tools read are here: `mining_row` (`{"text", "id"?}`), `beir_row` (`{"_id", "title"?, "text"}`)
@@ -95,6 +97,7 @@ class JsonlCorpus:
         parse: Callable[[dict, str], CorpusRow],
         *,
         on_row: Callable[[int, CorpusRow], None] | None = None,
+        unique_ids: bool = False,
     ):
         """Scans `path`.
 
@@ -102,10 +105,12 @@ class JsonlCorpus:
             parse: `(object, "file:line") -> CorpusRow`; raises ValueError naming `where`.
             on_row: called with (row index, row) for every row during the scan (e.g. to check
                 ids against qrels without keeping them).
+            unique_ids: refuse an id (`CorpusRow.id`, rows without one aside) held by two rows.
 
         Raises:
             FileNotFoundError: naming the file.
-            ValueError: naming file:line of a malformed line (see the module doc).
+            ValueError: naming file:line of a malformed line (see the module doc); with
+                `unique_ids`, `{path}: id 'd1' on lines 2 and 7 (ids must be unique)`.
         """
         self.path = Path(path)
         self.parse = parse
@@ -114,6 +119,7 @@ class JsonlCorpus:
         start = time.perf_counter()
         # 8 bytes a row each while scanning (a list of Python ints would take 36)
         starts, ends = array("q"), array("q")
+        hashes = array("q") if unique_ids else None
         self.num_with_id = 0
         pos = 0
         with open(self.path, "rb") as f:
@@ -134,6 +140,8 @@ class JsonlCorpus:
                         self.num_with_id += 1
                     if on_row is not None:
                         on_row(len(starts), row)
+                    if hashes is not None:
+                        hashes.append(hash(row.id))
                     starts.append(pos)
                     ends.append(pos + len(line))
                 pos += len(line)
@@ -141,8 +149,54 @@ class JsonlCorpus:
         self._end = np.frombuffer(ends, dtype=np.int64)
         stat = self.path.stat()
         self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
-        self.scan_seconds = time.perf_counter() - start
         self._fd: int | None = None  # opened on the first read, reused (pread: no seek state)
+        if hashes is not None:
+            self._refuse_duplicated_ids(np.frombuffer(hashes, dtype=np.int64))
+        self.scan_seconds = time.perf_counter() - start
+
+    def _refuse_duplicated_ids(self, hashes: np.ndarray) -> None:
+        """Raises ValueError naming the id whose second row comes first in the file and its first
+        two lines, when two rows hold one id (rows with equal hashes are read back, compared)."""
+        order = np.argsort(hashes, kind="stable")  # equal hashes: rows in file order
+        sorted_hashes = hashes[order]
+        same = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])
+        if len(same) == 0:
+            return
+        groups: dict[int, list[int]] = {}
+        for j in same:
+            groups.setdefault(int(sorted_hashes[j]), []).extend((int(order[j]), int(order[j + 1])))
+        best: tuple[int, int, str] | None = None  # (second row, first row, id)
+        for rows in sorted((sorted(set(g)) for g in groups.values()), key=lambda g: g[1]):
+            if best is not None and rows[1] >= best[0]:
+                break  # no later group can hold an earlier second row
+            first: dict[str, int] = {}
+            for r in rows:
+                i = self.row(r).id
+                if i is None:
+                    continue
+                if i in first:
+                    if best is None or r < best[0]:
+                        best = (r, first[i], i)
+                    break
+                first[i] = r
+        if best is None:
+            return  # hash collisions only
+        second, first_row, i = best
+        a, b = self._line_numbers([first_row, second])
+        raise ValueError(f"{self.path}: id {i!r} on lines {a} and {b} (ids must be unique)")
+
+    def _line_numbers(self, rows: list[int]) -> list[int]:
+        """1-based line numbers of `rows` (ascending), counting the newlines before each."""
+        out, count, pos = [], 0, 0
+        with open(self.path, "rb") as f:
+            for r in rows:
+                target = int(self._start[r])
+                while pos < target:
+                    chunk = f.read(min(1 << 20, target - pos))
+                    count += chunk.count(b"\n")
+                    pos += len(chunk)
+                out.append(count + 1)
+        return out
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:

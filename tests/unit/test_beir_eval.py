@@ -1,8 +1,11 @@
 """Local BEIR-format evaluation, the pure parts.
 
 - Loader: `open_beir` keeps queries and qrels, the corpus stays on disk (read back by row);
-  `load_beir` reads it all; errors name the file and line (a qrels corpus-id missing from the
-  corpus: the qrels line; a malformed corpus line: corpus.jsonl:line).
+  `load_beir` reads it all; errors name the file and line (a malformed corpus line:
+  corpus.jsonl:line; every qrels error: test.tsv:line, its header included); a duplicated id in
+  corpus.jsonl / queries.jsonl and a duplicated qrels pair are refused naming both lines; qrels
+  naming missing queries or documents give one warning with the counts and are scored as MTEB
+  scores them (nDCG / recall by hand, and through pytrec_eval, 1e-9).
 - Metrics: nDCG / recall / MRR equal hand-computed values (1e-12) on a small graded example;
   `ranking_metrics` of the ranked ids that an exact top-k search returns equals
   `retrieval_metrics` of the dense score matrix and a brute-force reference written here (1e-12),
@@ -16,6 +19,7 @@ Run alone: pytest tests/unit/test_beir_eval.py
 """
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -24,6 +28,7 @@ import pytest
 from megatron_nvembed.evaluation.beir import load_beir, open_beir
 from megatron_nvembed.evaluation.metrics import ranking_metrics, retrieval_metrics, score_margins
 from megatron_nvembed.evaluation.retrieval_eval import evaluate_beir, evaluate_embeddings
+from megatron_nvembed.retrieval.corpus import JsonlCorpus, beir_row
 from megatron_nvembed.retrieval.search import search
 
 KS = (1, 3, 10, 50)
@@ -39,7 +44,7 @@ def _write(tmp_path, qrels="query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t1\nq2
         {"_id": "q3", "text": "unjudged"},
     ]
     (tmp_path / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
-    (tmp_path / "qrels" / "test.tsv").write_text(qrels)
+    (tmp_path / "qrels" / "test.tsv").write_text(qrels, encoding="utf-8")
 
 
 def test_metrics_hand_computed():
@@ -89,16 +94,161 @@ def test_loader_and_end_to_end(tmp_path):
 
 
 def test_loader_errors(tmp_path):
-    _write(tmp_path, qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\nq2\td9\t1\n")
-    with pytest.raises(ValueError, match=r"test.tsv:3: corpus-id 'd9' not in corpus"):
-        load_beir(tmp_path)
+    _write(tmp_path)
     with pytest.raises(FileNotFoundError, match="dev.tsv"):
         load_beir(tmp_path, split="dev")
-    _write(tmp_path)
     with open(tmp_path / "corpus.jsonl", "a") as f:
         f.write("\n{not json\n")
     with pytest.raises(ValueError, match=r"corpus.jsonl:5: malformed JSON"):
         open_beir(tmp_path)
+
+
+def _jsonl(path, ids):
+    """One `{"_id", "text"}` line per id; None: a blank line (it counts in the line numbers)."""
+    path.write_text(
+        "".join("\n" if i is None else json.dumps({"_id": i, "text": i}) + "\n" for i in ids)
+    )
+
+
+def test_duplicated_ids_refused_naming_the_first_two_lines(tmp_path):
+    _write(tmp_path)
+    # d2 on lines 2, 5 and 6: the first two are named
+    _jsonl(tmp_path / "corpus.jsonl", ["d1", "d2", None, "d3", "d2", "d2"])
+    with pytest.raises(ValueError) as err:
+        open_beir(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path / 'corpus.jsonl'}: id 'd2' on lines 2 and 5 (ids must be unique)"
+    )
+    # two duplicated ids: the one whose second line comes first (d3: 3 and 4; d1: 1 and 5);
+    # an integer _id is the string MTEB reads ("7" and 7 are one id)
+    _jsonl(tmp_path / "corpus.jsonl", ["d1", "d2", "d3", "d3", "d1"])
+    with pytest.raises(ValueError, match=r"corpus.jsonl: id 'd3' on lines 3 and 4 \("):
+        open_beir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "7", "text": "a"}\n{"_id": 7, "text": "b"}\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl: id '7' on lines 1 and 2 \("):
+        open_beir(tmp_path)
+    _write(tmp_path)
+    _jsonl(tmp_path / "queries.jsonl", ["q1", "q2", "q1"])
+    with pytest.raises(ValueError, match=r"queries.jsonl: id 'q1' on lines 1 and 3 \("):
+        open_beir(tmp_path)
+
+
+QRELS_HEAD = "query-id\tcorpus-id\tscore\n"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            QRELS_HEAD + "q1\td1\t2\nq2\td2\t1\nq1\td1\t1\n",
+            r"test.tsv: query-id 'q1' and corpus-id 'd1' on lines 2 and 4 \(a pair is judged once\)",
+        ),
+        (
+            QRELS_HEAD + "q1\td1\t1\nq2\td2\xff\t1\n",
+            r"test.tsv:3: not UTF-8 text \(byte ff at byte 5",
+        ),
+        (
+            QRELS_HEAD + "q1\td1\t1\nq2\td2\n",
+            r"test.tsv:3: expected 3 tab-separated fields .* found 2",
+        ),
+        (QRELS_HEAD + "q1\td1\t1\t0\n", r"test.tsv:2: expected 3 tab-separated fields .* found 4"),
+        (QRELS_HEAD + "q1\td1\t1\nq2\td2\thigh\n", r"test.tsv:3: score 'high' is not an integer"),
+        (QRELS_HEAD + "q1\td1\t1.5\n", r"test.tsv:2: score '1.5' is not an integer"),
+        (QRELS_HEAD + "q1\t\t1\n", r"test.tsv:2: empty corpus-id"),
+        (
+            "q1\td1\t1\n",
+            r"test.tsv:1: expected the header 'query-id\\tcorpus-id\\tscore'.*found 'q1",
+        ),
+        ("qid\tdid\tscore\nq1\td1\t1\n", r"test.tsv:1: expected the header .*found 'qid"),
+        (
+            "\xff\n",
+            r"test.tsv:1: not UTF-8 text \(byte ff at byte 0",
+        ),
+        ("", r"test.tsv:1: empty \(expected the header"),
+    ],
+    ids=[
+        "duplicated pair",
+        "not utf-8",
+        "2 fields",
+        "4 fields",
+        "word score",
+        "float score",
+        "empty id",
+        "no header",
+        "other header",
+        "not utf-8 header",
+        "empty file",
+    ],
+)
+def test_qrels_errors_name_file_and_line(tmp_path, body, message):
+    _write(tmp_path)
+    (tmp_path / "qrels" / "test.tsv").write_bytes(body.encode("latin-1"))
+    with pytest.raises(ValueError, match=message):
+        open_beir(tmp_path)
+
+
+def test_qrels_with_bom_crlf_and_blank_lines_read(tmp_path):
+    qrels = "\ufeffquery-id\tcorpus-id\tscore\r\nq1\td1\t2\r\n\nq2\td2\t1\r\n"
+    _write(tmp_path, qrels=qrels)
+    assert open_beir(tmp_path).qrels == {"q1": {"d1": 2}, "q2": {"d2": 1}}
+
+
+def test_qrels_naming_missing_queries_and_documents_warned_once(tmp_path, caplog):
+    qrels = QRELS_HEAD + "q1\td1\t2\nq1\td9\t1\nq9\td1\t1\nq9\td2\t1\nq8\td9\t1\nq2\td2\t1\n"
+    _write(tmp_path, qrels=qrels)
+    with caplog.at_level(logging.WARNING, logger="megatron_nvembed"):
+        data = open_beir(tmp_path)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert msg.startswith(f"{tmp_path / 'qrels' / 'test.tsv'}: ")
+    # q9 (lines 4, 5) and q8 (line 6): 3 lines, 2 queries; d9 (lines 3, 6): 2 lines, 1 document
+    assert "3 line(s) name 2 query-id(s) not in queries.jsonl (first 'q9', line 4)" in msg
+    assert "2 line(s) name 1 corpus-id(s) not in corpus.jsonl (first 'd9', line 3)" in msg
+    assert "\n" not in msg
+    # missing queries are not scored; the missing document stays judged
+    assert data.query_ids == ["q1", "q2"]
+    assert data.qrels == {"q1": {"d1": 2, "d9": 1}, "q2": {"d2": 1}}
+    caplog.clear()
+    _write(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="megatron_nvembed"):
+        open_beir(tmp_path)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_missing_query_and_document_scored_as_mteb_scores_them(tmp_path):
+    """MTEB searches only the queries it has (those with judgements) and pytrec_eval scores only
+    queries present in both the run and the qrels: a judged query missing from queries.jsonl is
+    left out of the average; a judged document missing from the corpus counts in its query's
+    ideal DCG and recall denominator, never retrieved. Expected values by hand (1e-9)."""
+    qrels = QRELS_HEAD + "q1\td1\t2\nq1\td3\t1\nq1\td9\t1\nq9\td1\t1\nq2\td2\t1\n"
+    _write(tmp_path, qrels=qrels)
+    table = {
+        "query one": [1, 0, 0],
+        "query two": [0, 1, 0],
+        "T doc 1": [1, 0, 0],
+        "doc 2": [0, 1, 0],
+        "doc 3": [0.6, 0, 0.8],
+    }
+    m = evaluate_beir(lambda texts, _: np.array([table[t] for t in texts]), tmp_path, ks=(1, 10))
+    # q1 ranks d1 (gain 2), d3 (1), d2 (0); its ideal is d1, d3, d9 (2, 1, 1). q2: d2 first.
+    # q9 (not in queries.jsonl) is not scored: the mean is over q1 and q2.
+    dcg = 2 / math.log2(2) + 1 / math.log2(3)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
+    assert abs(m["ndcg_at_10"] - (dcg / idcg + 1.0) / 2) <= 1e-9
+    assert abs(m["ndcg_at_1"] - (1.0 + 1.0) / 2) <= 1e-9
+    assert abs(m["recall_at_10"] - (2 / 3 + 1.0) / 2) <= 1e-9
+    assert abs(m["recall_at_1"] - (1 / 3 + 1.0) / 2) <= 1e-9
+    try:  # the same through pytrec_eval, as MTEB calls it: all qrels, the run of searched queries
+        import pytrec_eval
+    except ImportError:
+        return
+    full = {"q1": {"d1": 2, "d3": 1, "d9": 1}, "q9": {"d1": 1}, "q2": {"d2": 1}}
+    run = {"q1": {"d1": 1.0, "d3": 0.6, "d2": 0.0}, "q2": {"d2": 1.0, "d1": 0.0, "d3": 0.0}}
+    per_query = pytrec_eval.RelevanceEvaluator(full, {"ndcg_cut.10"}).evaluate(run)
+    assert sorted(per_query) == ["q1", "q2"]
+    expected = float(np.mean([v["ndcg_cut_10"] for v in per_query.values()]))
+    assert abs(m["ndcg_at_10"] - expected) <= 1e-9
 
 
 def _reference_metrics(scores, query_ids, corpus_ids, qrels, ks):
@@ -240,3 +390,14 @@ def test_ranking_metrics_equal_pytrec_eval():
         rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
         expected = float(np.mean([rr[q]["recip_rank"] if q in rr else 0.0 for q in scored]))
         assert ours[f"mrr_at_{k}"] == pytest.approx(expected, abs=1e-12), k
+
+
+def test_equal_id_hashes_of_different_ids_are_not_duplicates(tmp_path):
+    """The scan keeps one hash a row; rows whose hashes are equal are read back and compared, so
+    a hash collision alone refuses nothing (forced here by handing the check equal hashes)."""
+    path = tmp_path / "c.jsonl"
+    _jsonl(path, ["a", "b", None, "c", "b"])
+    corpus = JsonlCorpus(path, beir_row)
+    corpus._refuse_duplicated_ids(np.array([7, 3, 7, 9], dtype=np.int64))  # a, c collide
+    with pytest.raises(ValueError, match=r"c.jsonl: id 'b' on lines 2 and 5 \("):
+        corpus._refuse_duplicated_ids(np.array([7, 3, 7, 3], dtype=np.int64))
