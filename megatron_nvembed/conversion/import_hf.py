@@ -83,6 +83,8 @@ def _import_worker(
         if name in new_head:
             return new_head[name]
         tensor = hf_parameter(state, cfg, tp_rank, sources[name])
+        # The source's shapes were checked against its config before any process started
+        # (`_read_source`); this guards the map and the TP sharding themselves.
         if tensor.shape != params[name].shape:
             raise ValueError(
                 f"shape mismatch for {name!r}: model {tuple(params[name].shape)}, "
