@@ -8,6 +8,7 @@ Proves, on a tiny Mistral folder (`save_tiny_hf_decoder`: 2 layers, hidden 64, 4
   naming config.json and the field, nothing written (also through the CLI: exit 2, one `error:`
   line); a missing layer, a missing key, a vocab_size / intermediate_size the tensors do not
   have; a safetensors header claiming more bytes than the file holds;
+- a sharded source: an index naming a key its shard lacks, or lacking a key the config needs;
 - tokenizer.json: invalid JSON, JSON the `tokenizers` library cannot load, and a vocabulary
   (added tokens included) larger than the embedding's rows.
 
@@ -206,3 +207,22 @@ def test_tokenizer_json_checked(src):
 def test_the_untouched_source_passes(src):
     cfg, has_head, prefix = _read_source(src)
     assert (cfg.model.num_layers, has_head, prefix) == (2, False, "model.")
+
+
+def test_sharded_index_checked_against_its_shards(src):
+    from safetensors import safe_open
+
+    shard = src / "model-00001-of-00001.safetensors"
+    (src / "model.safetensors").rename(shard)
+    with safe_open(str(shard), framework="pt") as f:
+        weight_map = {k: shard.name for k in f.keys()}
+    index = src / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {**weight_map, "model.extra": shard.name}}))
+    assert _refusal(src) == (
+        f"{index}: weight_map names 'model.extra' in {shard.name}, which lacks it"
+    )
+    del weight_map["model.layers.1.self_attn.o_proj.weight"]
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    assert _refusal(src) == (
+        f"{index}: missing key 'model.layers.1.self_attn.o_proj.weight' (expected shape (64, 64))"
+    )
