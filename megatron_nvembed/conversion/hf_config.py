@@ -130,24 +130,59 @@ def model_config_from_hf(text: dict, where: str) -> ModelConfig:
         )
     arch = _ARCHITECTURE[mtype]
     _refuse_unsupported(text, arch, where)
-    try:
-        heads = text["num_attention_heads"]
-        hidden = text["hidden_size"]
-        return ModelConfig(
-            vocab_size=text["vocab_size"],
-            hidden_size=hidden,
-            ffn_hidden_size=text["intermediate_size"],
-            num_layers=text["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_query_groups=text.get("num_key_value_heads") or heads,
-            kv_channels=text.get("head_dim") or hidden // heads,
-            **_rope_settings(text, where),
-            norm_epsilon=text.get("rms_norm_eps", 1e-5),
-            add_qkv_bias=arch == "qwen2",
-            qk_layernorm=arch == "qwen3",
+    for key in _REQUIRED_SIZES:
+        if key not in text:
+            raise ValueError(f"{where}: missing key {key!r}")
+    check_sizes(text, _REQUIRED_SIZES + _OPTIONAL_SIZES, where)
+    heads, hidden = text["num_attention_heads"], text["hidden_size"]
+    groups = text.get("num_key_value_heads") or heads
+    if not text.get("head_dim") and hidden % heads:
+        raise ValueError(
+            f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+            "(and no head_dim is given)"
         )
-    except KeyError as err:
-        raise ValueError(f"{where}: missing key {err.args[0]!r}") from err
+    if heads % groups:
+        raise ValueError(
+            f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {groups}"
+        )
+    return ModelConfig(
+        vocab_size=text["vocab_size"],
+        hidden_size=hidden,
+        ffn_hidden_size=text["intermediate_size"],
+        num_layers=text["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=text.get("head_dim") or hidden // heads,
+        **_rope_settings(text, where),
+        norm_epsilon=text.get("rms_norm_eps", 1e-5),
+        add_qkv_bias=arch == "qwen2",
+        qk_layernorm=arch == "qwen3",
+    )
+
+
+_REQUIRED_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")  # absent or null: derived
+_HEAD_SIZES = ("num_latents_value", "num_cross_heads", "cross_dim_head", "ff_mult")
+
+
+def check_sizes(section: dict, keys: tuple[str, ...], where: str) -> None:
+    """Each of `keys` present in `section` (and not null) is a positive integer.
+
+    Raises:
+        ValueError: one line naming `where` (the file) and the key.
+    """
+    for key in keys:
+        value = section.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
 
 
 def config_from_hf_dir(hf_dir: str | Path) -> tuple[EmbeddingModelConfig, bool, str]:
@@ -172,6 +207,9 @@ def config_from_hf_dir(hf_dir: str | Path) -> tuple[EmbeddingModelConfig, bool, 
         text = dict(text, model_type=text.get("model_type", "mistral"))
         model = model_config_from_hf(text, f"{path} (text_config)")
         la = raw.get("latent_attention_config") or {}
+        if not isinstance(la, dict):
+            raise ValueError(f"{path}: latent_attention_config must be an object, got {la!r}")
+        check_sizes(la, _HEAD_SIZES, f"{path} (latent_attention_config)")
         d = model.hidden_size
         pooling = PoolingConfig(
             type=la.get("pooling_type", "latent"),

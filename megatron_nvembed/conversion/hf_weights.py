@@ -32,6 +32,7 @@ class LazyHFState(Mapping):
         self._bin: dict[str, torch.Tensor] | None = None
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
+        self.source = index if index.is_file() else single  # named in messages
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -43,11 +44,9 @@ class LazyHFState(Mapping):
                 if not f.is_file():
                     raise FileNotFoundError(f"{f}: shard named in {index} is missing")
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                self._where = {k: single for k in f.keys()}
+            self._where = {k: single for k in safetensors_header(single)}
         elif (self.dir / "pytorch_model.bin").is_file():
+            self.source = self.dir / "pytorch_model.bin"
             self._bin = torch.load(
                 self.dir / "pytorch_model.bin", map_location="cpu", weights_only=True
             )
@@ -70,8 +69,98 @@ class LazyHFState(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self._bin if self._bin is not None else self._where)
 
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], Path]]:
+        """key -> (shape, the file holding it), from the safetensors files' headers (no tensor
+        data is read; a `pytorch_model.bin` is already loaded, its tensors give theirs).
+
+        Raises:
+            ValueError: naming the file (and key) whose header is not a safetensors header or
+                whose byte ranges lie outside the file; a key the index names that its shard
+                lacks, naming the index and the key.
+        """
+        if self._bin is not None:
+            name = self.dir / "pytorch_model.bin"
+            return {k: (tuple(t.shape), name) for k, t in self._bin.items()}
+        headers = {f: safetensors_header(f) for f in set(self._where.values())}
+        out = {}
+        for key, f in self._where.items():
+            if key not in headers[f]:
+                index = self.dir / "model.safetensors.index.json"
+                raise ValueError(f"{index}: weight_map names {key!r} in {f.name}, which lacks it")
+            out[key] = (headers[f][key], f)
+        return out
+
     def __len__(self) -> int:
         return len(self._bin if self._bin is not None else self._where)
+
+
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape from a safetensors file's header, reading only the header; each tensor's
+    byte range is checked against its shape, dtype and the file's size, so a header cannot
+    claim tensors the file does not hold.
+
+    Raises:
+        ValueError: one line naming the file (and the key) at fault.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(
+                f"{path}: not a safetensors file (shorter than its 8-byte header size)"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: header size {n} exceeds the file's {size} bytes")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: safetensors header is not JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    data = size - 8 - n
+    out = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape, dtype, (begin, end) = entry["shape"], entry["dtype"], entry["data_offsets"]
+            ok = all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok or dtype not in _ST_ITEMSIZE or not isinstance(begin, int):
+            raise ValueError(f"{path}: header entry {key!r} is not a safetensors tensor entry")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not (isinstance(end, int) and 0 <= begin <= end <= data) or (
+            end - begin != numel * _ST_ITEMSIZE[dtype]
+        ):
+            raise ValueError(
+                f"{path}: {key!r} of shape {shape} ({dtype}) has byte range [{begin}, {end}] "
+                f"that does not match its size or lies outside the file's {data} data bytes"
+            )
+        out[key] = tuple(shape)
+    return out
 
 
 def backbone_prefix(state: Mapping, hf_dir: Path, default: str) -> str:

@@ -83,6 +83,8 @@ def _import_worker(
         if name in new_head:
             return new_head[name]
         tensor = hf_parameter(state, cfg, tp_rank, sources[name])
+        # The source's shapes were checked against its config before any process started
+        # (`_read_source`); this guards the map and the TP sharding themselves.
         if tensor.shape != params[name].shape:
             raise ValueError(
                 f"shape mismatch for {name!r}: model {tuple(params[name].shape)}, "
@@ -111,22 +113,67 @@ def _new_head(model, cfg: EmbeddingModelConfig, pg, seed: int, dtype) -> dict:
 
 def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
     """The source's model config, whether it has a pooling head, and its backbone's key prefix;
-    its weight files and tokenizer.json are checked before any process starts.
+    its config, weight files and tokenizer.json are checked against each other before any
+    process starts or anything is allocated: config.json's sizes (positive integers, heads
+    dividing the width) against every tensor's shape in the weight files' headers
+    (`hf_mapping.check_hf_shapes`), and the tokenizer's vocabulary against the embedding's rows
+    (`_check_tokenizer`).
 
     Raises:
-        FileNotFoundError / ValueError / KeyError: naming the file or key at fault.
+        FileNotFoundError / ValueError / KeyError: one line naming the file and the field or key
+            at fault.
     """
     from megatron_nvembed.conversion.hf_config import config_from_hf_dir
+    from megatron_nvembed.conversion.hf_mapping import check_hf_shapes
 
     cfg, has_head, prefix = config_from_hf_dir(hf_dir)
     state = LazyHFState(hf_dir)  # validates files before any process starts
     prefix = backbone_prefix(state, hf_dir, prefix)
-    if not (hf_dir / "tokenizer.json").is_file():
+    shapes = state.shapes()
+    check_hf_shapes(
+        cfg,
+        shapes,
+        config_file=hf_dir / "config.json",
+        weights_file=state.source,
+        backbone_prefix=prefix,
+        include_head=has_head,
+    )
+    _check_tokenizer(hf_dir / "tokenizer.json", shapes[f"{prefix}embed_tokens.weight"][0][0])
+    return cfg, has_head, prefix
+
+
+def _check_tokenizer(path: Path, rows: int) -> None:
+    """`path` (tokenizer.json) is a tokenizer the `tokenizers` library loads, and its largest
+    token id (added tokens included) indexes one of the embedding's `rows`.
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming `path`.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
         raise FileNotFoundError(
-            f"{hf_dir / 'tokenizer.json'}: missing; the tokenizer is read from its tokenizer.json "
+            f"{path}: missing; the tokenizer is read from its tokenizer.json "
             "(the fast tokenizer file published with Mistral / Llama models)"
         )
-    return cfg, has_head, prefix
+    try:
+        json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from err
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # the library's own error type is a plain Exception
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a tokenizer the tokenizers library loads ({first})") from err
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    size = max(ids, default=-1) + 1
+    if size > rows:
+        raise ValueError(
+            f"{path}: vocabulary of {size} tokens (largest id {size - 1}, added tokens included) "
+            f"exceeds the embedding's {rows} rows (embed_tokens.weight)"
+        )
 
 
 def _source_dtype(hf_dir: Path, prefix: str) -> str:

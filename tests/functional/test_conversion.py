@@ -7,8 +7,8 @@ Proves:
 - the exported directory loads offline with `AutoModel.from_pretrained(trust_remote_code=True)`
   and its `encode(texts, instruction=...)` equals the plain transformers reference (fp32, 1e-5),
   and so does `SentenceTransformer(..., trust_remote_code=True).encode(texts, prompt=...)`;
-- bad input (unknown architecture, missing shard, missing tokenizer) raises an error naming the
-  file, and a failed conversion leaves no output directory;
+- bad input (unknown architecture, missing shard, missing tokenizer, a tensor shape the config
+  does not give) raises an error naming the file, and a failed conversion leaves no output directory;
 - output folders: import-hf, export-hf and merge-lora (CLI `main`, in process) refuse an existing
   non-empty output without --overwrite (exit 2, one `error:` line naming the flag and path, the
   user's file untouched), and always refuse an output that is the source, lies inside it or
@@ -176,13 +176,14 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, tokenizer):
     (notok / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         import_hf(notok, tmp_path / "out3")
-    # a failure inside the workers (a tensor of the wrong shape) leaves no output behind
+    # a tensor of the wrong shape: refused from the weight file's header, before any process
+    # (test_import_sizes.py has the other size checks)
     wrong = tmp_path / "wrong"
     shutil.copytree(src, wrong)
     cfg = json.loads((wrong / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (wrong / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="shape mismatch"):
+    with pytest.raises(ValueError, match=r"model.safetensors: .*config.json gives .*intermediate"):
         import_hf(wrong, tmp_path / "out4")
     for name in ("out1", "out2", "out3", "out4"):
         assert not (tmp_path / name).exists()

@@ -150,7 +150,9 @@ def test_weight_map_round_trip_is_bit_exact(kind, tp, pp):
 def test_config_keys_are_read():
     from transformers import Qwen2Config, Qwen3Config
 
-    q2 = model_config_from_hf(Qwen2Config(hidden_size=64, num_attention_heads=4).to_dict(), "c")
+    q2 = model_config_from_hf(
+        Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to_dict(), "c"
+    )
     assert (q2.add_qkv_bias, q2.qk_layernorm, q2.kv_channels) == (True, False, 16)
     q3 = tiny_hf_backbone("qwen3").config.to_dict()
     assert "rope_theta" not in q3 and q3["rope_parameters"]["rope_theta"] == 1e6  # transformers 5
