@@ -116,7 +116,7 @@ def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
     its config, weight files and tokenizer.json are checked against each other before any
     process starts or anything is allocated: config.json's sizes (positive integers, heads
     dividing the width) against every tensor's shape in the weight files' headers
-    (`hf_mapping.check_hf_shapes`), and the tokenizer's vocabulary against the embedding's rows
+    (`hf_shapes.check_hf_shapes`), and the tokenizer's vocabulary against the embedding's rows
     (`_check_tokenizer`).
 
     Raises:
@@ -124,7 +124,7 @@ def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
             at fault.
     """
     from megatron_nvembed.conversion.hf_config import config_from_hf_dir
-    from megatron_nvembed.conversion.hf_mapping import check_hf_shapes
+    from megatron_nvembed.conversion.hf_shapes import check_hf_shapes
 
     cfg, has_head, prefix = config_from_hf_dir(hf_dir)
     state = LazyHFState(hf_dir)  # validates files before any process starts
