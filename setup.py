@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "einops>=0.7",
     "tqdm>=4.60",
+    # manifests: sizes and XXH3-128 checksums of checkpoint and embedding shards
+    "xxhash>=3.0",
 ]
 
 # One extra per optional tool or feature (README "Install" says which tool needs which).
