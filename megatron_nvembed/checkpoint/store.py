@@ -42,6 +42,7 @@ from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_TRACKER_MAX_BYTES = 64
 CONFIG_FILE = "nvembed_config.json"
 TOKENIZER_DIR = "tokenizer"
 # The files that define a tokenizer. They travel byte for byte from the imported model through
@@ -122,9 +123,12 @@ def latest_iteration(root: str | os.PathLike) -> int:
     tracker = Path(root) / TRACKER
     if not tracker.is_file():
         raise FileNotFoundError(f"{tracker}: not a megatron_nvembed checkpoint (no tracker file)")
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    with open(tracker, "rb") as f:
+        head = f.read(_TRACKER_MAX_BYTES + 1)  # a tracker holds a number: never read more
+    text = head.decode("utf-8", errors="replace").strip()
+    if len(head) > _TRACKER_MAX_BYTES or not (text.isascii() and text.isdigit()) or len(text) > 18:
+        shown = text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(head)}+ bytes)"
+        raise ValueError(f"{tracker}: expected an iteration number, found {shown!r}")
     return int(text)
 
 

@@ -28,6 +28,8 @@ import re
 import sys
 from pathlib import Path
 
+from megatron_nvembed.utils.fileio import write_atomic
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
 FAULTS = ROOT / "tests" / "faults"
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if new == doc:
         return 0
     if args.write:
-        DOC.write_text(new, encoding="utf-8")
+        write_atomic(DOC, new)  # the whole new text, or the old file untouched
         print(f"rewrote the tables of {DOC.relative_to(ROOT)}")
         return 0
     sys.stdout.writelines(
