@@ -35,6 +35,7 @@ from megatron_nvembed.utils.checksums import (
 from megatron_nvembed.utils.fileio import write_atomic
 
 __all__ = [
+    "SOURCE_FINGERPRINT",
     "checkpoint_fingerprint",
     "folder_files",
     "verify_folder_manifest",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+SOURCE_FINGERPRINT = "source_fingerprint"
+"""Manifest field of an export (`export-hf`): `checkpoint_fingerprint` of the iteration folder
+it was made from."""
 LOADED_SUFFIXES = (".distcp", ".pt", ".json", ".metadata")
 """Files a load reads (by name ending): unlisted ones are refused. `.metadata` is torch's."""
 
