@@ -318,6 +318,36 @@ def _save_failure(err: BaseException, root: Path, tmp: Path) -> str:
     return f"saving checkpoint {tmp.name} in {root} failed on rank {_rank()}: {cause}; {previous}"
 
 
+MODEL_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "type",
+    "num_latents",
+    "num_heads",
+    "head_dim",
+    "ff_mult",
+)
+"""The config keys (of `model` and `pooling`) a checkpoint and the model loading it must share."""
+
+
+def _check_same_model(saved: EmbeddingModelConfig, mine: EmbeddingModelConfig, root, it) -> None:
+    for section in ("model", "pooling"):
+        a, b = getattr(saved, section).__dict__, getattr(mine, section).__dict__
+        for key in MODEL_KEYS:
+            if key in a and a[key] != b[key]:
+                raise ValueError(
+                    f"{iteration_dir(root, it) / CONFIG_FILE}: {section}.{key} is {a[key]!r} "
+                    f"in the checkpoint but {b[key]!r} in the model being loaded"
+                )
+
+
 def load_checkpoint(
     model: torch.nn.Module,
     root: str | os.PathLike,
@@ -348,31 +378,7 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     it = latest_iteration(root) if iteration is None else iteration
-    saved = read_config(root, it)
-    mine: EmbeddingModelConfig = model.model_config
-    for section in ("model", "pooling"):
-        a, b = getattr(saved, section).__dict__, getattr(mine, section).__dict__
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_layers",
-            "num_attention_heads",
-            "num_query_groups",
-            "kv_channels",
-            "add_qkv_bias",
-            "qk_layernorm",
-            "type",
-            "num_latents",
-            "num_heads",
-            "head_dim",
-            "ff_mult",
-        ):
-            if key in a and a[key] != b[key]:
-                raise ValueError(
-                    f"{iteration_dir(root, it) / CONFIG_FILE}: {section}.{key} is {a[key]!r} "
-                    f"in the checkpoint but {b[key]!r} in the model being loaded"
-                )
+    _check_same_model(read_config(root, it), model.model_config, root, it)
     from megatron_nvembed.model.lora import apply_lora, has_lora, merge_lora
 
     lora = read_lora(root, it)
