@@ -165,3 +165,40 @@ def test_ranks_share_the_files_disjointly_and_by_size():
     assert sorted(sum(parts, [])) == sorted(files)
     loads = [sum(files[r]["size"] for r in part) for part in parts]
     assert max(loads) == 90 and min(loads) >= 70  # largest first, to the least loaded rank
+
+
+def _verify_on_rank(rank, world, folder, out):
+    from megatron_nvembed.checkpoint import manifest
+
+    checked = []
+    real = manifest.check_file
+
+    def recording(folder, rel, entry, **kw):
+        checked.append(rel)
+        return real(folder, rel, entry, **kw)
+
+    manifest.check_file = recording
+    try:
+        verify_folder_manifest(folder, split_among_ranks=True)
+        error = None
+    except ManifestError as err:
+        error = str(err)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"checked": checked, "error": error}, f)
+
+
+def test_ranks_split_the_reads_and_all_refuse_a_damage_one_of_them_found(folder, tmp_path):
+    from megatron_nvembed.core.launch import run_distributed
+
+    write_manifest(folder)
+    _flip(folder / "rng" / "rank_00000.pt", 3)  # a small file: not rank 0's (largest first)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_distributed(_verify_on_rank, 2, str(folder), str(out))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    checked = [r["checked"] for r in ranks]
+    assert not set(checked[0]) & set(checked[1])
+    assert sorted(checked[0] + checked[1]) == folder_files(folder)
+    assert "rng/rank_00000.pt" not in checked[0]
+    for r in ranks:
+        assert r["error"] is not None and "rng/rank_00000.pt: damaged: " in r["error"]
