@@ -159,6 +159,14 @@ def test_checkpoint_fingerprint_is_the_same_with_or_without_manifest(folder, tmp
         checkpoint_fingerprint(tmp_path / "absent")
 
 
+def test_checkpoint_fingerprint_ignores_where_metadata_was_written_not_the_shards(folder):
+    before = checkpoint_fingerprint(folder)
+    (folder / ".metadata").write_bytes(b"metadata saved in /another/tmp/folder")
+    assert checkpoint_fingerprint(folder) == before
+    _flip(folder / "__0_0.distcp", 0)
+    assert checkpoint_fingerprint(folder) != before
+
+
 def test_ranks_share_the_files_disjointly_and_by_size():
     files = {f"f{i}": {"size": s} for i, s in enumerate([90, 10, 50, 50, 40, 5, 5])}
     parts = [_share(files, rank, 3) for rank in range(3)]
