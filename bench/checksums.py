@@ -23,13 +23,12 @@ read costs the disk's read speed on top (the hash is not the limit: see `hash_gb
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from convert import MISTRAL, _machine, folder_bytes
+from convert import MISTRAL, _machine, folder_bytes, write_result
 
 
 def _config(layers: int):
@@ -142,10 +141,7 @@ def main(argv=None) -> int:
     result = {"machine": _machine(), "shape": MISTRAL, "dtype": "bfloat16", "depths": {}}
     for layers in args.layers:
         result["depths"][layers] = bench(layers, work)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    write_result(result, args.output)
     return 0
 
 
