@@ -241,7 +241,7 @@ def test_a_shard_of_another_save_is_named_and_refused(damaged):
 def test_a_checkpoint_without_manifest_loads_with_one_warning(damaged):
     """Fault: a checkpoint saved before manifests existed has no nvembed_manifest.json.
     Happens: it is loaded as before, with one warning that its files cannot be verified.
-    Do: re-save it (merge_checkpoints of it alone, or one training step) to give it a manifest."""
+    Do: nothing required; checkpoints saved from then on (training, import-hf, merges) have manifests."""
     assert damaged["legacy_export"] == [0, []]
     assert len(damaged["legacy_warnings"]) == 1, damaged["legacy_warnings"]
     assert ITER in damaged["legacy_warnings"][0]
