@@ -14,6 +14,7 @@ leaves none writing on, nor one waiting for ever on the tool's rendezvous store.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ import psutil
 import pytest
 
 from megatron_nvembed.testing import build_word_tokenizer, save_tiny_hf_decoder
+from megatron_nvembed.utils.checksums import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.faults
@@ -49,7 +51,8 @@ def _finish(proc) -> str:
 
 def _files(folder: Path) -> dict[str, object]:
     """Each file's SHA-256; for torch's `.metadata`, which also records the folder it was
-    written in, what it says of the shards (tensor and byte layouts, storage places)."""
+    written in, what it says of the shards (tensor and byte layouts, storage places); for the
+    manifest, its entries but that of `.metadata` (whose bytes hold that folder)."""
     out: dict[str, object] = {}
     for p in sorted(folder.rglob("*")):
         if not p.is_file():
@@ -59,6 +62,10 @@ def _files(folder: Path) -> dict[str, object]:
 
             md = pickle.loads(p.read_bytes())  # written by the runs above
             out[str(p.relative_to(folder))] = (md.state_dict_metadata, md.storage_data)
+        elif p.name == MANIFEST:
+            files = json.loads(p.read_text())["files"]
+            files.pop(".metadata")
+            out[str(p.relative_to(folder))] = files
         else:
             out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
