@@ -231,8 +231,18 @@ def start_run(input_path, corpus, teacher, output_path, opt: MiningOptions, tota
         }
     )
     is_main = global_rank() == 0
-    done, saved = broadcast(resume(files, fp) if is_main else None)
+    resumed = None
+    if is_main:
+        try:
+            resumed = resume(files, fp, teacher.fingerprint)
+        except ValueError as err:
+            resumed = str(err)
+    resumed = broadcast(resumed)
+    if isinstance(resumed, str):
+        raise ValueError(resumed)
+    done, saved = resumed
     summary = MiningSummary.from_dict(saved) if saved else MiningSummary()
+    summary.teacher_fingerprint = teacher.fingerprint
     summary.corpus_texts = len(corpus)
     summary.index = opt.index
     return MiningRun(input_path, opt, files, corpus, teacher, fp, total, done, summary, is_main)
