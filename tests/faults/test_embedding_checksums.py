@@ -149,7 +149,6 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(models, tmp_path,
     """Fault: `tools/embed.py` is rerun on an unfinished output after the model folder it names got other weights (a newer export copied over it, same path).
     Happens: the output's `meta.json` records the fingerprint of the weights (sizes and checksums of the weight files, not their times); the rerun is refused with one error naming both fingerprints, exit 2, and no shard is touched.
     Do: embed into a new folder (or delete the old one) with the new model."""
-    from megatron_nvembed.testing import save_tiny_qwen3_embedding
     from tools.embed import main as embed_main
 
     root, m = models
@@ -166,7 +165,7 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(models, tmp_path,
     assert meta["model"]["fingerprint"] == m["a"].fingerprint  # a copy: same weights, same print
 
     shutil.rmtree(model)
-    save_tiny_qwen3_embedding(model, root / "tok", seed=1)  # model b's weights, same path
+    shutil.copytree(root / "b", model)  # model b's weights, same path
     capsys.readouterr()
     assert embed_main(flags) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
