@@ -30,6 +30,9 @@ What is verified, before anything is loaded (`verify_checkpoint_folder`):
 
 `load_rng_file` reads an RNG file with `weights_only=True`.
 
+Damage (flipped bits, a truncated or swapped shard, a shard added after the save) is found by the
+folder's manifest of sizes and checksums (`checkpoint.manifest`), checked last.
+
 "Loads with weights_only=True" means: accepted by torch's weights-only unpickler with the
 globals registered in this process through `torch.serialization.add_safe_globals`; importing
 megatron-core registers a few (`io.BytesIO`, `argparse.Namespace`, numpy arrays, its config
@@ -224,19 +227,26 @@ def _verify_config(folder: Path) -> None:
             )
 
 
-def verify_checkpoint_folder(folder: str | os.PathLike) -> None:
+def verify_checkpoint_folder(folder: str | os.PathLike, *, split_among_ranks: bool = False) -> None:
     """Checks that loading the torch_dist checkpoint in `folder` (an `iter_XXXXXXX` folder)
-    with megatron-core cannot run code from its files; call it before loading.
+    with megatron-core cannot run code from its files, and that its files are those saved;
+    call it before loading.
 
     Reads `metadata.json`, `.metadata` (restricted unpickling), every shard file's size, every
     bytes item of the shards and `common.pt` (weights-only). See the module docstring for
-    what is and is not covered.
+    what is and is not covered. Then every file against the folder's manifest
+    (`manifest.verify_folder_manifest`: sizes and checksums, no unlisted shard; a folder saved
+    before manifests: one warning), the bytes split among the ranks with `split_among_ranks`
+    (all ranks of the default process group call this together).
 
     Raises:
         UnsafeCheckpointError: a file refers to code (names the file, the item and the global).
         CorruptCheckpointError: a file is missing, truncated or garbled (names file and cause).
+        ManifestError: a file differs from the manifest or is not listed (names the file).
         FileNotFoundError: `folder` does not exist.
     """
+    from megatron_nvembed.checkpoint.manifest import verify_folder_manifest
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
@@ -250,6 +260,7 @@ def verify_checkpoint_folder(folder: str | os.PathLike) -> None:
             f"{common}: missing; {folder} is no complete torch_dist checkpoint"
         )
     load_weights_only(common, str(common))
+    verify_folder_manifest(folder, split_among_ranks=split_among_ranks)
 
 
 def load_rng_file(path: str | os.PathLike) -> dict:

@@ -6,6 +6,7 @@ DIR/
   latest_checkpointed_iteration.txt   written last: a save that stops midway is never "latest"
   iter_0000000/                       megatron-core dist_checkpointing (torch_dist) shards
     nvembed_config.json                the EmbeddingModelConfig (parallel layout at save time)
+    nvembed_manifest.json              size and XXH3-128 checksum of every other file in it
   tokenizer/                          tokenizer files (copied by import-hf)
 ```
 Each iteration folder is written as `iter_XXXXXXX.tmp` and renamed once every rank finished.
@@ -13,6 +14,8 @@ Saving an iteration that already exists (a finished run relaunched onto the same
 the old folder aside as `iter_XXXXXXX.replaced` before the rename and deletes it after; readers
 fall back to it if a kill lands between the two renames, so there is never a moment without a
 loadable checkpoint. The shards are written by each rank's own process (`streaming.writes_in_this_process`).
+Each iteration folder holds `nvembed_manifest.json`, the size and checksum of every file in it
+(`checkpoint.manifest`), written before the rename and checked before every load.
 
 Over 400 lines on purpose: saving, loading and the re-save fallback share one folder protocol
 (tracker, iteration folders, `.replaced`), which is easier to check in one file.
@@ -30,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_nvembed.checkpoint.manifest import write_manifest
 from megatron_nvembed.checkpoint.safety import CorruptCheckpointError, verify_checkpoint_folder
 from megatron_nvembed.checkpoint.streaming import (
     Resolver,
@@ -233,8 +237,9 @@ def save_checkpoint(
     _barrier()
     resolver = Resolver(model, values) if values is not None else None
     strategy = streaming_strategy() if values is not None else None
+    written: dict[str, dict] = {}  # shard path -> checksum record, hashed right after writing
     try:
-        with cuda_allocations_on_cpu(), writes_in_this_process(resolver):
+        with cuda_allocations_on_cpu(), writes_in_this_process(resolver, written):
             state = model.sharded_state_dict()
             if optimizer is not None:
                 state["optimizer"] = optimizer.sharded_state_dict(
@@ -251,11 +256,12 @@ def save_checkpoint(
         if _rank() == 0:  # a failed save's shards are garbage: give the space back
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(message) from err
-    _barrier()
+    records = _gather_records(written, tmp)
     if _rank() == 0:
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
         if has_lora(model):
             (tmp / LORA_FILE).write_text(json.dumps(lora, indent=2))
+        write_manifest(tmp, records=records)  # every file; the small ones not yet hashed now
         replacing = final.exists()
         if replacing:
             os.replace(final, old)  # readers fall back to `old` until the next rename
@@ -267,6 +273,17 @@ def save_checkpoint(
             shutil.rmtree(old)
     _barrier()
     return final
+
+
+def _gather_records(written: dict[str, dict], tmp: Path) -> dict[str, dict]:
+    """The checksum records of the shards every rank wrote, by path relative to `tmp`, on rank
+    0 (an empty dict elsewhere); a barrier: every rank has finished writing."""
+    mine = {Path(path).relative_to(tmp).as_posix(): rec for path, rec in written.items()}
+    if not dist.is_initialized():
+        return mine
+    parts = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts or [] for k, v in part.items()}
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:
@@ -301,6 +318,36 @@ def _save_failure(err: BaseException, root: Path, tmp: Path) -> str:
     return f"saving checkpoint {tmp.name} in {root} failed on rank {_rank()}: {cause}; {previous}"
 
 
+MODEL_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "type",
+    "num_latents",
+    "num_heads",
+    "head_dim",
+    "ff_mult",
+)
+"""The config keys (of `model` and `pooling`) a checkpoint and the model loading it must share."""
+
+
+def _check_same_model(saved: EmbeddingModelConfig, mine: EmbeddingModelConfig, root, it) -> None:
+    for section in ("model", "pooling"):
+        a, b = getattr(saved, section).__dict__, getattr(mine, section).__dict__
+        for key in MODEL_KEYS:
+            if key in a and a[key] != b[key]:
+                raise ValueError(
+                    f"{iteration_dir(root, it) / CONFIG_FILE}: {section}.{key} is {a[key]!r} "
+                    f"in the checkpoint but {b[key]!r} in the model being loaded"
+                )
+
+
 def load_checkpoint(
     model: torch.nn.Module,
     root: str | os.PathLike,
@@ -308,6 +355,7 @@ def load_checkpoint(
     *,
     optimizer=None,
     merge_adapters: bool = True,
+    verified: bool = False,
 ) -> int:
     """Loads the model stage from `root` (any saved TP/PP layout; all ranks call it).
 
@@ -317,6 +365,9 @@ def load_checkpoint(
 
     Args:
         optimizer: also restore this megatron-core optimizer's state (any saved TP/PP/DP).
+        verified: the caller already ran `verify_checkpoint_folder` on the iteration folder
+            (a tool that checks all its inputs up front); otherwise it runs here, its checksum
+            reads split among the ranks (all ranks call this function).
 
     Returns:
         The iteration loaded.
@@ -327,31 +378,7 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     it = latest_iteration(root) if iteration is None else iteration
-    saved = read_config(root, it)
-    mine: EmbeddingModelConfig = model.model_config
-    for section in ("model", "pooling"):
-        a, b = getattr(saved, section).__dict__, getattr(mine, section).__dict__
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_layers",
-            "num_attention_heads",
-            "num_query_groups",
-            "kv_channels",
-            "add_qkv_bias",
-            "qk_layernorm",
-            "type",
-            "num_latents",
-            "num_heads",
-            "head_dim",
-            "ff_mult",
-        ):
-            if key in a and a[key] != b[key]:
-                raise ValueError(
-                    f"{iteration_dir(root, it) / CONFIG_FILE}: {section}.{key} is {a[key]!r} "
-                    f"in the checkpoint but {b[key]!r} in the model being loaded"
-                )
+    _check_same_model(read_config(root, it), model.model_config, root, it)
     from megatron_nvembed.model.lora import apply_lora, has_lora, merge_lora
 
     lora = read_lora(root, it)
@@ -372,7 +399,8 @@ def load_checkpoint(
     folder = iteration_dir(root, it)
     # Before anything is unpickled: the folder holds only data (no object that runs code) and
     # every shard the metadata names is there in full.
-    verify_checkpoint_folder(folder)
+    if not verified:
+        verify_checkpoint_folder(folder, split_among_ranks=True)
     with cuda_allocations_on_cpu():
         request = model.sharded_state_dict()
         merge_in_place(request)

@@ -137,7 +137,7 @@ def parameter_if_parts(merge_fn, data: torch.Tensor):
 
 
 @contextmanager
-def writes_in_this_process(resolver: Resolver | None = None):
+def writes_in_this_process(resolver: Resolver | None = None, checksums: dict | None = None):
     """Makes megatron-core's torch_dist save write every shard from the rank's own process.
 
     megatron-core 0.16's writer hands a save's buckets to forked worker processes and collects
@@ -148,9 +148,13 @@ def writes_in_this_process(resolver: Resolver | None = None):
     results in an in-process queue, a save has no child to lose and any write error (disk full)
     comes back as this rank's exception. Sequential writes cost little: the shards of one rank
     go to one filesystem anyway. With a `streaming.Resolver`, each bucket's meta tensors get
-    their values as they are written.
+    their values as they are written. With `checksums`, each file's size and checksum
+    (`utils.checksums.file_checksum`, read back while still in the page cache) is recorded
+    there by its path right after it is written: the rank's part of the checkpoint manifest.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    from megatron_nvembed.utils.checksums import file_checksum
 
     writer = fsa.FileSystemWriterAsync
     saved_fn = writer.__dict__["write_preloaded_data_multiproc"]
@@ -171,6 +175,8 @@ def writes_in_this_process(resolver: Resolver | None = None):
                 results_queue.put(out)
                 return
             results[i] = out
+            if checksums is not None:
+                checksums[bucket[0]] = file_checksum(bucket[0])
         results_queue.put(results)
 
     writer.write_preloaded_data_multiproc = staticmethod(write_buckets)

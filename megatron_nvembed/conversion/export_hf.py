@@ -3,7 +3,9 @@ native layout.
 
 The output folder is checked before the checkpoint is read (`check_export_paths`), written into a
 temporary sibling folder and swapped in at the end (`fileio.atomic_dir`), so a failed export
-never leaves a half-written output.
+never leaves a half-written output. Its last file is `nvembed_manifest.json`: the size and
+checksum of every other file, and the `source_fingerprint` of the checkpoint it was made from
+(`checkpoint.manifest`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from pathlib import Path
 import torch
 
 from megatron_nvembed.checkpoint.lazy import DTYPES
+from megatron_nvembed.checkpoint.manifest import (
+    SOURCE_FINGERPRINT,
+    checkpoint_fingerprint,
+    write_manifest,
+)
 from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
 from megatron_nvembed.conversion.hf_config import latent_attention_config_dict, text_config_dict
 from megatron_nvembed.conversion.hf_weights import write_safetensors_shards
@@ -224,4 +231,6 @@ def export_hf(
         _write_model_files(tmp, cfg, dtype, st)
         if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
             raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
+        # Its own files' checksums, and the checkpoint it was made from (by its files).
+        write_manifest(tmp, provenance={SOURCE_FINGERPRINT: checkpoint_fingerprint(reader.folder)})
     return hf_dir

@@ -311,7 +311,7 @@ def _fold_inputs(model: torch.nn.Module, plan: MergePlan) -> int:
     params = dict(model.named_parameters())
     held: dict[str, torch.Tensor] = {}  # linear: the running sum; slerp: the first input
     for i, (path, it, weight) in enumerate(zip(plan.loads, plan.iterations, plan.weights)):
-        load_checkpoint(model, path, it, merge_adapters=False)
+        load_checkpoint(model, path, it, merge_adapters=False, verified=True)  # up front
         saved = read_config(path, it).parallel
         logger.info(
             "loaded %d/%d: %s (iteration %d, saved at TP=%d PP=%d, weight %.6g)",
