@@ -58,11 +58,11 @@ class MegatronEmbedder(Embedder):
         self.is_main = dist.get_rank() == 0
         self.is_writer = pg.tp.rank() == 0
         self.source = str(Path(load).resolve())
-        self.fingerprint = model_fingerprint(self.source, self.kind)
         self.cfg = read_config(load)
         self.cfg.parallel = ParallelConfig(tensor_model_parallel_size, 1)
         self.model = build_model(self.cfg, pg)
-        load_checkpoint(self.model, load)
+        load_checkpoint(self.model, load)  # verifies the folder's manifest first
+        self.fingerprint = model_fingerprint(self.source, self.kind)
         self.model.eval()
         self.tokenizer = load_tokenizer(tok_dir)
         self.device = next(self.model.parameters()).device
@@ -136,28 +136,27 @@ def model_fingerprint(path: str | os.PathLike, kind: str) -> str:
     for other weights at the same path. Outputs made with the model record it (embedding shards,
     mined negatives), so a resume or a reader refuses outputs of another model.
 
-    A checkpoint (`kind` "megatron"): the files of its latest iteration. A model folder: its
-    weight files (`WEIGHT_SUFFIXES`, at any depth, outside `OTHER_RUNTIMES`). Reads every weight
-    byte once (about 9 GB/s of hashing on one core; loading the model has just brought the files
-    into the page cache).
+    A checkpoint (`kind` "megatron"): `checkpoint.manifest.checkpoint_fingerprint` of its latest
+    iteration folder (read from its manifest, verified before the load). A model folder: its
+    weight files (`WEIGHT_SUFFIXES`, at any depth, outside `OTHER_RUNTIMES`), hashed now: every
+    weight byte read once (about 9 GB/s of hashing on one core; loading the model has just
+    brought the files into the page cache).
     """
-    from megatron_nvembed.utils.checksums import build_manifest, fingerprint
-
     root = Path(path)
     if kind == "megatron":
+        from megatron_nvembed.checkpoint.manifest import checkpoint_fingerprint
         from megatron_nvembed.checkpoint.store import iteration_dir, latest_iteration
 
-        folder = iteration_dir(root, latest_iteration(root))
-        files = [p for p in folder.rglob("*") if p.is_file()]
-    else:
-        files = [
-            p
-            for p in root.rglob("*")
-            if p.is_file()
-            and p.suffix in WEIGHT_SUFFIXES
-            and p.relative_to(root).parts[0] not in OTHER_RUNTIMES
-        ]
-    rels = [str(p.relative_to(root)) for p in files]
+        return checkpoint_fingerprint(iteration_dir(root, latest_iteration(root)))
+    from megatron_nvembed.utils.checksums import build_manifest, fingerprint
+
+    rels = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix in WEIGHT_SUFFIXES
+        and p.relative_to(root).parts[0] not in OTHER_RUNTIMES
+    ]
     return fingerprint(build_manifest(root, rels))
 
 
