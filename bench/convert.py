@@ -348,11 +348,16 @@ def main(argv=None) -> int:
                 per_layer = (row["peak_rss_gib"] - before) / (b - a)
                 growth.setdefault(step, {})[f"L{a}->L{b}"] = round(per_layer, 4)
     result["peak_growth_gib_per_layer"] = growth
+    write_result(result, args.output)
+    return 0
+
+
+def write_result(result: dict, output: str | None) -> None:
+    """Prints the result JSON, and writes it to `output` when given."""
     text = json.dumps(result, indent=1)
     print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return 0
+    if output:
+        Path(output).write_text(text + "\n")
 
 
 if __name__ == "__main__":

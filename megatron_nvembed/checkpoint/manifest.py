@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+WHERE_WRITTEN = (".metadata",)
+"""Files whose bytes depend on the folder they were saved in: torch's `.metadata` records its
+checkpoint folder (a temporary path); it is derived from the model's sharded layout, which the
+config and the shards, all fingerprinted, fix."""
 SOURCE_FINGERPRINT = "source_fingerprint"
 """Manifest field of an export (`export-hf`): `checkpoint_fingerprint` of the iteration folder
 it was made from."""
@@ -179,11 +183,15 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
     """The fingerprint (`utils.checksums.fingerprint`) of the files of a checkpoint iteration
     folder (or any model folder): from its manifest, or, for a folder saved without one, from a
     manifest computed in memory (reading every file). Independent of the folder's path and of
-    file times; the same files give the same fingerprint with or without a manifest."""
+    file times; the same files give the same fingerprint with or without a manifest. Files
+    that record where they were written (`WHERE_WRITTEN`) are left out, so two saves of the
+    same weights and config (an import run twice) have the same fingerprint."""
     folder = Path(folder)
     path = folder / MANIFEST
     if path.is_file():
-        return fingerprint(read_manifest(path))
-    if not folder.is_dir():
+        manifest = read_manifest(path)
+    elif folder.is_dir():
+        manifest = build_manifest(folder, folder_files(folder))
+    else:
         raise FileNotFoundError(f"{folder}: no such folder")
-    return fingerprint(build_manifest(folder, folder_files(folder)))
+    return fingerprint(manifest, only=[f for f in manifest["files"] if f not in WHERE_WRITTEN])

@@ -159,9 +159,54 @@ def test_checkpoint_fingerprint_is_the_same_with_or_without_manifest(folder, tmp
         checkpoint_fingerprint(tmp_path / "absent")
 
 
+def test_checkpoint_fingerprint_ignores_where_metadata_was_written_not_the_shards(folder):
+    before = checkpoint_fingerprint(folder)
+    (folder / ".metadata").write_bytes(b"metadata saved in /another/tmp/folder")
+    assert checkpoint_fingerprint(folder) == before
+    _flip(folder / "__0_0.distcp", 0)
+    assert checkpoint_fingerprint(folder) != before
+
+
 def test_ranks_share_the_files_disjointly_and_by_size():
     files = {f"f{i}": {"size": s} for i, s in enumerate([90, 10, 50, 50, 40, 5, 5])}
     parts = [_share(files, rank, 3) for rank in range(3)]
     assert sorted(sum(parts, [])) == sorted(files)
     loads = [sum(files[r]["size"] for r in part) for part in parts]
     assert max(loads) == 90 and min(loads) >= 70  # largest first, to the least loaded rank
+
+
+def _verify_on_rank(rank, world, folder, out):
+    from megatron_nvembed.checkpoint import manifest
+
+    checked = []
+    real = manifest.check_file
+
+    def recording(folder, rel, entry, **kw):
+        checked.append(rel)
+        return real(folder, rel, entry, **kw)
+
+    manifest.check_file = recording
+    try:
+        verify_folder_manifest(folder, split_among_ranks=True)
+        error = None
+    except ManifestError as err:
+        error = str(err)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"checked": checked, "error": error}, f)
+
+
+def test_ranks_split_the_reads_and_all_refuse_a_damage_one_of_them_found(folder, tmp_path):
+    from megatron_nvembed.core.launch import run_distributed
+
+    write_manifest(folder)
+    _flip(folder / "rng" / "rank_00000.pt", 3)  # a small file: not rank 0's (largest first)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_distributed(_verify_on_rank, 2, str(folder), str(out))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    checked = [r["checked"] for r in ranks]
+    assert not set(checked[0]) & set(checked[1])
+    assert sorted(checked[0] + checked[1]) == folder_files(folder)
+    assert "rng/rank_00000.pt" not in checked[0]
+    for r in ranks:
+        assert r["error"] is not None and "rng/rank_00000.pt: damaged: " in r["error"]
