@@ -22,10 +22,11 @@ Corpus scale:
 - Search is `retrieval.search.search`: exact by default (per-shard top-k merged), or a FAISS
   factory index (`index`, `search_params`) for corpora whose embeddings do not fit in memory.
 - Queries go in chunks of `chunk_size`, appended to `OUT.partial`; after each chunk the state
-  file `OUT.state.json` records the run's fingerprint, the queries done and the byte size of
-  `OUT.partial`. A rerun with the same inputs and options truncates `OUT.partial` to that size
-  (a kill between the append and the state write duplicates nothing) and resumes; the finished
-  file is renamed into place.
+  file `OUT.state.json` records the run's fingerprint, the teacher's weights' fingerprint
+  (`evaluation.encoder.model_fingerprint`; a rerun with another teacher is refused), the queries
+  done and the byte size of `OUT.partial`. A rerun with the same inputs and options truncates
+  `OUT.partial` to that size (a kill between the append and the state write duplicates nothing)
+  and resumes; the finished file is renamed into place.
 - Data-parallel (torchrun): the corpus shards are split by `encode_corpus`; each chunk is cut
   into blocks of `teacher.batch_size` queries, every rank takes a contiguous run of blocks,
   encodes each block's queries and positives in one `embed_local` call, searches and builds the

@@ -134,9 +134,8 @@ def resume(files: OutputFiles, fp: str, teacher_fp: str) -> tuple[int, dict | No
             state = json.loads(files.state.read_text())
         except ValueError:
             state = None
-    made_by = (
-        state.get("summary", {}).get("teacher_fingerprint") if isinstance(state, dict) else None
-    )
+    saved = state.get("summary") if isinstance(state, dict) else None
+    made_by = saved.get("teacher_fingerprint") if isinstance(saved, dict) else None
     if made_by and made_by != teacher_fp and files.partial.is_file():
         raise ValueError(
             f"{files.state}: the run to resume was mined with teacher model {made_by}, this run's "
