@@ -20,12 +20,17 @@ The texts are cut into shards of --shard-size lines; the data-parallel ranks (N 
 shards, sort each by token length and run it in batches of at most --max-tokens padded tokens
 (and --batch-size rows; default 1024 tokens on CPU, 16384 on GPUs). Every finished shard is on
 disk (written atomically), so a rerun of the same command after a kill computes only the
-missing ones.
+missing ones. Each shard's record (emb_00000.json) holds the size and XXH3-128 checksum of its
+files and the fingerprint of the model's weights: a rerun verifies every finished shard and
+recomputes a damaged one (named in the log); shards of another model than meta.json says are
+refused (exit 2), as is a rerun with another model (other weights at the same path too).
 
 --output EMB.npy: one float32 [n, d] array in input order (shards staged in EMB.npy.shards/,
-removed when the array is written). --output-dir DIR: the shards themselves (emb_00000.npy ...,
-ids_00000.npy when every line has an "id", meta.json); memory-mapped by
-`megatron_nvembed.retrieval.shards.ShardedEmbeddings`.
+removed when the array is written) and its record EMB.npy.json (size, checksum, the model's
+fingerprint, what it embeds). --output-dir DIR: the shards themselves (emb_00000.npy ...,
+ids_00000.npy when every line has an "id", their records emb_00000.json ..., meta.json);
+memory-mapped by `megatron_nvembed.retrieval.shards.ShardedEmbeddings`, which verifies each
+shard's bytes before its first use and refuses a damaged one naming the file.
 """
 
 import argparse

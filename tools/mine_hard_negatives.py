@@ -16,7 +16,9 @@ the record's "instruction", else its "task"'s template; so a record needs "task"
 "instruction" unless --instruction or --no-instruction is given.
 Corpus lines: {"text": ..., "id"?: ...}; when every line has an "id", records get "neg_ids".
 Output: the input records with "neg" filled. Rerunning the same command resumes an interrupted
-run (finished corpus shards and query chunks are kept).
+run (finished corpus shards, verified, and query chunks are kept); a rerun with another teacher
+(other weights, even at the same path) is refused. The printed summary names the teacher's
+fingerprint.
 
 The corpus is embedded once, in shards of --shard-size texts: into OUT.cache/ (removed after a
 successful run), or into --corpus-embeddings DIR, kept and reused by later runs with the same

@@ -22,10 +22,11 @@ Corpus scale:
 - Search is `retrieval.search.search`: exact by default (per-shard top-k merged), or a FAISS
   factory index (`index`, `search_params`) for corpora whose embeddings do not fit in memory.
 - Queries go in chunks of `chunk_size`, appended to `OUT.partial`; after each chunk the state
-  file `OUT.state.json` records the run's fingerprint, the queries done and the byte size of
-  `OUT.partial`. A rerun with the same inputs and options truncates `OUT.partial` to that size
-  (a kill between the append and the state write duplicates nothing) and resumes; the finished
-  file is renamed into place.
+  file `OUT.state.json` records the run's fingerprint, the teacher's weights' fingerprint
+  (`evaluation.encoder.model_fingerprint`; a rerun with another teacher is refused), the queries
+  done and the byte size of `OUT.partial`. A rerun with the same inputs and options truncates
+  `OUT.partial` to that size (a kill between the append and the state write duplicates nothing)
+  and resumes; the finished file is renamed into place.
 - Data-parallel (torchrun): the corpus shards are split by `encode_corpus`; each chunk is cut
   into blocks of `teacher.batch_size` queries, every rank takes a contiguous run of blocks,
   encodes each block's queries and positives in one `embed_local` call, searches and builds the
@@ -231,8 +232,18 @@ def start_run(input_path, corpus, teacher, output_path, opt: MiningOptions, tota
         }
     )
     is_main = global_rank() == 0
-    done, saved = broadcast(resume(files, fp) if is_main else None)
+    resumed = None
+    if is_main:
+        try:
+            resumed = resume(files, fp, teacher.fingerprint)
+        except ValueError as err:
+            resumed = str(err)
+    resumed = broadcast(resumed)
+    if isinstance(resumed, str):
+        raise ValueError(resumed)
+    done, saved = resumed
     summary = MiningSummary.from_dict(saved) if saved else MiningSummary()
+    summary.teacher_fingerprint = teacher.fingerprint
     summary.corpus_texts = len(corpus)
     summary.index = opt.index
     return MiningRun(input_path, opt, files, corpus, teacher, fp, total, done, summary, is_main)

@@ -89,6 +89,8 @@ class MiningSummary:
     """Corpus texts (those encoded by these runs), queries and positives longer than the
     teacher's maximum length (it truncates them)."""
     index: str = EXACT
+    teacher_fingerprint: str = ""
+    """The fingerprint of the teacher's weights (`evaluation.encoder.model_fingerprint`)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> MiningSummary:

@@ -1,8 +1,9 @@
 """The files of a resumable mining run (`curation.mining`) and the process group it runs in.
 
 Rank 0 owns the output files: `OUT.partial` (the lines of the chunks done, appended),
-`OUT.state.json` (the run's fingerprint, the queries done, the byte size of `OUT.partial` and the
-summary so far, rewritten atomically after each chunk) and, at the end, `OUT` itself. Without a
+`OUT.state.json` (the run's fingerprint, the teacher's weights' fingerprint, the queries done, the
+byte size of `OUT.partial` and the summary so far, rewritten atomically after each chunk) and, at
+the end, `OUT` itself. A resume with another teacher (other weights) is refused. Without a
 process group (or with one rank) the group helpers are identities.
 """
 
@@ -116,10 +117,15 @@ class OutputFiles:
         )
 
 
-def resume(files: OutputFiles, fp: str) -> tuple[int, dict | None]:
+def resume(files: OutputFiles, fp: str, teacher_fp: str) -> tuple[int, dict | None]:
     """Rank 0: (queries done, saved summary) of an earlier run with fingerprint `fp`, with the
     partial output truncated to the size recorded after its last chunk; else (0, None) with the
-    partial output emptied. The temporaries a killed run's state writes left are removed first."""
+    partial output emptied. The temporaries a killed run's state writes left are removed first.
+
+    Raises:
+        ValueError: naming the state file and both fingerprints, when the earlier run's teacher
+            had other weights than this run's (`teacher_fp`).
+    """
     for p in (files.state, files.partial):
         remove_stale_temporaries(p.parent, p.name)
     state = None
@@ -128,6 +134,14 @@ def resume(files: OutputFiles, fp: str) -> tuple[int, dict | None]:
             state = json.loads(files.state.read_text())
         except ValueError:
             state = None
+    saved = state.get("summary") if isinstance(state, dict) else None
+    made_by = saved.get("teacher_fingerprint") if isinstance(saved, dict) else None
+    if made_by and made_by != teacher_fp and files.partial.is_file():
+        raise ValueError(
+            f"{files.state}: the run to resume was mined with teacher model {made_by}, this run's "
+            f"teacher is model {teacher_fp}; delete {files.partial.name} and {files.state.name} "
+            "or choose another output"
+        )
     if (
         isinstance(state, dict)
         and state.get("fingerprint") == fp

@@ -40,8 +40,8 @@ def embed_texts(args: argparse.Namespace) -> None:
             --output's suffix).
 
     Raises:
-        FlagError: --load or --input unusable, or the output folder holds other files or other
-            embeddings (naming the flag).
+        FlagError: --load or --input unusable, or the output folder holds other files, other
+            embeddings, or shards of another model than its `meta.json` says (naming the flag).
     """
     import torch.distributed as dist
 
@@ -61,7 +61,10 @@ def embed_texts(args: argparse.Namespace) -> None:
         raise FlagError(f"{'--output-dir' if args.output_dir else '--output'}: {err}") from err
     if embedder.is_main:
         if args.output:
-            write_single_array(shards, args.output)
+            try:
+                write_single_array(shards, args.output)
+            except ValueError as err:  # a shard damaged since it was verified
+                raise FlagError(f"--output: {err}") from err
         st = embedder.last_encode
         print(
             f"embedded {st.rows} texts ({st.computed_rows} computed now, "

@@ -96,6 +96,9 @@ class Embedder:
     """The model's query template (`encoder.query_template_of`; `encoder.load_embedder` sets it):
     tools put task definitions into it."""
     last_encode = None  # the `retrieval.shards.EncodeSummary` of the latest corpus encoding
+    fingerprint: str = ""
+    """The fingerprint of the model's weights (`encoder.model_fingerprint`; the model formats set
+    it at load): outputs record it, and refuse a resume or a read by another model."""
 
     def __init__(
         self,
@@ -165,7 +168,12 @@ class Embedder:
 
     def identity(self) -> dict:
         """What determines this embedder's outputs (for caches of corpus embeddings)."""
-        out = {"kind": self.kind, "source": self.source, "max_length": self.max_length}
+        out = {
+            "kind": self.kind,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "max_length": self.max_length,
+        }
         if self.truncate_dim is not None:
             out["truncate_dim"] = self.truncate_dim
         return out

@@ -61,19 +61,16 @@ class MegatronEmbedder(Embedder):
         self.cfg = read_config(load)
         self.cfg.parallel = ParallelConfig(tensor_model_parallel_size, 1)
         self.model = build_model(self.cfg, pg)
-        load_checkpoint(self.model, load)
+        load_checkpoint(self.model, load)  # verifies the folder's manifest first
+        self.fingerprint = model_fingerprint(self.source, self.kind)
         self.model.eval()
         self.tokenizer = load_tokenizer(tok_dir)
         self.device = next(self.model.parameters()).device
         self.dim = self.cfg.model.hidden_size
 
     def identity(self) -> dict:
-        # the checkpoint's files too: a run re-saved in place at the same iteration differs
-        return {
-            **super().identity(),
-            "iteration": self.iteration,
-            "files": _folder_digest(self.source),
-        }
+        # the fingerprint too: a run re-saved in place at the same iteration differs
+        return {**super().identity(), "iteration": self.iteration}
 
     def _forward(self, batch):
         return self.model(**batch)
@@ -115,31 +112,52 @@ class HFEmbedder(Embedder):
         if backbone._attn_implementation == "eager":
             backbone._attn_implementation = "sdpa"
         self.source = str(Path(path).resolve())
+        self.fingerprint = model_fingerprint(self.source, self.kind)
         self.tokenizer = load_tokenizer(path)
         self.dim = int(model.config.hidden_size)
 
     def identity(self) -> dict:
-        return {
-            **super().identity(),
-            "dtype": str(self.dtype),
-            "files": _folder_digest(self.source),
-        }
+        return {**super().identity(), "dtype": str(self.dtype)}
 
     def _forward(self, batch):
         return self.model(**batch)["sentence_embeddings"]
 
 
-def _folder_digest(folder: str | os.PathLike) -> str:
-    """Digest of a model folder's file names, sizes and modification times (a changed weight
-    file changes it; cheap on multi-GB folders)."""
-    import hashlib
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""Files of a model folder that hold its weights (the model formats' loaders read these)."""
+OTHER_RUNTIMES = ("onnx", "openvino")
+"""Subfolders of a sentence-transformers folder with the same weights for other runtimes (never
+loaded here)."""
 
-    items = sorted(
-        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in Path(folder).rglob("*")
+
+def model_fingerprint(path: str | os.PathLike, kind: str) -> str:
+    """The fingerprint of the weights of the model at `path` (`utils.checksums.fingerprint`: their
+    paths, sizes and XXH3-128 checksums): equal for two copies of a model wherever they lie, other
+    for other weights at the same path. Outputs made with the model record it (embedding shards,
+    mined negatives), so a resume or a reader refuses outputs of another model.
+
+    A checkpoint (`kind` "megatron"): `checkpoint.manifest.checkpoint_fingerprint` of its latest
+    iteration folder (read from its manifest, verified before the load). A model folder: its
+    weight files (`WEIGHT_SUFFIXES`, at any depth, outside `OTHER_RUNTIMES`), hashed now: every
+    weight byte read once (about 9 GB/s of hashing on one core; loading the model has just
+    brought the files into the page cache).
+    """
+    root = Path(path)
+    if kind == "megatron":
+        from megatron_nvembed.checkpoint.manifest import checkpoint_fingerprint
+        from megatron_nvembed.checkpoint.store import iteration_dir, latest_iteration
+
+        return checkpoint_fingerprint(iteration_dir(root, latest_iteration(root)))
+    from megatron_nvembed.utils.checksums import build_manifest, fingerprint
+
+    rels = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
         if p.is_file()
-    )
-    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+        and p.suffix in WEIGHT_SUFFIXES
+        and p.relative_to(root).parts[0] not in OTHER_RUNTIMES
+    ]
+    return fingerprint(build_manifest(root, rels))
 
 
 class SentenceTransformerEmbedder(Embedder):
@@ -165,9 +183,7 @@ class SentenceTransformerEmbedder(Embedder):
         dim = getattr(self.model, "get_embedding_dimension", None)  # sentence-transformers >= 6
         self.dim = int((dim or self.model.get_sentence_embedding_dimension)())
         self.source = str(Path(path).resolve())
-
-    def identity(self) -> dict:
-        return {**super().identity(), "files": _folder_digest(self.source)}
+        self.fingerprint = model_fingerprint(self.source, self.kind)
 
     def _lengths(self, texts, instructions):
         return token_lengths(self.tokenizer, texts, instructions, eos=False)

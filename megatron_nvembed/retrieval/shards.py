@@ -2,12 +2,20 @@
 
 `encode_corpus(embedder, corpus, folder, shard_size=...)` cuts the corpus into shards of
 `shard_size` consecutive rows. Shard `s` is `emb_{s:05d}.npy` (float32 [rows, dim]) and, when
-every row has an id, `ids_{s:05d}.npy` (fixed-width unicode, no pickle), written ids first and
-embeddings last, each through a temporary file and a rename: a shard exists exactly when its
-embeddings file does, so a kill at any moment loses at most the shards being computed, and a rerun
+every row has an id, `ids_{s:05d}.npy` (fixed-width unicode, no pickle), then its record
+`emb_{s:05d}.json` (sizes and checksums of those files, the model's fingerprint:
+`retrieval.shard_files`), each through a temporary file and a rename: a shard exists exactly when
+its record does, so a kill at any moment loses at most the shards being computed, and a rerun
 computes only the missing ones. `meta.json` (written before the first shard) records what the
-shards are embeddings of (model, corpus file, instruction, normalisation, shard size); a folder
-made for anything else is refused (or, for a private cache, cleared).
+shards are embeddings of (model and its weights' fingerprint, corpus file, instruction,
+normalisation, shard size); a folder made for anything else is refused (or, for a private cache,
+cleared).
+
+A rerun first verifies every finished shard's bytes: a damaged one (truncated, bits flipped) is
+named in the log and recomputed; a shard made by another model than `meta.json` says (its
+`meta.json` replaced by another run's) is refused naming both fingerprints (a private cache is
+cleared). `ShardedEmbeddings` verifies each shard's bytes before its first use and refuses a
+damaged one, naming the file.
 
 Under torchrun the missing shards are dealt round robin to the data-parallel ranks; each encodes
 its shards alone (no gather: memory is one shard per rank) and the first tensor-parallel rank of
@@ -22,27 +30,31 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from megatron_nvembed.core.logging_utils import SPEAKER, get_logger
-from megatron_nvembed.utils.fileio import remove_stale_temporaries, save_npy_atomic, write_atomic
+from megatron_nvembed.retrieval.shard_files import (
+    META,
+    ForeignShard,
+    ShardedEmbeddings,
+    ShardError,
+    check_shard,
+    finished,
+    model_of,
+    remove_shard,
+    save_npy_blocks,
+    write_shard,
+)
+from megatron_nvembed.utils.checksums import manifest_from
+from megatron_nvembed.utils.fileio import remove_stale_temporaries, write_atomic
 
 logger = get_logger(__name__)
 
-META = "meta.json"
-FORMAT_VERSION = 1
-
-
-def _emb_file(folder: Path, s: int) -> Path:
-    return folder / f"emb_{s:05d}.npy"
-
-
-def _ids_file(folder: Path, s: int) -> Path:
-    return folder / f"ids_{s:05d}.npy"
+FORMAT_VERSION = 2
+"""2: each shard has its record (`shard_files`); folders of format 1 are another format."""
 
 
 def _dist():
@@ -86,93 +98,6 @@ class EncodeSummary:
         return self.computed_rows / max(self.seconds, 1e-9)
 
 
-class ShardedEmbeddings:
-    """The shards of a finished `encode_corpus` folder.
-
-    Attributes:
-        rows, dim, shard_size, num_shards, meta (the `meta.json` dict).
-    """
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        meta_file = self.folder / META
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file}: missing (not a corpus embedding folder)")
-        self.meta = json.loads(meta_file.read_text())
-        self.rows, self.dim = int(self.meta["rows"]), int(self.meta["dim"])
-        self.shard_size = int(self.meta["shard_size"])
-        self.num_shards = -(-self.rows // self.shard_size) if self.rows else 0
-        self.has_ids = bool(self.meta["has_ids"])
-        missing = [s for s in range(self.num_shards) if not _emb_file(self.folder, s).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{self.folder}: {len(missing)} of {self.num_shards} shards missing "
-                f"(first: {_emb_file(self.folder, missing[0]).name}); rerun the encoding to "
-                "finish them"
-            )
-
-    def bounds(self, s: int) -> tuple[int, int]:
-        return s * self.shard_size, min((s + 1) * self.shard_size, self.rows)
-
-    def embeddings(self, s: int) -> np.ndarray:
-        """Shard `s`, float32 [rows, dim], memory-mapped (read-only)."""
-        emb = np.load(_emb_file(self.folder, s), mmap_mode="r", allow_pickle=False)
-        lo, hi = self.bounds(s)
-        if emb.shape != (hi - lo, self.dim):
-            raise ValueError(
-                f"{_emb_file(self.folder, s)}: shape {emb.shape}, expected {(hi - lo, self.dim)}"
-            )
-        return emb
-
-    def ids(self, s: int) -> np.ndarray | None:
-        """Ids of shard `s` (unicode array) or None when the corpus has none."""
-        if not self.has_ids:
-            return None
-        return np.load(_ids_file(self.folder, s), allow_pickle=False)
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, embeddings) of each shard, in order."""
-        for s in range(self.num_shards):
-            yield self.bounds(s)[0], self.embeddings(s)
-
-    def id_of(self, rows: np.ndarray) -> np.ndarray:
-        """Ids of global `rows` (any shape), read shard by shard."""
-        if not self.has_ids:
-            raise ValueError(f"{self.folder}: the corpus has no ids")
-        flat = np.asarray(rows).reshape(-1)
-        out = np.empty(flat.shape, dtype=object)
-        for s in np.unique(flat // self.shard_size):
-            sel = flat // self.shard_size == s
-            out[sel] = self.ids(int(s))[flat[sel] - s * self.shard_size]
-        return out.reshape(np.shape(rows))
-
-    def rows_of_ids(self, wanted: set[str]) -> dict[str, int]:
-        """Global row of each id in `wanted` found in the corpus (first occurrence)."""
-        found: dict[str, int] = {}
-        for s in range(self.num_shards):
-            lo, _ = self.bounds(s)
-            for j, i in enumerate(self.ids(s).tolist()):
-                if i in wanted and i not in found:
-                    found[i] = lo + j
-        return found
-
-    def vectors(self, rows) -> np.ndarray:
-        """Embeddings of global `rows` (1-D), float32 [len(rows), dim]."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for s in np.unique(rows // self.shard_size):
-            sel = rows // self.shard_size == s
-            out[sel] = self.embeddings(int(s))[rows[sel] - s * self.shard_size]
-        return out
-
-    def sum(self) -> np.ndarray:
-        """Sum of all embeddings (float64 [dim]), shard by shard."""
-        total = np.zeros(self.dim, dtype=np.float64)
-        for _, emb in self:
-            total += emb.sum(axis=0, dtype=np.float64)
-        return total
-
-
 def _check_meta(folder: Path, meta: dict, on_mismatch: str) -> None:
     """Writes `meta.json` into an empty / new folder; checks it against an existing one."""
     meta_file = folder / META
@@ -193,9 +118,12 @@ def _check_meta(folder: Path, meta: dict, on_mismatch: str) -> None:
                 if isinstance(old, dict)
                 else ["meta.json unreadable"]
             )
+            models = ""
+            if isinstance(old, dict) and model_of(old) != model_of(meta):
+                models = f"; made by model {model_of(old)}, this run's is {model_of(meta)}"
             raise ValueError(
-                f"{folder}: holds embeddings of something else (differs in {', '.join(diff)}); "
-                "delete it or choose another folder"
+                f"{folder}: holds embeddings of something else (differs in {', '.join(diff)}"
+                f"{models}); delete it or choose another folder"
             )
     elif folder.is_dir() and any(folder.iterdir()):
         raise ValueError(
@@ -240,32 +168,66 @@ def _plan_shards(embedder, corpus, folder, shard_size, instruction, normalize) -
     return _ShardPlan(Path(folder), len(corpus), shard_size, meta)
 
 
+def _verify_finished(plan: _ShardPlan) -> list[int]:
+    """Rank 0: every finished shard verified whole (`check_shard`); a damaged one is named in
+    the log and removed. Returns the shards to compute.
+
+    Raises:
+        ForeignShard: a shard made by another model or run than `meta.json` says.
+    """
+    todo = []
+    for s in range(plan.num_shards):
+        if finished(plan.folder, s):
+            try:
+                check_shard(plan.folder, s, plan.meta)
+                continue
+            except ForeignShard:
+                raise
+            except ShardError as err:
+                logger.warning("recomputing a damaged shard: %s", err, extra=SPEAKER)
+                remove_shard(plan.folder, s)
+        todo.append(s)
+    return todo
+
+
+def _claim(plan: _ShardPlan, on_mismatch: str) -> list[int]:
+    """Rank 0: `_check_meta`, stale temporaries removed, the finished shards verified; a folder
+    mixing two runs is refused or, for a private cache, cleared. Returns the shards to compute."""
+    _check_meta(plan.folder, plan.meta, on_mismatch)
+    remove_stale_temporaries(plan.folder)
+    try:
+        return _verify_finished(plan)
+    except ForeignShard as err:
+        if on_mismatch != "clear":
+            raise ValueError(f"{err}; delete the folder or choose another") from None
+        logger.warning("clearing the embedding cache %s: %s", plan.folder, err, extra=SPEAKER)
+        shutil.rmtree(plan.folder)
+        _check_meta(plan.folder, plan.meta, on_mismatch)
+        return list(range(plan.num_shards))
+
+
 def _missing_shards(embedder, plan: _ShardPlan, on_mismatch: str) -> list[int]:
-    """The resume check: rank 0 claims the folder (`_check_meta`, stale temporaries removed)
-    and lists the shards without an embeddings file; every rank gets its list (or its error).
+    """The resume check: rank 0 claims the folder (`_claim`) and lists the shards to compute
+    (missing or damaged); every rank gets its list (or its error).
 
     Raises:
         ValueError: the folder holds other embeddings or other files.
     """
-    err = None
+    out: list[int] | str | None = None
     if embedder.is_main:
         try:
-            _check_meta(plan.folder, plan.meta, on_mismatch)
-            remove_stale_temporaries(plan.folder)
+            out = _claim(plan, on_mismatch)
         except ValueError as e:
-            err = str(e)
-    err = _broadcast(err)
-    if err:
-        raise ValueError(err)
-    todo = None
-    if embedder.is_main:
-        todo = [s for s in range(plan.num_shards) if not _emb_file(plan.folder, s).is_file()]
-    return _broadcast(todo)
+            out = str(e)
+    out = _broadcast(out)
+    if isinstance(out, str):
+        raise ValueError(out)
+    return out
 
 
 def _encode_shard(embedder, corpus, plan: _ShardPlan, s: int, instruction, normalize) -> None:
-    """Embeds shard `s` on this data-parallel rank; its writer saves the ids, then the
-    embeddings (each atomically: the embeddings file marks the shard finished)."""
+    """Embeds shard `s` on this data-parallel rank; its writer saves the ids, the embeddings,
+    then their record (each atomically: the record marks the shard finished)."""
     lo, hi = s * plan.shard_size, min((s + 1) * plan.shard_size, plan.rows)
     rows = corpus.rows(lo, hi)
     texts = [r.text for r in rows]
@@ -275,10 +237,8 @@ def _encode_shard(embedder, corpus, plan: _ShardPlan, s: int, instruction, norma
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     if embedder.is_writer:
-        if plan.meta["has_ids"]:
-            ids = np.asarray([r.id for r in rows], dtype=str)
-            save_npy_atomic(_ids_file(plan.folder, s), ids)
-        save_npy_atomic(_emb_file(plan.folder, s), emb)
+        ids = np.asarray([r.id for r in rows], dtype=str) if plan.meta["has_ids"] else None
+        write_shard(plan.folder, s, emb, ids, plan.meta)
 
 
 def _log_start(embedder, corpus, plan: _ShardPlan, todo: list[int]) -> None:
@@ -301,13 +261,13 @@ def _log_start(embedder, corpus, plan: _ShardPlan, todo: list[int]) -> None:
 def _log_progress(plan: _ShardPlan, todo: list[int], start: float) -> None:
     """Shards finished by all ranks (their files), passages/s since `start` and the ETA."""
     sizes = {t: plan.size(t) for t in todo}
-    finished = [t for t in todo if _emb_file(plan.folder, t).is_file()]
+    done = [t for t in todo if finished(plan.folder, t)]
     elapsed = time.perf_counter() - start
-    rate = sum(sizes[t] for t in finished) / max(elapsed, 1e-9)  # all ranks
-    left = (sum(sizes.values()) - sum(sizes[t] for t in finished)) / max(rate, 1e-9)
+    rate = sum(sizes[t] for t in done) / max(elapsed, 1e-9)  # all ranks
+    left = (sum(sizes.values()) - sum(sizes[t] for t in done)) / max(rate, 1e-9)
     logger.info(
         "corpus shards %d/%d | %.0f passages/s | ETA %s",
-        plan.num_shards - len(todo) + len(finished),
+        plan.num_shards - len(todo) + len(done),
         plan.num_shards,
         rate,
         _fmt_seconds(left),
@@ -333,7 +293,8 @@ def _finish(embedder, plan: _ShardPlan, todo: list[int], start: float) -> Sharde
             embedder.dp_size,
             extra=SPEAKER,
         )
-    return ShardedEmbeddings(plan.folder)
+    # every shard was verified by `_missing_shards` or written by this call
+    return ShardedEmbeddings(plan.folder, verified=range(plan.num_shards))
 
 
 def encode_corpus(
@@ -382,18 +343,15 @@ def encode_corpus(
     return _finish(embedder, plan, todo, start)
 
 
-def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> None:
-    """All shards as one float32 `.npy` [rows, dim], written shard by shard through a memory
-    map into a temporary file, then renamed (memory: one shard)."""
-    from megatron_nvembed.utils.fileio import write_with
-
-    def write(tmp: Path) -> None:
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float32, shape=(shards.rows, shards.dim)
-        )
-        for lo, emb in shards:
-            out[lo : lo + len(emb)] = emb
-        out.flush()
-        del out
-
-    write_with(path, write)
+def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> Path:
+    """All shards as one float32 `.npy` [rows, dim] (each shard verified as it is read), written
+    shard by shard into a temporary file, then renamed (memory: one shard); then its record
+    `PATH.json` (size, XXH3-128 checksum, the model's fingerprint, the shards' `meta.json`).
+    Returns the record's path."""
+    path = Path(path)
+    entry = save_npy_blocks(path, (shards.rows, shards.dim), np.float32, (e for _, e in shards))
+    record = manifest_from({path.name: entry})
+    record.update(model_fingerprint=model_of(shards.meta), meta=shards.meta)
+    out = path.with_name(path.name + ".json")
+    write_atomic(out, json.dumps(record, indent=1, sort_keys=True))
+    return out

@@ -54,6 +54,18 @@ def bytes_checksum(data: bytes) -> dict:
     return {"size": len(data), HASH: xxhash.xxh3_128(data).hexdigest()}
 
 
+def buffers_checksum(buffers: Iterable) -> dict:
+    """The same record for several byte buffers written one after the other (e.g. a `.npy`
+    header and an array's memory, without joining them into one copy)."""
+    h = xxhash.xxh3_128()
+    size = 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        h.update(view)
+        size += view.nbytes
+    return {"size": size, HASH: h.hexdigest()}
+
+
 def build_manifest(folder: str | os.PathLike, relpaths: Iterable[str]) -> dict:
     """The manifest of the files `relpaths` (relative to `folder`), hashed now."""
     folder = Path(folder)

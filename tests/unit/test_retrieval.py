@@ -28,6 +28,7 @@ from megatron_nvembed.retrieval.shards import (
     encode_corpus,
     write_single_array,
 )
+from megatron_nvembed.utils.checksums import file_checksum, read_manifest
 
 DIM = 16
 
@@ -140,8 +141,13 @@ def test_sharded_encoding_equals_independent_vectors_and_resumes(tmp_path):
     np.testing.assert_allclose(shards.sum(), want.sum(0, dtype=np.float64), rtol=1e-6)
     assert not list((tmp_path / "s").glob(".*.tmp"))
 
-    write_single_array(shards, tmp_path / "all.npy")
+    record = write_single_array(shards, tmp_path / "all.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "all.npy"), want)
+    # its record: the file's size and checksum (hashed as written), what it embeds
+    assert record == tmp_path / "all.npy.json"
+    manifest = read_manifest(record)
+    assert list(manifest["files"]) == ["all.npy"] and manifest["meta"] == shards.meta
+    assert manifest["files"]["all.npy"] == file_checksum(tmp_path / "all.npy")
 
     # normalised + another instruction: a different folder's content
     with pytest.raises(ValueError, match=r"holds embeddings of something else.*normalize"):
