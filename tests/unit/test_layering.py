@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bottom", ("utils", "hf_model")),
     # core/ (configs, process groups, CPU support, launcher, logging, FLOPs, LossInputs) and the
     # checks a checkpoint folder passes before anything is loaded
-    ("base", ("core", "checkpoint.safety", "checkpoint.unpickling")),
+    ("base", ("core", "checkpoint.safety", "checkpoint.manifest", "checkpoint.unpickling")),
     ("components", ("model", "loss", "data", "curation", "conversion", "retrieval")),
     # Built on components: checkpoints merge LoRA adapters on load (model.lora), the conversion
     # jobs and the checkpoint merge build models and write checkpoints.
