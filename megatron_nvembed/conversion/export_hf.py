@@ -209,8 +209,8 @@ def export_hf(
         parse_dtype(dtype)
     if format not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {EXPORT_FORMATS}, got {format!r}")
-    with output_lock(hf_dir, "--hf-dir"):  # held until the output is in place
-        final = check_export_paths(load_dir, hf_dir, overwrite=overwrite)
+    final = check_export_paths(load_dir, hf_dir, overwrite=overwrite)
+    with output_lock(final, "--hf-dir"):  # after the checks; held until the output is in place
         load_dir, hf_dir = Path(load_dir), Path(hf_dir)
         st = format == "sentence-transformers"
         if st:

@@ -273,8 +273,8 @@ def import_hf(
     """
     from megatron_nvembed.core.launch import run_distributed
 
-    with output_lock(save_dir, "--save"):  # held until the output is in place
-        final = check_output_dir(save_dir, "--save", [("--hf-dir", hf_dir)], overwrite=overwrite)
+    final = check_output_dir(save_dir, "--save", [("--hf-dir", hf_dir)], overwrite=overwrite)
+    with output_lock(final, "--save"):  # after the checks; held until the output is in place
         hf_dir, save_dir = Path(hf_dir), Path(save_dir)
         cfg, has_head, prefix = _read_source(hf_dir)
         _apply_head_options(cfg, has_head, pooling, (num_latents, num_heads, head_dim), mask_type)

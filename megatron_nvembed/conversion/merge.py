@@ -398,10 +398,10 @@ def merge_checkpoints(
     from megatron_nvembed.model.build import build_model
     from megatron_nvembed.model.lora import apply_lora
 
-    with output_lock(save, "--save"):  # held until the output is in place
-        plan = check_merge(
-            loads, save, method=method, weights=weights, slerp_t=slerp_t, overwrite=overwrite
-        )
+    plan = check_merge(
+        loads, save, method=method, weights=weights, slerp_t=slerp_t, overwrite=overwrite
+    )
+    with output_lock(plan.final, "--save"):  # after the checks; held until the output is in place
         _check_input_files(plan)
         start = time.perf_counter()
         plan.cfg.parallel = ParallelConfig(1, 1)

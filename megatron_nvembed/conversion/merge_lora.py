@@ -102,11 +102,11 @@ def merge_lora_checkpoint(
         check_peft_options(peft_base_model, peft_target)
     elif peft_base_model is not None or peft_target is not None:
         raise ValueError("--peft-base-model and --peft-target take effect with --peft-dir only")
+    final = check_merge_lora_paths(load_dir, save_dir, peft_dir, overwrite=overwrite)
     peft_lock = (
         output_lock(peft_dir, "--peft-dir") if peft_dir is not None else contextlib.nullcontext()
     )
-    with output_lock(save_dir, "--save"), peft_lock:  # held until the outputs are in place
-        final = check_merge_lora_paths(load_dir, save_dir, peft_dir, overwrite=overwrite)
+    with output_lock(final, "--save"), peft_lock:  # after the checks; held until written
         load_dir, save_dir = Path(load_dir), Path(save_dir)
         lora = read_lora(load_dir)
         if lora is None:

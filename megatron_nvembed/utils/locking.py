@@ -99,7 +99,7 @@ def read_owner(output: str | os.PathLike) -> dict | None:
 def _describe(owner: dict | None) -> str:
     if owner is None:
         return "a job that recorded no owner"
-    command = str(owner.get("command", "?"))
+    command = " ".join(str(owner.get("command", "?")).split())  # one line
     if len(command) > _COMMAND_CHARS:
         command = command[: _COMMAND_CHARS - 3] + "..."
     return (
