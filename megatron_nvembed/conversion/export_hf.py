@@ -22,7 +22,6 @@ from megatron_nvembed.conversion.hf_weights import write_safetensors_shards
 from megatron_nvembed.conversion.st_layout import PROMPTS_FILE, prompts_config, write_st_layout
 from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
-from megatron_nvembed.utils.locking import output_lock
 
 HF_FILES_DIR = Path(__file__).resolve().parents[1] / "hf_model"
 HF_MODEL_FILES = (
@@ -210,20 +209,19 @@ def export_hf(
     if format not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {EXPORT_FORMATS}, got {format!r}")
     final = check_export_paths(load_dir, hf_dir, overwrite=overwrite)
-    with output_lock(final, "--hf-dir"):  # after the checks; held until the output is in place
-        load_dir, hf_dir = Path(load_dir), Path(hf_dir)
-        st = format == "sentence-transformers"
-        if st:
-            from megatron_nvembed.checkpoint.store import read_config
+    load_dir, hf_dir = Path(load_dir), Path(hf_dir)
+    st = format == "sentence-transformers"
+    if st:
+        from megatron_nvembed.checkpoint.store import read_config
 
-            check_st_exportable(read_config(load_dir), load_dir / TOKENIZER_DIR)
-        reader = CheckpointTensors(load_dir)
-        cfg = reader.cfg
-        dtype = dtype or DTYPE_NAMES[reader.dtype]
-        layout, produce = _hf_tensors(reader, "" if st else "embedding_model.", DTYPES[dtype])
-        with atomic_dir(final, overwrite=overwrite, flag="--hf-dir") as tmp:
-            write_safetensors_shards(layout, tmp, max_shard_bytes, produce)
-            _write_model_files(tmp, cfg, dtype, st)
-            if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
-                raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
-        return hf_dir
+        check_st_exportable(read_config(load_dir), load_dir / TOKENIZER_DIR)
+    reader = CheckpointTensors(load_dir)
+    cfg = reader.cfg
+    dtype = dtype or DTYPE_NAMES[reader.dtype]
+    layout, produce = _hf_tensors(reader, "" if st else "embedding_model.", DTYPES[dtype])
+    with atomic_dir(final, overwrite=overwrite, flag="--hf-dir") as tmp:
+        write_safetensors_shards(layout, tmp, max_shard_bytes, produce)
+        _write_model_files(tmp, cfg, dtype, st)
+        if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
+            raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
+    return hf_dir

@@ -23,7 +23,6 @@ from megatron_nvembed.conversion.hf_weights import LazyHFState, backbone_prefix
 from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
 from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
-from megatron_nvembed.utils.locking import output_lock
 
 logger = get_logger(__name__)
 
@@ -274,29 +273,28 @@ def import_hf(
     from megatron_nvembed.core.launch import run_distributed
 
     final = check_output_dir(save_dir, "--save", [("--hf-dir", hf_dir)], overwrite=overwrite)
-    with output_lock(final, "--save"):  # after the checks; held until the output is in place
-        hf_dir, save_dir = Path(hf_dir), Path(save_dir)
-        cfg, has_head, prefix = _read_source(hf_dir)
-        _apply_head_options(cfg, has_head, pooling, (num_latents, num_heads, head_dim), mask_type)
-        cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
-        cfg.validate()
-        dtype = dtype or _source_dtype(hf_dir, prefix)
-        parse_dtype(dtype)
-        start = time.perf_counter()
-        with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp:
-            run_distributed(
-                _import_worker,
-                tensor_model_parallel_size * pipeline_model_parallel_size,
-                str(hf_dir),
-                str(tmp),
-                cfg.to_dict(),
-                has_head,
-                prefix,
-                seed,
-                dtype,
-            )
-            copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-        logger.info(
-            "imported %s -> %s (%s) in %.1fs", hf_dir, save_dir, dtype, time.perf_counter() - start
+    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    cfg, has_head, prefix = _read_source(hf_dir)
+    _apply_head_options(cfg, has_head, pooling, (num_latents, num_heads, head_dim), mask_type)
+    cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
+    cfg.validate()
+    dtype = dtype or _source_dtype(hf_dir, prefix)
+    parse_dtype(dtype)
+    start = time.perf_counter()
+    with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp:
+        run_distributed(
+            _import_worker,
+            tensor_model_parallel_size * pipeline_model_parallel_size,
+            str(hf_dir),
+            str(tmp),
+            cfg.to_dict(),
+            has_head,
+            prefix,
+            seed,
+            dtype,
         )
-        return cfg
+        copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+    logger.info(
+        "imported %s -> %s (%s) in %.1fs", hf_dir, save_dir, dtype, time.perf_counter() - start
+    )
+    return cfg

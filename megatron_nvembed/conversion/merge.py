@@ -401,8 +401,9 @@ def merge_checkpoints(
     plan = check_merge(
         loads, save, method=method, weights=weights, slerp_t=slerp_t, overwrite=overwrite
     )
-    with output_lock(plan.final, "--save"):  # after the checks; held until the output is in place
-        _check_input_files(plan)
+    _check_input_files(plan)
+    # After the checks, before the inputs are read: held until the output is in place.
+    with output_lock(plan.final, "--save"):
         start = time.perf_counter()
         plan.cfg.parallel = ParallelConfig(1, 1)
         model = build_model(plan.cfg)

@@ -16,7 +16,6 @@ import torch
 
 from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir, folder_relation
-from megatron_nvembed.utils.locking import output_lock
 
 logger = get_logger(__name__)
 
@@ -103,47 +102,43 @@ def merge_lora_checkpoint(
     elif peft_base_model is not None or peft_target is not None:
         raise ValueError("--peft-base-model and --peft-target take effect with --peft-dir only")
     final = check_merge_lora_paths(load_dir, save_dir, peft_dir, overwrite=overwrite)
-    peft_lock = (
-        output_lock(peft_dir, "--peft-dir") if peft_dir is not None else contextlib.nullcontext()
+    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    lora = read_lora(load_dir)
+    if lora is None:
+        raise ValueError(f"{load_dir}: the checkpoint holds no LoRA adapters (no lora.json)")
+    reader = CheckpointTensors(load_dir)
+    cfg = reader.cfg
+    peft_out = (
+        atomic_dir(Path(peft_dir).resolve(), overwrite=overwrite, flag="--peft-dir")
+        if peft_dir is not None
+        else contextlib.nullcontext()
     )
-    with output_lock(final, "--save"), peft_lock:  # after the checks; held until written
-        load_dir, save_dir = Path(load_dir), Path(save_dir)
-        lora = read_lora(load_dir)
-        if lora is None:
-            raise ValueError(f"{load_dir}: the checkpoint holds no LoRA adapters (no lora.json)")
-        reader = CheckpointTensors(load_dir)
-        cfg = reader.cfg
-        peft_out = (
-            atomic_dir(Path(peft_dir).resolve(), overwrite=overwrite, flag="--peft-dir")
-            if peft_dir is not None
-            else contextlib.nullcontext()
-        )
-        # --peft-dir is swapped in first (inner), then --save: neither before both are written.
-        with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp, peft_out as peft_tmp:
-            if peft_tmp is not None:
-                save_peft_adapters(
-                    _with_adapters_read(reader),
-                    cfg,
-                    peft_tmp,
-                    lora["rank"],
-                    lora["alpha"],
-                    lora["dropout"],
-                    base_model_name_or_path=peft_base_model,
-                    target=peft_target,
-                )
-            # The plain model's parameters, each merged when written (one layer's at a time).
-            save_checkpoint(
-                reader.plain,
+    # --peft-dir is swapped in first (inner), then --save: neither before both are written.
+    with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp, peft_out as peft_tmp:
+        if peft_tmp is not None:
+            save_peft_adapters(
+                _with_adapters_read(reader),
                 cfg,
-                tmp,
-                iteration=0,
-                values=lambda name: reader.merged(name).to(reader.dtype),
+                peft_tmp,
+                lora["rank"],
+                lora["alpha"],
+                lora["dropout"],
+                base_model_name_or_path=peft_base_model,
+                target=peft_target,
             )
-            if (load_dir / TOKENIZER_DIR).is_dir():
-                shutil.copytree(load_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
-        count = sum(1 for n in reader.names() if n.endswith(".lora_A"))
-        logger.info("merged %d adapters (rank %d) into %s", count, lora["rank"], save_dir)
-        return lora
+        # The plain model's parameters, each merged when written (one layer's at a time).
+        save_checkpoint(
+            reader.plain,
+            cfg,
+            tmp,
+            iteration=0,
+            values=lambda name: reader.merged(name).to(reader.dtype),
+        )
+        if (load_dir / TOKENIZER_DIR).is_dir():
+            shutil.copytree(load_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+    count = sum(1 for n in reader.names() if n.endswith(".lora_A"))
+    logger.info("merged %d adapters (rank %d) into %s", count, lora["rank"], save_dir)
+    return lora
 
 
 def _with_adapters_read(reader):
