@@ -44,6 +44,7 @@ from megatron_nvembed.checkpoint.streaming import (
 )
 from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.utils.locking import output_lock
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _TRACKER_MAX_BYTES = 64
@@ -227,17 +228,11 @@ def save_checkpoint(
     tmp = final.with_name(final.name + ".tmp")
     old = final.with_name(final.name + REPLACED_SUFFIX)
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for left in root.glob(f"iter_*{REPLACED_SUFFIX}"):
-            # A re-save killed between its renames: the complete copy goes back in place.
-            main = left.with_name(left.name[: -len(REPLACED_SUFFIX)])
-            if main.exists():
-                shutil.rmtree(left)
-            else:
-                os.replace(left, main)
-        for left in root.glob("iter_*.tmp"):
-            shutil.rmtree(left)  # leftovers of interrupted saves (never what --load picks)
-        tmp.mkdir()
+        # Leftovers are removed by the holder of the folder's lock only (the trainer holds it
+        # for the whole run; taken here for other callers): never a live job's save.
+        with output_lock(root, "--save"):
+            _repair_and_clear(root)
+            tmp.mkdir()
     _barrier()
     resolver = Resolver(model, values) if values is not None else None
     strategy = streaming_strategy() if values is not None else None
@@ -288,6 +283,21 @@ def _gather_records(written: dict[str, dict], tmp: Path) -> dict[str, dict]:
     parts = [None] * dist.get_world_size() if _rank() == 0 else None
     dist.gather_object(mine, parts, dst=0)
     return {k: v for part in parts or [] for k, v in part.items()}
+
+
+def _repair_and_clear(root: Path) -> None:
+    """The leftovers of interrupted saves in `root`: a re-save killed between its renames gets
+    its complete copy back in place; unfinished `iter_*.tmp` folders (never what --load picks)
+    are removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    for left in root.glob(f"iter_*{REPLACED_SUFFIX}"):
+        main = left.with_name(left.name[: -len(REPLACED_SUFFIX)])
+        if main.exists():
+            shutil.rmtree(left)
+        else:
+            os.replace(left, main)
+    for left in root.glob("iter_*.tmp"):
+        shutil.rmtree(left)
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

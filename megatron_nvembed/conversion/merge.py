@@ -47,6 +47,7 @@ from megatron_nvembed.checkpoint.store import (
 from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
 from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
+from megatron_nvembed.utils.locking import output_lock
 
 logger = get_logger(__name__)
 
@@ -401,20 +402,22 @@ def merge_checkpoints(
         loads, save, method=method, weights=weights, slerp_t=slerp_t, overwrite=overwrite
     )
     _check_input_files(plan)
-    start = time.perf_counter()
-    plan.cfg.parallel = ParallelConfig(1, 1)
-    model = build_model(plan.cfg)
-    if plan.lora is not None:
-        apply_lora(model, plan.lora["rank"], plan.lora["alpha"], 0.0)
-    count = _fold_inputs(model, plan)
-    _write_merged(model, plan, overwrite)
-    logger.info(
-        "merged %d tensors of %d checkpoints (%s%s) into %s in %.1fs",
-        count,
-        len(plan.loads),
-        _method_summary(plan),
-        f", LoRA rank {plan.lora['rank']} kept" if plan.lora is not None else "",
-        plan.save,
-        time.perf_counter() - start,
-    )
-    return plan
+    # After the checks, before the inputs are read: held until the output is in place.
+    with output_lock(plan.final, "--save"):
+        start = time.perf_counter()
+        plan.cfg.parallel = ParallelConfig(1, 1)
+        model = build_model(plan.cfg)
+        if plan.lora is not None:
+            apply_lora(model, plan.lora["rank"], plan.lora["alpha"], 0.0)
+        count = _fold_inputs(model, plan)
+        _write_merged(model, plan, overwrite)
+        logger.info(
+            "merged %d tensors of %d checkpoints (%s%s) into %s in %.1fs",
+            count,
+            len(plan.loads),
+            _method_summary(plan),
+            f", LoRA rank {plan.lora['rank']} kept" if plan.lora is not None else "",
+            plan.save,
+            time.perf_counter() - start,
+        )
+        return plan

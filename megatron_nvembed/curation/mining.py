@@ -79,6 +79,7 @@ from megatron_nvembed.curation.mining_state import (
 )
 from megatron_nvembed.data.records import MissingInstructionError, ReadStats, Record, iter_records
 from megatron_nvembed.retrieval.search import EXACT
+from megatron_nvembed.utils.locking import rank0_output_lock
 
 if TYPE_CHECKING:
     from megatron_nvembed.retrieval.corpus import JsonlCorpus
@@ -109,21 +110,24 @@ def mine_hard_negatives(
         ValueError: naming file:line of a bad input record (e.g. one with neither "task" nor
             "instruction" when `use_instruction` and no `instruction`: the message says what to
             add) or a bad corpus line; a bad option (naming its flag); a `corpus_embeddings`
-            folder made for another teacher or corpus.
+            folder made for another teacher or corpus; another job writing `output_path`
+            (`utils.locking.OutputLocked`, naming its holder).
         FileNotFoundError: a missing input or corpus file.
     """
     opt = options if options is not None else MiningOptions()
     opt.check()
     total, read = count_queries(input_path, opt)
     corpus = open_corpus(corpus_path)
-    run = start_run(input_path, corpus, _load_teacher(teacher, opt), output_path, opt, total)
-    run.summary.skipped_records = read.skipped
-    run.shards = embed_corpus(run)
-    if mine_queries(run):
-        finish_run(run)
-    else:
-        run.summary.finish()
-        barrier()
+    # One writer per output: global rank 0 holds its lock from before the teacher loads.
+    with rank0_output_lock(output_path, "--output"):
+        run = start_run(input_path, corpus, _load_teacher(teacher, opt), output_path, opt, total)
+        run.summary.skipped_records = read.skipped
+        run.shards = embed_corpus(run)
+        if mine_queries(run):
+            finish_run(run)
+        else:
+            run.summary.finish()
+            barrier()
     return run.summary
 
 

@@ -17,6 +17,7 @@ from megatron_nvembed.evaluation.encoder import load_embedder, query_template_of
 from megatron_nvembed.evaluation.encoder_flags import FlagError, embedder_kwargs
 from megatron_nvembed.retrieval.corpus import JsonlCorpus, embed_row
 from megatron_nvembed.retrieval.shards import encode_corpus, write_single_array
+from megatron_nvembed.utils.locking import OutputLocked, rank0_output_lock
 
 
 def _open_input(args: argparse.Namespace) -> JsonlCorpus:
@@ -40,12 +41,22 @@ def embed_texts(args: argparse.Namespace) -> None:
             --output's suffix).
 
     Raises:
-        FlagError: --load or --input unusable, or the output folder holds other files, other
-            embeddings, or shards of another model than its `meta.json` says (naming the flag).
+        FlagError: --load or --input unusable, the output folder holds other files, other
+            embeddings, or shards of another model than its `meta.json` says, or another job
+            writes the output (naming the flag).
     """
+    corpus = _open_input(args)
+    flag = "--output-dir" if args.output_dir else "--output"
+    try:  # global rank 0, before the model loads (under torchrun its error ends the others)
+        with rank0_output_lock(args.output_dir or args.output, flag):
+            _embed(args, corpus)
+    except OutputLocked as err:
+        raise FlagError(str(err)) from err
+
+
+def _embed(args: argparse.Namespace, corpus: JsonlCorpus) -> None:
     import torch.distributed as dist
 
-    corpus = _open_input(args)
     embedder = load_embedder(args.load, **embedder_kwargs(args))
     folder = Path(args.output_dir or args.output + ".shards")
     try:

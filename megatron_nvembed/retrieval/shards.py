@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from megatron_nvembed.retrieval.shard_files import (
 )
 from megatron_nvembed.utils.checksums import manifest_from
 from megatron_nvembed.utils.fileio import remove_stale_temporaries, write_atomic
+from megatron_nvembed.utils.locking import output_lock
 
 logger = get_logger(__name__)
 
@@ -206,16 +208,18 @@ def _claim(plan: _ShardPlan, on_mismatch: str) -> list[int]:
         return list(range(plan.num_shards))
 
 
-def _missing_shards(embedder, plan: _ShardPlan, on_mismatch: str) -> list[int]:
-    """The resume check: rank 0 claims the folder (`_claim`) and lists the shards to compute
-    (missing or damaged); every rank gets its list (or its error).
+def _missing_shards(embedder, plan: _ShardPlan, on_mismatch: str, held: ExitStack) -> list[int]:
+    """The resume check: rank 0 takes the folder's lock (`utils.locking`, kept in `held`), then
+    claims the folder (`_claim`: stale temporaries are removed by the lock's holder only) and lists
+    the shards to compute (missing or damaged); every rank gets its list (or its error).
 
     Raises:
-        ValueError: the folder holds other embeddings or other files.
+        ValueError: the folder holds other embeddings or other files; another job writes it.
     """
     out: list[int] | str | None = None
     if embedder.is_main:
         try:
+            held.enter_context(output_lock(plan.folder, "embeddings folder"))
             out = _claim(plan, on_mismatch)
         except ValueError as e:
             out = str(e)
@@ -331,16 +335,17 @@ def encode_corpus(
     if on_mismatch not in ("error", "clear"):
         raise ValueError(f"on_mismatch must be 'error' or 'clear', got {on_mismatch!r}")
     plan = _plan_shards(embedder, corpus, folder, shard_size, instruction, normalize)
-    todo = _missing_shards(embedder, plan, on_mismatch)
-    _log_start(embedder, corpus, plan, todo)
-    start = time.perf_counter()
-    for computed, s in enumerate(todo[embedder.dp_rank :: embedder.dp_size], 1):
-        _encode_shard(embedder, corpus, plan, s, instruction, normalize)
-        if embedder.is_main:
-            _log_progress(plan, todo, start)
-        if stop_after_shards is not None and computed >= stop_after_shards:
-            return None
-    return _finish(embedder, plan, todo, start)
+    with ExitStack() as held:  # rank 0: the folder's lock, until the shards are written
+        todo = _missing_shards(embedder, plan, on_mismatch, held)
+        _log_start(embedder, corpus, plan, todo)
+        start = time.perf_counter()
+        for computed, s in enumerate(todo[embedder.dp_rank :: embedder.dp_size], 1):
+            _encode_shard(embedder, corpus, plan, s, instruction, normalize)
+            if embedder.is_main:
+                _log_progress(plan, todo, start)
+            if stop_after_shards is not None and computed >= stop_after_shards:
+                return None
+        return _finish(embedder, plan, todo, start)
 
 
 def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> Path:

@@ -52,6 +52,20 @@ def check_inputs(cfg) -> None:
             raise ValueError(f"--load: {ck.load} is a file, not a checkpoint folder")
 
 
+def save_lock(cfg):
+    """The lock of `--save` (`utils.locking.output_lock`), held by global rank 0 for the whole
+    run and taken before the process group: a second job writing the same folder is refused
+    in one line naming the holder before anything is built (under torchrun rank 0's error ends
+    the others). Other ranks and a run without `--save` take nothing."""
+    import contextlib
+
+    from megatron_nvembed.utils.locking import rank0_output_lock
+
+    if not cfg.checkpoint.save:
+        return contextlib.nullcontext()
+    return rank0_output_lock(cfg.checkpoint.save, "--save")
+
+
 def _error(err: Exception, code: int = 2) -> int:
     """Bad input (exit code 2) or a failed save (3): the code and the message once. Under torchrun each worker writes it to its
     error file instead (`TORCHELASTIC_ERROR_FILE`), and `training/torchrun.py` prints the first
@@ -89,6 +103,10 @@ def main(argv=None) -> int:
         cfg = config_from_args(args)
         if args.check_args:
             check_inputs(cfg)
+            if cfg.checkpoint.save:
+                from megatron_nvembed.utils.locking import check_unlocked
+
+                check_unlocked(cfg.checkpoint.save, "--save")
             return 0
     except (ValueError, FileNotFoundError) as err:
         return _error(err)
@@ -108,7 +126,8 @@ def main(argv=None) -> int:
 
     try:
         check_inputs(cfg)
-        result = train(cfg)
+        with save_lock(cfg):
+            result = train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         return _error(err)
     except CheckpointSaveError as err:

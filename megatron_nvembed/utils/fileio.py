@@ -7,7 +7,8 @@ the same way: into a new hidden folder beside it, swapped in once complete (`ato
 anything is read, `check_output_dir` refuses an output folder that must not be written (non-empty
 without overwrite, a link, the source itself, inside it or holding it).
 
-Imports nothing of the package; everything that writes results uses it.
+Imports nothing of the package but `utils.locking` (a folder output is written under its lock);
+everything that writes results uses it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from megatron_nvembed.utils.locking import holds, output_lock
 
 
 def _current_umask() -> int:
@@ -190,12 +193,15 @@ def _temp_dir_beside(final: Path) -> Path:
 
     Its name is new each time and marked as this package's (`.NAME.nvembed-tmp-*`), so no folder
     of the user's (a `NAME.tmp`) is ever deleted to make room for it; the temporaries of earlier
-    runs to the same output that were killed midway are removed here.
+    runs to the same output that were killed midway are removed here, by the holder of the
+    output's lock only (`utils.locking`): a live run's temporary is never taken from it.
 
     Returns:
         The new folder's path.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    if not holds(final):
+        raise RuntimeError(f"{final}: written without holding its lock (utils.locking)")
     for left in final.parent.glob(f".{glob.escape(final.name)}.nvembed-tmp-*"):
         shutil.rmtree(left, ignore_errors=True)
     tmp = _sibling(final, "tmp")
@@ -238,16 +244,21 @@ def _replace_dir(tmp: Path, final: Path, *, overwrite: bool, flag: str) -> None:
 def atomic_dir(final: Path, *, overwrite: bool, flag: str) -> Iterator[Path]:
     """Yields a new folder beside `final` (`_temp_dir_beside`) to write the output in; on a clean
     exit it is swapped in for `final` (`_replace_dir`), on an exception it is removed and `final`
-    stays as it was.
+    stays as it was. All of it under the lock of `final` (`utils.locking.output_lock`, taken here
+    unless the caller holds it already).
 
     Args:
         final: the output folder, resolved (as `check_output_dir` returns it).
         overwrite, flag: as `_replace_dir` takes them.
+
+    Raises:
+        utils.locking.OutputLocked: another job writes `final`.
     """
-    tmp = _temp_dir_beside(final)
-    try:
-        yield tmp
-        _replace_dir(tmp, final, overwrite=overwrite, flag=flag)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(final, flag):
+        tmp = _temp_dir_beside(final)
+        try:
+            yield tmp
+            _replace_dir(tmp, final, overwrite=overwrite, flag=flag)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

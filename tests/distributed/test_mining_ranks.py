@@ -101,9 +101,17 @@ def test_two_ranks_write_the_one_process_file(tmp_path):
         assert got[key] == getattr(ref, key), key
     assert got["corpus_encoded"] == 200 and got["queries_per_second"] > 0
     assert (tmp_path / "two.jsonl").read_bytes() == want
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "corpus.jsonl",
         "one.jsonl",
         "q.jsonl",
         "two.jsonl",
     ]
+    # beside them only the released locks (utils.locking) of the outputs and their corpus caches
+    locks = sorted(p for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert [p.name for p in locks] == sorted(
+        f".{out}{cache}.nvembed-lock"
+        for out in ("one.jsonl", "two.jsonl")
+        for cache in ("", ".cache")
+    )
+    assert all(p.read_text() == "" for p in locks)

@@ -86,7 +86,9 @@ def _killed_then_rerun(rng, seed, command, source, out_flag, straight: Path, out
     _finish(_convert(command, *source, out_flag, out, "--overwrite"))
     assert _files(out) == _files(straight), f"{command}, seed {seed}"
     left = sorted(p.name for p in out.parent.iterdir() if out.name in p.name)
-    assert left == [out.name], (left, seed)
+    lock = f".{out.name}.nvembed-lock"  # the output's lock file: kept, its owner cleared
+    assert left == [lock, out.name], (left, seed)
+    assert (out.parent / lock).read_text() == "", seed
 
 
 def test_conversion_killed_then_rerun_equals_an_uninterrupted_run(tmp_path):

@@ -320,4 +320,9 @@ def test_overwrite_replaces_and_a_refused_source_stays_loadable(tmp_path, tokeni
     empty.mkdir()
     export_hf(ckpt, empty, dtype="float32")  # an empty folder needs no --overwrite
     assert (empty / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "empty", "hf", "mistral"]
+    # beside the outputs only their lock files (utils.locking), released: owner cleared
+    locks = sorted(p.name for p in tmp_path.glob(".*.nvembed-lock"))
+    assert locks == [".ckpt.nvembed-lock", ".empty.nvembed-lock", ".hf.nvembed-lock"]
+    assert all((tmp_path / name).read_text() == "" for name in locks)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in locks)
+    assert left == ["ckpt", "empty", "hf", "mistral"]

@@ -158,7 +158,9 @@ def test_linear_and_slerp_equal_plain_torch_and_export(ckpts, tmp_path, capsys):
     for n in names:
         assert (out / TOKENIZER_DIR / n).read_bytes() == (a / TOKENIZER_DIR / n).read_bytes()
     assert not [p.name for p in out.iterdir() if p.name.startswith("optimizer")]
-    assert not list(tmp_path.glob(".linear.*"))  # no temporary left beside
+    # no temporary left beside, only the output's released lock (utils.locking)
+    assert [p.name for p in tmp_path.glob(".linear.*")] == [".linear.nvembed-lock"]
+    assert (tmp_path / ".linear.nvembed-lock").read_text() == ""
 
     t = 0.3
     out_s = tmp_path / "slerp"

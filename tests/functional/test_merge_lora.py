@@ -80,7 +80,9 @@ def test_lora_checkpoint_merge_and_export(tmp_path):
     (tmp_path / "merged" / "notes.txt").write_text("stale")
     merge_lora_checkpoint(tmp_path / "lora", tmp_path / "merged", overwrite=True)
     assert not (tmp_path / "merged" / "notes.txt").exists()
-    assert not list(tmp_path.glob("*merged.*"))  # no temporary or old folder left beside
+    # no temporary or old folder left beside, only the output's released lock (utils.locking)
+    assert [p.name for p in tmp_path.glob("*merged.*")] == [".merged.nvembed-lock"]
+    assert (tmp_path / ".merged.nvembed-lock").read_text() == ""
 
     for source in ("merged", "lora"):  # merge-lora output; LoRA checkpoint merged on load
         plain = build_model(read_config(tmp_path / source), pg)

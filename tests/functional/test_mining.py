@@ -494,7 +494,10 @@ def test_tool_killed_twice_then_rerun_equals_an_uninterrupted_run(tmp_path, teac
     ids = [json.loads(line)["id"] for line in got.decode().splitlines()]
     assert ids == [f"q{i}" for i in range(queries)], f"seed {seed}: records lost or repeated"
     assert got == want, f"seed {seed}: the resumed output differs from an uninterrupted run"
-    assert sorted(p.name for p in run.iterdir()) == ["out.jsonl"], f"seed {seed}: leftovers"
+    # the output, and the released locks of it and of its corpus cache (utils.locking)
+    locks = [".out.jsonl.cache.nvembed-lock", ".out.jsonl.nvembed-lock"]
+    assert sorted(p.name for p in run.iterdir()) == [*locks, "out.jsonl"], f"seed {seed}"
+    assert all((run / name).read_text() == "" for name in locks), f"seed {seed}"
 
 
 @pytest.mark.functional

@@ -72,11 +72,11 @@ def test_atomic_dir_swaps_in_whole_and_a_failure_keeps_the_old_folder(tmp_path):
             (tmp / "new.txt").write_text("half")
             raise RuntimeError("failed midway")
     assert os.listdir(final) == ["old.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["out", "out.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".out.nvembed-lock", "out", "out.tmp"]
     with atomic_dir(final, overwrite=True, flag="--save") as tmp:
         (tmp / "new.txt").write_text("new")
     assert os.listdir(final) == ["new.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["out", "out.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".out.nvembed-lock", "out", "out.tmp"]
 
 
 def test_atomic_dir_refuses_a_folder_filled_meanwhile_without_overwrite(tmp_path):
@@ -87,7 +87,7 @@ def test_atomic_dir_refuses_a_folder_filled_meanwhile_without_overwrite(tmp_path
             final.mkdir()
             (final / "theirs.txt").write_text("theirs")
     assert os.listdir(final) == ["theirs.txt"]
-    assert os.listdir(tmp_path) == ["out"]
+    assert sorted(os.listdir(tmp_path)) == [".out.nvembed-lock", "out"]
 
 
 def test_check_output_dir_refusals(tmp_path):
