@@ -70,12 +70,16 @@ def main(argv=None) -> int:
     setup_logging(note_kernels=True)
     from megatron_nvembed.evaluation.embed_run import embed_texts
     from megatron_nvembed.evaluation.encoder_flags import FlagError
+    from megatron_nvembed.utils.diskspace import DISK_FULL_EXIT, DiskFullError
 
     try:
         embed_texts(args)
     except FlagError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return DISK_FULL_EXIT
     return 0
 
 

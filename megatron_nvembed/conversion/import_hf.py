@@ -125,7 +125,9 @@ def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
     """
     from megatron_nvembed.conversion.hf_config import config_from_hf_dir
     from megatron_nvembed.conversion.hf_shapes import check_hf_shapes
+    from megatron_nvembed.conversion.st_layout import check_folder_inside
 
+    check_folder_inside(hf_dir)  # nothing read below lies outside --hf-dir
     cfg, has_head, prefix = config_from_hf_dir(hf_dir)
     state = LazyHFState(hf_dir)  # validates files before any process starts
     prefix = backbone_prefix(state, hf_dir, prefix)

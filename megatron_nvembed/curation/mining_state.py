@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.curation.mining_options import MiningSummary
+from megatron_nvembed.utils.diskspace import DiskFullError, is_disk_full
 from megatron_nvembed.utils.fileio import remove_stale_temporaries, write_atomic
 
 logger = get_logger(__name__)
@@ -146,9 +147,22 @@ def resume(files: OutputFiles, fp: str) -> tuple[int, dict | None]:
 
 def append_chunk(files: OutputFiles, data: bytes, fp: str, done: int, summary: MiningSummary):
     """Rank 0: appends a chunk's lines to the partial output, then records the state (a kill
-    between the two leaves bytes the next run's `resume` cuts off)."""
-    with open(files.partial, "ab") as fh:
-        fh.write(data)
+    between the two leaves bytes the next run's `resume` cuts off).
+
+    Raises:
+        DiskFullError: naming the output; the partial output is cut back to its earlier chunks
+            (a rerun resumes after them)."""
+    with open(files.partial, "ab", buffering=0) as fh:  # unbuffered: every write checked
+        before = fh.tell()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[fh.write(view) :]
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            fh.truncate(before)
+            raise DiskFullError(files.out, len(data)) from err
         size_now = fh.tell()
     state = {"fingerprint": fp, "done": done, "partial_bytes": size_now, "summary": asdict(summary)}
     write_atomic(files.state, json.dumps(state))

@@ -382,18 +382,28 @@ def encode_corpus(
     return _finish(embedder, plan, todo, start)
 
 
+def single_array_size(rows: int, dim: int) -> int:
+    """Bytes of the `.npy` file `write_single_array` writes for `rows` x `dim` embeddings."""
+    from megatron_nvembed.utils.diskspace import npy_size
+
+    return npy_size((rows, dim), np.float32)
+
+
 def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> None:
-    """All shards as one float32 `.npy` [rows, dim], written shard by shard through a memory
-    map into a temporary file, then renamed (memory: one shard)."""
+    """All shards as one float32 `.npy` [rows, dim], appended shard by shard to a temporary
+    file whose bytes are reserved first (a full disk fails there, before the first shard, with
+    `DiskFullError`; never a SIGBUS of a memory map), then renamed (memory: one shard)."""
+    from megatron_nvembed.utils.diskspace import reserve_space
     from megatron_nvembed.utils.fileio import write_with
 
-    def write(tmp: Path) -> None:
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float32, shape=(shards.rows, shards.dim)
-        )
-        for lo, emb in shards:
-            out[lo : lo + len(emb)] = emb
-        out.flush()
-        del out
+    size = single_array_size(shards.rows, shards.dim)
 
-    write_with(path, write)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            reserve_space(f, size, path)
+            header = {"descr": "<f4", "fortran_order": False, "shape": (shards.rows, shards.dim)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for _, emb in shards:
+                f.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
+
+    write_with(path, write, size)
