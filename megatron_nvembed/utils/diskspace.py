@@ -24,12 +24,19 @@ import numpy as np
 
 
 class DiskFullError(OSError):
-    """A write ran out of space; its message is one line: the path, the bytes needed, the bytes
-    free. Tools print it as `error: ...` and exit with code 3 (as a failed checkpoint save)."""
+    """A write ran out of space; its message is one line: the path, the bytes needed (`needed`;
+    when unknown, more than the `written` ones), the bytes free (`free`, as measured when the
+    write failed; by default now). Tools print it as `error: ...` and exit with code 3 (as a failed checkpoint save)."""
 
-    def __init__(self, path: str | os.PathLike, needed: int | None, written: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        needed: int | None,
+        written: int | None = None,
+        free: int | None = None,
+    ):
         self.path, self.needed, self.written = Path(path), needed, written
-        self.free = free_bytes(self.path)
+        self.free = free_bytes(self.path) if free is None else free
         if needed is not None:
             need = f"{needed} bytes needed"
         else:
@@ -127,15 +134,16 @@ def _size_of(path: Path) -> int:
 
 def disk_full_error(err: BaseException, final: Path, tmp: Path, size: int | None) -> DiskFullError:
     """The one-line error for a write to `final` through `tmp` (a file or folder) that ran out
-    of space; `tmp` is removed before the free space is measured."""
+    of space, with the free space when it did; `tmp` is removed."""
     inner = err if isinstance(err, DiskFullError) else None
     written = inner.written if inner is not None else _size_of(tmp)
     needed = inner.needed if inner is not None and inner.needed is not None else size
+    free = inner.free if inner is not None else free_bytes(tmp)
     if tmp.is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.unlink(missing_ok=True)
-    return DiskFullError(final, needed, written)
+    return DiskFullError(final, needed, written, free)
 
 
 def npy_size(shape: tuple[int, ...], dtype) -> int:

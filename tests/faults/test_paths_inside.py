@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_nvembed.testing import build_word_tokenizer, init_single_process_megatron
+from megatron_nvembed.testing import init_single_process_megatron
 from megatron_nvembed.testing.data import _write_beir_split
 from megatron_nvembed.testing.models import tiny_model_config
 from megatron_nvembed.testing.st_folders import (
