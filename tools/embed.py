@@ -26,6 +26,10 @@ missing ones.
 removed when the array is written). --output-dir DIR: the shards themselves (emb_00000.npy ...,
 ids_00000.npy when every line has an "id", meta.json); memory-mapped by
 `megatron_nvembed.retrieval.shards.ShardedEmbeddings`.
+
+Exit codes: 0 done; 2 a bad flag, input or model folder (one `error:` line naming it); 3 the
+disk is full (one `error:` line: the path, the bytes needed, the bytes free; refused before any
+text is embedded when the embeddings cannot fit; shards already written are kept for the rerun).
 """
 
 import argparse
