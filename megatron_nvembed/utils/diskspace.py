@@ -72,7 +72,7 @@ def is_disk_full(err: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if isinstance(e, Exception) and any(t in str(e) for t in _FULL_TEXTS):
+        if any(t in str(e) for t in _FULL_TEXTS):  # torch's CheckpointException is a BaseException
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False

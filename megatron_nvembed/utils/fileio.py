@@ -175,7 +175,6 @@ def check_links_inside(
     Raises:
         `error`, naming the first link that leads out.
     """
-    resolve_inside(folder, folder, error=error)
     for dirpath, dirnames, filenames in os.walk(folder):
         for name in sorted(dirnames + filenames):
             entry = Path(dirpath) / name
