@@ -47,6 +47,7 @@ from megatron_nvembed.utils.diskspace import is_disk_full
 from megatron_nvembed.utils.fileio import resolve_inside
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_TRACKER_MAX_BYTES = 64
 CONFIG_FILE = "nvembed_config.json"
 TOKENIZER_DIR = "tokenizer"
 # The files that define a tokenizer. They travel byte for byte from the imported model through
@@ -133,9 +134,12 @@ def latest_iteration(root: str | os.PathLike) -> int:
     if not tracker.is_file():
         raise FileNotFoundError(f"{tracker}: not a megatron_nvembed checkpoint (no tracker file)")
     resolve_inside(tracker, root, error=UnsafeCheckpointError)
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    with open(tracker, "rb") as f:
+        head = f.read(_TRACKER_MAX_BYTES + 1)  # a tracker holds a number: never read more
+    text = head.decode("utf-8", errors="replace").strip()
+    if len(head) > _TRACKER_MAX_BYTES or not (text.isascii() and text.isdigit()) or len(text) > 18:
+        shown = text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(head)}+ bytes)"
+        raise ValueError(f"{tracker}: expected an iteration number, found {shown!r}")
     return int(text)
 
 

@@ -292,6 +292,13 @@ def faults(synthetic, tmp_path_factory):
 
 
 def test_full_disk_names_the_folder_and_cause_and_keeps_the_previous_checkpoint(faults):
+    """Fault: The disk fills while a checkpoint's shards are written (ENOSPC at megatron-core's shard
+        writer).
+    Happens: The save fails with one error naming the folder, "no space left on device" and the
+        free space; exit code 3; the temporary folder is removed; the previous checkpoint stays the
+        latest and loads.
+    Do: Free space (older `iter_*` folders of the run can go: only the tracker's iteration is
+        read), then relaunch."""
     msg = faults["disk_full"]
     assert msg is not None and "no space left on device" in msg and "iter_0000003.tmp" in msg
     assert "iteration 2 is intact" in msg
@@ -300,6 +307,11 @@ def test_full_disk_names_the_folder_and_cause_and_keeps_the_previous_checkpoint(
 
 
 def test_resave_killed_between_renames_stays_loadable_and_is_repaired(faults):
+    """Fault: A re-save of an existing iteration (a finished run relaunched onto another run's
+        `--save`) is killed between its two renames.
+    Happens: The old copy (`iter_N.replaced`) is what readers load; the next save puts it back or
+        removes it.
+    Do: Relaunch."""
     assert faults["resave_killed"] == "killed between the renames (simulated)"
     assert "iter_0000002" not in faults["resave_window"]
     assert "iter_0000002.replaced" in faults["resave_window"]
@@ -310,6 +322,11 @@ def test_resave_killed_between_renames_stays_loadable_and_is_repaired(faults):
 
 
 def test_nonfinite_gradients_are_skipped_and_never_saved(faults):
+    """Fault: A step with a finite loss and non-finite gradients.
+    Happens: The step is skipped (the check rides in the step's one statistics all-reduce); no
+        checkpoint is written while the last step was skipped; saved weights are finite.
+    Do: Nothing for a few; after an abort (`--max-nonfinite-steps` in a row, exit 1), resume with a
+        lower `--lr` and `--override-opt-param-scheduler`."""
     losses = faults["nonfinite_losses"]
     assert all(math.isfinite(v) for v in losses.values())  # the loss itself stayed finite
     assert faults["nonfinite_skipped"] == 2  # iterations 3 and 4
@@ -319,6 +336,10 @@ def test_nonfinite_gradients_are_skipped_and_never_saved(faults):
 
 
 def test_resume_with_another_schedule_is_refused_or_overridden(faults):
+    """Fault: A new `--lr` (or schedule flag) on resume.
+    Happens: Refused naming each flag and both values, unless `--override-opt-param-scheduler`,
+        which applies the flags' schedule from the resumed iteration.
+    Do: Pass `--override-opt-param-scheduler` when the new schedule is meant, or drop the flag."""
     msg = faults["schedule_refused"]
     assert msg is not None and "--lr 0.0001 (checkpoint: " in msg
     assert "--override-opt-param-scheduler" in msg
@@ -327,6 +348,9 @@ def test_resume_with_another_schedule_is_refused_or_overridden(faults):
 
 
 def test_crafted_rng_file_is_refused_and_runs_nothing(faults):
+    """Fault: A checkpoint's RNG file is a crafted pickle that would run code.
+    Happens: Refused at resume naming the file; its payload never runs (weights-only loads).
+    Do: Restore the file from a copy you trust, or resume from an earlier iteration."""
     assert faults["crafted_rng"] is not None and "rank_00000.pt" in faults["crafted_rng"]
     assert not faults["crafted_rng_ran"]
 
@@ -334,6 +358,9 @@ def test_crafted_rng_file_is_refused_and_runs_nothing(faults):
 @pytest.mark.parametrize("flag", ["--lr", "--min-lr", "--temperature", "--adam-eps", "--clip-grad"])
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_nonfinite_flag_values_are_refused_naming_the_flag(synthetic, flag, value):
+    """Fault: `--lr inf`, or `nan` / `inf` in any float flag.
+    Happens: Refused naming the flag, before anything starts (exit 2).
+    Do: Fix the flag."""
     from megatron_nvembed.training.arguments import parse_args
 
     args = ["--train-data", synthetic["train"], "--tokenizer", synthetic["tokenizer"]]
@@ -342,6 +369,11 @@ def test_nonfinite_flag_values_are_refused_naming_the_flag(synthetic, flag, valu
 
 
 def test_load_typo_and_save_on_a_file_are_refused_before_training(synthetic, tmp_path):
+    """Fault: `--load` that does not exist or holds no checkpoint (and is not `--save`), or `--save`
+        naming a regular file.
+    Happens: Refused before any process group (a typo no longer trains from iteration 0); the file
+        is untouched.
+    Do: Fix the path."""
     from megatron_nvembed.training.cli import main
 
     base = ["--train-data", synthetic["train"], "--tokenizer", synthetic["tokenizer"]]
@@ -366,6 +398,12 @@ def test_load_typo_and_save_on_a_file_are_refused_before_training(synthetic, tmp
     ],
 )
 def test_damaged_checkpoints_are_named_at_resume(faults, damage, names):
+    """Fault: A truncated or missing `.distcp` shard, a missing or garbled `.metadata`, a truncated
+        RNG file, an edited `nvembed_config.json` (e.g. `num_layers`).
+    Happens: One error naming the file (for shards, "truncated: N bytes, the metadata needs M"),
+        exit code 2, before any weight is used.
+    Do: Resume from an earlier iteration (write its number into
+        `latest_checkpointed_iteration.txt`) or restore the files."""
     msg = faults[f"damaged_{damage}"]
     assert msg is not None, damage
     for part in names:
@@ -373,12 +411,20 @@ def test_damaged_checkpoints_are_named_at_resume(faults, damage, names):
 
 
 def test_layout_errors_quote_the_checkpoint_model(faults):
+    """Fault: A layout the checkpoint's model cannot take (`--tensor-model-parallel-size 3` for 4
+        heads).
+    Happens: The error quotes the checkpoint's config file, not the recipe.
+    Do: Choose a parallel layout the model divides into."""
     msg = faults["damaged_tp"]
     assert msg is not None and "--tensor-model-parallel-size (3)" in msg
     assert "nvembed_config.json" in msg and "good" in msg
 
 
 def test_bad_record_stops_the_run_at_open_before_the_model_is_built(faults):
+    """Fault: A bad record late in a training file (line 90 of 96).
+    Happens: The run stops at open naming file:line and the cause, before the model is built;
+        nothing is saved.
+    Do: Fix or drop the record, or pass `--skip-bad-records`."""
     msg = faults["bad_record"]
     assert msg is not None and "train.jsonl:90" in msg and "MSMACRO" in msg
     assert not faults["bad_record_model_built"] and not faults["bad_record_saved"]

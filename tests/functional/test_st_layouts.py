@@ -95,11 +95,16 @@ def _minilm() -> Path:
     return Path(gt.get_model_path())
 
 
+@pytest.mark.faults
 def test_both_layouts_read_alike(folders):
-    """The folder sentence-transformers 6 saved names its own classes' full paths and a
-    `pooling_mode` string; its version 5 form `sentence_transformers.models.*` and booleans. Both
-    read as the same settings (last-token -> eos, mean -> mean, normalised, the prompt's
-    template), and sentence-transformers 6 encodes both forms identically (<= 1e-6)."""
+    """Fault: A sentence-transformers folder saved by version 6 (full module paths, a `pooling_mode`
+        string) or version 5 (`sentence_transformers.models.*`, booleans).
+    Happens: Both read as the same settings, and sentence-transformers 6 encodes both alike (1e-6).
+    Do: Nothing."""
+    # The folder sentence-transformers 6 saved names its own classes' full paths and a
+    # `pooling_mode` string; its version 5 form `sentence_transformers.models.*` and booleans. Both
+    # read as the same settings (last-token -> eos, mean -> mean, normalised, the prompt's
+    # template), and sentence-transformers 6 encodes both forms identically (<= 1e-6).
     from sentence_transformers import SentenceTransformer
 
     from megatron_nvembed.conversion.st_layout import read_st_layout
@@ -206,11 +211,16 @@ def test_released_minilm_layout_is_read_and_its_encoder_refused(tmp_path):
          r"modules\.json: module 2 has type 'custom_st\.Transformer'"),
     ],
 )  # fmt: skip
+@pytest.mark.faults
 def test_unknown_pooling_modes_and_module_types_are_refused(folders, tmp_path, form, file, edit,
                                                             match):  # fmt: skip
-    """A pooling mode with no head here (sentence-transformers 6's string or list, version 5's
-    booleans) or a module whose weights would be lost / a non-library module: ValueError in one
-    line naming the file and the field's value."""
+    """Fault: A sentence-transformers folder with a pooling mode that has no head here, or a module
+        whose weights would be lost (Dense, remote code).
+    Happens: Refused in one line naming the file and the field's value.
+    Do: Convert a folder whose modules are a Transformer, a Pooling and optionally a Normalize."""
+    # A pooling mode with no head here (sentence-transformers 6's string or list, version 5's
+    # booleans) or a module whose weights would be lost / a non-library module: ValueError in one
+    # line naming the file and the field's value.
     from megatron_nvembed.conversion.st_layout import read_st_layout
 
     folder = tmp_path / form

@@ -149,6 +149,10 @@ def _completed(slurm, job_id: str, home: Path, timeout: float = 900) -> dict[str
 
 
 def test_requeued_job_resumes_at_its_save_with_the_losses_of_an_uninterrupted_run(slurm, jobs):
+    """Fault: `scontrol requeue` of a running training job (a real one-node SLURM).
+    Happens: Every rank saves within KillWait; the requeued run resumes at the saved iteration; the
+        log keeps both runs; every loss equals an uninterrupted run's (1e-6).
+    Do: Nothing: the job resumes itself."""
     home, ids, _, preempted_at = jobs
     job = ids["requeued"]
     assert preempted_at < 60, "the job logged all 60 iterations before the test requeued it"
@@ -171,6 +175,9 @@ def test_requeued_job_resumes_at_its_save_with_the_losses_of_an_uninterrupted_ru
 
 
 def test_two_jobs_share_the_node_each_on_its_own_port(slurm, jobs):
+    """Fault: Two training jobs on one node at once.
+    Happens: Each takes its own port (20000 + job id % 40000); both complete.
+    Do: Nothing."""
     home, ids, *_ = jobs
     a, b = ids["reference"], ids["requeued"]
     _completed(slurm, a, home)
@@ -184,6 +191,11 @@ def test_two_jobs_share_the_node_each_on_its_own_port(slurm, jobs):
 
 
 def test_time_limit_signal_saves_requeues_and_finishes_every_iteration(slurm, jobs):
+    """Fault: The job reaches its time limit (`--time=3 --signal=TERM@60`).
+    Happens: The run saves on the signal, requeues itself (after the launcher's exit 75) and the
+        last run finishes every iteration; COMPLETED, exit 0.
+    Do: Nothing; a job that reaches its limit before the save ends (TIMEOUT) is not requeued: raise
+        the `--signal` lead and resubmit."""
     home, ids, *_ = jobs
     job = ids["time_limit"]
     fields = _completed(slurm, job, home, timeout=1200)
@@ -195,6 +207,10 @@ def test_time_limit_signal_saves_requeues_and_finishes_every_iteration(slurm, jo
 
 
 def test_signal_during_the_launcher_checks_requeues_and_the_next_run_trains(slurm, jobs):
+    """Fault: SIGTERM while the launcher checks its input, before torchrun.
+    Happens: Exit 75 without starting training; the job requeues and the next run trains to the
+        end.
+    Do: Nothing: the job resumes itself."""
     home, ids, *_ = jobs
     job = ids["early_signal"]  # signalled by the fixture during its first run's checks
     fields = _completed(slurm, job, home)

@@ -110,7 +110,11 @@ def _jsonl(path, ids):
     )
 
 
+@pytest.mark.faults
 def test_duplicated_ids_refused_naming_the_first_two_lines(tmp_path):
+    """Fault: A BEIR folder whose corpus or queries repeat an id.
+    Happens: Refused before encoding, naming the file, the id and its first two lines.
+    Do: Remove or rename the duplicates."""
     _write(tmp_path)
     # d2 on lines 2, 5 and 6: the first two are named
     _jsonl(tmp_path / "corpus.jsonl", ["d1", "d2", None, "d3", "d2", "d2"])
@@ -180,7 +184,12 @@ QRELS_HEAD = "query-id\tcorpus-id\tscore\n"
         "empty file",
     ],
 )
+@pytest.mark.faults
 def test_qrels_errors_name_file_and_line(tmp_path, body, message):
+    """Fault: A malformed qrels file (not UTF-8, wrong field count, a word or float score, an empty
+        id, a missing or other header, a duplicated pair).
+    Happens: One error naming the qrels file and line.
+    Do: Fix that line."""
     _write(tmp_path)
     (tmp_path / "qrels" / "test.tsv").write_bytes(body.encode("latin-1"))
     with pytest.raises(ValueError, match=message):
@@ -193,7 +202,12 @@ def test_qrels_with_bom_crlf_and_blank_lines_read(tmp_path):
     assert open_beir(tmp_path).qrels == {"q1": {"d1": 2}, "q2": {"d2": 1}}
 
 
+@pytest.mark.faults
 def test_qrels_naming_missing_queries_and_documents_warned_once(tmp_path, caplog):
+    """Fault: qrels naming queries or documents the folder lacks.
+    Happens: One warning counting them (with the first of each and its line); they are scored as
+        MTEB scores them.
+    Do: Check the folder is complete when the counts are not expected."""
     qrels = QRELS_HEAD + "q1\td1\t2\nq1\td9\t1\nq9\td1\t1\nq9\td2\t1\nq8\td9\t1\nq2\td2\t1\n"
     _write(tmp_path, qrels=qrels)
     with caplog.at_level(logging.WARNING, logger="megatron_nvembed"):
@@ -216,11 +230,16 @@ def test_qrels_naming_missing_queries_and_documents_warned_once(tmp_path, caplog
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@pytest.mark.faults
 def test_missing_query_and_document_scored_as_mteb_scores_them(tmp_path):
-    """MTEB searches only the queries it has (those with judgements) and pytrec_eval scores only
-    queries present in both the run and the qrels: a judged query missing from queries.jsonl is
-    left out of the average; a judged document missing from the corpus counts in its query's
-    ideal DCG and recall denominator, never retrieved. Expected values by hand (1e-9)."""
+    """Fault: A judged query missing from queries.jsonl, a judged document missing from the corpus.
+    Happens: The query is left out of the average, the document counts in its query's ideal DCG and
+        recall, as MTEB and pytrec_eval score them (1e-9).
+    Do: Nothing: the scores compare with MTEB's."""
+    # MTEB searches only the queries it has (those with judgements) and pytrec_eval scores only
+    # queries present in both the run and the qrels: a judged query missing from queries.jsonl is
+    # left out of the average; a judged document missing from the corpus counts in its query's
+    # ideal DCG and recall denominator, never retrieved. Expected values by hand (1e-9).
     qrels = QRELS_HEAD + "q1\td1\t2\nq1\td3\t1\nq1\td9\t1\nq9\td1\t1\nq2\td2\t1\n"
     _write(tmp_path, qrels=qrels)
     table = {

@@ -330,9 +330,14 @@ SURROGATE = "\ud800"  # json.dumps writes it as the escape "\ud800": the line it
         (dict(GOOD, task="SQuAD", id=SURROGATE), "key 'id'"),  # kept and written back
     ],
 )
+@pytest.mark.faults
 def test_text_utf8_cannot_encode_is_refused_at_open(tmp_path, row, key):
-    """A lone surrogate stops the open (before any batch) naming file:line and the key, in the
-    trainer's loader and the tools' reader alike."""
+    """Fault: A training record holding a lone surrogate (a JSON `"\\ud800"` escape) in any text key.
+    Happens: The open stops before any batch in one error naming file:line and the key, in the
+        trainer's loader and the tools' reader alike.
+    Do: Fix the record, or pass `--skip-bad-records`."""
+    # A lone surrogate stops the open (before any batch) naming file:line and the key, in the
+    # trainer's loader and the tools' reader alike.
     line = json.dumps(row)
     assert line.isascii() and "\\ud" in line
     path = _write(tmp_path / "u.jsonl", line)
@@ -349,9 +354,14 @@ def test_text_utf8_cannot_encode_is_refused_at_open(tmp_path, row, key):
         (b"\xed\xa0\x80", "not UTF-8 text (byte ed at byte 14 of the line: invalid continuation"),
     ],
 )
+@pytest.mark.faults
 def test_bytes_that_are_not_utf8_are_refused_naming_the_line(tmp_path, bad, needle):
-    """Invalid bytes (and a surrogate encoded as UTF-8) in a line: an error naming file:line, from
-    the index build, the tools' record reader and the raw-row reader (which read text before)."""
+    """Fault: A training line holding bytes that are not UTF-8 (or a surrogate encoded as UTF-8).
+    Happens: One error naming file:line and the byte, from the index build, the tools' record
+        reader and the raw-row reader.
+    Do: Re-encode the file as UTF-8, or pass `--skip-bad-records`."""
+    # Invalid bytes (and a surrogate encoded as UTF-8) in a line: an error naming file:line, from
+    # the index build, the tools' record reader and the raw-row reader (which read text before).
     path = tmp_path / "b.jsonl"
     line = b'{"query": "caf' + bad + b'", "pos": ["p"], "task": "SQuAD"}'
     path.write_bytes(b"\n".join([GOOD_LINE.encode()] * 2 + [line, GOOD_LINE.encode()]) + b"\n")
@@ -361,8 +371,12 @@ def test_bytes_that_are_not_utf8_are_refused_naming_the_line(tmp_path, bad, need
             list(read(path))
 
 
+@pytest.mark.faults
 def test_text_that_cannot_be_encoded_is_skipped_and_counted(tmp_path):
-    """With skip_bad_records both kinds are skipped and counted; the other records train."""
+    """Fault: Records that cannot be encoded, with `--skip-bad-records`.
+    Happens: They are skipped and counted with their file:line; the other records train.
+    Do: Read the count in the log; fix the source when it is large."""
+    # With skip_bad_records both kinds are skipped and counted; the other records train.
     path = tmp_path / "mixed.jsonl"
     lines = [
         GOOD_LINE.encode(),
