@@ -404,6 +404,6 @@ def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> No
             header = {"descr": "<f4", "fortran_order": False, "shape": (shards.rows, shards.dim)}
             np.lib.format.write_array_header_1_0(f, header)
             for _, emb in shards:
-                f.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
+                f.write(np.ascontiguousarray(emb, dtype="<f4").data)  # no copy of a whole shard
 
     write_with(path, write, size)
