@@ -26,12 +26,12 @@ real_atomic_path, seen = fileio.atomic_path, [0]
 
 
 @contextmanager
-def atomic_path(path):
+def atomic_path(path, *args, **kwargs):
     if pattern.fullmatch(os.path.basename(path)):
         seen[0] += 1
         if seen[0] > allowed:
             threading.Event().wait()  # until killed
-    with real_atomic_path(path) as tmp:
+    with real_atomic_path(path, *args, **kwargs) as tmp:
         yield tmp
 
 

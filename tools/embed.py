@@ -31,6 +31,10 @@ fingerprint, what it embeds). --output-dir DIR: the shards themselves (emb_00000
 ids_00000.npy when every line has an "id", their records emb_00000.json ..., meta.json);
 memory-mapped by `megatron_nvembed.retrieval.shards.ShardedEmbeddings`, which verifies each
 shard's bytes before its first use and refuses a damaged one naming the file.
+
+Exit codes: 0 done; 2 a bad flag, input or model folder (one `error:` line naming it); 3 the
+disk is full (one `error:` line: the path, the bytes needed, the bytes free; refused before any
+text is embedded when the embeddings cannot fit; shards already written are kept for the rerun).
 """
 
 import argparse
@@ -75,12 +79,16 @@ def main(argv=None) -> int:
     setup_logging(note_kernels=True)
     from megatron_nvembed.evaluation.embed_run import embed_texts
     from megatron_nvembed.evaluation.encoder_flags import FlagError
+    from megatron_nvembed.utils.diskspace import DISK_FULL_EXIT, DiskFullError
 
     try:
         embed_texts(args)
     except FlagError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return DISK_FULL_EXIT
     return 0
 
 

@@ -107,11 +107,15 @@ def main(argv=None) -> int:
     logging.getLogger("mteb").setLevel(logging.WARNING)
     from megatron_nvembed.evaluation.encoder_flags import FlagError
     from megatron_nvembed.evaluation.mteb_run import run_evaluation
+    from megatron_nvembed.utils.diskspace import DISK_FULL_EXIT, DiskFullError
 
     try:
         return run_evaluation(args)
     except FlagError as err:  # bad flags and paths, as argparse reports them (exit 2)
         p.error(str(err))
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return DISK_FULL_EXIT
 
 
 if __name__ == "__main__":

@@ -103,11 +103,16 @@ def main(argv=None) -> int:
     from megatron_nvembed.core.logging_utils import setup_logging
 
     setup_logging(note_kernels=True)
+    from megatron_nvembed.utils.diskspace import DISK_FULL_EXIT, DiskFullError
+
     try:
         print(run_merge(args))
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return DISK_FULL_EXIT
     return 0
 
 

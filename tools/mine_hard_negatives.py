@@ -98,10 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(message: str) -> int:
+def _error(message: str, code: int = 2) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: said once
         print(f"error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_nvembed.core.logging_utils import setup_logging
     from megatron_nvembed.curation.mining import mine_hard_negatives
+    from megatron_nvembed.utils.diskspace import DISK_FULL_EXIT, DiskFullError
 
     setup_logging()
     try:
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
         )
     except (FileNotFoundError, ValueError) as err:
         return _error(str(err))
+    except DiskFullError as err:
+        return _error(str(err), DISK_FULL_EXIT)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(dataclasses.asdict(summary)), flush=True)
     return 0

@@ -122,16 +122,20 @@ def main(argv=None) -> int:
     from megatron_nvembed.core.logging_utils import setup_logging
     from megatron_nvembed.curation.prepare import prepare_data
     from megatron_nvembed.data.records import write_jsonl_atomic
+    from megatron_nvembed.utils.diskspace import DISK_FULL_EXIT, DiskFullError
 
     setup_logging()
     try:
         summary = prepare_data(args)
+        print(json.dumps(summary))
+        if args.summary_json:
+            write_jsonl_atomic(args.summary_json, [summary])
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
-    if args.summary_json:
-        write_jsonl_atomic(args.summary_json, [summary])
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return DISK_FULL_EXIT
     return 0
 
 

@@ -22,6 +22,9 @@ What is verified, before anything is loaded (`verify_checkpoint_folder`):
   `StorageMeta.checkpoint_id`, and megatron-core's two empty legacy classes `MCoreMetadata` /
   `MCoreSavePlan`). Any other global (`builtins.exec`, `os.system`, `getattr`...) is refused
   before it is imported or called.
+- No symbolic link in the folder (a shard, `.metadata`, a subfolder such as `rng/`) leads out
+  of it (`fileio.check_links_inside`; `store.iteration_dir` and `store.latest_iteration` refuse
+  an iteration folder or a tracker file that leads out of the checkpoint folder).
 - Every stored item's shard file exists inside the folder and is long enough for the item's
   byte range; every bytes item is read (after undoing its stored stream transforms, as torch
   does) and must load with `torch.load(weights_only=True)`.
@@ -74,6 +77,7 @@ from megatron_nvembed.checkpoint.unpickling import (
     load_weights_only,
     read_metadata,
 )
+from megatron_nvembed.utils.fileio import check_links_inside
 
 __all__ = [
     "CorruptCheckpointError",
@@ -240,7 +244,8 @@ def verify_checkpoint_folder(folder: str | os.PathLike, *, split_among_ranks: bo
     (all ranks of the default process group call this together).
 
     Raises:
-        UnsafeCheckpointError: a file refers to code (names the file, the item and the global).
+        UnsafeCheckpointError: a file refers to code (names the file, the item and the global),
+            or a symbolic link in the folder (a shard, a subfolder) leads out of it.
         CorruptCheckpointError: a file is missing, truncated or garbled (names file and cause).
         ManifestError: a file differs from the manifest or is not listed (names the file).
         FileNotFoundError: `folder` does not exist.
@@ -250,6 +255,8 @@ def verify_checkpoint_folder(folder: str | os.PathLike, *, split_among_ranks: bo
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    # No file read below (nor by the loader) may lie outside the folder: no link leads out.
+    check_links_inside(folder, error=UnsafeCheckpointError)
     _verify_config(folder)
     meta_path = folder / METADATA_FILE
     meta = read_metadata(meta_path)

@@ -23,7 +23,6 @@ Over 400 lines on purpose: saving, loading and the re-save fallback share one fo
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -34,7 +33,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_nvembed.checkpoint.manifest import write_manifest
-from megatron_nvembed.checkpoint.safety import CorruptCheckpointError, verify_checkpoint_folder
+from megatron_nvembed.checkpoint.safety import (
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    verify_checkpoint_folder,
+)
 from megatron_nvembed.checkpoint.streaming import (
     Resolver,
     merge_in_place,
@@ -44,6 +47,8 @@ from megatron_nvembed.checkpoint.streaming import (
 )
 from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.utils.diskspace import is_disk_full
+from megatron_nvembed.utils.fileio import resolve_inside
 from megatron_nvembed.utils.locking import output_lock
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -105,12 +110,16 @@ def _iteration_path(root: str | os.PathLike, iteration: int) -> Path:
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     """The folder of iteration `iteration` under `root`: `iter_XXXXXXX`, or, while a re-save of
     that iteration is between its two renames (or was killed there), the complete old copy
-    `iter_XXXXXXX.replaced`."""
+    `iter_XXXXXXX.replaced`.
+
+    Raises:
+        UnsafeCheckpointError: the folder is a symbolic link leading out of `root`."""
     path = _iteration_path(root, iteration)
     if not path.exists():
         old = path.with_name(path.name + REPLACED_SUFFIX)
         if old.is_dir():
-            return old
+            path = old
+    resolve_inside(path, root, error=UnsafeCheckpointError)  # a link out of the checkpoint
     return path
 
 
@@ -123,11 +132,13 @@ def latest_iteration(root: str | os.PathLike) -> int:
     """The iteration named by the tracker file.
 
     Raises:
-        FileNotFoundError / ValueError: naming the missing or malformed tracker file.
+        FileNotFoundError / ValueError: naming the missing or malformed tracker file, or
+            (UnsafeCheckpointError) a tracker that is a symbolic link leading out of `root`.
     """
     tracker = Path(root) / TRACKER
     if not tracker.is_file():
         raise FileNotFoundError(f"{tracker}: not a megatron_nvembed checkpoint (no tracker file)")
+    resolve_inside(tracker, root, error=UnsafeCheckpointError)
     with open(tracker, "rb") as f:
         head = f.read(_TRACKER_MAX_BYTES + 1)  # a tracker holds a number: never read more
     text = head.decode("utf-8", errors="replace").strip()
@@ -311,10 +322,7 @@ def _save_failure(err: BaseException, root: Path, tmp: Path) -> str:
     while e is not None and len(causes) < 8:
         causes.append(e)
         e = e.__cause__ or e.__context__
-    text = " ".join(str(c) for c in causes)
-    full = any(
-        isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes
-    ) or any(s in text for s in ("No space left", "unexpected pos", "file write failed"))
+    full = is_disk_full(err)
     try:
         free = shutil.disk_usage(tmp if tmp.exists() else root).free
     except OSError:

@@ -28,6 +28,7 @@ from megatron_nvembed.conversion.hf_config import latent_attention_config_dict, 
 from megatron_nvembed.conversion.hf_weights import write_safetensors_shards
 from megatron_nvembed.conversion.st_layout import PROMPTS_FILE, prompts_config, write_st_layout
 from megatron_nvembed.core.config import EmbeddingModelConfig
+from megatron_nvembed.utils.diskspace import check_free_space
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
 
 HF_FILES_DIR = Path(__file__).resolve().parents[1] / "hf_model"
@@ -208,6 +209,8 @@ def export_hf(
         ValueError: unknown dtype or format; a model the format cannot hold; an output folder
             refused by `check_output_dir` (before the checkpoint is read).
         FileNotFoundError: the checkpoint holds no tokenizer files.
+        DiskFullError: the weights do not fit beside `hf_dir` (before any is read), or the
+            disk filled while writing (the output folder is not created).
     """
     from megatron_nvembed.checkpoint.lazy import DTYPE_NAMES, CheckpointTensors, parse_dtype
 
@@ -226,7 +229,9 @@ def export_hf(
     cfg = reader.cfg
     dtype = dtype or DTYPE_NAMES[reader.dtype]
     layout, produce = _hf_tensors(reader, "" if st else "embedding_model.", DTYPES[dtype])
-    with atomic_dir(final, overwrite=overwrite, flag="--hf-dir") as tmp:
+    size = sum(t.numel() * t.element_size() for t in layout.values())
+    check_free_space(final, size)  # before any weight is read
+    with atomic_dir(final, overwrite=overwrite, flag="--hf-dir", size=size) as tmp:
         write_safetensors_shards(layout, tmp, max_shard_bytes, produce)
         _write_model_files(tmp, cfg, dtype, st)
         if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:

@@ -11,6 +11,7 @@ depth. The checkpoint keeps the source's dtype unless `--dtype` says otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_file
 from megatron_nvembed.conversion.hf_weights import LazyHFState, backbone_prefix
 from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
 from megatron_nvembed.core.logging_utils import get_logger
+from megatron_nvembed.utils.diskspace import check_free_space
 from megatron_nvembed.utils.fileio import atomic_dir, check_output_dir
 
 logger = get_logger(__name__)
@@ -125,7 +127,9 @@ def _read_source(hf_dir: Path) -> tuple[EmbeddingModelConfig, bool, str]:
     """
     from megatron_nvembed.conversion.hf_config import config_from_hf_dir
     from megatron_nvembed.conversion.hf_shapes import check_hf_shapes
+    from megatron_nvembed.conversion.st_layout import check_folder_inside
 
+    check_folder_inside(hf_dir)  # nothing read below lies outside --hf-dir
     cfg, has_head, prefix = config_from_hf_dir(hf_dir)
     state = LazyHFState(hf_dir)  # validates files before any process starts
     prefix = backbone_prefix(state, hf_dir, prefix)
@@ -269,6 +273,8 @@ def import_hf(
     Raises:
         FileNotFoundError / ValueError / KeyError: naming the file, key or setting at fault
             (output folder: `check_output_dir`, before anything is read).
+        DiskFullError: the weights do not fit beside `save_dir` (before any worker starts), or
+            the disk filled while writing (the output folder is not created).
     """
     from megatron_nvembed.core.launch import run_distributed
 
@@ -279,9 +285,13 @@ def import_hf(
     cfg.parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
     cfg.validate()
     dtype = dtype or _source_dtype(hf_dir, prefix)
-    parse_dtype(dtype)
+    # The checkpoint holds the source's weights in `dtype`: refused before any worker starts
+    # when they cannot fit.
+    itemsize = parse_dtype(dtype).itemsize
+    size = sum(math.prod(shape) * itemsize for shape, _ in LazyHFState(hf_dir).shapes().values())
+    check_free_space(final, size)
     start = time.perf_counter()
-    with atomic_dir(final, overwrite=overwrite, flag="--save") as tmp:
+    with atomic_dir(final, overwrite=overwrite, flag="--save", size=size) as tmp:
         run_distributed(
             _import_worker,
             tensor_model_parallel_size * pipeline_model_parallel_size,

@@ -344,7 +344,8 @@ def _write_merged(model: torch.nn.Module, plan: MergePlan, overwrite: bool) -> N
     input's tokenizer files beside `plan.final`, then swaps it in."""
     from megatron_nvembed.checkpoint.store import save_checkpoint
 
-    with atomic_dir(plan.final, overwrite=overwrite, flag="--save") as tmp:
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    with atomic_dir(plan.final, overwrite=overwrite, flag="--save", size=size) as tmp:
         save_checkpoint(model, plan.cfg, tmp, iteration=0, lora=plan.lora)
         copied = copy_tokenizer_files(plan.loads[0] / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         if copied == 0:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.core.logging_utils import get_logger
+from megatron_nvembed.utils.fileio import check_links_inside, resolve_inside
 
 logger = get_logger(__name__)
 
@@ -58,6 +59,30 @@ def _read(path: Path):
 
 
 PROMPTS_FILE = "config_sentence_transformers.json"
+
+
+def check_folder_inside(folder: str | Path) -> None:
+    """Refuses a transformers or sentence-transformers model folder that would make a reader
+    leave it, before any file is read: a symbolic link leading out (`fileio.check_links_inside`;
+    in huggingface_hub's cache, `snapshots/<revision>/` links into the same model's `blobs/`,
+    which is allowed) or a `modules.json` module path (`"../x"`, an absolute path) that does.
+
+    Raises:
+        ValueError: naming the link or `modules.json`, the module and where its path leads.
+    """
+    folder = Path(folder)
+    hub_blobs = (folder.parent.parent / "blobs",) if folder.parent.name == "snapshots" else ()
+    check_links_inside(folder, also=hub_blobs)
+    modules_path = folder / "modules.json"
+    modules = _read(modules_path) if modules_path.is_file() else []
+    for i, module in enumerate(modules if isinstance(modules, list) else []):
+        path = module.get("path") if isinstance(module, dict) else None
+        if not isinstance(path, str):
+            continue
+        try:
+            resolve_inside(folder / path, folder, also=hub_blobs)
+        except ValueError as err:
+            raise ValueError(f"{modules_path}: module {i} has path {path!r}: {err}") from None
 
 
 def query_prompt(folder: str | Path) -> str | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.curation.mining_options import MiningSummary
+from megatron_nvembed.utils.diskspace import DiskFullError, free_bytes, is_disk_full
 from megatron_nvembed.utils.fileio import remove_stale_temporaries, write_atomic
 
 logger = get_logger(__name__)
@@ -160,12 +161,26 @@ def resume(files: OutputFiles, fp: str, teacher_fp: str) -> tuple[int, dict | No
 
 def append_chunk(files: OutputFiles, data: bytes, fp: str, done: int, summary: MiningSummary):
     """Rank 0: appends a chunk's lines to the partial output, then records the state (a kill
-    between the two leaves bytes the next run's `resume` cuts off)."""
-    with open(files.partial, "ab") as fh:
-        fh.write(data)
-        size_now = fh.tell()
-    state = {"fingerprint": fp, "done": done, "partial_bytes": size_now, "summary": asdict(summary)}
-    write_atomic(files.state, json.dumps(state))
+    between the two leaves bytes the next run's `resume` cuts off).
+
+    Raises:
+        DiskFullError: naming the output, when the chunk or the state does not fit; the partial
+            output is cut back to its earlier chunks (a rerun resumes after them)."""
+    with open(files.partial, "ab", buffering=0) as fh:  # unbuffered: every write checked
+        before = fh.tell()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[fh.write(view) :]
+            state = {"fingerprint": fp, "done": done, "partial_bytes": fh.tell()}
+            state = json.dumps({**state, "summary": asdict(summary)})
+            write_atomic(files.state, state)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            free = free_bytes(files.partial)  # as the write failed, before the cut
+            fh.truncate(before)
+            raise DiskFullError(files.out, len(data), free=free) from err
 
 
 def publish(files: OutputFiles) -> None:

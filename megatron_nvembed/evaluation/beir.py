@@ -18,6 +18,7 @@ from pathlib import Path
 from megatron_nvembed.core.logging_utils import get_logger
 from megatron_nvembed.data.utf8 import utf8_error
 from megatron_nvembed.retrieval.corpus import JsonlCorpus, beir_row
+from megatron_nvembed.utils.fileio import resolve_inside
 
 logger = get_logger(__name__)
 
@@ -143,7 +144,8 @@ def open_beir(folder: str | Path, split: str = "test") -> BeirFolder:
     are not kept either (in file order).
 
     Raises:
-        FileNotFoundError / ValueError: naming the file (and line) at fault.
+        FileNotFoundError / ValueError: naming the file (and line) at fault; a file that is a
+            symbolic link (or in a linked `qrels/`) leading out of the folder (before any is read).
     """
     folder = Path(folder)
     corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
@@ -153,6 +155,7 @@ def open_beir(folder: str | Path, split: str = "test") -> BeirFolder:
             raise FileNotFoundError(
                 f"{p}: missing (BEIR folders need corpus.jsonl, queries.jsonl, qrels/{split}.tsv)"
             )
+        resolve_inside(p, folder)  # a symbolic link out of the folder is not read
     qrels, line_of = _read_qrels(qrels_path)
     judged_docs = {d for _, d in line_of}
     found: set[str] = set()

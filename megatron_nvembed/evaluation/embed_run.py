@@ -16,7 +16,12 @@ from pathlib import Path
 from megatron_nvembed.evaluation.encoder import load_embedder, query_template_of
 from megatron_nvembed.evaluation.encoder_flags import FlagError, embedder_kwargs
 from megatron_nvembed.retrieval.corpus import JsonlCorpus, embed_row
-from megatron_nvembed.retrieval.shards import encode_corpus, write_single_array
+from megatron_nvembed.retrieval.shards import (
+    encode_corpus,
+    single_array_size,
+    write_single_array,
+)
+from megatron_nvembed.utils.diskspace import check_free_space
 from megatron_nvembed.utils.locking import OutputLocked, rank0_output_lock
 
 
@@ -32,6 +37,15 @@ def _open_input(args: argparse.Namespace) -> JsonlCorpus:
         raise FlagError(f"--input: {err}") from err
 
 
+def _check_space(args: argparse.Namespace, rows: int, dim: int, folder: Path) -> None:
+    """Refuses, before any text is embedded, outputs that cannot fit: the embeddings of the
+    shards not yet on disk, and for --output the single array besides them."""
+    missing = rows * dim * 4 - sum(p.stat().st_size for p in folder.glob("emb_*.npy"))
+    check_free_space(folder, max(missing, 0))
+    if args.output:
+        check_free_space(args.output, max(missing, 0) + single_array_size(rows, dim))
+
+
 def embed_texts(args: argparse.Namespace) -> None:
     """Runs `tools/embed.py` (see its help for the flags and the files written): a collective
     under torchrun, every rank calls it with the same flags.
@@ -44,6 +58,8 @@ def embed_texts(args: argparse.Namespace) -> None:
         FlagError: --load or --input unusable, the output folder holds other files, other
             embeddings, or shards of another model than its `meta.json` says, or another job
             writes the output (naming the flag).
+        DiskFullError: the outputs do not fit (before any text is embedded, when the free
+            space is short already), or a write ran out of space.
     """
     corpus = _open_input(args)
     flag = "--output-dir" if args.output_dir else "--output"
@@ -57,8 +73,12 @@ def embed_texts(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace, corpus: JsonlCorpus) -> None:
     import torch.distributed as dist
 
-    embedder = load_embedder(args.load, **embedder_kwargs(args))
+    try:
+        embedder = load_embedder(args.load, **embedder_kwargs(args))
+    except (FileNotFoundError, ValueError) as err:
+        raise FlagError(f"--load: {err}") from err
     folder = Path(args.output_dir or args.output + ".shards")
+    _check_space(args, len(corpus), int(embedder.dim), folder)
     try:
         shards = encode_corpus(
             embedder,

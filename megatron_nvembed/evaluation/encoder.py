@@ -211,7 +211,8 @@ def detect_model_format(path: str | os.PathLike) -> str:
     `"sentence-transformers"` (any other sentence-transformers model folder).
 
     Raises:
-        FileNotFoundError / ValueError: naming the path when it is none of them.
+        FileNotFoundError / ValueError: naming the path when it is none of them, or the link
+            or module path that leads out of a model folder (`st_layout.check_folder_inside`).
     """
     import json
 
@@ -222,6 +223,9 @@ def detect_model_format(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{p}: --model must be a directory (checkpoint or HF export)")
     if is_checkpoint_dir(p):
         return "megatron"
+    from megatron_nvembed.conversion.st_layout import check_folder_inside
+
+    check_folder_inside(p)  # no file read from it, here or by transformers, lies outside it
     config = p / "config.json"
     if config.is_file():
         try:

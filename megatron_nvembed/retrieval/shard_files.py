@@ -35,6 +35,7 @@ from megatron_nvembed.utils.checksums import (
     manifest_from,
     read_manifest,
 )
+from megatron_nvembed.utils.diskspace import npy_size, reserve_space
 from megatron_nvembed.utils.fileio import write_atomic, write_with
 
 META = "meta.json"
@@ -74,15 +75,18 @@ def model_of(meta: dict) -> str:
 
 def save_npy_blocks(path, shape: tuple, dtype, blocks: Iterable[np.ndarray]) -> dict:
     """Writes a `.npy` file (format 1.0, no pickle) of `shape` and `dtype` from `blocks` of
-    consecutive rows, atomically; returns the size and checksum of the bytes written, hashed from
+    consecutive rows, atomically, its bytes reserved first (`utils.diskspace.reserve_space`: a
+    full disk raises `DiskFullError` before the first block); returns the size and checksum of the bytes written, hashed from
     memory as they are written (memory: one block)."""
     head = io.BytesIO()
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
     np.lib.format.write_array_header_1_0(head, {**header, "shape": tuple(shape)})
     record: dict = {}
+    size = npy_size(tuple(shape), dtype)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
+            reserve_space(f, size, path)  # a full disk fails here, never as a SIGBUS later
 
             def written() -> Iterator:
                 f.write(head.getvalue())
@@ -93,8 +97,9 @@ def save_npy_blocks(path, shape: tuple, dtype, blocks: Iterable[np.ndarray]) -> 
                     yield block.reshape(-1).view(np.uint8)
 
             record.update(buffers_checksum(written()))
+            f.truncate()  # exactly the array, whatever was reserved
 
-    write_with(path, write)
+    write_with(path, write, size)
     return record
 
 

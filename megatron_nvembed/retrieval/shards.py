@@ -348,6 +348,13 @@ def encode_corpus(
         return _finish(embedder, plan, todo, start)
 
 
+def single_array_size(rows: int, dim: int) -> int:
+    """Bytes of the `.npy` file `write_single_array` writes for `rows` x `dim` embeddings."""
+    from megatron_nvembed.utils.diskspace import npy_size
+
+    return npy_size((rows, dim), np.float32)
+
+
 def write_single_array(shards: ShardedEmbeddings, path: str | os.PathLike) -> Path:
     """All shards as one float32 `.npy` [rows, dim] (each shard verified as it is read), written
     shard by shard into a temporary file, then renamed (memory: one shard); then its record

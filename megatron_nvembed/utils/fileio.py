@@ -7,8 +7,15 @@ the same way: into a new hidden folder beside it, swapped in once complete (`ato
 anything is read, `check_output_dir` refuses an output folder that must not be written (non-empty
 without overwrite, a link, the source itself, inside it or holding it).
 
-Imports nothing of the package but `utils.locking` (a folder output is written under its lock);
-everything that writes results uses it.
+Disk full: a write that runs out of space anywhere under `atomic_path` or `atomic_dir` removes
+its temporary and raises `utils.diskspace.DiskFullError` (one line: the output, the bytes it
+needed, the bytes free); `save_npy_atomic` reserves its bytes before writing them.
+
+Paths inside: `resolve_inside` and `check_links_inside` refuse a file or symbolic link of an
+input folder that resolves outside it, before it is read.
+
+Imports nothing of the package but `utils.diskspace` and `utils.locking` (a folder output is
+written under its lock); everything that writes results uses it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_nvembed.utils.diskspace import (
+    disk_full_error,
+    is_disk_full,
+    npy_size,
+    reserve_space,
+)
 from megatron_nvembed.utils.locking import holds, output_lock
 
 
@@ -38,9 +51,12 @@ _UMASK = _current_umask()
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yields a temporary path beside `path` (same folder, so the rename is atomic); on a clean
-    exit it is renamed over `path`, on an exception it is removed. Parent folders are created."""
+    exit it is renamed over `path`, on an exception it is removed. Parent folders are created.
+
+    `size`: the bytes the file will hold, when known (the `DiskFullError` says so). A write that
+    runs out of space raises `DiskFullError` naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,7 +67,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, path, Path(tmp), size) from err
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
@@ -59,27 +77,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Writes text (UTF-8) or bytes to `path` atomically."""
-    with atomic_path(path) as tmp:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    with atomic_path(path, len(raw)) as tmp:
+        tmp.write_bytes(raw)
 
 
-def write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Calls `write(tmp)` to fill a temporary file, then renames it over `path`."""
-    with atomic_path(path) as tmp:
+def write_with(
+    path: str | os.PathLike, write: Callable[[Path], None], size: int | None = None
+) -> None:
+    """Calls `write(tmp)` to fill a temporary file, then renames it over `path` (`size`: as
+    `atomic_path` takes it)."""
+    with atomic_path(path, size) as tmp:
         write(tmp)
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """`np.save` to `path` atomically (the `.npy` format, no pickled objects)."""
+    """`np.save` to `path` atomically (the `.npy` format, no pickled objects); its bytes are
+    reserved first (`reserve_space`)."""
+    array = np.asarray(array)
+    size = npy_size(array.shape, array.dtype)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
+            reserve_space(f, size, path)
+            np.save(f, array, allow_pickle=False)
+            f.truncate()  # exactly the array, whatever was reserved
 
-    write_with(path, write)
+    write_with(path, write, size)
 
 
 def remove_stale_temporaries(
@@ -118,6 +142,46 @@ def folder_relation(path: Path, other: Path) -> str | None:
     if path in other.parents:
         return "contains"
     return None
+
+
+def resolve_inside(
+    path: str | os.PathLike,
+    folder: str | os.PathLike,
+    *,
+    error: type[Exception] = ValueError,
+    also: tuple[Path, ...] = (),
+) -> Path:
+    """`path` resolved (symbolic links and `..` followed), refused unless it lies inside
+    `folder` (or one of the folders `also`, resolved); links that stay inside are fine.
+
+    Raises:
+        `error`, naming `path`, where it leads and `folder`; before `path` is read.
+    """
+    target = Path(path).resolve()
+    for root in (Path(folder), *also):
+        if folder_relation(target, root.resolve()) in ("is the same folder as", "is inside"):
+            return target
+    raise error(
+        f"{path}: resolves to {target}, outside {folder}; refusing to read a file outside "
+        "the folder it belongs to (a symbolic link or '..' leads out)"
+    )
+
+
+def check_links_inside(
+    folder: str | os.PathLike, *, error: type[Exception] = ValueError, also: tuple[Path, ...] = ()
+) -> None:
+    """Every symbolic link in `folder` and its subfolders (links are not followed, so a linked
+    subfolder is checked as a link) resolves inside `folder` (`resolve_inside`): no read of a
+    file of the folder leaves it.
+
+    Raises:
+        `error`, naming the first link that leads out.
+    """
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames + filenames):
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                resolve_inside(entry, folder, error=error, also=also)
 
 
 def check_output_dir(
@@ -241,7 +305,9 @@ def _replace_dir(tmp: Path, final: Path, *, overwrite: bool, flag: str) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path, *, overwrite: bool, flag: str) -> Iterator[Path]:
+def atomic_dir(
+    final: Path, *, overwrite: bool, flag: str, size: int | None = None
+) -> Iterator[Path]:
     """Yields a new folder beside `final` (`_temp_dir_beside`) to write the output in; on a clean
     exit it is swapped in for `final` (`_replace_dir`), on an exception it is removed and `final`
     stays as it was. All of it under the lock of `final` (`utils.locking.output_lock`, taken here
@@ -250,15 +316,19 @@ def atomic_dir(final: Path, *, overwrite: bool, flag: str) -> Iterator[Path]:
     Args:
         final: the output folder, resolved (as `check_output_dir` returns it).
         overwrite, flag: as `_replace_dir` takes them.
+        size: the bytes the output will hold, when known (for the `DiskFullError`).
 
     Raises:
         utils.locking.OutputLocked: another job writes `final`.
+        DiskFullError: a write into the folder ran out of space (the folder is removed).
     """
     with output_lock(final, flag):
         tmp = _temp_dir_beside(final)
         try:
             yield tmp
             _replace_dir(tmp, final, overwrite=overwrite, flag=flag)
-        except BaseException:
+        except BaseException as err:
+            if is_disk_full(err):
+                raise disk_full_error(err, final, tmp, size) from err
             shutil.rmtree(tmp, ignore_errors=True)
             raise
