@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_nvembed.checkpoint.manifest import write_manifest
+from megatron_nvembed.checkpoint.manifest import verify_folder_manifest, write_manifest
 from megatron_nvembed.checkpoint.safety import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -47,8 +47,9 @@ from megatron_nvembed.checkpoint.streaming import (
 )
 from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.core.cpu_support import cuda_allocations_on_cpu
+from megatron_nvembed.utils.checksums import MANIFEST
 from megatron_nvembed.utils.diskspace import is_disk_full
-from megatron_nvembed.utils.fileio import resolve_inside
+from megatron_nvembed.utils.fileio import check_links_inside, resolve_inside
 from megatron_nvembed.utils.locking import output_lock
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -83,6 +84,41 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> int:
             shutil.copyfile(src / name, dst / name)
             n += 1
     return n
+
+
+def store_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Copies the tokenizer files of `src` into a checkpoint's tokenizer folder `dst` (created)
+    with their manifest (sizes and checksums, `checkpoint.manifest.write_manifest`), which
+    `tokenizer_dir` verifies before they are read.
+
+    Returns:
+        The number of files copied (0: `src` holds no tokenizer; no manifest is written).
+    """
+    n = copy_tokenizer_files(src, dst)
+    if n:
+        write_manifest(dst)
+    return n
+
+
+def tokenizer_dir(root: str | os.PathLike) -> Path:
+    """The tokenizer folder stored with checkpoint `root`, checked before anything reads it: it
+    and every link in it lie inside the checkpoint, and its files match its manifest (a folder
+    written before tokenizer manifests has none and is read as it is).
+
+    Raises:
+        FileNotFoundError: the checkpoint has no tokenizer folder.
+        UnsafeCheckpointError: the folder or a link in it leads out of the checkpoint.
+        ManifestError: a file missing, changed or added since it was written (naming it).
+    """
+    root = Path(root)
+    tok = root / TOKENIZER_DIR
+    if not tok.is_dir():
+        raise FileNotFoundError(f"{tok}: missing (the checkpoint has no tokenizer)")
+    resolve_inside(tok, root, error=UnsafeCheckpointError)
+    check_links_inside(tok, error=UnsafeCheckpointError, also=(root.resolve(),))
+    if (tok / MANIFEST).is_file():
+        verify_folder_manifest(tok, what="tokenizer")
+    return tok
 
 
 REPLACED_SUFFIX = ".replaced"

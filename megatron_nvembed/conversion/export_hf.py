@@ -23,7 +23,7 @@ from megatron_nvembed.checkpoint.manifest import (
     checkpoint_fingerprint,
     write_manifest,
 )
-from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
+from megatron_nvembed.checkpoint.store import copy_tokenizer_files, tokenizer_dir
 from megatron_nvembed.conversion.hf_config import latent_attention_config_dict, text_config_dict
 from megatron_nvembed.conversion.hf_weights import write_safetensors_shards
 from megatron_nvembed.conversion.st_layout import PROMPTS_FILE, prompts_config, write_st_layout
@@ -221,10 +221,11 @@ def export_hf(
     final = check_export_paths(load_dir, hf_dir, overwrite=overwrite)
     load_dir, hf_dir = Path(load_dir), Path(hf_dir)
     st = format == "sentence-transformers"
+    tok = tokenizer_dir(load_dir)  # inside the checkpoint, its files as written
     if st:
         from megatron_nvembed.checkpoint.store import read_config
 
-        check_st_exportable(read_config(load_dir), load_dir / TOKENIZER_DIR)
+        check_st_exportable(read_config(load_dir), tok)
     reader = CheckpointTensors(load_dir)
     cfg = reader.cfg
     dtype = dtype or DTYPE_NAMES[reader.dtype]
@@ -234,8 +235,8 @@ def export_hf(
     with atomic_dir(final, overwrite=overwrite, flag="--hf-dir", size=size) as tmp:
         write_safetensors_shards(layout, tmp, max_shard_bytes, produce)
         _write_model_files(tmp, cfg, dtype, st)
-        if copy_tokenizer_files(load_dir / TOKENIZER_DIR, tmp) == 0:
-            raise FileNotFoundError(f"{load_dir / TOKENIZER_DIR}: no tokenizer files to export")
+        if copy_tokenizer_files(tok, tmp) == 0:
+            raise FileNotFoundError(f"{tok}: no tokenizer files to export")
         # Its own files' checksums, and the checkpoint it was made from (by its files).
         write_manifest(tmp, provenance={SOURCE_FINGERPRINT: checkpoint_fingerprint(reader.folder)})
     return hf_dir

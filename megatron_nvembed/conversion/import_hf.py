@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_nvembed.checkpoint.lazy import DTYPE_NAMES, parse_dtype
-from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
+from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, store_tokenizer
 from megatron_nvembed.conversion.hf_weights import LazyHFState, backbone_prefix
 from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
 from megatron_nvembed.core.logging_utils import get_logger
@@ -303,7 +303,7 @@ def import_hf(
             seed,
             dtype,
         )
-        copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+        store_tokenizer(hf_dir, tmp / TOKENIZER_DIR)
     logger.info(
         "imported %s -> %s (%s) in %.1fs", hf_dir, save_dir, dtype, time.perf_counter() - start
     )

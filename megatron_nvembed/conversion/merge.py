@@ -37,12 +37,13 @@ from megatron_nvembed.checkpoint.store import (
     TOKENIZER_DIR,
     TOKENIZER_FILES,
     TRACKER,
-    copy_tokenizer_files,
     is_checkpoint_dir,
     iteration_dir,
     latest_iteration,
     read_config,
     read_lora,
+    store_tokenizer,
+    tokenizer_dir,
 )
 from megatron_nvembed.core.config import EmbeddingModelConfig, ParallelConfig
 from megatron_nvembed.core.logging_utils import get_logger
@@ -294,6 +295,8 @@ def _check_input_files(plan: MergePlan) -> None:
 
     for path, it in zip(plan.loads, plan.iterations):
         verify_checkpoint_folder(iteration_dir(path, it))
+        if (path / TOKENIZER_DIR).exists() or (path / TOKENIZER_DIR).is_symlink():
+            tokenizer_dir(path)  # inside the checkpoint, its files as written
     for path in plan.loads[1:]:
         if _tokenizer_differs(plan.loads[0], path):
             logger.warning(
@@ -347,7 +350,7 @@ def _write_merged(model: torch.nn.Module, plan: MergePlan, overwrite: bool) -> N
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     with atomic_dir(plan.final, overwrite=overwrite, flag="--save", size=size) as tmp:
         save_checkpoint(model, plan.cfg, tmp, iteration=0, lora=plan.lora)
-        copied = copy_tokenizer_files(plan.loads[0] / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        copied = store_tokenizer(plan.loads[0] / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         if copied == 0:
             (tmp / TOKENIZER_DIR).rmdir()
             logger.warning(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -93,7 +92,13 @@ def merge_lora_checkpoint(
             an output folder refused by `check_merge_lora_paths` (before the checkpoint is read).
     """
     from megatron_nvembed.checkpoint.lazy import CheckpointTensors
-    from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, read_lora, save_checkpoint
+    from megatron_nvembed.checkpoint.store import (
+        TOKENIZER_DIR,
+        read_lora,
+        save_checkpoint,
+        store_tokenizer,
+        tokenizer_dir,
+    )
     from megatron_nvembed.conversion.peft_adapters import check_peft_options, save_peft_adapters
 
     if peft_dir is not None:  # before the checkpoint is read
@@ -135,7 +140,7 @@ def merge_lora_checkpoint(
             values=lambda name: reader.merged(name).to(reader.dtype),
         )
         if (load_dir / TOKENIZER_DIR).is_dir():
-            shutil.copytree(load_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+            store_tokenizer(tokenizer_dir(load_dir), tmp / TOKENIZER_DIR)
     count = sum(1 for n in reader.names() if n.endswith(".lora_A"))
     logger.info("merged %d adapters (rank %d) into %s", count, lora["rank"], save_dir)
     return lora

@@ -40,18 +40,16 @@ class MegatronEmbedder(Embedder):
         import torch.distributed as dist
 
         from megatron_nvembed.checkpoint.store import (
-            TOKENIZER_DIR,
             latest_iteration,
             load_checkpoint,
             read_config,
+            tokenizer_dir,
         )
         from megatron_nvembed.core.config import ParallelConfig
         from megatron_nvembed.core.parallel import initialize_model_parallel
         from megatron_nvembed.model.build import build_model
 
-        tok_dir = Path(load) / TOKENIZER_DIR
-        if not tok_dir.is_dir():
-            raise FileNotFoundError(f"{tok_dir}: missing (the checkpoint has no tokenizer)")
+        tok_dir = tokenizer_dir(load)  # inside the checkpoint, its files as written
         self.iteration = latest_iteration(load)
         pg = initialize_model_parallel(tensor_model_parallel_size, 1)
         self.dp_rank, self.dp_size, self.dp_group = pg.dp.rank(), pg.dp.size(), pg.dp

@@ -25,10 +25,10 @@ import torch.distributed as dist
 from megatron_nvembed.checkpoint.safety import load_rng_file
 from megatron_nvembed.checkpoint.store import (
     TOKENIZER_DIR,
-    copy_tokenizer_files,
     iteration_dir,
     load_checkpoint,
     save_checkpoint,
+    store_tokenizer,
 )
 from megatron_nvembed.core.logging_utils import get_logger, log_rank0
 from megatron_nvembed.utils.rng import RngSnapshot, capture_rng_state, restore_rng_state
@@ -74,7 +74,7 @@ def save_training_checkpoint(
             if tokenizer_dir is not None and not (Path(root) / TOKENIZER_DIR).exists():
                 tok_tmp = Path(root) / (TOKENIZER_DIR + ".tmp")
                 shutil.rmtree(tok_tmp, ignore_errors=True)
-                copy_tokenizer_files(tokenizer_dir, tok_tmp)
+                store_tokenizer(tokenizer_dir, tok_tmp)
                 os.replace(tok_tmp, Path(root) / TOKENIZER_DIR)
 
     return save_checkpoint(

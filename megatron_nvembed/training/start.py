@@ -15,12 +15,12 @@ from typing import Literal
 
 from megatron_nvembed.checkpoint.store import (
     CONFIG_FILE,
-    TOKENIZER_DIR,
     is_checkpoint_dir,
     iteration_dir,
     latest_iteration,
     read_config,
     read_lora,
+    tokenizer_dir,
 )
 from megatron_nvembed.core.config import EmbeddingModelConfig
 from megatron_nvembed.core.cpu_support import cpu_mode
@@ -66,7 +66,9 @@ class StartingPoint:
         Raises:
             ValueError / FileNotFoundError: naming `--tokenizer`.
         """
-        path = tokenizer or (str(self.path / TOKENIZER_DIR) if self.path else None)
+        if tokenizer is None and self.path is not None:
+            return tokenizer_dir(self.path)  # inside the checkpoint, its files as written
+        path = tokenizer
         if path is None:
             raise ValueError(
                 "no tokenizer: pass --tokenizer DIR, or --pretrained-checkpoint from import-hf "
