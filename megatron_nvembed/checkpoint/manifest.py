@@ -155,8 +155,11 @@ def verify_folder_manifest(
     for rel in files:
         if not _safe_rel(rel):
             raise ManifestError(f"{path}: lists {rel!r}, a path outside {folder}")
+    # A listed file may be a link to another file of the folder (checked inside it by
+    # `safety`): the file it leads to is read through it, as listed.
+    through_links = {(folder / rel).resolve() for rel in files if (folder / rel).is_symlink()}
     for rel in folder_files(folder):
-        if rel not in files and _loaded(rel):
+        if rel not in files and _loaded(rel) and (folder / rel).resolve() not in through_links:
             raise ManifestError(
                 f"{label}{folder / rel}: not listed in {path}; refusing a checkpoint file "
                 "that was added after the save"

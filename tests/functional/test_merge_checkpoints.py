@@ -107,7 +107,7 @@ def _save_tiny(rank, world, root, seed, vocab_size):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A saved at TP=2 (two processes), B at TP=1 (this process), same tokenizer files."""
-    from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, copy_tokenizer_files
+    from megatron_nvembed.checkpoint.store import TOKENIZER_DIR, store_tokenizer
 
     root = tmp_path_factory.mktemp("merge")
     tok = build_word_tokenizer(TEXTS)
@@ -115,7 +115,7 @@ def ckpts(tmp_path_factory):
     run_distributed(_save_tiny, 2, str(root / "a"), 1, len(tok))
     _save_tiny(0, 1, str(root / "b"), 2, len(tok))
     for name in ("a", "b"):
-        copy_tokenizer_files(root / "tok", root / name / TOKENIZER_DIR)
+        store_tokenizer(root / "tok", root / name / TOKENIZER_DIR)
     return root
 
 
