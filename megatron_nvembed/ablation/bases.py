@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 
 from megatron_nvembed.ablation.grid import MASKS
+from megatron_nvembed.checkpoint.manifest import write_manifest
 from megatron_nvembed.checkpoint.store import CONFIG_FILE, TRACKER, is_checkpoint_dir
+from megatron_nvembed.utils.checksums import MANIFEST, read_manifest
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -49,6 +51,19 @@ def derive_mask_variant(src: str | os.PathLike, dst: str | os.PathLike, mask: st
         cfg["model"]["mask_type"] = mask
         cfg_path.unlink()  # a hard link: never write through it into `src`
         cfg_path.write_text(json.dumps(cfg, indent=2))
+        _relist(cfg_path)
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
+
+
+def _relist(cfg_path: Path) -> None:
+    """The edited config's new size and checksum in its iteration folder's manifest (the other
+    files keep their records: nothing else is read). The manifest is replaced, not written
+    through its hard link into the source checkpoint."""
+    folder = cfg_path.parent
+    if not (folder / MANIFEST).is_file():
+        return  # a checkpoint saved before manifests: nothing to update
+    records = read_manifest(folder / MANIFEST)["files"]
+    records.pop(CONFIG_FILE, None)
+    write_manifest(folder, [*records, CONFIG_FILE], records=records)

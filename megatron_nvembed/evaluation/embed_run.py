@@ -40,10 +40,11 @@ def _open_input(args: argparse.Namespace) -> JsonlCorpus:
 def _check_space(args: argparse.Namespace, rows: int, dim: int, folder: Path) -> None:
     """Refuses, before any text is embedded, outputs that cannot fit: the embeddings of the
     shards not yet on disk, and for --output the single array besides them."""
-    missing = rows * dim * 4 - sum(p.stat().st_size for p in folder.glob("emb_*.npy"))
-    check_free_space(folder, max(missing, 0))
-    if args.output:
-        check_free_space(args.output, max(missing, 0) + single_array_size(rows, dim))
+    missing = max(rows * dim * 4 - sum(p.stat().st_size for p in folder.glob("emb_*.npy")), 0)
+    if args.output:  # the staging shards beside it and the array, named by the user's flag
+        check_free_space(args.output, missing + single_array_size(rows, dim))
+    else:
+        check_free_space(folder, missing)
 
 
 def embed_texts(args: argparse.Namespace) -> None:

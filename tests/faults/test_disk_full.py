@@ -24,6 +24,7 @@ from megatron_nvembed.testing.st_folders import (
     build_qwen3_embedding_tokenizer,
     save_tiny_qwen3_embedding,
 )
+from megatron_nvembed.utils.locking import LOCK_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.faults
@@ -77,7 +78,22 @@ def _error_line(err: str) -> re.Match:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".nvembed-" in p.name]
+    """Temporary files and folders left in `folder` (the outputs' lock files, released and
+    empty, are kept by design: utils/locking.py)."""
+    return [
+        p
+        for p in folder.rglob("*")
+        if (p.name.endswith(".tmp") or ".nvembed-" in p.name) and not _is_lock(p)
+    ]
+
+
+def _is_lock(p: Path) -> bool:
+    return p.name.endswith(LOCK_SUFFIX) and p.stat().st_size == 0  # released
+
+
+def _names(folder: Path) -> list[str]:
+    """The entries of `folder` but the released lock files."""
+    return sorted(p.name for p in folder.iterdir() if not _is_lock(p))
 
 
 def test_embed_output_on_a_full_disk_is_refused_before_computing(st_model, tmpfs, tmp_path):
@@ -99,7 +115,7 @@ def test_embed_output_on_a_full_disk_is_refused_before_computing(st_model, tmpfs
     assert match["path"] == str(out)
     assert int(match["needed"]) > int(match["free"]) > 0
     assert "embedded" not in proc.stdout  # refused before the texts were embedded
-    assert sorted(p.name for p in disk.iterdir()) == ["earlier.npy"]
+    assert _names(disk) == ["earlier.npy"]
     assert earlier.read_bytes() == before
 
 
@@ -119,15 +135,17 @@ def test_single_array_write_on_a_full_disk_fails_cleanly(tmpfs, tmp_path):
     """Fault: the disk fills while tools/embed.py --output joins finished shards into one array (another writer took the space after the tool's check).
     Happens: the array's bytes are reserved before the first is written, so the write fails at once with the one line (path, bytes needed, bytes free) instead of a SIGBUS (exit 135) of a memory-mapped write; the temporary file is removed and the shards stay for the rerun.
     Do: free space and rerun the same command: it finds the shards finished and only writes the array."""
+    from megatron_nvembed.retrieval.shard_files import write_shard
     from megatron_nvembed.retrieval.shards import META, single_array_size
-    from megatron_nvembed.utils.fileio import save_npy_atomic, write_atomic
+    from megatron_nvembed.utils.fileio import write_atomic
 
     shards = tmp_path / "shards"
+    shards.mkdir()
     rng = np.random.default_rng(0)
-    for s in range(3):
-        save_npy_atomic(shards / f"emb_{s:05d}.npy", rng.random((100, 32), dtype=np.float32))
     meta = {"rows": 300, "dim": 32, "shard_size": 100, "has_ids": False}
     write_atomic(shards / META, json.dumps(meta))
+    for s in range(3):  # each with its record, as encode_corpus writes them
+        write_shard(shards, s, rng.random((100, 32), dtype=np.float32), None, meta)
     disk = tmpfs(24)  # room for less than the 38 KB array
     out = disk / "emb.npy"
     proc = subprocess.run([sys.executable, "-c", _WRITE_ARRAY, str(shards), str(out)], cwd=ROOT,
@@ -135,7 +153,7 @@ def test_single_array_write_on_a_full_disk_fails_cleanly(tmpfs, tmp_path):
     assert proc.returncode == 3, (proc.returncode, proc.stderr[-3000:])
     match = _error_line(proc.stderr)
     assert match["path"] == str(out) and int(match["needed"]) == single_array_size(300, 32)
-    assert list(disk.iterdir()) == []
+    assert _names(disk) == []
     assert len(list(shards.glob("emb_*.npy"))) == 3
 
 
@@ -151,9 +169,11 @@ def test_embed_output_dir_filling_up_keeps_finished_shards(st_model, tmpfs, tmp_
             "--output-dir", str(out), "--shard-size", "1"]  # fmt: skip
     assert embed_tool.main(argv) == 3
     match = _error_line(capsys.readouterr().err)
-    done = sorted(out.glob("emb_*.npy"))
+    # a shard is finished when its record (emb_N.json, written last) is there
+    done = sorted(p.with_suffix(".npy") for p in out.glob("emb_*.json"))
     assert done and len(done) < 12
-    assert match["path"] == str(out / f"emb_{len(done):05d}.npy")
+    n = len(done)  # the next shard's embeddings or its record did not fit
+    assert match["path"] in (str(out / f"emb_{n:05d}.npy"), str(out / f"emb_{n:05d}.json"))
     assert int(match["needed"]) > int(match["free"])
     assert _temporaries(disk) == []
     first = {p: (p.stat().st_mtime_ns, np.load(p).shape) for p in done}
@@ -214,7 +234,7 @@ def test_import_hf_onto_a_full_disk_is_refused_before_converting(tmpfs, tmp_path
     weights = LazyHFState(hf)
     assert match["path"] == str(out)
     assert int(match["needed"]) == sum(t.numel() * t.element_size() for t in weights.values())
-    assert sorted(p.name for p in disk.iterdir()) == ["earlier.txt"]
+    assert _names(disk) == ["earlier.txt"]
     assert (disk / "earlier.txt").read_text() == "kept"
 
 
@@ -239,5 +259,5 @@ def test_folder_output_filling_up_is_removed_whole(tmpfs):
             write_safetensors_shards(state, tmp, max_bytes=40_000)
     match = FULL.match(f"error: {err.value}")
     assert match and match["path"] == str(final) and int(match["needed"]) == size, err.value
-    assert sorted(p.name for p in disk.iterdir()) == ["export"]
+    assert _names(disk) == ["export"]
     assert (final / "model.safetensors").read_bytes() == b"earlier export"
