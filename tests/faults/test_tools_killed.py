@@ -64,7 +64,7 @@ def _files(folder: Path) -> dict[str, object]:
             out[str(p.relative_to(folder))] = (md.state_dict_metadata, md.storage_data)
         elif p.name == MANIFEST:
             files = json.loads(p.read_text())["files"]
-            files.pop(".metadata")
+            files.pop(".metadata", None)  # (a tokenizer folder's manifest has none)
             out[str(p.relative_to(folder))] = files
         else:
             out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
