@@ -249,10 +249,36 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = option(
         1, "--pipeline-model-parallel-size", "pipeline stages", min=1, runtime=True
     )
+    sequence_parallel: bool = option(
+        False,
+        "--sequence-parallel",
+        "split the norm, dropout and residual activations along the sequence over the "
+        "tensor-parallel group (about 1/TP of their memory); needs TP > 1",
+        runtime=True,
+    )
+    context_parallel_size: int = option(
+        1,
+        "--context-parallel-size",
+        "ranks splitting each sequence in the attention (Transformer Engine backend only)",
+        min=1,
+        runtime=True,
+    )
 
     def validate(self) -> ParallelConfig:
-        """Each size a positive integer; raises ValueError naming the flag."""
+        """Each size a positive integer; raises ValueError naming the flag.
+
+        `--sequence-parallel` at TP=1 has nothing to split: as Megatron-LM, it is turned off
+        with a warning."""
         check_options(self)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            import warnings
+
+            warnings.warn(
+                "--sequence-parallel has nothing to split at --tensor-model-parallel-size 1; "
+                "running without it",
+                stacklevel=2,
+            )
+            self.sequence_parallel = False
         return self
 
 
@@ -324,6 +350,12 @@ class EmbeddingModelConfig:
             raise ValueError(
                 f"ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
                 f"--tensor-model-parallel-size ({tp})"
+            )
+        cp = par.context_parallel_size
+        if cp > 1 and m.attention_backend in ("sdpa", "local"):
+            raise ValueError(
+                f"--context-parallel-size {cp} needs the Transformer Engine backend "
+                f"(--attention-backend te); --attention-backend is {m.attention_backend}"
             )
         if m.num_layers % pp:
             raise ValueError(

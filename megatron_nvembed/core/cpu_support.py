@@ -14,6 +14,10 @@ Megatron-core assumes CUDA in a few places that the forward/backward of our mode
 available, so the GPU path is always megatron-core's own. Everything is patched in this one module
 so that the differences between the CPU and GPU paths stay in one place.
 
+Sequence parallelism (`--sequence-parallel`) needs nothing more: megatron-core's sequence-parallel
+mappings call `all_gather_into_tensor` and `reduce_scatter_tensor`, which gloo implements (torch
+2.13), and their scratch buffer follows the `current_device` answer below onto the CPU.
+
 What remains CUDA-only in megatron-core (and so is replaced elsewhere on CPU, never here): gradient
 clipping (`clip_grad_by_total_norm_fp32` asserts CUDA tensors) and the `DistributedOptimizer`.
 """

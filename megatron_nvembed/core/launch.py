@@ -44,7 +44,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker(
-    rank: int, fn: Callable, world_size: int, store_port: int, parent_pid: int, args: tuple
+    rank: int,
+    fn: Callable,
+    world_size: int,
+    store_port: int,
+    parent_pid: int,
+    args: tuple,
+    backend: str = "gloo",
 ) -> None:
     _die_with_parent(parent_pid)
     # The processes meet at the parent's store, not at a port found free a moment ago: such a
@@ -59,15 +65,20 @@ def _worker(
     # Two cores are shared by all ranks; more threads per rank only adds contention.
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
         destroy_parallel()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Runs `fn(rank, world_size, *args)` in `world_size` gloo processes on this machine.
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo"
+) -> None:
+    """Runs `fn(rank, world_size, *args)` in `world_size` processes on this machine, over gloo
+    (or `backend="nccl"`: one GPU per rank).
 
     Raises:
         torch.multiprocessing.ProcessRaisedException: when any rank raises; the message holds
@@ -78,7 +89,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None
     try:
         mp.spawn(
             _worker,
-            args=(fn, world_size, store.port, os.getpid(), args),
+            args=(fn, world_size, store.port, os.getpid(), args, backend),
             nprocs=world_size,
             join=True,
         )

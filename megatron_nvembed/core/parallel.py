@@ -63,7 +63,10 @@ def init_distributed(timeout_minutes: int = 30) -> None:
 
 
 def initialize_model_parallel(
-    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    context_parallel_size: int = 1,
 ):
     """Creates megatron-core's TP/PP/DP groups and seeds the model-parallel RNG.
 
@@ -72,6 +75,7 @@ def initialize_model_parallel(
         pipeline_model_parallel_size: stages that split the layer stack
             (`--pipeline-model-parallel-size`).
         seed: base seed; tensor-parallel ranks get distinct dropout streams derived from it.
+        context_parallel_size: ranks that split each sequence (`--context-parallel-size`).
 
     Returns:
         megatron-core `ProcessGroupCollection` with `tp`, `pp`, `dp`, ... groups.
@@ -88,12 +92,14 @@ def initialize_model_parallel(
         destroy_parallel()
     init_distributed()
     world = dist.get_world_size()
-    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    model_parallel = (
+        tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    )
     if world % model_parallel != 0:
         raise ValueError(
             f"world size {world} is not divisible by --tensor-model-parallel-size "
             f"{tensor_model_parallel_size} x --pipeline-model-parallel-size "
-            f"{pipeline_model_parallel_size}"
+            f"{pipeline_model_parallel_size} x --context-parallel-size {context_parallel_size}"
         )
     if cpu_mode():
         enable_cpu_support()
@@ -101,6 +107,7 @@ def initialize_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
         # The distributed optimizer asks for gloo copies of the DP groups (for checkpointing
         # its state); on CPU they duplicate the default gloo groups, which is harmless.
         create_gloo_process_groups=True,

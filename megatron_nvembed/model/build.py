@@ -42,6 +42,8 @@ def transformer_config(
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel and par.tensor_model_parallel_size > 1,
+        context_parallel_size=par.context_parallel_size,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
@@ -95,6 +97,7 @@ def build_model(
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_nvembed.model.nvembed_model import NVEmbedModel
+    from megatron_nvembed.model.specs import resolve_backend
 
     cfg.validate()
     if pg_collection is None:
@@ -106,6 +109,18 @@ def build_model(
             f"config asks for --tensor-model-parallel-size {par.tensor_model_parallel_size} and "
             f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size}, but the "
             f"initialised groups have TP={tp}, PP={pp}"
+        )
+    cp = par.context_parallel_size
+    if pg_collection.cp.size() != cp:
+        raise ValueError(
+            f"config asks for --context-parallel-size {cp}, but the initialised groups have "
+            f"CP={pg_collection.cp.size()}"
+        )
+    if cp > 1 and resolve_backend(cfg.model) != "te":
+        raise ValueError(
+            f"--context-parallel-size {cp} needs the Transformer Engine backend, but this run's "
+            f"attention backend is {resolve_backend(cfg.model)} (Transformer Engine on CUDA "
+            "is not available)"
         )
     pp_rank = pg_collection.pp.rank()
     if pre_process is None:

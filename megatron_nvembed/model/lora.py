@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from torch import nn
 
@@ -80,11 +82,21 @@ class LoRAParallelLinear(nn.Module):
             p.tensor_model_parallel = split
             p.partition_dim = (0 if parallel == "column" else 1) if split else -1
             p.partition_stride = 1
+            # With sequence parallelism the replicated factor sees one slice of the sequence per
+            # rank: its gradient is summed over the TP group by `finalize_model_grads`.
+            p.sequence_parallel = not split and bool(getattr(base, "sequence_parallel", False))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s * B A x for this rank's output shard (column) or the full output (row)."""
         h = F.linear(self.dropout(x), self.lora_A)  # [..., r] (row: partial sum)
-        if self.parallel == "column":
+        if getattr(self.base, "sequence_parallel", False):
+            # Sequence parallelism: a column layer's input is this rank's slice of the sequence
+            # (the base gathers it), a row layer's output is scattered back over the sequence.
+            if self.parallel == "column":
+                h = gather_from_sequence_parallel_region(h, group=self.tp_group)
+            else:
+                h = reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
+        elif self.parallel == "column":
             h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
         else:
             h = reduce_from_tensor_model_parallel_region(h, group=self.tp_group)

@@ -9,9 +9,11 @@ Layouts: inputs are [b, s]; megatron-core's hidden states are [s, b, h]; embeddi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
@@ -22,11 +24,12 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_nvembed.core.config import EmbeddingModelConfig, padded_vocab_size
+from megatron_nvembed.model.context_parallel import cp_layout, gather_context_parallel
 from megatron_nvembed.model.pooling import build_pooling
 from megatron_nvembed.model.specs import (
     build_attention_mask,
     build_packed_attention_mask,
-    get_layer_spec,
+    get_block_spec,
     packed_position_ids,
     resolve_backend,
 )
@@ -99,13 +102,24 @@ class NVEmbedModel(MegatronModule):
             )
         self.decoder = TransformerBlock(
             config=config,
-            spec=get_layer_spec(self.backend, m.mask_type, qk_layernorm=m.qk_layernorm),
+            spec=get_block_spec(
+                config, self.backend, m.mask_type, m.qk_layernorm, pg_collection.pp.rank()
+            ),
             pre_process=pre_process,
             post_process=post_process,
             pg_collection=pg_collection,
         )
+        self.sequence_parallel = config.sequence_parallel
+        self.context_parallel = pg_collection.cp.size() > 1
+        """Each text's tokens are split over the CP ranks (`--context-parallel-size`, TE only;
+        see `model.context_parallel`)."""
+        """The decoder's activations between layers hold 1/TP of the sequence on each TP rank
+        (`--sequence-parallel`); the last stage gathers the whole sequence for the pooling head."""
         self.pooling = (
-            build_pooling(m.hidden_size, model_config.pooling, config, pg_collection.tp)
+            # The head sees the whole sequence: its tensor-parallel layers split heads only.
+            build_pooling(
+                m.hidden_size, model_config.pooling, _without_sp(config), pg_collection.tp
+            )
             if post_process
             else None
         )
@@ -143,6 +157,8 @@ class NVEmbedModel(MegatronModule):
         Raises:
             ValueError: `segment_ids` of another shape than `attention_mask`.
         """
+        if segment_ids is None and self.context_parallel:
+            segment_ids = attention_mask.long()  # CP runs on THD tokens: one text per row
         if segment_ids is not None:
             if segment_ids.shape != attention_mask.shape:
                 raise ValueError(
@@ -151,10 +167,18 @@ class NVEmbedModel(MegatronModule):
                 )
             if self.backend in THD_BACKENDS:
                 return self._encode_thd(input_ids, segment_ids, layout)
+        seq_len = attention_mask.shape[1]
+        pad = self._sp_padding(seq_len)
+        if pad:
+            # Sequence parallelism splits the sequence evenly: padding columns up to a multiple
+            # of TP, masked like any padding and cut off again after the last layer.
+            input_ids, attention_mask = (F.pad(x, (0, pad)) for x in (input_ids, attention_mask))
+            if segment_ids is not None:
+                segment_ids = F.pad(segment_ids, (0, pad))
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
-        seq_len = attention_mask.shape[1]
+        seq_len += pad
         rotary = self.rotary_pos_emb(seq_len)  # [s, 1, 1, d]
         if rotary.device != attention_mask.device:
             rotary = rotary.to(attention_mask.device)
@@ -164,7 +188,30 @@ class NVEmbedModel(MegatronModule):
             mask = build_packed_attention_mask(segment_ids, self.mask_type)  # [b, 1, s, s]
             positions = packed_position_ids(segment_ids)  # [b, s]
             rotary = rotary[:, 0, 0][positions.t()].unsqueeze(2)  # [s, b, 1, d]
-        return self.decoder(hidden_states=decoder_input, attention_mask=mask, rotary_pos_emb=rotary)
+        hidden = self.decoder(
+            hidden_states=decoder_input, attention_mask=mask, rotary_pos_emb=rotary
+        )
+        return self._gather_sequence(hidden, seq_len - pad)
+
+    def _sp_padding(self, tokens: int) -> int:
+        """Positions to add so that `tokens` splits evenly over the TP ranks (0 without SP)."""
+        return (-tokens) % self.pg_collection.tp.size() if self.sequence_parallel else 0
+
+    def _gather_sequence(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
+        """The last stage's output: with sequence parallelism, the whole sequence gathered from
+        the TP ranks (first `length` positions); other stages pass their slice on as it is.
+
+        Every TP rank then runs the same pooling head and loss on the whole sequence, so each
+        computes the complete gradient of these states: the gather's backward keeps this rank's
+        slice of it (no reduction)."""
+        if not (self.sequence_parallel and self.post_process):
+            return hidden
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        full = gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=False, group=self.pg_collection.tp
+        )
+        return full[:length]
 
     def _encode_thd(
         self, input_ids: torch.Tensor, segment_ids: torch.Tensor, layout: PackedLayout | None
@@ -174,26 +221,58 @@ class NVEmbedModel(MegatronModule):
         within each text only (Transformer Engine's fused THD kernels, or `SDPAttention`'s
         varlen path) and RoPE restarts at each text. Padding is not computed at all."""
         layout = layout or packed_layout(segment_ids)
+        t = layout.rows.numel()
+        tokens = input_ids[layout.rows, layout.cols] if self.pre_process else None
+        cu_seqlens, max_len, padded, cp = layout.cu_seqlens, layout.max_len, {}, None
+        if self.context_parallel:
+            # Each text padded and cut into 2 x CP chunks; this rank runs two of them.
+            split = self.pg_collection.tp.size() if self.sequence_parallel else 1
+            group = self.pg_collection.cp
+            cp = cp_layout(
+                layout.lengths, layout.text, layout.pos, group.size(), 2 * group.size() * split
+            )
+            if tokens is not None:
+                stream = tokens.new_zeros(cp.total).index_put((cp.real,), tokens)
+                tokens = stream[cp.ranks[group.rank()]]
+            max_len = cp.max_len_padded
+            padded = dict(
+                cu_seqlens_q_padded=cp.cu_seqlens_padded, cu_seqlens_kv_padded=cp.cu_seqlens_padded
+            )
+        pad = 0 if cp else self._sp_padding(t)
+        if pad:
+            # Sequence parallelism splits the t tokens evenly: `pad` filler tokens follow as one
+            # more text of their own (attending only to themselves), cut off after the last layer.
+            cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:] + pad])
+            max_len = max(max_len, pad)
         decoder_input = None
         if self.pre_process:
-            tokens = input_ids[layout.rows, layout.cols].unsqueeze(0)  # [1, t]
-            decoder_input = self.embedding(input_ids=tokens, position_ids=None)  # [t, 1, h]
-        rotary = self.rotary_pos_emb(layout.max_len)  # [max_len, 1, 1, d], per text from 0
+            if pad:
+                tokens = F.pad(tokens, (0, pad))
+            decoder_input = self.embedding(input_ids=tokens[None], position_ids=None)  # [t, 1, h]
+        # [max_len, 1, 1, d], per text from 0 (megatron-core picks each CP rank's positions)
+        rotary = self.rotary_pos_emb(max_len, packed_seq=True)
         if rotary.device != segment_ids.device:
             rotary = rotary.to(segment_ids.device)
         params = PackedSeqParams(
             qkv_format="thd",
-            cu_seqlens_q=layout.cu_seqlens,
-            cu_seqlens_kv=layout.cu_seqlens,
-            max_seqlen_q=layout.max_len,
-            max_seqlen_kv=layout.max_len,
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=max_len,
+            max_seqlen_kv=max_len,
+            **padded,
         )
-        return self.decoder(
+        hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=None,
             rotary_pos_emb=rotary,
             packed_seq_params=params,
         )
+        if cp is None:
+            return self._gather_sequence(hidden, t)
+        hidden = self._gather_sequence(hidden, cp.total // len(cp.ranks))
+        if not self.post_process:
+            return hidden
+        return gather_context_parallel(hidden, cp, self.pg_collection.cp)[cp.real]
 
     def forward(
         self,
@@ -219,6 +298,9 @@ class NVEmbedModel(MegatronModule):
             [b, d] embeddings on the last pipeline stage ([n_texts, d] with `segment_ids`, in
             packed order: row-major by (row, segment)); [s, b, h] activations elsewhere.
         """
+        if segment_ids is None and self.context_parallel:
+            # Context parallelism runs on THD tokens: each right-padded row is one text.
+            segment_ids = attention_mask.long()
         hidden = self.encode_hidden(input_ids, attention_mask, segment_ids, layout)
         if not self.post_process:
             return hidden
@@ -324,3 +406,13 @@ def unpack_hidden(
     attn = (arange[None, :] < layout.lengths[:, None]).long()
     pool = pool_mask.new_zeros(n, width).index_put(index, pool_mask[layout.rows, layout.cols])
     return out.transpose(0, 1), attn, pool
+
+
+def _without_sp(config: TransformerConfig) -> TransformerConfig:
+    """`config` for the pooling head: the same, less sequence parallelism (the head's input is
+    the whole sequence, gathered by the last stage)."""
+    if not config.sequence_parallel:
+        return config
+    head = copy.copy(config)
+    head.sequence_parallel = False
+    return head

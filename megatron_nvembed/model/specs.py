@@ -12,6 +12,7 @@ import copy
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_nvembed.core.config import ModelConfig
 
@@ -54,6 +55,32 @@ def attn_mask_type_for(backend: str, mask_type: str) -> AttnMaskType:
     return AttnMaskType.padding_causal if backend == "te" else AttnMaskType.causal
 
 
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm as a megatron-core norm module, usable with sequence parallelism.
+
+    megatron-core's own torch norm (`WrappedTorchNorm`, what its local spec uses without Apex)
+    refuses `sequence_parallel`. Under sequence parallelism each tensor-parallel rank normalises
+    a slice of the sequence, so the weight's gradient is a partial sum: the weight is marked
+    `sequence_parallel`, and megatron-core's `finalize_model_grads` sums such gradients over the
+    tensor-parallel group (as it does for Transformer Engine's norms)."""
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,  # noqa: ARG002 - megatron-core's norm signature
+        zero_centered_gamma: bool = False,  # noqa: ARG002
+        normalization: str = "RMSNorm",  # noqa: ARG002
+    ):
+        if config.normalization != "RMSNorm":
+            raise ValueError(
+                f"TorchRMSNorm needs normalization='RMSNorm', got {config.normalization!r}"
+            )
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def get_layer_spec(backend: str, mask_type: str, qk_layernorm: bool = False) -> ModuleSpec:
     """A Mistral/Llama/Qwen decoder layer spec (RMSNorm, SwiGLU, GQA, RoPE) for embedding models.
 
@@ -81,11 +108,36 @@ def get_layer_spec(backend: str, mask_type: str, qk_layernorm: bool = False) -> 
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention
     attn.params = dict(attn.params, attn_mask_type=attn_mask_type_for(backend, mask_type))
+    if backend != "te":
+        # Norms that work with and without --sequence-parallel (see TorchRMSNorm).
+        spec.submodules.input_layernorm = TorchRMSNorm
+        spec.submodules.pre_mlp_layernorm = TorchRMSNorm
+        if qk_layernorm:
+            attn.submodules.q_layernorm = TorchRMSNorm
+            attn.submodules.k_layernorm = TorchRMSNorm
     if backend == "sdpa":
         from megatron_nvembed.model.attention import SDPAttention
 
         attn.submodules.core_attention = SDPAttention
     return spec
+
+
+def get_block_spec(
+    config, backend: str, mask_type: str, qk_layernorm: bool, pp_rank: int
+) -> TransformerBlockSubmodules:
+    """This pipeline stage's block: its layers (`get_layer_spec`) and the final norm (Transformer
+    Engine's on `te`, `TorchRMSNorm` elsewhere; both support sequence parallelism)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = TorchRMSNorm
+    layer = get_layer_spec(backend, mask_type, qk_layernorm=qk_layernorm)
+    layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm)
 
 
 def build_attention_mask(

@@ -128,7 +128,10 @@ def build(cfg: TrainingConfig) -> Run:
     model_cfg = model_config(cfg, start)
     par = model_cfg.parallel
     pg = initialize_model_parallel(
-        par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        seed=cfg.seed,
+        context_parallel_size=par.context_parallel_size,
     )
     device = (
         torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())

@@ -200,7 +200,7 @@ class StepRunner:
         self.ddp, self.loss_fn, self.grad_cache = ddp, loss_fn, grad_cache
         self.plan, self.device = plan, device
         self.last_stage = pg.pp.rank() == pg.pp.size() - 1
-        self.contributes = self.last_stage and pg.tp.rank() == 0
+        self.contributes = self.last_stage and pg.tp.rank() == 0 and pg.cp.rank() == 0
         """This rank counts the batch in the step's statistics (one per model replica)."""
         self.drive = ScheduleDriver([ddp])
 
