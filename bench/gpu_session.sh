@@ -10,8 +10,9 @@
 # Then, on the GPU machine, from the repository root:
 #   bash bench/gpu_session.sh [quick|full]
 # quick: GPU tests + tiny and 2-layer Mistral-7B-width benchmarks (a few minutes);
-# full: adds 8 layers, the packing comparison and the corpus-encoder benchmark at Mistral-7B
-# width; encode: quick + the corpus-encoder benchmark only.
+# full: adds 8 layers, the packing comparison, the corpus-encoder and the long-input benchmarks at
+# Mistral-7B width; encode: quick + the corpus-encoder benchmark only; long: quick + the
+# long-input benchmark only (bench/long_context.py at 8k and 32k tokens).
 set -euo pipefail
 
 MODE="${1:-quick}"
@@ -58,5 +59,14 @@ if [[ "$MODE" == "encode" || "$MODE" == "full" ]]; then
     --kv-heads 8 --intermediate-size 14336 --passages 4000 --rounds 3 --st-batch-sizes 32 128 \
     --output "$OUT/$TAG-encode-mistral-4l-$STAMP.json" 2>&1 \
     | tee "$OUT/$TAG-encode-mistral-4l-$STAMP.log" || true
+fi
+if [[ "$MODE" == "long" || "$MODE" == "full" ]]; then
+  # long inputs: one training step at 8k and 32k tokens, Mistral-7B width, 4 layers, bf16, TP=1
+  # (one GPU: sequence parallelism has nothing to split), recompute off / on
+  echo "== bench long_context"
+  python bench/long_context.py --device cuda --tp 1 --hidden-size 4096 --ffn-hidden-size 14336 \
+    --heads 32 --kv-heads 8 --layers 4 --latents 512 --pool-heads 8 --bf16 --lengths 8192 32768 \
+    --modes none recompute --output "$OUT/$TAG-long-context-mistral-4l-$STAMP.json" 2>&1 \
+    | tee "$OUT/$TAG-long-context-mistral-4l-$STAMP.log" || true
 fi
 echo "results in $OUT"

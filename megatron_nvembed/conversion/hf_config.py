@@ -157,6 +157,11 @@ def model_config_from_hf(text: dict, where: str) -> ModelConfig:
         norm_epsilon=text.get("rms_norm_eps", 1e-5),
         add_qkv_bias=arch == "qwen2",
         qk_layernorm=arch == "qwen3",
+        **(
+            {"max_position_embeddings": text["max_position_embeddings"]}
+            if text.get("max_position_embeddings")
+            else {}
+        ),
     )
 
 
@@ -167,7 +172,8 @@ _REQUIRED_SIZES = (
     "num_hidden_layers",
     "num_attention_heads",
 )
-_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")  # absent or null: derived
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+"""Absent or null: derived (positions: `ModelConfig`'s default)."""
 _HEAD_SIZES = ("num_latents_value", "num_cross_heads", "cross_dim_head", "ff_mult")
 
 
@@ -304,7 +310,7 @@ def text_config_dict(cfg: EmbeddingModelConfig) -> dict:
         "sliding_window": None,
         "tie_word_embeddings": False,
         "hidden_act": "silu",
-        "max_position_embeddings": 32768,
+        "max_position_embeddings": m.max_position_embeddings,
     }
     if arch != "mistral":
         out.update(use_sliding_window=False, max_window_layers=m.num_layers)

@@ -60,6 +60,9 @@ class ModelConfig:
     """Head width; None means hidden_size // num_attention_heads."""
     rotary_base: float = 10000.0
     """RoPE theta."""
+    max_position_embeddings: int = 32768
+    """Positions the backbone was trained for (its config's `max_position_embeddings`; with
+    Llama 3.x scaling, the scaled context): the longest `--seq-length` / `--max-length` taken."""
     rope_scaling_factor: float | None = None
     """Llama 3.x RoPE frequency scaling (transformers' `rope_type: llama3`): the factor that
     low frequencies are divided by; None means plain RoPE (the three settings below unused)."""
@@ -271,13 +274,8 @@ class ParallelConfig:
         with a warning."""
         check_options(self)
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            import warnings
-
-            warnings.warn(
-                "--sequence-parallel has nothing to split at --tensor-model-parallel-size 1; "
-                "running without it",
-                stacklevel=2,
-            )
+            msg = "--sequence-parallel: nothing to split at --tensor-model-parallel-size 1; off"
+            __import__("warnings").warn(msg, stacklevel=2)
             self.sequence_parallel = False
         return self
 
@@ -309,6 +307,7 @@ class EmbeddingModelConfig:
             ("num_layers", m.num_layers),
             ("num_attention_heads", m.num_attention_heads),
             ("num_query_groups", m.num_query_groups),
+            ("max_position_embeddings", m.max_position_embeddings),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -57,6 +57,12 @@ class MegatronEmbedder(Embedder):
         self.is_writer = pg.tp.rank() == 0
         self.source = str(Path(load).resolve())
         self.cfg = read_config(load)
+        positions = self.cfg.model.max_position_embeddings
+        if self.max_length > positions:
+            raise ValueError(
+                f"--max-length {self.max_length} exceeds the {positions} positions the model of "
+                f"{load} was trained for (max_position_embeddings)"
+            )
         self.cfg.parallel = ParallelConfig(tensor_model_parallel_size, 1)
         self.model = build_model(self.cfg, pg)
         load_checkpoint(self.model, load)  # verifies the folder's manifest first

@@ -94,7 +94,7 @@ def tiny_hf_backbone(
         num_key_value_heads=num_key_value_heads,
         rms_norm_eps=1e-6,
         rope_theta=1e6,
-        max_position_embeddings=256,
+        max_position_embeddings=4096,
         tie_word_embeddings=False,
         attn_implementation="eager",
     )

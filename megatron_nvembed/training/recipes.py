@@ -26,6 +26,9 @@ width 128); import the checkpoint with `import-hf` (a sentence-transformers fold
 Qwen3-Embedding's gives the eos head, causal mask and query template by itself; a base Qwen3 needs
 `--pooling eos --mask-type causal`).
 
+`nvembed_mistral_7b_long`: a long-document stage after stage 1 (8192-token packed rows, TP=2 with
+sequence parallelism, full recompute; see its docstring).
+
 `tiny` / `tiny_stage2` run on a laptop CPU in seconds (the quickstart and the tests).
 """
 
@@ -77,6 +80,7 @@ def _llama3_8b() -> EmbeddingModelConfig:
     m.vocab_size, m.rotary_base, m.rope_scaling_factor = 128256, 500000.0, 8.0
     m.rope_scaling_low_freq_factor, m.rope_scaling_high_freq_factor = 1.0, 4.0
     m.rope_scaling_original_max_position_embeddings = 8192
+    m.max_position_embeddings = 131072
     return cfg
 
 
@@ -95,6 +99,7 @@ def _qwen3_8b_embedding() -> EmbeddingModelConfig:
             rotary_base=1000000.0,
             norm_epsilon=1e-6,
             qk_layernorm=True,
+            max_position_embeddings=40960,
             mask_type="causal",
             bf16=True,
         ),
@@ -138,6 +143,26 @@ def nvembed_mistral_7b_stage2() -> TrainingConfig:
     in-batch negatives, from the stage-1 weights."""
     cfg = _stage2(nvembed_mistral_7b_stage1(), "nvembed_mistral_7b_stage2")
     cfg.optimizer.train_iters, cfg.optimizer.lr = 18000, 1.5e-5
+    return cfg
+
+
+def nvembed_mistral_7b_long() -> TrainingConfig:
+    """A long-document stage on top of NV-Embed stage 1 (this project's settings, not the
+    paper's): from the stage-1 weights (`--pretrained-checkpoint`), texts up to 8192 tokens
+    packed into 8192-token rows, TP=2 with sequence parallelism, full activation recompute (one
+    layer per chunk), one micro-batch row per forward with GradCache, global batch 32 queries
+    with 3 hard negatives, lr 1e-5 for 1000 steps (50 warm-up). docs/training.md, "Long inputs",
+    has its memory."""
+    cfg = nvembed_mistral_7b_stage1()
+    cfg.recipe = "nvembed_mistral_7b_long"
+    d, m, par = cfg.data, cfg.model.model, cfg.model.parallel
+    d.seq_length, d.pack_sequences, d.num_negatives = 8192, True, 3
+    d.micro_batch_size, d.global_batch_size = 1, 32
+    par.tensor_model_parallel_size, par.sequence_parallel = 2, True
+    m.recompute_granularity, m.recompute_num_layers = "full", 1
+    opt = cfg.optimizer
+    opt.train_iters, opt.lr, opt.lr_warmup_iters = 1000, 1e-5, 50
+    cfg.checkpoint.save_interval = 200
     return cfg
 
 
@@ -213,6 +238,7 @@ def tiny_stage2() -> TrainingConfig:
 RECIPES: dict[str, Callable[[], TrainingConfig]] = {
     "nvembed_mistral_7b_stage1": nvembed_mistral_7b_stage1,
     "nvembed_mistral_7b_stage2": nvembed_mistral_7b_stage2,
+    "nvembed_mistral_7b_long": nvembed_mistral_7b_long,
     "nvembed_llama3_8b_stage1": nvembed_llama3_8b_stage1,
     "nvembed_llama3_8b_stage2": nvembed_llama3_8b_stage2,
     "qwen3_embedding_8b": qwen3_embedding_8b,

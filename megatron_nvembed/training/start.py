@@ -161,6 +161,11 @@ def model_config(cfg: TrainingConfig, start: StartingPoint) -> EmbeddingModelCon
     try:
         model_cfg.validate()
         cfg.loss.check_width(m.hidden_size)
+        if cfg.data.seq_length > m.max_position_embeddings:
+            raise ValueError(
+                f"--seq-length {cfg.data.seq_length} exceeds the {m.max_position_embeddings} "
+                "positions the backbone was trained for (max_position_embeddings)"
+            )
     except ValueError as err:
         if start.path is None:
             raise
