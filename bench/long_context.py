@@ -13,8 +13,12 @@ tokens. What is measured, per rank:
 - CPU: the peak resident memory during the step above the resident memory just before it
   (Linux's VmHWM, reset through /proc/self/clear_refs before the step);
 - GPU: `torch.cuda.max_memory_allocated` during the step above the allocation before it.
-That difference is the step's activation memory (plus transient buffers); divided by N it is the
-activation memory per token. tokens/s counts the document's and the query's tokens per second of
+That difference is the step's memory (activations, their gradients and transient buffers, as
+the allocator holds them); on CPU it moves with the allocator's reuse of freed blocks. The
+activations themselves are counted exactly too: the bytes of the tensors the forward kept for
+the backward (`torch.autograd.graph.saved_tensors_hooks`, distinct storages, parameters left
+out; with recompute, what the checkpointed forward kept). Each divided by N is per token.
+tokens/s counts the document's and the query's tokens per second of
 wall time. Modes: `none`, `sp` (`--sequence-parallel`), `sp-recompute` (SP and
 `--recompute-granularity full`, one layer per chunk), `recompute` (full recompute alone, for TP=1).
 """
@@ -113,16 +117,26 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _step(model, doc_len: int, device) -> None:
+def _step(model, doc_len: int, device) -> int:
+    """One step; returns the bytes of the activations its forward kept for the backward."""
     g = torch.Generator().manual_seed(doc_len)
-    losses = []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
     embs = []
-    for n in (QUERY_TOKENS, doc_len):
-        ids = torch.randint(3, 32000, (1, n), generator=g).to(device)
-        embs.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)))
-    losses.append(-(embs[0] * embs[1]).sum() / 0.02)
-    torch.stack(losses).sum().backward()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for n in (QUERY_TOKENS, doc_len):
+            ids = torch.randint(3, 32000, (1, n), generator=g).to(device)
+            embs.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    (-(embs[0] * embs[1]).sum() / 0.02).backward()
     model.zero_grad(set_to_none=True)
+    return sum(kept.values())
 
 
 def _cell(rank, world, args, mode, length, out_dir):
@@ -136,7 +150,7 @@ def _cell(rank, world, args, mode, length, out_dir):
     model = build_model(_model_config(args, mode), pg).train()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     _step(model, 256, device)  # warm-up
-    peaks, times = [], []
+    peaks, times, kept = [], [], 0
     for _ in range(args.repeats):
         if cuda:
             torch.cuda.synchronize()
@@ -147,13 +161,18 @@ def _cell(rank, world, args, mode, length, out_dir):
                 f.write("5")  # reset the peak resident size (VmHWM) to the current size
             base = _status_mib("VmRSS")
         start = time.perf_counter()
-        _step(model, length, device)
+        kept = _step(model, length, device)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mib("VmHWM")
         peaks.append(peak - base)
-    result = {"rank": rank, "step_mib": max(peaks), "step_s": statistics.median(times)}
+    result = {
+        "rank": rank,
+        "step_mib": max(peaks),
+        "saved_mib": kept / 2**20,
+        "step_s": statistics.median(times),
+    }
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
 
 
@@ -165,13 +184,16 @@ def run_cell(args, mode: str, length: int) -> dict:
         run_distributed(_cell, args.tp, args, mode, length, tmp, backend=backend)
         ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(args.tp)]
     step_mib = max(r["step_mib"] for r in ranks)
+    saved_mib = max(r["saved_mib"] for r in ranks)
     step_s = max(r["step_s"] for r in ranks)
     return {
         "mode": mode,
         "tokens": length,
         "step_mib_per_rank": step_mib,
         "step_mib_each_rank": [round(r["step_mib"], 1) for r in ranks],
-        "activation_bytes_per_token_per_rank": step_mib * 2**20 / length,
+        "step_bytes_per_token_per_rank": step_mib * 2**20 / length,
+        "saved_mib_per_rank": saved_mib,
+        "saved_bytes_per_token_per_rank": saved_mib * 2**20 / length,
         "step_s": step_s,
         "tokens_per_s": (length + QUERY_TOKENS) / step_s,
     }
@@ -201,8 +223,9 @@ def main(argv=None) -> int:
             cells.append(cell)
             print(
                 f"[{len(cells)}/{total}] {length} tokens, {mode}: "
-                f"{cell['step_mib_per_rank']:.0f} MiB per rank, "
-                f"{cell['activation_bytes_per_token_per_rank'] / 1024:.1f} KiB/token/rank, "
+                f"step peak {cell['step_mib_per_rank']:.0f} MiB per rank, "
+                f"activations kept {cell['saved_mib_per_rank']:.0f} MiB per rank "
+                f"({cell['saved_bytes_per_token_per_rank'] / 1024:.1f} KiB/token), "
                 f"{cell['tokens_per_s']:.0f} tokens/s ({time.perf_counter() - started:.0f} s "
                 "so far)",
                 flush=True,
@@ -213,8 +236,11 @@ def main(argv=None) -> int:
         base = by.get((length, "none"))
         for mode in args.modes:
             if base and mode != "none":
-                ratio = by[(length, mode)]["step_mib_per_rank"] / base["step_mib_per_rank"]
-                savings[f"{length}/{mode}"] = round(1.0 - ratio, 4)
+                cell = by[(length, mode)]
+                savings[f"{length}/{mode}"] = {
+                    key: round(1.0 - cell[key] / base[key], 4)
+                    for key in ("step_mib_per_rank", "saved_mib_per_rank")
+                }
     report = {
         "benchmark": "long_context",
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

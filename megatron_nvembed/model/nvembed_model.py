@@ -110,11 +110,11 @@ class NVEmbedModel(MegatronModule):
             pg_collection=pg_collection,
         )
         self.sequence_parallel = config.sequence_parallel
+        """The decoder's activations between layers hold 1/TP of the sequence on each TP rank
+        (`--sequence-parallel`); the last stage gathers the whole sequence for the pooling head."""
         self.context_parallel = pg_collection.cp.size() > 1
         """Each text's tokens are split over the CP ranks (`--context-parallel-size`, TE only;
         see `model.context_parallel`)."""
-        """The decoder's activations between layers hold 1/TP of the sequence on each TP rank
-        (`--sequence-parallel`); the last stage gathers the whole sequence for the pooling head."""
         self.pooling = (
             # The head sees the whole sequence: its tensor-parallel layers split heads only.
             build_pooling(
