@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -130,6 +131,9 @@ def enable_cpu_support() -> bool:
     # `torch.cuda.current_device()`; answering "cpu" keeps them on the CPU.
     torch.cuda.current_device = functools.wraps(torch.cuda.current_device)(lambda: _CPU)
     torch.cuda.synchronize = lambda *a, **k: None
+    # Megatron-core warns on every sequence-parallel layer unless this CUDA stream setting is 1
+    # (the launcher sets it on GPUs); CPU runs have no CUDA streams for it to order.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _install_cpu_rng_tracker()
     _ENABLED = True
     return True
