@@ -6,27 +6,27 @@ work (exit 2).
 Run alone: pytest tests/unit/test_bench_long_context.py
 """
 
-import importlib.util
+import importlib
 import json
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "long_context.py"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("long_context", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["long_context"] = module  # the spawned ranks unpickle the cell function by name
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(monkeypatch):
+    """bench/long_context.py as a module, importable by name in the ranks it spawns too."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(BENCH_DIR) + (os.pathsep + path if path else ""))
+    return importlib.import_module("long_context")
 
 
 @pytest.mark.distributed
-def test_long_context_bench_reports_every_cell(tmp_path):
-    bench = _bench()
+def test_long_context_bench_reports_every_cell(bench, tmp_path):
     out = tmp_path / "r.json"
     tiny = "--hidden-size 64 --ffn-hidden-size 96 --layers 1 --heads 4 --kv-heads 2 --latents 8"
     assert (
@@ -46,8 +46,7 @@ def test_long_context_bench_reports_every_cell(tmp_path):
     assert report["settings"]["tp"] == 2 and "load_average_at_start" in report["machine"]
 
 
-def test_long_context_bench_refuses_sp_without_tp(tmp_path):
-    bench = _bench()
+def test_long_context_bench_refuses_sp_without_tp(bench, tmp_path):
     with pytest.raises(SystemExit) as err:
         bench.main(["--tp", "1", "--modes", "sp", "--output", str(tmp_path / "r.json")])
     assert err.value.code == 2
