@@ -96,13 +96,21 @@ class HFEmbedder(Embedder):
 
         config = Path(path) / "config.json"
         try:
-            model_type = json.loads(config.read_text()).get("model_type")
+            raw = json.loads(config.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config}: invalid JSON ({err})") from err
+        model_type = raw.get("model_type")
         if model_type != "nvembed":
             raise ValueError(
                 f"{config}: model_type {model_type!r} is not an NV-Embed-format model "
                 "(expected 'nvembed'); import it first: tools/convert_checkpoint.py import-hf"
+            )
+        text = raw.get("text_config")
+        positions = text.get("max_position_embeddings") if isinstance(text, dict) else None
+        if isinstance(positions, int) and self.max_length > positions:
+            raise ValueError(
+                f"--max-length {self.max_length} exceeds the {positions} positions the model of "
+                f"{config} was trained for (text_config.max_position_embeddings)"
             )
         self._one_copy_per_rank()
         model = NVEmbedModel.from_pretrained(str(path))

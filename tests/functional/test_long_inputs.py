@@ -4,7 +4,8 @@
   exported model's own `encode` (transformers) at the same `max_length` within 1e-5; the
   9000-word text is cut to 8192 tokens (the tool says so), and the other two are not cut.
 - `--max-length` above the positions the model was trained for is refused naming the flag and
-  the positions, exit 2, before the model loads; so is `--seq-length` in training.
+  the positions, exit 2, before the model loads, for the checkpoint and for its NV-Embed-format
+  export; so is `--seq-length` in training.
 - Training at `--seq-length 8192` on records whose positives are 9000 words, TP=2 with
   `--sequence-parallel`, `--pack-sequences` and full recompute (2 gloo processes): two steps
   with finite losses, and the model's forward saw 8192-token texts (the longest text of its
@@ -75,6 +76,15 @@ def test_embed_tool_at_8k_tokens_matches_the_export_and_refuses_beyond_positions
     got = np.load(out)
     assert got.shape == (3, 64) and np.abs(got - want).max() <= 1e-5
 
+    proc = subprocess.run(
+        [*tool, str(inp), "--output", str(tmp_path / "x.npy"), "--max-length", "20000"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--max-length 20000 exceeds the 16384 positions" in proc.stderr
+    assert not (tmp_path / "x.npy").exists()
+    # the same for the export (NV-Embed format): its text_config carries the positions
+    tool[tool.index(str(ckpt))] = str(tmp_path / "hf")
     proc = subprocess.run(
         [*tool, str(inp), "--output", str(tmp_path / "x.npy"), "--max-length", "20000"],
         capture_output=True, text=True, timeout=600,
